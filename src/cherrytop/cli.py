@@ -1,0 +1,177 @@
+"""`cherrytop <command>`: parses arguments, loads the config, dispatches. Settings are given as
+`--section.key=value` after the command (see `cherrytop config`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "pipeline": "run every stage in order on the configured data (default: the built-in world)",
+    "pretrain": "stage 1: next-token prediction on the corpus",
+    "sft": "stage 3: supervised fine-tuning on demonstrations (assistant tokens only)",
+    "generate": "answer prompts from a checkpoint (batched sampling)",
+    "chat": "talk to a checkpoint in the terminal (multi-turn)",
+    "eval": "score a checkpoint on held-out tasks: helpful / truthful / harmless",
+    "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
+    "config": "list every setting with its value and meaning",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cherrytop", description="The InstructGPT recipe end to end.", allow_abbrev=False,
+                                epilog="Settings: --section.key=value after the command; `cherrytop config` lists them.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    for name, help_text in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        s.add_argument("--preset", default="tiny", help="named preset: tiny (default) or test")
+        s.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config file(s)")
+        if name in ("pipeline", "pretrain", "sft"):
+            s.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+        if name == "pipeline":
+            from cherrytop.pipeline import STAGES
+            s.add_argument("--until", default=STAGES[-1], choices=STAGES, help="last stage to run")
+        if name in ("generate", "chat", "eval"):
+            s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. sft)")
+        if name == "generate":
+            s.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+            s.add_argument("--prompts", help="JSONL file of prompts ({\"messages\": [...]})")
+            s.add_argument("--out", help="write answers as JSONL here instead of printing")
+        if name == "eval":
+            s.add_argument("--out", help="JSON file for the rates (default: <checkpoint>/eval.json)")
+        if name == "world":
+            s.add_argument("what", choices=["demos", "prompts", "corpus", "heldout"], help="what to write")
+            s.add_argument("--out", required=True, help="JSONL file to write")
+            s.add_argument("-n", type=int, default=None, help="how many records (default: the world config's)")
+    return p
+
+
+def _load(args, extra):
+    from cherrytop.config import load_config
+    cfg = load_config(args.preset, args.config, extra)
+    if cfg.run.threads:
+        import torch
+        torch.set_num_threads(cfg.run.threads)
+    return cfg
+
+
+def _model(args, cfg):
+    from cherrytop.data.tokenizer import load_tokenizer
+    from cherrytop.model.load import load_model, resolve_checkpoint
+    ckpt = resolve_checkpoint(args.checkpoint, cfg)
+    return ckpt, load_model(ckpt), load_tokenizer(ckpt)
+
+
+def cmd_generate(args, cfg) -> None:
+    from cherrytop.data.records import read_prompts, write_jsonl
+    from cherrytop.rollout.sampler import generate
+    _, model, tok = _model(args, cfg)
+    prompts = [[{"role": "user", "content": p}] for p in args.prompt]
+    if args.prompts:
+        prompts += [[{"role": m.role, "content": m.content} for m in p.messages] for p in read_prompts(args.prompts)]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT or --prompts FILE")
+    s = cfg.sample
+    answers = generate(model, tok, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                       batch_size=s.batch_size, seed=cfg.run.seed, progress=len(prompts) > s.batch_size)
+    if args.out:
+        write_jsonl(args.out, [{"messages": p + [{"role": "assistant", "content": a}]} for p, a in zip(prompts, answers)])
+        print(f"wrote {len(answers)} answers to {args.out}")
+    else:
+        for p, a in zip(prompts, answers):
+            print(f"> {p[-1]['content']}\n{a}\n")
+
+
+def cmd_chat(args, cfg) -> None:
+    from cherrytop.rollout.sampler import generate
+    ckpt, model, tok = _model(args, cfg)
+    s = cfg.sample
+    print(f"chatting with {ckpt} (temperature {s.temperature}); /reset starts over, /quit or Ctrl-D leaves")
+    history: list[dict] = []
+    turn = 0
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history = []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        answer = generate(model, tok, [history], max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                          top_p=s.top_p, seed=cfg.run.seed + turn)[0]
+        turn += 1
+        history.append({"role": "assistant", "content": answer})
+        print(f"assistant> {answer}")
+
+
+def cmd_eval(args, cfg) -> None:
+    from cherrytop.eval.heldout import AXES, evaluate
+    from cherrytop.world import World
+    ckpt, model, tok = _model(args, cfg)
+    result = evaluate(model, tok, World(cfg.world), cfg.eval.n_tasks, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                      progress=True)
+    out = Path(args.out) if args.out else ckpt / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(" ".join(f"{a} {result[a]:.3f}" for a in AXES) + f" (n={result['n']}); written to {out}")
+
+
+def cmd_world(args, cfg) -> None:
+    from cherrytop.data.records import write_jsonl
+    from cherrytop.world import World
+    world = World(cfg.world)
+    if args.what == "demos":
+        rows = [{"messages": list(m)} for m in world.demonstrations(args.n)]
+    elif args.what == "prompts":
+        rows = [{"messages": list(t.messages), "task": t.to_record()} for t in world.prompts(args.n)]
+    elif args.what == "heldout":
+        rows = [{"messages": list(t.messages), "task": t.to_record()} for t in world.tasks("heldout", args.n or cfg.eval.n_tasks)]
+    else:
+        docs = world.corpus("train")[: args.n]
+        rows = [{"text": d} if isinstance(d, str) else {"messages": d} for d in docs]
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} records to {args.out}")
+
+
+def cmd_config(args, cfg) -> None:
+    from cherrytop.config import describe
+    for key, value, doc in describe(cfg):
+        print(f"--{key}={value}\n    {doc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = _parser().parse_known_args(argv)
+    from cherrytop.config import ConfigError
+    from cherrytop.data.records import DataError
+    from cherrytop.data.tokenizer import TemplateError
+    from cherrytop.model.load import CheckpointError
+    from cherrytop.train.loop import ResumeError
+    try:
+        cfg = _load(args, extra)
+        if args.command == "pipeline":
+            from cherrytop import pipeline
+            pipeline.run(cfg, until=args.until, fresh=args.fresh)
+        elif args.command in ("pretrain", "sft"):
+            from cherrytop.stages import pretrain, sft
+            {"pretrain": pretrain, "sft": sft}[args.command].run(cfg, fresh=args.fresh)
+        else:
+            globals()[f"cmd_{args.command}"](args, cfg)
+    except (ConfigError, DataError, CheckpointError, TemplateError, ResumeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept and the next run resumes from it", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Typed configuration: one frozen dataclass per concern, loaded from a preset, TOML files and
+dotted command-line overrides (``--sft.lr=3e-4``), validated at load and saved in every checkpoint.
+
+Every field carries a docstring (the string literal under it); ``cherrytop config --help`` and the
+error messages read them. Load order: dataclass defaults < preset < TOML file(s) < overrides.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names where and what."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "tiny"
+    """Run name: checkpoints, data and reports go under `<out_dir>/<name>/`."""
+    out_dir: str = "runs"
+    """Folder that holds all runs."""
+    seed: int = 0
+    """Seed for everything random in training (data order, init, sampling)."""
+    threads: int = 0
+    """torch CPU threads; 0 = leave torch's default (one per core)."""
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    """Seed of the built-in synthetic world (entities, corpus, tasks, trainers, labelers)."""
+    n_entities: int = 240
+    """Number of fictional entities in the world (train and held-out together)."""
+    heldout_entity_fraction: float = 0.2
+    """Share of entities reserved for held-out evaluation; they never occur in training data."""
+    n_heldout_numbers: int = 15
+    """How many numbers in 10..99 are reserved for held-out arithmetic; never in training data."""
+    corpus_chars: int = 2_500_000
+    """Approximate size of the pretraining corpus in characters."""
+    corpus_dialogue_share: float = 0.25
+    """Share of the corpus made of (misaligned) chat dialogues."""
+    n_demonstrations: int = 6000
+    """Demonstrations the simulated trainers write for SFT."""
+    n_prompts: int = 2000
+    """Training prompts for comparisons and PPO (disjoint from the demonstration tasks)."""
+    flaw_rate: float = 0.6
+    """Share of demonstrations with the characteristic flaw on the flawed task kinds (padding,
+    rude suffix, complying with harmful requests, hallucinating...)."""
+    mistake_rate: float = 0.08
+    """Share of demonstrations with a random minor mistake on the other task kinds."""
+    labeler_flip_prob: float = 0.16
+    """Probability that a simulated labeler inverts a pair whose true quality differs by one point
+    (0.16 makes two labelers agree on ~73 % of such pairs, as InstructGPT's did)."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""
+    """A saved Hugging Face tokenizer folder to use; empty = train a byte-level BPE on the corpus."""
+    vocab_size: int = 1536
+    """BPE vocabulary size when training one (special tokens included)."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a BPE merge."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """A local Hugging Face causal-LM folder to start from; empty = build `arch` from scratch."""
+    arch: str = "llama"
+    """Architecture of a model built from scratch: `llama` or `gpt2`."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    d_model: int = 128
+    """Hidden width."""
+    n_heads: int = 4
+    """Attention heads."""
+    d_ff: int = 512
+    """MLP inner width."""
+    max_seq_len: int = 256
+    """Context window in tokens."""
+    dropout: float = 0.0
+    """Dropout everywhere (0 on CPU: dropout makes training ~4x slower there)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""
+    """Training data: a JSONL file or a Hugging Face `datasets` folder; empty = the built-in world."""
+    init: str = ""
+    """Checkpoint to start from (a folder, or a stage name of this run such as `pretrain`)."""
+    max_steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per optimizer step (the global batch)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward pass; batch_size must be a multiple of it."""
+    seq_len: int = 128
+    """Tokens per packed window (pretraining) or maximum tokens per example (SFT)."""
+    packing: bool = False
+    """SFT: pack several conversations into one window (with per-example attention not isolated)."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule ends at lr * min_lr_ratio ([IG]: 10 %)."""
+    warmup_steps: int = 30
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    eval_every: int = 100
+    """Evaluate the held-out loss every this many steps (and at the end)."""
+    eval_batches: int = 4
+    """Held-out batches per evaluation."""
+    save_every: int = 200
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+
+
+def _pretrain_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=1100, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3)
+
+
+def _sft_defaults() -> TrainConfig:
+    return TrainConfig(
+        init="pretrain", max_steps=500, batch_size=32, micro_batch_size=32, seq_len=160, lr=1e-3,
+        warmup_steps=20,
+    )
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    max_new_tokens: int = 48
+    """Most tokens generated per answer."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    batch_size: int = 64
+    """Prompts sampled together."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_tasks: int = 440
+    """Held-out tasks to score (spread evenly over the task kinds)."""
+    max_new_tokens: int = 48
+    """Most tokens per answer."""
+    batch_size: int = 64
+    """Prompts decoded together (greedy)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity and seed."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The built-in synthetic world."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model to train."""
+    pretrain: TrainConfig = field(default_factory=_pretrain_defaults)
+    """Stage 1: next-token prediction on the corpus."""
+    sft: TrainConfig = field(default_factory=_sft_defaults)
+    """Stage 3: supervised fine-tuning on demonstrations (loss on assistant tokens only)."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    """Sampling for `generate` and `chat`."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+
+
+# Presets: overrides applied on top of the defaults. `tiny` is the embedded default (the demo);
+# `test` is a much smaller run for the test suite's smoke runs of the real entry points.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},
+    "test": {
+        "run": {"name": "test"},
+        "world": {"n_entities": 60, "corpus_chars": 120_000, "n_demonstrations": 300, "n_prompts": 64},
+        "tokenizer": {"vocab_size": 700},
+        "model": {"n_layers": 2, "d_model": 64, "n_heads": 2, "d_ff": 128, "max_seq_len": 192},
+        "pretrain": {"max_steps": 12, "batch_size": 8, "micro_batch_size": 4, "seq_len": 64,
+                     "eval_every": 6, "save_every": 6, "log_every": 2, "warmup_steps": 2},
+        "sft": {"max_steps": 8, "batch_size": 8, "micro_batch_size": 4, "seq_len": 160,
+                "eval_every": 4, "save_every": 4, "log_every": 2, "warmup_steps": 2},
+        "eval": {"n_tasks": 22, "max_new_tokens": 16},
+        "sample": {"max_new_tokens": 16},
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema introspection: field docstrings and types.
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings under each field of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a field type; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _build(cls: type, base: Any, data: dict[str, Any], where: str) -> Any:
+    """A new `cls` instance: `base` with the (possibly nested) values of `data` applied."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            what = "section" if cls is Config else "key"
+            raise ConfigError(f"{where}: unknown {what} '{key}'{_suggest(key, names)}")
+        tp = hints[key]
+        sub_where = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{sub_where}: expected a table of settings, got {value!r}")
+            changes[key] = _build(tp, getattr(base, key), value, sub_where)
+        else:
+            changes[key] = _coerce(value, tp, sub_where)
+    return dataclasses.replace(base, **changes)
+
+
+def _parse_override(arg: str, nxt: str | None) -> tuple[str, Any, bool]:
+    """`--a.b=v` or `--a.b v` -> (dotted key, TOML-parsed value, consumed next arg)."""
+    body = arg[2:]
+    consumed = False
+    if "=" in body:
+        key, raw = body.split("=", 1)
+    else:
+        if nxt is None or nxt.startswith("--"):
+            raise ConfigError(f"override '{arg}': expected --section.key=value")
+        key, raw, consumed = body, nxt, True
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: --run.name=demo
+    return key, value, consumed
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{p}' is a setting, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(preset: str | None = "tiny", files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults < preset < TOML files < `--section.key=value` overrides; validated, frozen."""
+    cfg = Config()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'{_suggest(preset, list(PRESETS))}")
+        cfg = _build(Config, cfg, PRESETS[preset], f"preset {preset}")
+    for path in files:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        cfg = _build(Config, cfg, data, str(p))
+    dotted: dict[str, Any] = {}
+    args = list(overrides)
+    i = 0
+    while i < len(args):
+        if not args[i].startswith("--"):
+            raise ConfigError(f"unexpected argument '{args[i]}': expected --section.key=value")
+        key, value, consumed = _parse_override(args[i], args[i + 1] if i + 1 < len(args) else None)
+        if "." not in key:
+            raise ConfigError(f"override '--{key}': expected --section.key=value{_suggest(key, [f.name for f in dataclasses.fields(Config)])}")
+        dotted[key] = value
+        i += 2 if consumed else 1
+    if dotted:
+        cfg = _build(Config, cfg, _nest(dotted), "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field invariants, checked once at load."""
+    for stage in ("pretrain", "sft"):
+        t: TrainConfig = getattr(cfg, stage)
+        if t.batch_size <= 0 or t.micro_batch_size <= 0:
+            raise ConfigError(f"{stage}.batch_size and {stage}.micro_batch_size must be positive")
+        if t.batch_size % t.micro_batch_size:
+            raise ConfigError(f"{stage}.batch_size ({t.batch_size}) must be a multiple of "
+                              f"{stage}.micro_batch_size ({t.micro_batch_size})")
+        if t.max_steps <= 0:
+            raise ConfigError(f"{stage}.max_steps must be positive, got {t.max_steps}")
+        if t.seq_len > cfg.model.max_seq_len and not cfg.model.path:
+            raise ConfigError(f"{stage}.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    if cfg.model.arch not in ("llama", "gpt2"):
+        raise ConfigError(f"model.arch: expected 'llama' or 'gpt2', got '{cfg.model.arch}'")
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise ConfigError(f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_heads ({cfg.model.n_heads})")
+    if not 0 < cfg.sample.top_p <= 1:
+        raise ConfigError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def from_toml_file(path: str | Path) -> Config:
+    """Rebuild a Config saved in a checkpoint (no preset: the file holds every field)."""
+    return load_config(preset=None, files=[path])
+
+
+def describe(inst: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, value, doc) for every field of a config: the `cherrytop config` listing."""
+    rows = []
+    docs = field_docs(type(inst))
+    for f in dataclasses.fields(inst):
+        value = getattr(inst, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, key + ".")
+        else:
+            rows.append((key, repr(value), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,115 @@
+"""The tokenizer: a byte-level BPE trained with `tokenizers` (digits split one per token), saved as a
+Hugging Face tokenizer with a chat template; and the assistant-only mask for any HF chat template.
+
+The chat template wraps every message as ``<|role|>content<|end|>``; ``<|end|>`` is the EOS token,
+so it closes each assistant turn and is part of what the assistant learns to produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, EOS = "<|pad|>", "<|end|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = [PAD, EOS, *ROLE_TOKENS.values()]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot give an assistant-only mask (not prefix-stable)."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over `texts`; digits are split one per token so arithmetic stays learnable."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=list(ROLE_TOKENS.values()))
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Any local HF tokenizer folder; a pad token is set to EOS if the tokenizer has none."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: tokenizer folder not found")
+    tok = AutoTokenizer.from_pretrained(str(p))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation that ends with a user turn, followed by the assistant header."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans the assistant writes (content + end marker).
+
+    Works with any HF chat template that is prefix-stable: rendering the first i messages (with the
+    generation prompt) must be a prefix of rendering all of them. Span i runs from the end of
+    render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]).
+    """
+    full = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not (full.startswith(before) and full.startswith(upto) and upto.startswith(before)):
+            raise TemplateError(
+                "the chat template is not prefix-stable (rendering a conversation's first turns is not a "
+                "prefix of rendering all of it), so assistant tokens cannot be masked reliably; use a "
+                "template without history-dependent rewriting")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], max_len: int,
+                        ignore_index: int = -100) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels equal the ids on assistant tokens and `ignore_index` elsewhere.
+
+    A token belongs to the assistant when its first character lies in an assistant span. The result
+    is cut to `max_len` tokens.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [ignore_index] * len(ids)
+    s = 0
+    for t, (start, end) in enumerate(offsets):
+        while s < len(spans) and start >= spans[s][1]:
+            s += 1
+        if s < len(spans) and spans[s][0] <= start < spans[s][1] and end > start:
+            labels[t] = ids[t]
+    return ids[:max_len], labels[:max_len]

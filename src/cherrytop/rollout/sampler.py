@@ -1,0 +1,126 @@
+"""Batched sampling with a KV cache: left-padded prompts, temperature / top-p / greedy, stop at
+EOS, early exit when every row has stopped. Returns tokens and their log-probabilities so PPO can
+use the same path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from cherrytop.data.tokenizer import encode_prompt
+
+
+@dataclass
+class Samples:
+    """One batch of sampled continuations."""
+    prompt_ids: torch.Tensor
+    """(B, P) left-padded prompt tokens."""
+    prompt_mask: torch.Tensor
+    """(B, P) 1 on real prompt tokens."""
+    tokens: torch.Tensor
+    """(B, N) sampled tokens, pad after EOS."""
+    logprobs: torch.Tensor
+    """(B, N) log π(token) under the sampling distribution's temperature (0 after EOS)."""
+    mask: torch.Tensor
+    """(B, N) 1 on generated tokens up to and including EOS."""
+    has_eos: torch.Tensor
+    """(B,) whether the row stopped at EOS within the budget."""
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)  # (B, P)
+    for b, s in enumerate(seqs):
+        if len(s):
+            ids[b, P - len(s):] = torch.tensor(list(s))
+            mask[b, P - len(s):] = 1
+    return ids, mask
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask out tokens outside the smallest set whose probability reaches top_p."""
+    sorted_logits, idx = torch.sort(logits, descending=True)  # (B, V)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+           eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> Samples:
+    """Sample up to `max_new_tokens` per row; temperature 0 is greedy."""
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attn = prompt_mask.clone()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P) positions ignore left padding
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), device=device)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    has_eos = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        if temperature > 0:
+            scaled = logits / temperature
+            logp_all = scaled.log_softmax(-1)
+            filtered = _filter_top_p(scaled, top_p) if top_p < 1.0 else scaled
+            tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+        else:
+            logp_all = logits.log_softmax(-1)
+            tok = logits.argmax(-1)
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        tokens[:, t] = tok
+        logprobs[:, t] = torch.where(alive, logp_all.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+        mask[:, t] = alive.long()
+        stopped = alive & (tok == eos_id)
+        has_eos |= stopped
+        alive &= ~stopped
+        if not alive.any() or t == max_new_tokens - 1:
+            tokens, logprobs, mask = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1]
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # finished rows keep decoding pad, ignored
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+        next_pos = next_pos + 1
+    return Samples(prompt_ids, prompt_mask, tokens, logprobs, mask, has_eos)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 48,
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
+             progress: bool = False) -> list[str]:
+    """Answers (decoded, without EOS) to chat prompts, in order. Prompts are batched by length."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    iterator = batches
+    if progress:
+        from rich.progress import track
+        iterator = track(batches, description="generating", transient=True)
+    for idx in iterator:
+        seqs = [encoded[i] for i in idx]
+        new = max_new_tokens
+        if limit is not None:
+            longest = max(len(s) for s in seqs)
+            if longest >= limit:
+                raise ValueError(f"a prompt of {longest} tokens does not fit the model's context window of {limit}")
+            new = min(new, limit - longest)
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        s = sample(model, ids, mask, max_new_tokens=new, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                   temperature=temperature, top_p=top_p, generator=gen)
+        for row, i in enumerate(idx):
+            n = int(s.mask[row].sum()) - int(s.has_eos[row])
+            answers[i] = tokenizer.decode(s.tokens[row, :n].tolist(), skip_special_tokens=True).strip()
+    return answers

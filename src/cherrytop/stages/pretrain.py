@@ -1,0 +1,114 @@
+"""Stage 1 — pretraining: next-token prediction over packed windows of the corpus.
+
+Data: the built-in world's corpus (default), or `--pretrain.data FILE` (.txt with documents
+separated by blank lines, or JSONL with {"text": ...} or {"messages": [...]} per line). The
+tokenizer is trained on the same corpus unless `--tokenizer.path` or `--model.path` gives one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from cherrytop.config import Config
+from cherrytop.data.collate import pack_windows, step_indices
+from cherrytop.data.records import DataError
+from cherrytop.data.tokenizer import load_tokenizer, render, train_tokenizer
+from cherrytop.model.load import build_model, count_params, load_model
+from cherrytop.train import loop
+from cherrytop.train.lm import lm_count, lm_step
+from cherrytop.world import World
+
+Document = str | list[dict]
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    """Documents of a .txt (blank-line separated) or .jsonl ({"text"} or {"messages"}) file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file; expected a .txt or .jsonl corpus")
+    if p.suffix == ".txt":
+        docs: list[Document] = [d.strip() for d in p.read_text(encoding="utf-8-sig").split("\n\n") if d.strip()]
+    else:
+        docs = []
+        for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                docs.append(rec["text"])
+            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                docs.append(rec["messages"])
+            else:
+                raise DataError(f"{p}:{n}: expected {{\"text\": \"...\"}} or {{\"messages\": [...]}}")
+    if not docs:
+        raise DataError(f"{p}: file is empty; expected corpus documents")
+    return docs
+
+
+def corpus(cfg: Config) -> tuple[list[Document], list[Document]]:
+    """(training documents, held-out documents)."""
+    if cfg.pretrain.data:
+        docs = read_documents(cfg.pretrain.data)
+        n_held = max(1, len(docs) // 50)
+        return docs[n_held:], docs[:n_held]
+    world = World(cfg.world)
+    return world.corpus("train"), world.corpus("heldout")
+
+
+def get_tokenizer(cfg: Config, docs: list[Document]):
+    """The configured tokenizer, or one trained on the corpus and saved under the run."""
+    path = cfg.tokenizer.path or cfg.model.path
+    if path:
+        return load_tokenizer(path)
+    saved = Path(cfg.run.out_dir) / cfg.run.name / "tokenizer"
+    if (saved / "tokenizer.json").is_file():
+        return load_tokenizer(saved)
+    texts = (d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in docs)
+    tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    tok.save_pretrained(saved)
+    return tok
+
+
+def tokenize_documents(tokenizer, docs: list[Document]) -> list[list[int]]:
+    texts = [d if isinstance(d, str) else render(tokenizer, d) for d in docs]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def window_batches(windows: torch.Tensor, idx) -> loop.Batch:
+    x = windows[torch.as_tensor(idx)]
+    return {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    t = cfg.pretrain
+    train_docs, held_docs = corpus(cfg)
+    tok = get_tokenizer(cfg, train_docs)
+    windows = pack_windows(tokenize_documents(tok, train_docs), t.seq_len, tok.eos_token_id)  # (N, T)
+    held = pack_windows(tokenize_documents(tok, held_docs), t.seq_len, tok.eos_token_id)  # (M, T)
+    if len(windows) < t.batch_size:
+        raise DataError(f"the corpus gives only {len(windows)} windows of {t.seq_len} tokens; "
+                        f"expected at least pretrain.batch_size={t.batch_size}")
+    if cfg.model.path:
+        model = load_model(cfg.model.path)
+    else:
+        model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, cfg.run.seed)
+    loop.console.print(f"pretrain: {count_params(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}, "
+                       f"{windows.numel() / 1e6:.2f}M training tokens in {len(windows)} windows")
+
+    def micro_batches(step: int) -> list[loop.Batch]:
+        idx = step_indices(len(windows), t.batch_size, step, cfg.run.seed)
+        return [window_batches(windows, idx[i: i + t.micro_batch_size]) for i in range(0, t.batch_size, t.micro_batch_size)]
+
+    n_eval = min(len(held), t.eval_batches * t.micro_batch_size)
+    eval_batches = [window_batches(held, range(i, min(i + t.micro_batch_size, n_eval))) for i in range(0, n_eval, t.micro_batch_size)]
+    stage = loop.Stage("pretrain", model, tok, t, micro_batches, lm_step, lm_count, eval_batches)
+    metrics = loop.run(stage, cfg, fresh)
+    metrics["uniform_loss"] = math.log(len(tok))
+    return metrics

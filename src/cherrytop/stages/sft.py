@@ -1,0 +1,72 @@
+"""Stage 3 — supervised fine-tuning on demonstrations, loss on assistant tokens only.
+
+Data: `--sft.data` (JSONL `{"messages": [...]}` or a Hugging Face `datasets` folder), or the
+simulated trainers' demonstrations of the built-in world, written to `runs/<name>/data/demos.jsonl`
+first and read back through the same reader. One conversation per row by default; `--sft.packing`
+packs several into a window. Multi-turn: every assistant turn is trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cherrytop.config import Config
+from cherrytop.data.collate import pack_examples, pad_batch, step_indices
+from cherrytop.data.records import DataError, read_conversations, write_jsonl
+from cherrytop.data.tokenizer import encode_conversation, load_tokenizer
+from cherrytop.model.load import load_model, resolve_checkpoint
+from cherrytop.train import loop
+from cherrytop.train.lm import lm_count, lm_step
+from cherrytop.world import World
+
+
+def demonstrations_file(cfg: Config) -> Path:
+    """The demonstrations to train on: the configured file, or the world's written to the run."""
+    if cfg.sft.data:
+        return Path(cfg.sft.data)
+    path = Path(cfg.run.out_dir) / cfg.run.name / "data" / "demos.jsonl"
+    if not path.is_file():
+        demos = World(cfg.world).demonstrations()
+        write_jsonl(path, [{"messages": list(m)} for m in demos])
+    return path
+
+
+def encode_all(tokenizer, convs, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    examples = []
+    for conv in convs:
+        ids, labels = encode_conversation(tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages], seq_len)
+        if any(label != -100 for label in labels[1:]):
+            examples.append((ids, labels))
+    return examples
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    t = cfg.sft
+    init = resolve_checkpoint(t.init or cfg.model.path, cfg)
+    tok = load_tokenizer(cfg.tokenizer.path or init)
+    model = load_model(init)
+    path = demonstrations_file(cfg)
+    convs = read_conversations(path)
+    examples = encode_all(tok, convs, t.seq_len)
+    if len(examples) < 2:
+        raise DataError(f"{path}: only {len(examples)} usable demonstrations after tokenising to {t.seq_len} tokens; "
+                        "expected conversations with at least one assistant turn")
+    perm = np.random.default_rng(cfg.run.seed).permutation(len(examples))
+    n_held = max(1, min(len(examples) // 20, t.eval_batches * t.micro_batch_size))
+    held = [examples[i] for i in perm[:n_held]]
+    train = [examples[i] for i in perm[n_held:]]
+    if t.packing:
+        train = pack_examples(train, t.seq_len)
+    loop.console.print(f"sft: {len(train)} training rows from {len(convs)} demonstrations in {path} "
+                       f"({len(held)} held out), init {init}")
+
+    def micro_batches(step: int) -> list[loop.Batch]:
+        idx = step_indices(len(train), t.batch_size, step, cfg.run.seed)
+        return [pad_batch([train[i] for i in idx[j: j + t.micro_batch_size]], tok.pad_token_id)
+                for j in range(0, t.batch_size, t.micro_batch_size)]
+
+    eval_batches = [pad_batch(held[i: i + t.micro_batch_size], tok.pad_token_id) for i in range(0, len(held), t.micro_batch_size)]
+    stage = loop.Stage("sft", model, tok, t, micro_batches, lm_step, lm_count, eval_batches)
+    return loop.run(stage, cfg, fresh)

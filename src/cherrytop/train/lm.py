@@ -1,0 +1,21 @@
+"""The language-modelling step shared by pretraining and SFT: a forward pass and the summed
+next-token loss over the labelled tokens (prompt / user tokens carry label -100)."""
+
+from __future__ import annotations
+
+import torch
+
+from cherrytop.losses import lm_loss
+
+Batch = dict[str, torch.Tensor]
+
+
+def lm_step(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of predicted tokens) of one micro-batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # logits (B, T, V)
+    return lm_loss(out.logits, batch["labels"])
+
+
+def lm_count(batch: Batch) -> int:
+    """Tokens `lm_step` counts: labels after the shift that are not ignored."""
+    return int((batch["labels"][:, 1:] != -100).sum())

@@ -1,0 +1,203 @@
+"""The one optimizer loop every training stage runs: gradient accumulation over micro-batches
+normalised by the global batch's count, clipping, warm-up + cosine schedule, periodic held-out
+evaluation, logging (JSONL + TensorBoard + a progress bar), atomic checkpoints and resume.
+
+Resume: the batches of step s depend only on s (see `data.collate.step_indices`), and the model,
+optimizer, schedule and RNG states are saved together, so a killed run started again continues at
+the same step with the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cherrytop.config import Config, TrainConfig, to_dict
+from cherrytop.train.checkpoint import load_state, save_checkpoint
+
+console = Console(stderr=True)
+
+Batch = dict[str, torch.Tensor]
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint to resume from that was made with different settings."""
+
+
+@dataclass
+class Stage:
+    """What a stage hands the loop."""
+    name: str
+    """Stage name: also the checkpoint folder under the run."""
+    model: torch.nn.Module
+    """The model to train (a Hugging Face model or a module with save_pretrained)."""
+    tokenizer: Any
+    """Saved with every checkpoint."""
+    train: TrainConfig
+    """The stage's optimisation settings."""
+    micro_batches: Callable[[int], list[Batch]]
+    """Step index -> the micro-batches of that optimizer step (deterministic in the step)."""
+    loss: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+    """(model, micro-batch) -> (summed loss, count it sums over)."""
+    count: Callable[[Batch], int]
+    """Micro-batch -> the count `loss` will return, known before the forward pass."""
+    eval_batches: list[Batch] | None = None
+    """Held-out batches for the periodic evaluation loss."""
+    extra_metrics: Callable[[torch.nn.Module, Batch], dict[str, float]] | None = None
+    """Optional extra metrics on held-out batches (summed over batches, then divided by their number)."""
+
+
+def lr_lambda(t: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / max(1, t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@torch.no_grad()
+def evaluate(stage: Stage) -> dict[str, float]:
+    model = stage.model
+    was_training = model.training
+    model.eval()
+    total, count, extra = 0.0, 0, {}
+    for b in stage.eval_batches or []:
+        s, c = stage.loss(model, b)
+        total += float(s)
+        count += int(c)
+        if stage.extra_metrics:
+            for k, v in stage.extra_metrics(model, b).items():
+                extra[k] = extra.get(k, 0.0) + v / len(stage.eval_batches)
+    model.train(was_training)
+    return {"eval/loss": total / max(count, 1), **extra}
+
+
+class MetricsLog:
+    """metrics as JSONL (one row per log step) and TensorBoard scalars; on resume, rows past the
+    resumed step are dropped so the log shows one clean curve."""
+
+    def __init__(self, run_dir: Path, stage: str, resume_step: int):
+        self.path = run_dir / "logs" / f"{stage}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if self.path.exists() and resume_step > 0:
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+        self.path.write_text("".join(r + "\n" for r in rows))
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(run_dir / "tb" / stage), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
+    now = to_dict(cfg)
+    diffs = []
+    for section in (stage, "model"):
+        for k, v in now[section].items():
+            old = saved.get(section, {}).get(k)
+            if old != v:
+                diffs.append(f"{section}.{k}: {old!r} -> {v!r}")
+    if diffs:
+        raise ResumeError(f"the checkpoint of stage '{stage}' was made with other settings ({'; '.join(diffs)}); "
+                          "pass --fresh to start the stage over, or choose another --run.name")
+
+
+def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
+    """Train `stage` to `stage.train.max_steps`, resuming from its checkpoint if one is there.
+    Returns the final metrics (also saved in the checkpoint's training state)."""
+    t = stage.train
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt = run_dir / stage.name
+    model = stage.model
+    opt = make_optimizer(model, t)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    start = 0
+    state = None if fresh else load_state(ckpt)
+    if state is not None:
+        _check_same_settings(state["config"], cfg, stage.name)
+        if state["step"] >= t.max_steps:
+            console.print(f"[green]{stage.name}[/]: already trained ({state['step']} steps) in {ckpt}; "
+                          "pass --fresh to train it again")
+            return state["metrics"]
+        trained = type(model).from_pretrained(str(ckpt))
+        model.load_state_dict(trained.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        console.print(f"[yellow]{stage.name}[/]: resuming from step {start} of {t.max_steps} ({ckpt})")
+    log = MetricsLog(run_dir, stage.name, start)
+    model.train()
+    metrics: dict[str, float] = dict(state["metrics"]) if state else {}
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt, model, stage.tokenizer, cfg, {
+            "stage": stage.name, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(), "config": to_dict(cfg), "metrics": metrics,
+        })
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    t0, tokens = time.perf_counter(), 0
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(stage.name, total=t.max_steps, completed=start, info="")
+        for step in range(start, t.max_steps):
+            micro = stage.micro_batches(step)
+            total = sum(stage.count(mb) for mb in micro)
+            loss_sum = 0.0
+            for mb in micro:
+                s, _ = stage.loss(model, mb)
+                (s / max(total, 1)).backward()
+                loss_sum += float(s.detach())
+                tokens += int(mb["input_ids"].numel()) if "input_ids" in mb else 0
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            loss = loss_sum / max(total, 1)
+            if not math.isfinite(loss) or not math.isfinite(float(gnorm)):
+                raise FloatingPointError(f"{stage.name}: non-finite loss or gradient at step {step + 1} "
+                                         f"(loss {loss}, grad norm {float(gnorm)}); the last good checkpoint is in {ckpt}")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            row = {"train/loss": loss, "train/grad_norm": float(gnorm), "train/lr": sched.get_last_lr()[0]}
+            if done % t.log_every == 0 or done == t.max_steps:
+                elapsed = time.perf_counter() - t0
+                row["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            if stage.eval_batches and (done % t.eval_every == 0 or done == t.max_steps):
+                row.update(evaluate(stage))
+            if done % t.log_every == 0 or done == t.max_steps or "eval/loss" in row:
+                log.log(done, row)
+            metrics.update(row)
+            info = f"loss {loss:.3f}" + (f" | eval {row['eval/loss']:.3f}" if "eval/loss" in row else "")
+            bar.update(task, completed=done, info=info)
+            if done % t.save_every == 0 or done == t.max_steps:
+                save(done)
+    log.close()
+    console.print(f"[green]{stage.name}[/]: done, {t.max_steps} steps; checkpoint {ckpt}")
+    return metrics

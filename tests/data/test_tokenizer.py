@@ -1,0 +1,76 @@
+"""Tokenizer round trip, chat template, and the assistant-only mask against a plain reference."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from cherrytop.data.tokenizer import (CHAT_TEMPLATE, EOS, TemplateError, encode_conversation, encode_prompt,
+                                      train_tokenizer)
+
+TEXTS = ["the pet of zorvan is a cat .", "34 plus 5 is 39 .", "the reverse of cat tree moon is moon tree cat .",
+         "i do not know .", "sorry , i can not help with that ."] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=400, min_frequency=2)
+
+
+def test_round_trip_and_digits(tok, tmp_path):
+    for text in ["the pet of zorvan is a cat .", "what is 1234 plus 56 ?", "Unseen wörds ünïcode ✓ 7"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    digits = tok.tokenize("12345")
+    assert [t.lstrip("Ġ") for t in digits] == list("12345")  # one token per digit
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)  # plain transformers loads it
+    assert again("34 plus 5", add_special_tokens=False)["input_ids"] == tok("34 plus 5", add_special_tokens=False)["input_ids"]
+    assert again.eos_token == EOS and again.chat_template == CHAT_TEMPLATE
+
+
+def test_chat_template(tok):
+    msgs = [{"role": "system", "content": "be kind ."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello ."}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<|system|>be kind .<|end|><|user|>hi<|end|><|assistant|>hello .<|end|>"
+    prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>")
+    ids = encode_prompt(tok, msgs[:2])
+    assert tok.convert_ids_to_tokens(ids[-1]) == "<|assistant|>"
+    with pytest.raises(Exception, match="unknown role"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+
+
+def reference_mask(tok, messages):
+    """Plain reference: tokenise message by message and mark the assistant's content + <|end|>."""
+    ids, labels = [], []
+    for m in messages:
+        head = tok(f"<|{m['role']}|>", add_special_tokens=False)["input_ids"]
+        body = tok(m["content"] + "<|end|>", add_special_tokens=False)["input_ids"]
+        ids += head + body
+        labels += [-100] * len(head) + (body if m["role"] == "assistant" else [-100] * len(body))
+    return ids, labels
+
+
+def test_assistant_mask_multi_turn(tok):
+    msgs = [{"role": "user", "content": "what is 34 plus 5 ?"}, {"role": "assistant", "content": "34 plus 5 is 39 ."},
+            {"role": "user", "content": "and the reverse of cat tree ?"}, {"role": "assistant", "content": "tree cat ."}]
+    ids, labels = encode_conversation(tok, msgs, max_len=512)
+    ref_ids, ref_labels = reference_mask(tok, msgs)
+    assert ids == ref_ids
+    assert labels == ref_labels
+    trained = tok.decode([t for t in labels if t != -100])
+    assert trained == "34 plus 5 is 39 .<|end|>tree cat .<|end|>"
+    short_ids, short_labels = encode_conversation(tok, msgs, max_len=10)
+    assert len(short_ids) == len(short_labels) == 10
+
+
+def test_template_not_prefix_stable_is_refused(tok):
+    bad = train_tokenizer(TEXTS, vocab_size=300)
+    # a template that rewrites history (drops earlier assistant turns) breaks the mask
+    bad.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                         "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(TemplateError, match="prefix-stable"):
+        encode_conversation(bad, msgs, 64)

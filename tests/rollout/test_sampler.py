@@ -1,0 +1,54 @@
+"""The KV-cache sampler against Hugging Face `generate` and against a full forward pass."""
+
+import pytest
+import torch
+
+from cherrytop.config import ModelConfig
+from cherrytop.losses import token_logprobs
+from cherrytop.model.load import build_model
+from cherrytop.rollout.sampler import left_pad, sample
+
+EOS, PAD = 1, 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_matches_hf_generate(arch):
+    model = build_model(ModelConfig(arch=arch, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64),
+                        vocab_size=50, pad_id=PAD, eos_id=EOS, seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 50, (n,), generator=g).tolist() for n in (3, 7, 5)]
+    ids, mask = left_pad(prompts, PAD)
+    ours = sample(model, ids, mask, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.0)
+    for b, p in enumerate(prompts):  # HF generate one prompt at a time (no padding at all)
+        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                             max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)[0, len(p):].tolist()
+        n = int(ours.mask[b].sum())
+        assert ours.tokens[b, :n].tolist() == ref[:n]
+
+
+def test_sampled_logprobs_match_full_forward():
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), 40, PAD, EOS, seed=2).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    ids, mask = left_pad(prompts, PAD)
+    s = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.7,
+               generator=torch.Generator().manual_seed(3))
+    full = torch.cat([ids, s.tokens], 1)
+    attn = torch.cat([mask, torch.ones_like(s.tokens)], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=attn, position_ids=pos).logits
+    P = ids.shape[1]
+    ref = token_logprobs(logits[:, P - 1: -1], s.tokens, temperature=0.7)
+    torch.testing.assert_close(s.logprobs * s.mask, ref * s.mask, atol=1e-4, rtol=1e-4)
+    # after EOS the mask is 0 and tokens are padding
+    for b in range(2):
+        if s.has_eos[b]:
+            n = int(s.mask[b].sum())
+            assert s.tokens[b, n - 1] == EOS and (s.tokens[b, n:] == PAD).all()
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from cherrytop.rollout.sampler import _filter_top_p
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(_filter_top_p(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
