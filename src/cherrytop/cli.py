@@ -12,6 +12,9 @@ COMMANDS = {
     "pipeline": "run every stage in order on the configured data (default: the built-in world)",
     "pretrain": "stage 1: next-token prediction on the corpus",
     "sft": "stage 3: supervised fine-tuning on demonstrations (assistant tokens only)",
+    "compare": "stage 4: sample K answers per prompt and have the (simulated) labelers rank them",
+    "rm": "stage 5: train the reward model on K-way rankings",
+    "ppo": "stage 6: PPO against the reward model with a KL penalty to the SFT model",
     "generate": "answer prompts from a checkpoint (batched sampling)",
     "chat": "talk to a checkpoint in the terminal (multi-turn)",
     "eval": "score a checkpoint on held-out tasks: helpful / truthful / harmless",
@@ -28,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         s.add_argument("--preset", default="tiny", help="named preset: tiny (default) or test")
         s.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config file(s)")
-        if name in ("pipeline", "pretrain", "sft"):
+        if name in ("pipeline", "pretrain", "sft", "compare", "rm", "ppo"):
             s.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
         if name == "pipeline":
             from cherrytop.pipeline import STAGES
@@ -49,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, extra):
+    from transformers.utils import logging as hf_logging
+
     from cherrytop.config import load_config
+    hf_logging.disable_progress_bar()  # our own bars report progress
     cfg = load_config(args.preset, args.config, extra)
     if cfg.run.threads:
         import torch
@@ -159,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pipeline":
             from cherrytop import pipeline
             pipeline.run(cfg, until=args.until, fresh=args.fresh)
-        elif args.command in ("pretrain", "sft"):
-            from cherrytop.stages import pretrain, sft
-            {"pretrain": pretrain, "sft": sft}[args.command].run(cfg, fresh=args.fresh)
+        elif args.command in ("pretrain", "sft", "compare", "rm", "ppo"):
+            from cherrytop.stages import compare, ppo, pretrain, reward, sft
+            stages = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}
+            stages[args.command].run(cfg, fresh=args.fresh)
         else:
             globals()[f"cmd_{args.command}"](args, cfg)
     except (ConfigError, DataError, CheckpointError, TemplateError, ResumeError, FloatingPointError) as e:

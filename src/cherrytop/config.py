@@ -60,6 +60,13 @@ class WorldConfig:
     rude suffix, complying with harmful requests, hallucinating...)."""
     mistake_rate: float = 0.08
     """Share of demonstrations with a random minor mistake on the other task kinds."""
+    flawed_kinds: tuple[str, ...] = ("fact", "reverse", "unknown", "false_premise", "harmful", "insult")
+    """Task kinds whose demonstrations carry their characteristic flaw with probability flaw_rate
+    (fact: padding, reverse: rude suffix, unknown: hallucination, false_premise: accepting it,
+    harmful: complying, insult: insulting back; any other kind: padding)."""
+    corpus_misaligned_rate: float = 0.7
+    """Share of the corpus dialogues where the assistant misbehaves (mostly in the kind's one
+    characteristic way), so the pretrained model is capable but misaligned."""
     labeler_flip_prob: float = 0.16
     """Probability that a simulated labeler inverts a pair whose true quality differs by one point
     (0.16 makes two labelers agree on ~73 % of such pairs, as InstructGPT's did)."""
@@ -155,6 +162,108 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    policy: str = "sft"
+    """Checkpoint that samples the K answers (a folder or a stage name of the run)."""
+    prompts: str = ""
+    """Prompts file (JSONL / datasets folder); empty = the built-in world's training prompts."""
+    n_prompts: int = 640
+    """Prompts to sample answers for."""
+    k: int = 4
+    """Answers per prompt (InstructGPT: 4..9)."""
+    temperature: float = 1.0
+    """Sampling temperature of the K answers."""
+    max_new_tokens: int = 32
+    """Most tokens per answer."""
+    labelers: int = 2
+    """Simulated labelers; each prompt is ranked by one of them in turn, and a held-out share by two
+    (to measure inter-labeler agreement)."""
+    heldout_share: float = 0.1
+    """Share of the prompts held out for reward-model accuracy (ranked by every labeler)."""
+
+
+def _rm_defaults() -> TrainConfig:
+    return TrainConfig(init="sft", max_steps=60, batch_size=16, micro_batch_size=16, seq_len=160, lr=3e-4,
+                       warmup_steps=5, eval_every=20, save_every=60, log_every=5)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    train: TrainConfig = field(default_factory=_rm_defaults)
+    """Optimisation of the reward model: batch_size counts prompts (all C(K,2) pairs of a prompt are
+    one batch element); data = a comparisons file (empty: this run's sampled comparisons)."""
+    tie_weight: float = 1.0
+    """Weight of tied pairs in the ranking loss (a tie is half a win each way); 0 ignores ties."""
+    epochs: float = 1.0
+    """Passes over the comparisons ([IG]: 1; more overfits). Sets max_steps when > 0."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    init: str = "sft"
+    """Policy and reference model checkpoint (the SFT model)."""
+    reward_model: str = "rm"
+    """Reward model checkpoint; the value model starts from it too ([IG])."""
+    prompts: str = ""
+    """Prompts file (JSONL / datasets folder); empty = the built-in world's training prompts."""
+    episodes: int = 2048
+    """Total episodes (sampled responses) to train on."""
+    batch_size: int = 64
+    """Episodes per rollout batch (one PPO iteration)."""
+    minibatch_size: int = 32
+    """Episodes per optimizer step; batch_size must be a multiple of it."""
+    micro_batch_size: int = 32
+    """Episodes per forward/backward pass; minibatch_size must be a multiple of it."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch ([IG]: 1, [LHP]/[N+]: 4)."""
+    lr: float = 1e-4
+    """Policy learning rate (1e-5 barely moves a ~1M-parameter model; see tiny-scale findings)."""
+    value_lr: float = 1e-4
+    """Value model learning rate."""
+    kl_coef: float = 0.2
+    """Initial β of the per-token KL penalty to the SFT model ([IG] 0.02; 0.2 at tiny scale, where 0.05 over-optimised)."""
+    kl_target: float = 0.0
+    """Adaptive KL target (nats per response, [LHP] 6); 0 keeps β fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in episodes ([LHP])."""
+    temperature: float = 1.0
+    """Rollout sampling temperature; log-probs use logits / temperature ([NB])."""
+    max_new_tokens: int = 24
+    """Most tokens per response."""
+    no_eos_penalty: float = -1.0
+    """Score given instead of the reward model's to a response that does not end with EOS ([LHP])."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    clip: float = 0.2
+    """PPO ratio clip ε."""
+    value_clip: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (keeping their mean) before GAE ([LHP] option)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx γ: weight of the pretraining LM loss mixed into each policy step (0 = plain PPO)."""
+    ptx_batch_size: int = 16
+    """Pretraining windows per optimizer step when ptx_coef > 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm of each model."""
+    save_every: int = 8
+    """Checkpoint every this many iterations (and at the end)."""
+    kl_warn: float = 10.0
+    """Warn when the mean per-response KL exceeds this many nats (a runaway sign)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    ptx_coef: float = 1.0
+    """γ of the extra PPO-ptx run the pipeline makes to compare the alignment tax with plain PPO
+    (used when ppo.ptx_coef is 0); 0 skips that run."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     n_tasks: int = 440
     """Held-out tasks to score (spread evenly over the task kinds)."""
@@ -180,8 +289,16 @@ class Config:
     """Stage 3: supervised fine-tuning on demonstrations (loss on assistant tokens only)."""
     sample: SampleConfig = field(default_factory=SampleConfig)
     """Sampling for `generate` and `chat`."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """Stage 4: K sampled answers per prompt, ranked by (simulated) labelers."""
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    """Stage 5: the reward model."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Stage 6: PPO against the reward model with a KL penalty."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """The whole pipeline."""
 
 
 # Presets: overrides applied on top of the defaults. `tiny` is the embedded default (the demo);
@@ -199,6 +316,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "eval_every": 4, "save_every": 4, "log_every": 2, "warmup_steps": 2},
         "eval": {"n_tasks": 22, "max_new_tokens": 16},
         "sample": {"max_new_tokens": 16},
+        "compare": {"n_prompts": 24, "k": 4, "max_new_tokens": 12},
+        "rm": {"train": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2,
+                         "log_every": 1, "warmup_steps": 1}},
+        "ppo": {"episodes": 32, "batch_size": 16, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 2,
+                "max_new_tokens": 10, "save_every": 1},
     },
 }
 
@@ -358,8 +480,7 @@ def load_config(preset: str | None = "tiny", files: list[str | Path] = (), overr
 
 def validate(cfg: Config) -> None:
     """Cross-field invariants, checked once at load."""
-    for stage in ("pretrain", "sft"):
-        t: TrainConfig = getattr(cfg, stage)
+    for stage, t in (("pretrain", cfg.pretrain), ("sft", cfg.sft), ("rm.train", cfg.rm.train)):
         if t.batch_size <= 0 or t.micro_batch_size <= 0:
             raise ConfigError(f"{stage}.batch_size and {stage}.micro_batch_size must be positive")
         if t.batch_size % t.micro_batch_size:
@@ -369,6 +490,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{stage}.max_steps must be positive, got {t.max_steps}")
         if t.seq_len > cfg.model.max_seq_len and not cfg.model.path:
             raise ConfigError(f"{stage}.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    p = cfg.ppo
+    if p.batch_size % p.minibatch_size or p.minibatch_size % p.micro_batch_size:
+        raise ConfigError(f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.minibatch_size ({p.minibatch_size}), "
+                          f"which must be a multiple of ppo.micro_batch_size ({p.micro_batch_size})")
+    if p.episodes < p.batch_size:
+        raise ConfigError(f"ppo.episodes ({p.episodes}) must be at least ppo.batch_size ({p.batch_size})")
+    if not 2 <= cfg.compare.k <= 9:
+        raise ConfigError(f"compare.k must be in 2..9 (InstructGPT ranks 4..9 answers), got {cfg.compare.k}")
     if cfg.model.arch not in ("llama", "gpt2"):
         raise ConfigError(f"model.arch: expected 'llama' or 'gpt2', got '{cfg.model.arch}'")
     if cfg.model.d_model % cfg.model.n_heads:

@@ -1,12 +1,17 @@
-"""Every stage in order — the embedded default: pretrain → SFT → evaluation, with a report.
+"""Every stage in order — the embedded default:
+pretrain → SFT → compare (sample K + rank) → RM → PPO (and PPO-ptx) → evaluation and report.
 
 `cherrytop pipeline --preset tiny` writes `runs/<name>/report.json` and `report.md`: each stage's
-wall time, and the helpful / truthful / harmless rates of each model on held-out tasks.
-A stage whose checkpoint is complete is skipped, so a killed pipeline started again resumes.
+wall time; helpful / truthful / harmless rates of each model on held-out tasks; labeler agreement;
+reward-model accuracy; PPO's win rate against SFT (noise-free grader, ties half) and its KL to SFT;
+the held-out pretraining loss of each model (the alignment tax, with and without PPO-ptx); reward
+and KL curves as PNG. A stage whose checkpoint is complete is skipped, so a killed pipeline started
+again resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,77 +19,155 @@ from pathlib import Path
 from rich.table import Table
 
 from cherrytop.config import Config, to_dict
+from cherrytop.data.collate import pack_windows
 from cherrytop.data.tokenizer import load_tokenizer
-from cherrytop.eval.heldout import AXES, evaluate
+from cherrytop.eval.heldout import AXES, answer_heldout, score
+from cherrytop.eval.versus import kl_to_reference, lm_loss_on, win_rate
 from cherrytop.model.load import load_model
-from cherrytop.stages import pretrain, sft
+from cherrytop.stages import compare, ppo, pretrain, reward, sft
 from cherrytop.train.loop import console
 from cherrytop.world import World
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx")
+MODELS = ("pretrain", "sft", "ppo", "ppo_ptx")
 
 
-def evaluate_checkpoint(cfg: Config, ckpt: Path) -> dict:
-    model = load_model(ckpt)
-    tok = load_tokenizer(ckpt)
-    return evaluate(model, tok, World(cfg.world), cfg.eval.n_tasks, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                    progress=True)
+def _run_stage(name: str, cfg: Config, fresh: bool) -> dict:
+    if name == "ppo_ptx":
+        if cfg.ppo.ptx_coef == 0 and cfg.pipeline.ptx_coef == 0:
+            return {}
+        coef = cfg.ppo.ptx_coef or cfg.pipeline.ptx_coef
+        return ppo.run(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=coef)), fresh, name="ppo_ptx")
+    module = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}[name]
+    return module.run(cfg, fresh=fresh)
 
 
-def report_markdown(report: dict) -> str:
-    lines = [f"# cherrytop run `{report['run']}`", "", "| stage | wall time (s) |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["wall_time_s"].items()]
-    lines += ["", "## Held-out tasks (greedy)", "", "| model | " + " | ".join(AXES) + " | quality |",
-              "|---|" + "---|" * (len(AXES) + 1)]
-    for name, r in report["eval"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[a]:.3f}" for a in AXES) + f" | {r['quality']:.2f} |")
-    if "pretrain" in report:
-        p = report["pretrain"]
-        lines += ["", f"Pretraining: held-out loss {p['eval/loss']:.3f} nats/token "
-                      f"(uniform baseline {p['uniform_loss']:.3f})."]
-    kinds = sorted({k for r in report["eval"].values() for k in r["by_kind"]})
+def plot_curves(run_dir: Path, out: Path) -> bool:
+    """Reward and KL per episode of the PPO runs, as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    logs = {n: run_dir / "logs" / f"{n}.jsonl" for n in ("ppo", "ppo_ptx")}
+    logs = {n: [json.loads(r) for r in p.read_text().splitlines()] for n, p in logs.items() if p.is_file()}
+    if not logs:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, rows in logs.items():
+        x = [r["step"] for r in rows]
+        axes[0].plot(x, [r["objective/score"] for r in rows], label=name)
+        axes[1].plot(x, [r["objective/kl"] for r in rows], label=name)
+        axes[2].plot(x, [r["rollout/length"] for r in rows], label=name)
+    for ax, title in zip(axes, ("reward-model score", "KL to SFT (nats / response)", "response length (tokens)")):
+        ax.set_title(title)
+        ax.set_xlabel("episodes")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def evaluate_all(cfg: Config, run_dir: Path, models: list[str]) -> dict:
+    world = World(cfg.world)
+    out: dict = {"eval": {}, "versus_sft": {}, "pretrain_loss": {}}
+    answers = {}
+    tasks = None
+    windows = None
+    for name in models:
+        model, tok = load_model(run_dir / name), load_tokenizer(run_dir / name)
+        tasks, answers[name] = answer_heldout(model, tok, world, cfg.eval.n_tasks, cfg.eval.max_new_tokens,
+                                              cfg.eval.batch_size, progress=True)
+        out["eval"][name] = score(tasks, answers[name])
+        if windows is None:
+            _, held_docs = pretrain.corpus(cfg)
+            windows = pack_windows(pretrain.tokenize_documents(tok, held_docs), cfg.pretrain.seq_len, tok.eos_token_id)
+        out["pretrain_loss"][name] = lm_loss_on(model, windows)
+    if "sft" in answers:
+        ref = load_model(run_dir / "sft")
+        tok = load_tokenizer(run_dir / "sft")
+        prompts = [list(t.messages) for t in tasks]
+        for name in models:
+            if name.startswith("ppo"):
+                policy = load_model(run_dir / name)
+                out["versus_sft"][name] = {
+                    **win_rate(tasks, answers[name], answers["sft"]),
+                    "kl_to_sft": kl_to_reference(policy, ref, tok, prompts, cfg.ppo.max_new_tokens, cfg.ppo.temperature,
+                                                 cfg.eval.batch_size, cfg.run.seed),
+                }
+    return out
+
+
+def report_markdown(r: dict) -> str:
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"# cherrytop run `{r['run']}`", "", "| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["wall_time_s"].items()]
+    lines += ["", "## Held-out tasks (greedy answers, graded)", "",
+              "| model | " + " | ".join(AXES) + " | quality | held-out pretraining loss |", "|---|---|---|---|---|---|"]
+    for name, e in r["eval"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(e[a]) for a in AXES) +
+                     f" | {e['quality']:.2f} | {r['pretrain_loss'].get(name, float('nan')):.3f} |")
+    if "uniform_loss" in r.get("pretrain", {}):
+        lines += ["", f"Uniform-guess loss: {r['pretrain']['uniform_loss']:.3f} nats/token."]
+    if r.get("compare"):
+        lines += ["", f"Labeler agreement: {r['compare']['labeler_agreement']:.3f} on {r['compare']['agreement_pairs']} "
+                      "held-out pairs (InstructGPT: 72.6 ± 1.5 %)."]
+    if r.get("rm"):
+        lines += [f"Reward model held-out pairwise accuracy: {r['rm']['accuracy_labelers']:.3f} vs labelers, "
+                  f"{r['rm']['accuracy_grader']:.3f} vs the noise-free grader order."]
+    for name, v in r.get("versus_sft", {}).items():
+        lines += ["", f"**{name} vs SFT**: win rate {v['win_rate']:.3f} (n={v['n']}, ties half), "
+                      f"KL to SFT {v['kl_to_sft']:.2f} nats per response.", "",
+                  "| kind | win rate |", "|---|---|"] + [f"| {k} | {w:.2f} |" for k, w in v["by_kind"].items()]
+    kinds = sorted({k for e in r["eval"].values() for k in e["by_kind"]})
     lines += ["", "## Per task kind (helpful / truthful / harmless)", "",
-              "| kind | " + " | ".join(report["eval"]) + " |", "|---|" + "---|" * len(report["eval"])]
-    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+              "| kind | " + " | ".join(r["eval"]) + " |", "|---|" + "---|" * len(r["eval"])]
+    f2 = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for k in kinds:
-        cells = []
-        for r in report["eval"].values():
-            b = r["by_kind"].get(k, {})
-            cells.append(" / ".join(fmt(b.get(a)) for a in AXES))
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | " + " | ".join(" / ".join(f2(e["by_kind"].get(k, {}).get(a)) for a in AXES)
+                                              for e in r["eval"].values()) + " |")
+    if r.get("plot"):
+        lines += ["", f"![PPO curves]({r['plot']})"]
     return "\n".join(lines) + "\n"
 
 
-def print_table(report: dict) -> None:
-    table = Table(title=f"cherrytop run '{report['run']}': held-out tasks (greedy)")
-    table.add_column("model")
-    for a in AXES:
-        table.add_column(a, justify="right")
-    table.add_column("quality", justify="right")
-    for name, r in report["eval"].items():
-        table.add_row(name, *(f"{r[a]:.3f}" for a in AXES), f"{r['quality']:.2f}")
+def print_table(r: dict) -> None:
+    table = Table(title=f"cherrytop run '{r['run']}': held-out tasks (greedy)")
+    for col in ("model", *AXES, "quality", "pretrain loss"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, e in r["eval"].items():
+        table.add_row(name, *(f"{e[a]:.3f}" if e[a] is not None else "–" for a in AXES), f"{e['quality']:.2f}",
+                      f"{r['pretrain_loss'][name]:.3f}")
     console.print(table)
-    console.print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["wall_time_s"].items()))
+    for name, v in r.get("versus_sft", {}).items():
+        console.print(f"{name} vs sft: win rate {v['win_rate']:.3f}, KL to SFT {v['kl_to_sft']:.2f} nats/response")
+    if r.get("rm"):
+        console.print(f"reward model accuracy: {r['rm']['accuracy_labelers']:.3f} vs labelers, "
+                      f"{r['rm']['accuracy_grader']:.3f} vs grader; labeler agreement {r['compare']['labeler_agreement']:.3f}")
+    console.print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["wall_time_s"].items()))
 
 
 def run(cfg: Config, until: str = STAGES[-1], fresh: bool = False) -> dict:
     if until not in STAGES:
         raise ValueError(f"--until {until}: expected one of {', '.join(STAGES)}")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    report: dict = {"run": cfg.run.name, "config": to_dict(cfg), "wall_time_s": {}, "eval": {}}
+    report: dict = {"run": cfg.run.name, "config": to_dict(cfg), "wall_time_s": {}}
     t_start = time.perf_counter()
+    done = []
     for name in STAGES[: STAGES.index(until) + 1]:
         t0 = time.perf_counter()
         console.rule(f"[bold]{name}")
-        metrics = {"pretrain": pretrain, "sft": sft}[name].run(cfg, fresh=fresh)
-        report[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        report["wall_time_s"][name] = time.perf_counter() - t0
+        metrics = _run_stage(name, cfg, fresh)
+        if metrics:
+            report[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            report["wall_time_s"][name] = time.perf_counter() - t0
+            done.append(name)
     t0 = time.perf_counter()
     console.rule("[bold]eval")
-    for name in STAGES[: STAGES.index(until) + 1]:
-        report["eval"][name] = evaluate_checkpoint(cfg, run_dir / name)
+    report.update(evaluate_all(cfg, run_dir, [m for m in MODELS if m in done]))
     report["wall_time_s"]["eval"] = time.perf_counter() - t0
     report["wall_time_s"]["total"] = time.perf_counter() - t_start
+    if plot_curves(run_dir, run_dir / "ppo_curves.png"):
+        report["plot"] = "ppo_curves.png"
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(report_markdown(report))
     print_table(report)

@@ -28,12 +28,17 @@ def rates(grades, kinds) -> dict:
     return {**summarise(grades), "by_kind": {k: summarise(v) for k, v in sorted(by_kind.items())}}
 
 
-def evaluate(model, tokenizer, world: World, n_tasks: int, max_new_tokens: int = 48, batch_size: int = 64,
-             progress: bool = False) -> dict:
-    """Greedy answers to `n_tasks` held-out tasks, graded. Returns rates and a few samples."""
+def answer_heldout(model, tokenizer, world: World, n_tasks: int, max_new_tokens: int = 48, batch_size: int = 64,
+                   progress: bool = False) -> tuple[list, list[str]]:
+    """The held-out tasks and the model's greedy answers to them."""
     tasks = world.tasks("heldout", n_tasks, "eval")
     answers = generate(model, tokenizer, [list(t.messages) for t in tasks], max_new_tokens=max_new_tokens,
                        temperature=0.0, batch_size=batch_size, progress=progress)
+    return tasks, answers
+
+
+def score(tasks, answers: list[str]) -> dict:
+    """Graded rates of the answers, plus one sample per kind."""
     grades = [grade(t, a) for t, a in zip(tasks, answers)]
     result = rates(grades, [t.kind for t in tasks])
     seen, samples = set(), []
@@ -43,3 +48,9 @@ def evaluate(model, tokenizer, world: World, n_tasks: int, max_new_tokens: int =
             samples.append({"kind": t.kind, "prompt": t.messages[-1]["content"], "answer": a, "grade": asdict(g)})
     result["samples"] = samples
     return result
+
+
+def evaluate(model, tokenizer, world: World, n_tasks: int, max_new_tokens: int = 48, batch_size: int = 64,
+             progress: bool = False) -> dict:
+    """Greedy answers to `n_tasks` held-out tasks, graded. Returns rates and a few samples."""
+    return score(*answer_heldout(model, tokenizer, world, n_tasks, max_new_tokens, batch_size, progress))

@@ -141,12 +141,12 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
     state = None if fresh else load_state(ckpt)
     if state is not None:
         _check_same_settings(state["config"], cfg, stage.name)
+        trained = type(model).from_pretrained(str(ckpt))
+        model.load_state_dict(trained.state_dict())
         if state["step"] >= t.max_steps:
             console.print(f"[green]{stage.name}[/]: already trained ({state['step']} steps) in {ckpt}; "
                           "pass --fresh to train it again")
             return state["metrics"]
-        trained = type(model).from_pretrained(str(ckpt))
-        model.load_state_dict(trained.state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])

@@ -1,0 +1,246 @@
+"""Stage 6 — PPO against the reward model with a per-token KL penalty to the SFT model.
+
+Each iteration (numbered as in the code):
+ 1. rollout: sample `batch_size` responses with the policy (temperature T, KV cache);
+ 2. score: log π_old and log π_ref of the sampled tokens (logits / T [NB]), values V_old, and the
+    reward model's score at the response's EOS; no EOS → the fixed `no_eos_penalty` [LHP, N+];
+ 3. rewards: r_t = −β·kl_t, the score added at the last token [LHP]; optional whitening;
+ 4. advantages: GAE(γ, λ) [LHP], then whitened;
+ 5. `ppo_epochs` passes of minibatch updates: clipped policy loss + vf_coef · clipped value loss
+    [LHP], plus ptx_coef · pretraining LM loss for PPO-ptx [IG eq. 2];
+ 6. adaptive β [LHP] when kl_target > 0; log, watch for reward hacking, checkpoint.
+Policy, reference, reward and value models all run with dropout off ([LHP, N+]).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cherrytop import losses as L
+from cherrytop.config import Config
+from cherrytop.data.collate import pack_windows, step_indices
+from cherrytop.data.records import read_prompts
+from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+from cherrytop.model.heads import reward, scalar_model_from, token_scores
+from cherrytop.model.load import load_model, resolve_checkpoint
+from cherrytop.rollout.sampler import left_pad, sample
+from cherrytop.train.checkpoint import load_state, save_checkpoint
+from cherrytop.config import to_dict
+from cherrytop.train.loop import MetricsLog, console
+from cherrytop.world import World
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes with everything the updates need."""
+    ids: torch.Tensor
+    """(B, P+N) prompt (left-padded) followed by the response (right-padded)."""
+    attn: torch.Tensor
+    """(B, P+N) 1 on prompt tokens and response tokens up to EOS."""
+    pos: torch.Tensor
+    """(B, P+N) position ids."""
+    mask: torch.Tensor
+    """(B, N) 1 on response tokens up to and including EOS."""
+    old_logp: torch.Tensor
+    """(B, N) log π_old(a_t | s_t) at temperature T."""
+    ref_logp: torch.Tensor
+    """(B, N) log π_ref(a_t | s_t) at temperature T."""
+    old_values: torch.Tensor
+    """(B, N) V_old(s_t)."""
+    advantages: torch.Tensor
+    """(B, N) whitened GAE advantages."""
+    returns: torch.Tensor
+    """(B, N) advantages + values (before whitening)."""
+
+    def slice(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False):
+    """(B, N) log-probs of the response tokens (positions P..) under `model`, and optionally entropy."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1: -1].float()  # (B, N, V)
+    logits = logits / temperature
+    logp = L.token_logprobs(logits, ids[:, P:])
+    return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
+
+
+def response_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
+    """(B, N) V(s_t): the value head at the position that predicts response token t."""
+    return token_scores(value_model, ids, attn, pos)[:, P - 1: -1]
+
+
+def load_prompts(cfg: Config) -> list[list[dict]]:
+    if cfg.ppo.prompts:
+        return [[{"role": m.role, "content": m.content} for m in p.messages] for p in read_prompts(cfg.ppo.prompts)]
+    return [list(t.messages) for t in World(cfg.world).prompts()]
+
+
+def ptx_windows(cfg: Config, tok) -> torch.Tensor:
+    from cherrytop.stages.pretrain import corpus, tokenize_documents
+    docs, _ = corpus(cfg)
+    return pack_windows(tokenize_documents(tok, docs), cfg.pretrain.seq_len, tok.eos_token_id)
+
+
+def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
+    """Train the policy; checkpoints (policy + `value/`) go to runs/<run>/<name>."""
+    p = cfg.ppo
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt = run_dir / name
+    init = resolve_checkpoint(p.init, cfg)
+    rm_path = resolve_checkpoint(p.reward_model, cfg)
+    tok = load_tokenizer(init)
+    torch.manual_seed(cfg.run.seed)
+    state = None if fresh else load_state(ckpt)
+    iterations = p.episodes // p.batch_size
+    if state is not None and state["iteration"] >= iterations:
+        console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
+        return state["metrics"]
+    policy = load_model(ckpt if state else init)
+    ref = load_model(init).eval().requires_grad_(False)
+    rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
+    value = scalar_model_from(ckpt / "value" if state else rm_path, tok.pad_token_id)
+    for m in (policy, ref, rm, value):
+        m.config.use_cache = False
+    opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0)
+    opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0)
+    prompts = load_prompts(cfg)
+    encoded = [encode_prompt(tok, m) for m in prompts]
+    windows = ptx_windows(cfg, tok) if p.ptx_coef > 0 else None
+    beta, start, metrics = p.kl_coef, 0, {}
+    if state is not None:
+        opt_pi.load_state_dict(state["opt_policy"])
+        opt_v.load_state_dict(state["opt_value"])
+        torch.set_rng_state(state["rng"])
+        beta, start, metrics = state["beta"], state["iteration"], state["metrics"]
+        console.print(f"[yellow]ppo[/]: resuming at iteration {start} of {iterations}")
+    log = MetricsLog(run_dir, name, start)
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + start)
+    console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(prompts)} prompts, β={beta}, "
+                  f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}")
+
+    def save(iteration: int) -> None:
+        def extra(d: Path) -> None:
+            value.save_pretrained(d / "value")
+        save_checkpoint(ckpt, policy, tok, cfg, {
+            "stage": name, "iteration": iteration, "beta": beta, "opt_policy": opt_pi.state_dict(),
+            "opt_value": opt_v.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "config": to_dict(cfg)}, extra)
+
+    from rich.progress import Progress
+    t_start = time.perf_counter()
+    with Progress(console=console) as bar:
+        task = bar.add_task(name, total=iterations, completed=start)
+        for it in range(start, iterations):
+            idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)
+            batch, stats = rollout(policy, ref, rm, value, tok, [encoded[i] for i in idx], beta, p, gen)
+            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed))
+            if p.kl_target > 0:
+                beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
+            stats["objective/beta"] = beta
+            stats["perf/episodes_per_s"] = (it + 1 - start) * p.batch_size / (time.perf_counter() - t_start)
+            _watch(stats, p, it)
+            metrics = stats
+            log.log((it + 1) * p.batch_size, stats)
+            bar.update(task, completed=it + 1,
+                       description=f"{name} score {stats['objective/score']:.2f} kl {stats['objective/kl']:.2f}")
+            if (it + 1) % p.save_every == 0 or it + 1 == iterations:
+                save(it + 1)
+    log.close()
+    console.print(f"[green]ppo[/]: done; policy {ckpt}")
+    return metrics
+
+
+@torch.no_grad()
+def rollout(policy, ref, rm, value, tok, prompt_ids: list[list[int]], beta: float, p, gen) -> tuple[Rollout, dict]:
+    """Steps 1–4: sample, score, shape rewards, GAE."""
+    policy.eval()
+    ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
+    s = sample(policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+               temperature=p.temperature, generator=gen)
+    P = ids_p.shape[1]
+    ids = torch.cat([ids_p, s.tokens], 1)  # (B, P+N)
+    attn = torch.cat([mask_p, s.mask], 1)  # (B, P+N)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    mask = s.mask.float()  # (B, N)
+    old_logp, entropy = response_logp(policy, ids, attn, pos, P, p.temperature, with_entropy=True)
+    ref_logp = response_logp(ref, ids, attn, pos, P, p.temperature)
+    values = response_values(value, ids, attn, pos, P) * mask
+    raw = reward(rm, ids, attn, pos)  # (B,)
+    scores = L.apply_eos_penalty(raw, s.has_eos, p.no_eos_penalty)
+    kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
+    rewards = L.shaped_rewards(scores, kl, mask, beta)
+    if p.whiten_rewards:
+        rewards = L.masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
+    adv = L.masked_whiten(adv, mask)
+    lengths = mask.sum(1)
+    stats = {
+        "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
+        "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
+        "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
+        "objective/entropy": float(L.masked_mean(entropy, mask)),
+        "rollout/length": float(lengths.mean()), "rollout/eos_rate": float(s.has_eos.float().mean()),
+    }
+    return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
+
+
+def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int) -> dict:
+    """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch."""
+    policy.train()
+    value.train()
+    P = batch.ids.shape[1] - batch.mask.shape[1]
+    g = torch.Generator().manual_seed(seed * 7919 + it)
+    acc: dict[str, list[float]] = {}
+    n_mb = p.batch_size // p.minibatch_size
+    for epoch in range(p.ppo_epochs):
+        order = torch.randperm(p.batch_size, generator=g)
+        for m in range(n_mb):
+            mb = order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
+            for j in range(0, p.minibatch_size, p.micro_batch_size):
+                part = batch.slice(mb[j: j + p.micro_batch_size])
+                w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)  # token share of this micro-batch
+                logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature)
+                pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
+                v = response_values(value, part.ids, part.attn, part.pos, P)
+                vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
+                (w * (pg + p.vf_coef * vf)).backward()
+                for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
+                    acc.setdefault(k, []).append(float(val))
+            if windows is not None:
+                idx = step_indices(len(windows), p.ptx_batch_size, (it * p.ppo_epochs + epoch) * n_mb + m, seed + 1)
+                x = windows[torch.as_tensor(idx)]
+                s, c = L.lm_loss(policy(input_ids=x).logits, x)
+                (p.ptx_coef * s / c).backward()
+                acc.setdefault("loss/ptx", []).append(float(s / c))
+            for model, opt in ((policy, opt_pi), (value, opt_v)):
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+                if not math.isfinite(float(gn)):
+                    raise FloatingPointError(f"ppo: non-finite gradient at iteration {it + 1}; the last good checkpoint is kept")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        v = response_values(value, batch.ids, batch.attn, batch.pos, P)
+        ev = float(L.explained_variance(v, batch.returns, batch.mask))
+    out = {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(vals)) for k, vals in acc.items()}
+    out["value/explained_variance"] = ev
+    return out
+
+
+def _watch(stats: dict, p, it: int) -> None:
+    """Stop on NaN/inf; warn on the signs of reward hacking (KL runaway, length blow-up/collapse)."""
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"ppo: non-finite {', '.join(bad)} at iteration {it + 1}; the last good checkpoint is kept")
+    if stats["objective/kl"] > p.kl_warn:
+        console.print(f"[red]warning[/]: KL to the SFT model is {stats['objective/kl']:.1f} nats per response "
+                      f"(> ppo.kl_warn={p.kl_warn}): the policy may be over-optimising the reward model; raise ppo.kl_coef")
+    if stats["rollout/length"] > 0.95 * p.max_new_tokens:
+        console.print(f"[red]warning[/]: responses fill the token budget (mean length {stats['rollout/length']:.1f}): "
+                      "length blow-up, a reward-hacking sign")
+    if stats["rollout/length"] < 1.5:
+        console.print(f"[red]warning[/]: responses collapsed to {stats['rollout/length']:.1f} tokens on average")

@@ -1,0 +1,174 @@
+"""Stage 5 — the reward model: the SFT trunk with a scalar head read at the response's EOS, trained
+on K-way rankings with InstructGPT's loss over all C(K,2) pairs of a prompt as ONE batch element
+(one forward pass per response, never per pair) [IG §3.5, eq. 1].
+
+Ties: a tied pair counts as half a win each way (Bradley–Terry with ties as Chatbot Arena counts
+them), which pulls the two rewards together; `rm.tie_weight` scales it (0 ignores ties).
+After training, a bias is set so that the labelers' demonstrations score mean 0 [IG].
+Reported: held-out pairwise accuracy against the labelers' rankings and against the noise-free
+grader order (where the comparisons carry the built-in world's task).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cherrytop import losses as L
+from cherrytop.config import Config
+from cherrytop.data.collate import step_indices
+from cherrytop.data.records import Comparison, DataError, read_comparisons, read_conversations
+from cherrytop.data.tokenizer import load_tokenizer, render
+from cherrytop.model.heads import BIAS_KEY, reward, scalar_model_from
+from cherrytop.model.load import resolve_checkpoint
+from cherrytop.stages import compare, sft
+from cherrytop.train import loop
+from cherrytop.train.checkpoint import load_state, save_checkpoint
+from cherrytop.world import Task, grade
+
+Batch = loop.Batch
+
+
+def encode_group(tok, comp: Comparison, seq_len: int) -> list[list[int]]:
+    """Token ids of prompt + each response, rendered with the chat template (ending in EOS); the
+    prompt is cut from the left if needed so the response's end always fits."""
+    prompt = [{"role": m.role, "content": m.content} for m in comp.prompt]
+    out = []
+    for r in comp.responses:
+        ids = tok(render(tok, prompt + [{"role": "assistant", "content": r}]), add_special_tokens=False)["input_ids"]
+        out.append(ids[-seq_len:])
+    return out
+
+
+def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int, tie_weight: float) -> Batch:
+    """All responses of the batch's prompts as rows (right-padded), with (M, Kmax, Kmax) pairs."""
+    rows = [ids for g, _ in groups for ids in g]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+    k_max = max(c.k for _, c in groups)
+    prefs, ties, slot = [], [], []
+    for m, (_, c) in enumerate(groups):
+        pref, tie = L.ranking_pairs(list(c.ranking), [tuple(t) for t in c.ties], k_max)
+        prefs.append(pref)
+        ties.append(tie)
+        slot += [m * k_max + j for j in range(c.k)]
+    return {"input_ids": ids, "attention_mask": attn, "pref": torch.stack(prefs), "tie": torch.stack(ties),
+            "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)), "tie_weight": torch.tensor(tie_weight)}
+
+
+def group_rewards(model, b: Batch) -> torch.Tensor:
+    """(M, Kmax) rewards: one forward pass over every response of the batch."""
+    r = reward(model, b["input_ids"], b["attention_mask"], normalised=False)  # (R,)
+    M, K = b["pref"].shape[:2]
+    out = torch.zeros(M * K, dtype=r.dtype)
+    return out.index_put((b["slot"],), r).view(M, K)
+
+
+def rm_step(model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards = group_rewards(model, b)
+    loss = L.ranking_loss(rewards, b["pref"], b["tie"], float(b["tie_weight"]))
+    n = b["n_prompts"]
+    return loss * n, n
+
+
+def rm_accuracy(model, b: Batch) -> dict[str, float]:
+    correct, total = L.ranking_accuracy(group_rewards(model, b), b["pref"])
+    return {"eval/accuracy": float(correct) / max(int(total), 1)}
+
+
+@torch.no_grad()
+def accuracy(model, tok, comps: list[Comparison], seq_len: int, pad_id: int) -> dict[str, float]:
+    """Held-out pairwise accuracy against the labelers and (for world tasks) the noise-free grader."""
+    model.eval()
+    lab = [0, 0]
+    true = [0, 0]
+    for i in range(0, len(comps), 16):
+        chunk = comps[i: i + 16]
+        b = collate_groups([(encode_group(tok, c, seq_len), c) for c in chunk], pad_id, 1.0)
+        rewards = group_rewards(model, b)  # (M, K)
+        c_ok, c_n = L.ranking_accuracy(rewards, b["pref"])
+        lab[0] += int(c_ok)
+        lab[1] += int(c_n)
+        for m, c in enumerate(chunk):
+            if "task" not in c.meta:
+                continue
+            task = Task.from_record(c.meta["task"])
+            q = [grade(task, r).quality for r in c.responses]
+            for x in range(c.k):
+                for y in range(c.k):
+                    if q[x] > q[y]:
+                        true[1] += 1
+                        true[0] += int(rewards[m, x] > rewards[m, y])
+    return {"accuracy_labelers": lab[0] / max(lab[1], 1), "accuracy_grader": true[0] / true[1] if true[1] else float("nan"),
+            "pairs_labelers": lab[1], "pairs_grader": true[1]}
+
+
+@torch.no_grad()
+def demonstration_bias(model, tok, cfg: Config, n: int = 256) -> float:
+    """−mean reward of the demonstrations' final assistant turns, so they score mean 0 [IG]."""
+    convs = read_conversations(sft.demonstrations_file(cfg))[:n]
+    scores = []
+    for i in range(0, len(convs), 32):
+        texts = [render(tok, [{"role": m.role, "content": m.content} for m in c.messages]) for c in convs[i: i + 32]]
+        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        scores.append(reward(model, enc["input_ids"], enc["attention_mask"], normalised=False))
+    return -float(torch.cat(scores).mean())
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    rc = cfg.rm
+    train_path, held_path = (Path(rc.train.data), None) if rc.train.data else compare.paths(cfg)
+    comps = read_comparisons(train_path)
+    held = read_comparisons(held_path) if held_path and held_path.is_file() else []
+    if not held:  # hold out 10 % of the file
+        perm = np.random.default_rng(cfg.run.seed).permutation(len(comps))
+        n_held = max(1, len(comps) // 10)
+        held, comps = [comps[i] for i in perm[:n_held]], [comps[i] for i in perm[n_held:]]
+    if not comps:
+        raise DataError(f"{train_path}: no comparisons left for training; expected K-way rankings")
+    init = resolve_checkpoint(rc.train.init, cfg)
+    tok = load_tokenizer(init)
+    model = scalar_model_from(init, tok.pad_token_id)
+    t = rc.train
+    if rc.epochs > 0:
+        from dataclasses import replace
+        t = replace(t, max_steps=max(1, math.ceil(rc.epochs * len(comps) / t.batch_size)))
+    groups = [(encode_group(tok, c, t.seq_len), c) for c in comps]
+    held_groups = [(encode_group(tok, c, t.seq_len), c) for c in held]
+    loop.console.print(f"rm: {len(comps)} rankings ({sum(c.k * (c.k - 1) // 2 for c in comps)} pairs), "
+                       f"{len(held)} held out, {t.max_steps} steps of {t.batch_size} prompts; init {init}")
+
+    def micro_batches(step: int) -> list[Batch]:
+        idx = step_indices(len(groups), t.batch_size, step, cfg.run.seed)
+        return [collate_groups([groups[i] for i in idx[j: j + t.micro_batch_size]], tok.pad_token_id, rc.tie_weight)
+                for j in range(0, t.batch_size, t.micro_batch_size)]
+
+    evals = [collate_groups(held_groups[i: i + t.micro_batch_size], tok.pad_token_id, rc.tie_weight)
+             for i in range(0, min(len(held_groups), t.eval_batches * t.micro_batch_size), t.micro_batch_size)]
+    stage = loop.Stage("rm", model, tok, t, micro_batches, rm_step, lambda b: int(b["n_prompts"]), evals, rm_accuracy)
+    metrics = loop.run(stage, _with_train(cfg, t), fresh)
+    ckpt = Path(cfg.run.out_dir) / cfg.run.name / "rm"
+    state = load_state(ckpt)
+    if "accuracy_labelers" not in state["metrics"]:
+        setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, cfg) if not rc.train.data else 0.0)
+        metrics.update(accuracy(model, tok, held, t.seq_len, tok.pad_token_id))
+        metrics["reward_bias"] = getattr(model.config, BIAS_KEY)
+        state["metrics"] = metrics
+        save_checkpoint(ckpt, model, tok, _with_train(cfg, t), state)
+    metrics = state["metrics"]
+    loop.console.print(f"rm: held-out accuracy {metrics['accuracy_labelers']:.3f} vs labelers, "
+                       f"{metrics['accuracy_grader']:.3f} vs the noise-free grader; bias {metrics['reward_bias']:+.3f}")
+    return metrics
+
+
+def _with_train(cfg: Config, t) -> Config:
+    """The config with the effective rm.train (max_steps from rm.epochs), as saved in checkpoints."""
+    from dataclasses import replace
+    return replace(cfg, rm=replace(cfg.rm, train=t))
