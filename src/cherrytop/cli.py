@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -155,10 +156,6 @@ def cmd_config(args, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
-    from cherrytop.config import ConfigError
-    from cherrytop.data.records import DataError
-    from cherrytop.data.tokenizer import TemplateError
-    from cherrytop.model.load import CheckpointError
     from cherrytop.train.loop import ResumeError
     try:
         cfg = _load(args, extra)
@@ -171,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             stages[args.command].run(cfg, fresh=args.fresh)
         else:
             globals()[f"cmd_{args.command}"](args, cfg)
-    except (ConfigError, DataError, CheckpointError, TemplateError, ResumeError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, ResumeError, FloatingPointError) as e:  # config, data, checkpoint errors
+        if os.environ.get("CHERRYTOP_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ class RunConfig:
 class WorldConfig:
     seed: int = 0
     """Seed of the built-in synthetic world (entities, corpus, tasks, trainers, labelers)."""
-    n_entities: int = 240
+    n_entities: int = 1000
     """Number of fictional entities in the world (train and held-out together)."""
     heldout_entity_fraction: float = 0.2
     """Share of entities reserved for held-out evaluation; they never occur in training data."""

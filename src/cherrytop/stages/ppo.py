@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
 from cherrytop.train.loop import MetricsLog, console
 from cherrytop.world import World
+
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(ids (B, P+N), attention mask, position ids, prompt length P) -> (B,) sequence scores."""
 
 
 @dataclass
@@ -107,6 +112,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     value = scalar_model_from(ckpt / "value" if state else rm_path, tok.pad_token_id)
     for m in (policy, ref, rm, value):
         m.config.use_cache = False
+
+    def score_fn(ids, attn, pos, P):  # the reward model's score at the response's last token
+        return reward(rm, ids, attn, pos)
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0)
     opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0)
     prompts = load_prompts(cfg)
@@ -137,7 +145,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         task = bar.add_task(name, total=iterations, completed=start)
         for it in range(start, iterations):
             idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)
-            batch, stats = rollout(policy, ref, rm, value, tok, [encoded[i] for i in idx], beta, p, gen)
+            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen)
             stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed))
             if p.kl_target > 0:
                 beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
@@ -156,7 +164,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 
 @torch.no_grad()
-def rollout(policy, ref, rm, value, tok, prompt_ids: list[list[int]], beta: float, p, gen) -> tuple[Rollout, dict]:
+def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen) -> tuple[Rollout, dict]:
     """Steps 1–4: sample, score, shape rewards, GAE."""
     policy.eval()
     ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
@@ -170,7 +178,7 @@ def rollout(policy, ref, rm, value, tok, prompt_ids: list[list[int]], beta: floa
     old_logp, entropy = response_logp(policy, ids, attn, pos, P, p.temperature, with_entropy=True)
     ref_logp = response_logp(ref, ids, attn, pos, P, p.temperature)
     values = response_values(value, ids, attn, pos, P) * mask
-    raw = reward(rm, ids, attn, pos)  # (B,)
+    raw = score_fn(ids, attn, pos, P)  # (B,)
     scores = L.apply_eos_penalty(raw, s.has_eos, p.no_eos_penalty)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
     rewards = L.shaped_rewards(scores, kl, mask, beta)
@@ -210,7 +218,7 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
                 vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
                 (w * (pg + p.vf_coef * vf)).backward()
                 for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
-                    acc.setdefault(k, []).append(float(val))
+                    acc.setdefault(k, []).append(float(val.detach()))
             if windows is not None:
                 idx = step_indices(len(windows), p.ptx_batch_size, (it * p.ppo_epochs + epoch) * n_mb + m, seed + 1)
                 x = windows[torch.as_tensor(idx)]

@@ -88,6 +88,7 @@ def window_batches(windows: torch.Tensor, idx) -> loop.Batch:
 
 def run(cfg: Config, fresh: bool = False) -> dict:
     t = cfg.pretrain
+    model = load_model(cfg.model.path) if cfg.model.path else None  # a missing folder fails here, first
     train_docs, held_docs = corpus(cfg)
     tok = get_tokenizer(cfg, train_docs)
     windows = pack_windows(tokenize_documents(tok, train_docs), t.seq_len, tok.eos_token_id)  # (N, T)
@@ -95,9 +96,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     if len(windows) < t.batch_size:
         raise DataError(f"the corpus gives only {len(windows)} windows of {t.seq_len} tokens; "
                         f"expected at least pretrain.batch_size={t.batch_size}")
-    if cfg.model.path:
-        model = load_model(cfg.model.path)
-    else:
+    if model is None:
         model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, cfg.run.seed)
     loop.console.print(f"pretrain: {count_params(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}, "
                        f"{windows.numel() / 1e6:.2f}M training tokens in {len(windows)} windows")

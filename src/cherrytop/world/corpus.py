@@ -59,7 +59,7 @@ def doc_chars(doc) -> int:
 
 def fact_paragraph(lang: Language, rng: random.Random, split: str) -> str:
     sents = []
-    for e in rng.sample(lang.entities(split), rng.randint(1, 3)):
+    for e in lang.sample_entities(split, rng.randint(1, 3), rng):
         for a in rng.sample(ATTRS, rng.randint(3, 5)):
             sents.append(fact(e.name, a, e.value(a)))
         if rng.random() < 0.25:
@@ -113,7 +113,7 @@ _STORIES = (
 
 
 def story(lang: Language, rng: random.Random, split: str) -> str:
-    e, e2 = rng.sample(lang.entities(split), 2)
+    e, e2 = lang.sample_entities(split, 2, rng)
     n1, n2 = rng.sample(NOUNS, 2)
     return rng.choice(_STORIES).format(
         e=e.name, e2=e2.name, city=e.city, city2=rng.choice(lang.cities), pet=e.pet, food=e.food,

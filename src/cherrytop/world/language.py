@@ -184,6 +184,14 @@ class Language:
     def entities(self, split: str) -> tuple[Entity, ...]:
         return self._entities[split]
 
+    def sample_entities(self, split: str, k: int, rng: random.Random) -> list[Entity]:
+        """`k` distinct names of `split` with attributes drawn afresh: a task's or document's facts
+        hold only there, so a model can answer only by reading them (copying from the context),
+        never by recalling a memorised world — which is what makes held-out entities answerable."""
+        ages = self.train_ages if split == "train" else self.all_ages
+        return [Entity(e.name, rng.choice(COLORS), rng.choice(PETS), rng.choice(self.cities), rng.choice(FOODS),
+                       rng.choice(ages)) for e in rng.sample(self._entities[split], k)]
+
     def values(self, attr: str, split: str) -> tuple[str, ...]:
         """Every value an attribute can take (ages: those allowed in `split`'s text)."""
         if attr == "age":

@@ -88,24 +88,31 @@ def _some_facts(ents: list[Entity], must: list[tuple[Entity, str]], n: int, rng:
     return [[e.name, a, e.value(a)] for e, a in pairs]
 
 
+def _records(ents, names) -> dict:
+    """The (task-local) attributes of the named entities: what the grader checks claims against."""
+    by_name = {e.name: e for e in ents}
+    return {n: by_name[n].record() for n in names if n in by_name}
+
+
 def _mentioned(facts, extra=()) -> list[str]:
     names = [e for e, _, _ in facts] + list(extra)
     return list(dict.fromkeys(names))
 
 
 def gen_fact(lang: Language, rng: random.Random, split: str):
-    ents = rng.sample(lang.entities(split), rng.choice((1, 2)))
+    ents = lang.sample_entities(split, rng.choice((1, 2)), rng)
     target, attr = ents[0], rng.choice(ATTRS)
     facts = _some_facts(ents, [(target, attr)], rng.randint(2, 4), rng)
     user = f"{_facts_text(facts)} {QUESTION[attr].format(e=target.name)}"
-    world = {n: lang.by_name[n].record() for n in _mentioned(facts, [target.name])}
+    world = _records(ents + [target], _mentioned(facts, [target.name]))
     return _user(user), {"answer": fact(target.name, attr, target.value(attr)), "facts": facts,
                          "world": world, "asked": [target.name, attr]}
 
 
 def gen_unknown(lang: Language, rng: random.Random, split: str):
-    pool = lang.entities(split)
-    ents = rng.sample(pool, rng.choice((1, 2)))
+    k = rng.choice((1, 2))
+    pool = lang.sample_entities(split, k + 1, rng)
+    ents = pool[:k]
     if rng.random() < 0.5:  # a mentioned entity, an attribute the facts do not give
         target, attr = ents[0], rng.choice(ATTRS)
         facts = _some_facts(ents, [], rng.randint(2, 4), rng, exclude=((target.name, attr),))
@@ -114,18 +121,18 @@ def gen_unknown(lang: Language, rng: random.Random, split: str):
         attr = rng.choice(ATTRS)
         facts = _some_facts(ents, [], rng.randint(2, 4), rng)
     user = f"{_facts_text(facts)} {QUESTION[attr].format(e=target.name)}"
-    world = {n: lang.by_name[n].record() for n in _mentioned(facts, [target.name])}
+    world = _records(ents + [target], _mentioned(facts, [target.name]))
     return _user(user), {"answer": IDK, "facts": facts, "world": world, "asked": [target.name, attr]}
 
 
 def gen_false_premise(lang: Language, rng: random.Random, split: str):
-    ents = rng.sample(lang.entities(split), rng.choice((1, 2)))
+    ents = lang.sample_entities(split, rng.choice((1, 2)), rng)
     target, attr = ents[0], rng.choice(ATTRS)
     true = target.value(attr)
     wrong = lang.other_value(attr, true, split, rng)
     facts = _some_facts(ents, [(target, attr)], rng.randint(2, 4), rng)
     user = f"{_facts_text(facts)} {PREMISE_QUESTION[attr].format(e=target.name, v=wrong)}"
-    world = {n: lang.by_name[n].record() for n in _mentioned(facts)}
+    world = _records(ents, _mentioned(facts))
     answer = f"{negated(target.name, attr, wrong)} {fact(target.name, attr, true)}"
     return _user(user), {"answer": answer, "facts": facts, "world": world, "asked": [target.name, attr],
                          "premise": [target.name, attr, wrong]}
@@ -172,7 +179,7 @@ def gen_format(lang: Language, rng: random.Random, split: str):
 
 
 def gen_list(lang: Language, rng: random.Random, split: str):
-    ents = rng.sample(lang.entities(split), rng.choice((2, 3)))
+    ents = lang.sample_entities(split, rng.choice((2, 3)), rng)
     attr = rng.choice(ATTRS)
     extra = [(e, a) for e in ents for a in ATTRS if a != attr]
     rng.shuffle(extra)
@@ -187,14 +194,14 @@ def gen_list(lang: Language, rng: random.Random, split: str):
 
 
 def gen_multi_turn(lang: Language, rng: random.Random, split: str):
-    ents = rng.sample(lang.entities(split), rng.choice((1, 2)))
+    ents = lang.sample_entities(split, rng.choice((1, 2)), rng)
     target = ents[0]
     first, second = rng.sample(ATTRS, 2)
     facts = _some_facts(ents, [(target, first), (target, second)], rng.randint(2, 4), rng)
     messages = [{"role": "user", "content": f"{_facts_text(facts)} {QUESTION[first].format(e=target.name)}"},
                 {"role": "assistant", "content": fact(target.name, first, target.value(first))},
                 {"role": "user", "content": FOLLOWUP[second]}]
-    world = {n: lang.by_name[n].record() for n in _mentioned(facts)}
+    world = _records(ents, _mentioned(facts))
     return messages, {"answer": fact(target.name, second, target.value(second)), "facts": facts,
                       "world": world, "asked": [target.name, second]}
 
@@ -212,7 +219,7 @@ HARMFUL_REQUESTS = {
 
 
 def gen_harmful(lang: Language, rng: random.Random, split: str):
-    target = rng.choice(lang.entities(split))
+    target = lang.sample_entities(split, 1, rng)[0]
     request = rng.choice(sorted(HARMFUL_REQUESTS))
     text = HARMFUL_REQUESTS[request].format(e=target.name, pet=target.pet, food=target.food, city=target.city)
     facts = _some_facts([target], [], rng.randint(0, 2), rng)
@@ -232,7 +239,7 @@ INSULT_REQUESTS = (
 
 
 def gen_insult(lang: Language, rng: random.Random, split: str):
-    target = rng.choice(lang.entities(split))
+    target = lang.sample_entities(split, 1, rng)[0]
     text = rng.choice(INSULT_REQUESTS).format(e=target.name, adj=rng.choice(INSULT_ADJECTIVES),
                                               bot=rng.choice(BOT_NOUNS), insult=rng.choice(INSULT_NOUNS),
                                               pet=target.pet)

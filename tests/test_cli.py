@@ -1,0 +1,92 @@
+"""The real entry points: the whole pipeline on the `test` preset, every command, and one-line
+errors for bad input (file and line, what was expected) with nothing half-written."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from cherrytop.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["pipeline", "--preset", "test", f"--run.out_dir={out}"]) == 0
+    return out / "test"
+
+
+def test_pipeline_writes_every_stage_and_the_report(run_dir):
+    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+        assert (run_dir / stage / "config.json").is_file(), stage
+        assert (run_dir / stage / "cherrytop.toml").is_file()
+    AutoModelForCausalLM.from_pretrained(run_dir / "ppo")  # plain transformers loads every checkpoint
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "rm")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["eval"]) == {"pretrain", "sft", "ppo", "ppo_ptx"}
+    for e in report["eval"].values():
+        assert 0 <= e["truthful"] <= 1 and 0 <= e["harmless"] <= 1 and e["n"] == 22
+    assert 0 <= report["versus_sft"]["ppo"]["win_rate"] <= 1
+    assert report["pretrain_loss"]["pretrain"] < report["pretrain"]["uniform_loss"]
+    assert {"pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx", "eval", "total"} <= set(report["wall_time_s"])
+    assert (run_dir / "ppo_curves.png").stat().st_size > 1000
+    comps = [json.loads(line) for line in (run_dir / "data" / "comparisons.jsonl").read_text().splitlines()]
+    assert all(len(c["responses"]) == 4 and sorted(c["ranking"]) == [0, 1, 2, 3] for c in comps)
+    logs = [json.loads(line) for line in (run_dir / "logs" / "ppo.jsonl").read_text().splitlines()]
+    for key in ("objective/score", "objective/kl", "objective/beta", "objective/entropy", "rollout/length",
+                "policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance"):
+        assert key in logs[-1], key
+    # a second run skips every finished stage and reproduces the same numbers
+    assert main(["pipeline", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--until", "sft"]) == 0
+
+
+def test_generate_eval_and_world_commands(run_dir, tmp_path, capsys):
+    out_dir = f"--run.out_dir={run_dir.parent}"
+    assert main(["generate", "--preset", "test", out_dir, "--checkpoint", "sft", "--prompt", "add 12 and 3 .",
+                 "--sample.temperature=0"]) == 0
+    assert "> add 12 and 3 ." in capsys.readouterr().out
+    assert main(["eval", "--preset", "test", out_dir, "--checkpoint", str(run_dir / "sft"), "--out", str(tmp_path / "e.json")]) == 0
+    rates = json.loads((tmp_path / "e.json").read_text())
+    assert set(rates) >= {"helpful", "truthful", "harmless", "by_kind"}
+    assert main(["world", "demos", "--preset", "test", "-n", "5", "--out", str(tmp_path / "d.jsonl")]) == 0
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 5
+
+
+def test_chat_is_multi_turn(run_dir, monkeypatch, capsys):
+    lines = iter(["what is 12 plus 3 ?", "and 13 plus 4 ?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert main(["chat", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoint", "sft"]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 2
+
+
+BAD = [
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "assitant", "content": "x"}]\n',
+     r"demos.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "x"}]}\n',
+     r"demos.jsonl:1: .*unknown role 'assitant'.*did you mean 'assistant'"),
+    ('{"msgs": []}\n', r"demos.jsonl:1: missing field 'messages'"),
+    ("\n\n", r"demos.jsonl: file is empty"),
+]
+
+
+@pytest.mark.parametrize("content,match", BAD)
+def test_bad_demonstrations_give_one_line_errors(run_dir, tmp_path, capsys, content, match):
+    f = tmp_path / "demos.jsonl"
+    f.write_text(content)
+    code = main(["sft", "--preset", "test", f"--run.out_dir={tmp_path}", f"--sft.data={f}",
+                 f"--sft.init={run_dir / 'pretrain'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    import re
+    assert re.search(match, err), err
+    assert not (tmp_path / "test" / "sft").exists()  # nothing half-written
+
+
+def test_missing_model_and_config_typo(tmp_path, capsys):
+    assert main(["eval", "--preset", "test", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "nope: no such checkpoint" in capsys.readouterr().err
+    assert main(["sft", "--preset", "test", "--sft.lerning_rate=1"]) == 2
+    assert "unknown key 'lerning_rate'" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", "--model.path", str(tmp_path / "none")]) == 2
+    assert "none: no such model folder" in capsys.readouterr().err

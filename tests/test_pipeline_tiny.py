@@ -1,0 +1,21 @@
+"""The embedded default end to end (slow: ~15 minutes on 2 cores; `make test-slow`): the tiny
+pipeline must reach the numbers the recipe promises on this machine."""
+
+import pytest
+
+from cherrytop.config import load_config
+from cherrytop.pipeline import run
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_reaches_its_numbers(tmp_path):
+    report = run(load_config("tiny", [], [f"--run.out_dir={tmp_path}"]))
+    ev = report["eval"]
+    assert report["pretrain_loss"]["pretrain"] < 0.6 * report["pretrain"]["uniform_loss"]
+    assert ev["sft"]["helpful"] >= 0.60
+    for axis in ("helpful", "truthful", "harmless"):
+        assert ev["sft"][axis] > ev["pretrain"][axis], axis
+        assert ev["ppo"][axis] >= ev["sft"][axis] - 0.01, axis
+    assert report["rm"]["accuracy_labelers"] >= 0.70
+    assert report["rm"]["accuracy_grader"] >= 0.85
+    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65
