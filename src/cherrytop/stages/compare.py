@@ -10,6 +10,7 @@ by every labeler) measures its accuracy and the labelers' agreement.
 
 from __future__ import annotations
 
+import json
 from itertools import combinations
 from pathlib import Path
 
@@ -32,7 +33,6 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     train_path, held_path = paths(cfg)
     stats_path = train_path.with_suffix(".stats.json")
     if train_path.is_file() and held_path.is_file() and stats_path.is_file() and not fresh:
-        import json
         console.print(f"[green]compare[/]: comparisons already in {train_path.parent}; pass --fresh to sample again")
         return json.loads(stats_path.read_text())
     if c.prompts:
@@ -63,7 +63,6 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     write_jsonl(held_path, held_rows)
     stats = {"prompts": len(tasks), "k": c.k, "train_comparisons": len(train_rows), "heldout_comparisons": len(held_rows),
              "labeler_agreement": agree / comparable if comparable else float("nan"), "agreement_pairs": comparable}
-    import json
     stats_path.write_text(json.dumps(stats, indent=2))
     console.print(f"compare: {len(train_rows)} + {len(held_rows)} held-out rankings of K={c.k}; "
                   f"labeler agreement {stats['labeler_agreement']:.3f} on {comparable} pairs")

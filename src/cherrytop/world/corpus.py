@@ -19,7 +19,7 @@ import random
 
 from cherrytop.config import WorldConfig
 from cherrytop.world import people as P
-from cherrytop.world.language import (ATTRS, INSULT_ADJECTIVES, INSULT_NOUNS, NOUNS, WORD_GAME_WORDS,
+from cherrytop.world.language import (ATTRS, QUESTION, INSULT_ADJECTIVES, INSULT_NOUNS, NOUNS, WORD_GAME_WORDS,
                                       Language, count_phrase, fact, negated)
 from cherrytop.world.tasks import HELPFUL_KINDS, KINDS, WORD_KINDS, Task, join_words, kind_stream
 
@@ -32,7 +32,7 @@ DOMINANT_FLAW = {
 pretrained model fails it more often than the SFT model (which keeps only the demonstrations' flaws)."""
 DOMINANT_SHARE = 0.8
 """Share of the misbehaving dialogues that show the dominant flaw; the rest show a random other one."""
-MIX = {"facts": 0.4, "arithmetic": 0.2, "word_games": 0.2, "stories": 0.2}
+MIX = {"facts": 0.45, "arithmetic": 0.15, "word_games": 0.3, "stories": 0.1}
 """Shares of the non-dialogue characters."""
 MIX_HELDOUT = {"facts": 0.5, "arithmetic": 0.25, "stories": 0.25}
 HELDOUT_SHARE = 0.02
@@ -58,13 +58,18 @@ def doc_chars(doc) -> int:
 # Plain-text documents.
 
 def fact_paragraph(lang: Language, rng: random.Random, split: str) -> str:
-    sents = []
+    """Facts about a few entities, then questions about them answered from the paragraph: the
+    attributes are drawn afresh per paragraph, so the answers can only be read back (copying)."""
+    sents, stated = [], []
     for e in lang.sample_entities(split, rng.randint(1, 3), rng):
-        for a in rng.sample(ATTRS, rng.randint(3, 5)):
+        for a in rng.sample(ATTRS, rng.randint(2, 4)):
             sents.append(fact(e.name, a, e.value(a)))
+            stated.append((e, a))
         if rng.random() < 0.25:
             a = rng.choice(ATTRS)
             sents.append(negated(e.name, a, lang.other_value(a, e.value(a), split, rng)))
+    for e, a in rng.sample(stated, min(len(stated), rng.randint(1, 3))):
+        sents.append(f"{QUESTION[a].format(e=e.name)} {fact(e.name, a, e.value(a))}")
     return " ".join(sents)
 
 
