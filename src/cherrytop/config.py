@@ -139,12 +139,12 @@ class TrainConfig:
 
 
 def _pretrain_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=1100, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3)
+    return TrainConfig(max_steps=600, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3)
 
 
 def _sft_defaults() -> TrainConfig:
     return TrainConfig(
-        init="pretrain", max_steps=500, batch_size=32, micro_batch_size=32, seq_len=160, lr=1e-3,
+        init="pretrain", max_steps=800, batch_size=32, micro_batch_size=32, seq_len=160, lr=1e-3,
         warmup_steps=20,
     )
 

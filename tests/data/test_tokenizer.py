@@ -18,9 +18,9 @@ def tok():
 def test_round_trip_and_digits(tok, tmp_path):
     for text in ["the pet of zorvan is a cat .", "what is 1234 plus 56 ?", "Unseen wörds ünïcode ✓ 7"]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert tok.decode(ids) == text
+        assert tok.decode(ids) == " " + text  # the prepended space (see train_tokenizer)
     digits = tok.tokenize("12345")
-    assert [t.lstrip("Ġ") for t in digits] == list("12345")  # one token per digit
+    assert digits == ["Ġ", *"12345"]  # one token per digit (after the prepended space)
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)  # plain transformers loads it
     assert again("34 plus 5", add_special_tokens=False)["input_ids"] == tok("34 plus 5", add_special_tokens=False)["input_ids"]
@@ -32,6 +32,10 @@ def test_chat_template(tok):
             {"role": "assistant", "content": "hello ."}]
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert text == "<|system|>be kind .<|end|><|user|>hi<|end|><|assistant|>hello .<|end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    alone = tok("be kind .", add_special_tokens=False)["input_ids"]
+    inside = tok("zz be kind .", add_special_tokens=False)["input_ids"][-len(alone):]
+    assert ids[1: 1 + len(alone)] == alone == inside  # a word opening a message is the same token as inside a sentence
     prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>")
     ids = encode_prompt(tok, msgs[:2])
@@ -45,7 +49,7 @@ def reference_mask(tok, messages):
     ids, labels = [], []
     for m in messages:
         head = tok(f"<|{m['role']}|>", add_special_tokens=False)["input_ids"]
-        body = tok(m["content"] + "<|end|>", add_special_tokens=False)["input_ids"]
+        body = tok(m["content"] + "<|end|>", add_special_tokens=False)["input_ids"]  # segment gets its space
         ids += head + body
         labels += [-100] * len(head) + (body if m["role"] == "assistant" else [-100] * len(body))
     return ids, labels
@@ -59,7 +63,7 @@ def test_assistant_mask_multi_turn(tok):
     assert ids == ref_ids
     assert labels == ref_labels
     trained = tok.decode([t for t in labels if t != -100])
-    assert trained == "34 plus 5 is 39 .<|end|>tree cat .<|end|>"
+    assert trained == " 34 plus 5 is 39 .<|end|> tree cat .<|end|>"
     short_ids, short_labels = encode_conversation(tok, msgs, max_len=10)
     assert len(short_ids) == len(short_labels) == 10
 

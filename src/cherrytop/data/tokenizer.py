@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -32,8 +32,14 @@ class TemplateError(ValueError):
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over `texts`; digits are split one per token so arithmetic stays learnable."""
+    """Byte-level BPE over `texts`; digits are split one per token so arithmetic stays learnable.
+
+    A space is prepended to every text segment (each message's content, between special tokens), so
+    a word is the same token at the start of a message as inside it: an answer that copies a word
+    from the prompt copies the very same token (decoded text then starts with that space).
+    """
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Prepend(" ")
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),

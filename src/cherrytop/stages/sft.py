@@ -33,6 +33,16 @@ def demonstrations_file(cfg: Config) -> Path:
     return path
 
 
+def init_ref(cfg: Config) -> str:
+    """Where SFT starts: `sft.init`, except that with `--model.path` and no pretraining stage in the
+    run, it starts from that model."""
+    t = cfg.sft
+    pretrained = Path(cfg.run.out_dir) / cfg.run.name / "pretrain"
+    if cfg.model.path and t.init == "pretrain" and not pretrained.exists():
+        return cfg.model.path
+    return t.init or cfg.model.path
+
+
 def encode_all(tokenizer, convs, seq_len: int) -> list[tuple[list[int], list[int]]]:
     examples = []
     for conv in convs:
@@ -44,7 +54,7 @@ def encode_all(tokenizer, convs, seq_len: int) -> list[tuple[list[int], list[int
 
 def run(cfg: Config, fresh: bool = False) -> dict:
     t = cfg.sft
-    init = resolve_checkpoint(t.init or cfg.model.path, cfg)
+    init = resolve_checkpoint(init_ref(cfg), cfg)
     tok = load_tokenizer(cfg.tokenizer.path or init)
     model = load_model(init)
     path = demonstrations_file(cfg)
