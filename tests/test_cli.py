@@ -60,7 +60,7 @@ def test_chat_is_multi_turn(run_dir, monkeypatch, capsys):
 
 
 BAD = [
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "assitant", "content": "x"}]\n',
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n{"messages": [}\n',
      r"demos.jsonl:2: not valid JSON"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "x"}]}\n',
      r"demos.jsonl:1: .*unknown role 'assitant'.*did you mean 'assistant'"),

@@ -57,6 +57,7 @@ def _load(args, extra):
 
     from cherrytop.config import load_config
     hf_logging.disable_progress_bar()  # our own bars report progress
+    hf_logging.set_verbosity_error()  # e.g. "score.weight newly initialised" is expected for a new reward head
     cfg = load_config(args.preset, args.config, extra)
     if cfg.run.threads:
         import torch

@@ -167,7 +167,7 @@ class CompareConfig:
     """Checkpoint that samples the K answers (a folder or a stage name of the run)."""
     prompts: str = ""
     """Prompts file (JSONL / datasets folder); empty = the built-in world's training prompts."""
-    n_prompts: int = 640
+    n_prompts: int = 1200
     """Prompts to sample answers for."""
     k: int = 4
     """Answers per prompt (InstructGPT: 4..9)."""

@@ -35,7 +35,7 @@ def test_k_responses_go_through_one_forward_and_loss_matches_pairs(tmp_path):
         r = []
         for resp in c.responses:
             ids = torch.tensor([encode_group(tok, Comparison(prompt, (resp, resp), (0, 1)), 64)[0]])
-            r.append(float(reward(rm, ids, torch.ones_like(ids), normalised=False)))
+            r.append(float(reward(rm, ids, torch.ones_like(ids), normalised=False).detach()))
         pairs = [(c.ranking[i], c.ranking[j]) for i in range(c.k) for j in range(i + 1, c.k)]
         expected += -sum(math.log(1 / (1 + math.exp(-(r[w] - r[l])))) for w, l in pairs) / len(pairs)
     assert int(n) == 2

@@ -224,7 +224,7 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
                 x = windows[torch.as_tensor(idx)]
                 s, c = L.lm_loss(policy(input_ids=x).logits, x)
                 (p.ptx_coef * s / c).backward()
-                acc.setdefault("loss/ptx", []).append(float(s / c))
+                acc.setdefault("loss/ptx", []).append(float(s.detach() / c))
             for model, opt in ((policy, opt_pi), (value, opt_v)):
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
                 if not math.isfinite(float(gn)):
