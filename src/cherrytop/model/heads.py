@@ -36,7 +36,8 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) the scalar head applied at every position."""
     trunk = getattr(model, model.base_model_prefix)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state  # (B, T, d)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state  # (B, T, d)
     return model.score(hidden).squeeze(-1).float()  # (B, T)
 
 

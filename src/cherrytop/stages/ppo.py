@@ -69,7 +69,7 @@ class Rollout:
 
 def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False):
     """(B, N) log-probs of the response tokens (positions P..) under `model`, and optionally entropy."""
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1: -1].float()  # (B, N, V)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
     logits = logits / temperature
     logp = L.token_logprobs(logits, ids[:, P:])
     return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
@@ -110,8 +110,6 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     ref = load_model(init).eval().requires_grad_(False)
     rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
     value = scalar_model_from(ckpt / "value" if state else rm_path, tok.pad_token_id)
-    for m in (policy, ref, rm, value):
-        m.config.use_cache = False
 
     def score_fn(ids, attn, pos, P):  # the reward model's score at the response's last token
         return reward(rm, ids, attn, pos)
