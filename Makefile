@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	@# Browser tests drive Debian's Chromium through Playwright (no browser download).
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q chromium >/dev/null) || \
+	  echo "warning: install Debian's chromium (apt-get install chromium) for the browser tests"
 	touch $(STAMP)
 
 install: $(STAMP)
