@@ -1,0 +1,524 @@
+"""The feedback database: tables, migrations on open, and every write as one transaction.
+
+`open_store(url)` opens (or creates) a SQLite file (`sqlite:///path.db`) or a PostgreSQL database
+(`postgresql+psycopg://user@host/db`) and applies the Alembic migrations shipped in `migrations/`.
+
+Nothing is lost or doubled: every submission is one transaction; each form carries a one-time
+`token` (unique in its table), so submitting the same form twice returns the first submission;
+a labeler ranks an item at most once and reviews a demonstration at most once (unique constraints),
+so concurrent labelers and double clicks never overwrite or duplicate each other.
+
+Items are prompts (`prompt`: messages ending with a user turn) with 0..K candidate `responses`; an
+item with >= 2 responses is rankable, one with a prompt can be answered by a demonstration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, func, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from cherrytop.data.records import Conversation, DataError, Prompt
+
+ROLES = ("admin", "labeler")
+CHAT_RATINGS = ("up", "down", "report")
+FLAGS = ("harmful", "private", "spam")
+"""What a labeler can report about an item: harmful content, private data, spam."""
+AXES = ("helpful", "truthful", "harmless")
+"""Per-answer 1-7 ratings [IG App. B]."""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class LoginSession(Base):
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 of the cookie value: a leaked database does not give working cookies."""
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LoginAttempt(Base):
+    __tablename__ = "login_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), index=True)
+    """`user:<name>` or `ip:<address>`."""
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_key: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 of the prompt's messages: importing the same prompt twice gives one item."""
+    prompt: Mapped[list] = mapped_column(JSON)
+    responses: Mapped[list] = mapped_column(JSON, default=list)
+    provenance: Mapped[list] = mapped_column(JSON, default=list)
+    """One entry per response: {"model": ..., "settings": {...}, "source": ...}."""
+    source: Mapped[str] = mapped_column(String(32))
+    gold: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """Known best-to-worst ranking of the responses (gold item), or null."""
+    labels_needed: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Demonstration(Base):
+    __tablename__ = "demonstrations"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"), nullable=True, index=True)
+    """The prompt answered; null for a whole conversation written from scratch."""
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    messages: Mapped[list] = mapped_column(JSON)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Review(Base):
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("demonstration_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    demonstration_id: Mapped[int] = mapped_column(ForeignKey("demonstrations.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    accept: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Ranking(Base):
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    ranking: Mapped[list] = mapped_column(JSON)
+    """Response indices best first."""
+    ties: Mapped[list] = mapped_column(JSON)
+    """[i, j] pairs judged equally good."""
+    all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    flags: Mapped[list] = mapped_column(JSON, default=list)
+    """Subset of FLAGS the labeler reported."""
+    ratings: Mapped[dict] = mapped_column(JSON, default=dict)
+    """{axis: [1..7 or null per response]}."""
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class ChatFeedback(Base):
+    __tablename__ = "chat_feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    messages: Mapped[list] = mapped_column(JSON)
+    response: Mapped[str] = mapped_column(Text)
+    rating: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(512))
+    settings: Mapped[dict] = mapped_column(JSON)
+    conversation_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    user: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"), nullable=True)
+    """The ranking item a down / report rating put into the queue."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+# ---------------------------------------------------------------- opening and migrating
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _alembic_config(connection) -> Any:
+    from alembic.config import Config as AlembicConfig
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate(engine) -> None:
+    """Apply every migration not yet applied (a no-op on an up-to-date database)."""
+    from alembic import command
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "head")
+
+
+_migrate_lock = threading.Lock()
+
+
+def open_store(url: str, labels_needed: int = 2) -> Store:
+    """Open (or create) the database at `url` and bring its schema up to date.
+
+    `labels_needed`: how many labelers rank each new item (>= 2 so agreement can be measured).
+    """
+    if "://" not in url:
+        raise ValueError(f"{url}: not a database URL; expected e.g. sqlite:///feedback.db or "
+                         "postgresql+psycopg://user@host/db")
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _):  # WAL: readers never wait for the writer; FKs on
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # take the write lock at BEGIN: no lock upgrade, no "database is locked" mid-way
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    with _migrate_lock:
+        migrate(engine)
+    return Store(engine, labels_needed)
+
+
+def prompt_key(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _messages(msgs: Any, what: str) -> list[dict]:
+    """Validated OpenAI-style messages ending with a user turn, as plain dicts."""
+    if not isinstance(msgs, list):
+        raise DataError(f"{what} is not a list", "a list of {\"role\": ..., \"content\": ...} messages")
+    p = Prompt.from_json({"messages": msgs})
+    return [m.to_json() for m in p.messages]
+
+
+@dataclass
+class Submitted:
+    """The result of a submission: its row id and whether this call created it (False: a repeat)."""
+    id: int
+    created: bool
+    message: str = ""
+
+
+@dataclass
+class Store:
+    """The feedback database. Methods open their own short transactions (`with store.tx() as s:`)."""
+
+    engine: Any
+    labels_needed: int = 2
+    """Labelers per new item."""
+    _sessions: Any = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ items
+
+    def add_item(self, messages: list[dict], *, responses: list[str] | None = None, provenance: list[dict] | None = None,
+                 source: str = "import", gold: list[int] | None = None, labels_needed: int | None = None) -> Submitted:
+        """Add a prompt (with optional candidate responses) to the queue; an existing prompt is kept as it is."""
+        msgs = _messages(messages, "prompt")
+        responses = list(responses or [])
+        if not all(isinstance(r, str) for r in responses):
+            raise DataError("responses must be strings", "a list of answer strings")
+        provenance = list(provenance or [{"model": None, "settings": {}, "source": source}] * len(responses))
+        if gold is not None:
+            if sorted(gold) != list(range(len(responses))):
+                raise DataError(f"gold ranking {gold} is not a permutation of the {len(responses)} responses",
+                                "indices best first, each response once")
+        key = prompt_key(msgs)
+        try:
+            with self.tx() as s:
+                item = Item(prompt_key=key, prompt=msgs, responses=responses, provenance=provenance, source=source,
+                            gold=gold, labels_needed=labels_needed or self.labels_needed)
+                s.add(item)
+                s.flush()
+                return Submitted(item.id, True)
+        except IntegrityError:
+            with self.tx() as s:
+                return Submitted(s.scalars(select(Item.id).where(Item.prompt_key == key)).one(), False)
+
+    def import_prompts(self, path: str | Path) -> tuple[int, int]:
+        """Prompts from a JSONL file / datasets folder (records.py's prompt format); optional keys
+        `responses` (candidate answers), `gold` (their known ranking), `model` (who wrote them).
+        Returns (added, already present)."""
+        from cherrytop.data.records import read_prompts
+        added = kept = 0
+        for p in read_prompts(path):
+            meta = p.meta
+            responses = meta.get("responses")
+            prov = [{"model": meta.get("model"), "settings": {}, "source": str(path)}] * len(responses or [])
+            r = self.add_item([m.to_json() for m in p.messages], responses=responses, provenance=prov,
+                              gold=meta.get("gold"), source="import")
+            added += r.created
+            kept += not r.created
+        return added, kept
+
+    def add_responses(self, item_id: int, responses: list[str], provenance: list[dict]) -> None:
+        """Append candidate answers to an item that is not yet rankable (fewer than 2 responses):
+        once labelers rank an item its responses never change."""
+        with self.tx() as s:
+            item = s.get(Item, item_id, with_for_update=True)
+            if item is None:
+                raise ValueError(f"item {item_id} does not exist")
+            if len(item.responses) >= 2:
+                raise ValueError(f"item {item_id} already has {len(item.responses)} responses (rankable); not changed")
+            item.responses = list(item.responses) + list(responses)
+            item.provenance = list(item.provenance) + list(provenance)
+
+    # ------------------------------------------------------------ chat feedback (called by cherrytop serve)
+
+    def add_chat_feedback(self, *, messages: list[dict], response: str, rating: str, model: str, settings: dict,
+                          conversation_id: str | None = None, comment: str | None = None,
+                          user: str | None = None) -> int:
+        """Record a chat user's rating of one answer; returns the feedback id.
+
+        `messages` is the conversation before the answer (ending with a user turn), `response` the
+        rated answer, `rating` one of up / down / report. A down or report rating also puts the
+        prompt into the ranking queue with this answer as its first candidate (`cherrytop label
+        generate` adds the others).
+        """
+        if rating not in CHAT_RATINGS:
+            raise ValueError(f"rating {rating!r} is not one of {', '.join(CHAT_RATINGS)}")
+        if not isinstance(response, str):
+            raise ValueError("response must be a string")
+        msgs = _messages(messages, "messages")
+        if not isinstance(settings, dict):
+            raise ValueError("settings must be a dict")
+        json.dumps(settings)  # must be JSON
+        item_id = None
+        if rating != "up":
+            prov = {"model": model, "settings": settings, "source": "chat"}
+            r = self.add_item(msgs, source="chat")
+            item_id = r.id
+            with self.tx() as s:  # the rated answer becomes a candidate unless the item is already rankable
+                item = s.get(Item, item_id, with_for_update=True)
+                if len(item.responses) < 2 and response not in item.responses:
+                    item.responses = list(item.responses) + [response]
+                    item.provenance = list(item.provenance) + [prov]
+        with self.tx() as s:
+            fb = ChatFeedback(messages=msgs, response=response, rating=rating, model=str(model), settings=settings,
+                              conversation_id=conversation_id, comment=comment, user=user, item_id=item_id)
+            s.add(fb)
+            s.flush()
+            return fb.id
+
+    # ------------------------------------------------------------ submissions
+
+    def _once(self, make, table, token: str, user_id: int, conflict) -> Submitted:
+        """Insert a row made by `make(s)` in one transaction; a repeated token or an existing
+        (item, user) row returns the first submission instead of a second one."""
+        try:
+            with self.tx() as s:
+                row = make(s)
+                s.add(row)
+                s.flush()
+                return Submitted(row.id, True)
+        except IntegrityError:
+            pass
+        with self.tx() as s:
+            prev = s.scalars(select(table).where(table.token == token)).first()
+            if prev is None and conflict is not None:
+                prev = s.scalars(select(table).where(conflict, table.user_id == user_id)).first()
+            if prev is None or prev.user_id != user_id:
+                raise ValueError("this form was already used by someone else; reload the page")
+            return Submitted(prev.id, False, "already submitted")
+
+    def submit_demonstration(self, user_id: int, messages: list[dict], token: str, seconds: float,
+                             item_id: int | None = None) -> Submitted:
+        """A demonstration: the whole conversation (user and assistant turns), or the assistant's
+        reply appended to item `item_id`'s prompt. Must end with an assistant turn."""
+        conv = Conversation.from_json({"messages": messages})
+        msgs = [m.to_json() for m in conv.messages]
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise DataError("the demonstration does not end with an assistant reply", "a last assistant message")
+        if not any(m["role"] == "user" for m in msgs):
+            raise DataError("the demonstration has no user message", "at least one user turn")
+
+        def make(s):
+            if item_id is not None:
+                item = s.get(Item, item_id)
+                if item is None:
+                    raise ValueError(f"item {item_id} does not exist")
+                if msgs[: len(item.prompt)] != item.prompt:
+                    raise DataError("the demonstration does not start with the item's prompt", "the prompt, then the reply")
+            return Demonstration(item_id=item_id, user_id=user_id, messages=msgs, token=token, seconds=seconds)
+        conflict = (Demonstration.item_id == item_id) if item_id is not None else None
+        return self._once(make, Demonstration, token, user_id, conflict)
+
+    def submit_ranking(self, user_id: int, item_id: int, ranking: list[int], ties: list[list[int]], token: str,
+                       seconds: float, all_bad: bool = False, flags: list[str] | None = None,
+                       ratings: dict | None = None) -> Submitted:
+        """A labeler's ranking of an item's responses (best first), ties, flags and 1-7 ratings."""
+        flags = sorted(set(flags or []))
+        bad = [f for f in flags if f not in FLAGS]
+        if bad:
+            raise DataError(f"unknown report reason {bad[0]!r}", "one of " + ", ".join(FLAGS))
+        ratings = ratings or {}
+
+        def make(s):
+            item = s.get(Item, item_id)
+            if item is None:
+                raise ValueError(f"item {item_id} does not exist")
+            k = len(item.responses)
+            from cherrytop.data.records import Comparison
+            if k < 2:
+                raise DataError(f"item {item_id} has {k} responses", "an item with at least 2 responses to rank")
+            c = Comparison(tuple(Prompt.from_json({"messages": item.prompt}).messages), tuple(item.responses),
+                           tuple(ranking), tuple(tuple(t) for t in ties))  # validates ranking and ties
+            for axis, vals in ratings.items():
+                if axis not in AXES:
+                    raise DataError(f"unknown rating axis {axis!r}", "one of " + ", ".join(AXES))
+                if not isinstance(vals, list) or len(vals) != k or any(
+                        v is not None and (not isinstance(v, int) or not 1 <= v <= 7) for v in vals):
+                    raise DataError(f"ratings for {axis} are {vals!r}", f"{k} values, each 1..7 or empty")
+            return Ranking(item_id=item_id, user_id=user_id, ranking=list(c.ranking), ties=[list(t) for t in c.ties],
+                           all_bad=bool(all_bad), flags=flags, ratings=ratings, token=token, seconds=seconds)
+        return self._once(make, Ranking, token, user_id, Ranking.item_id == item_id)
+
+    def submit_review(self, user_id: int, demonstration_id: int, accept: bool, reason: str, token: str) -> Submitted:
+        """Accept or reject someone else's demonstration; a rejection needs a reason."""
+        reason = (reason or "").strip()
+        if not accept and not reason:
+            raise DataError("a rejection needs a reason", "a short reason why the demonstration is rejected")
+
+        def make(s):
+            d = s.get(Demonstration, demonstration_id)
+            if d is None:
+                raise ValueError(f"demonstration {demonstration_id} does not exist")
+            if d.user_id == user_id:
+                raise ValueError("you cannot review your own demonstration")
+            return Review(demonstration_id=demonstration_id, user_id=user_id, accept=accept, reason=reason, token=token)
+        return self._once(make, Review, token, user_id, Review.demonstration_id == demonstration_id)
+
+    # ------------------------------------------------------------ queues: what a labeler does next
+
+    def next_ranking_item(self, user_id: int) -> Item | None:
+        """The oldest rankable item this labeler has not ranked that still needs labels (gold items first)."""
+        with self.tx() as s:
+            done = select(Ranking.item_id).where(Ranking.user_id == user_id)
+            count = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
+            q = (select(Item).where(Item.id.not_in(done), count < Item.labels_needed)
+                 .order_by(Item.gold.is_(None), Item.id))
+            for item in s.scalars(q):
+                if len(item.responses) >= 2:
+                    return item
+            return None
+
+    def next_demo_item(self, user_id: int) -> Item | None:
+        """The oldest prompt without a demonstration, that this labeler has not answered."""
+        with self.tx() as s:
+            mine = select(Demonstration.item_id).where(Demonstration.user_id == user_id,
+                                                       Demonstration.item_id.is_not(None))
+            answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
+            q = select(Item).where(Item.id.not_in(mine), Item.id.not_in(answered)).order_by(Item.id).limit(1)
+            return s.scalars(q).first()
+
+    def next_review(self, user_id: int) -> Demonstration | None:
+        """The oldest demonstration by someone else that nobody has reviewed yet."""
+        with self.tx() as s:
+            reviewed = select(Review.demonstration_id)
+            q = (select(Demonstration).where(Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed))
+                 .order_by(Demonstration.id).limit(1))
+            return s.scalars(q).first()
+
+    def queue_counts(self, user_id: int) -> dict[str, int]:
+        with self.tx() as s:
+            done = select(Ranking.item_id).where(Ranking.user_id == user_id)
+            count = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
+            rank = sum(1 for r in s.scalars(select(Item.responses).where(Item.id.not_in(done), count < Item.labels_needed))
+                       if len(r) >= 2)
+            answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
+            demo = s.scalar(select(func.count(Item.id)).where(Item.id.not_in(answered)))
+            reviewed = select(Review.demonstration_id)
+            review = s.scalar(select(func.count(Demonstration.id)).where(
+                Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed)))
+            return {"rank": rank, "demo": demo, "review": review}
+
+    # ------------------------------------------------------------ reading back
+
+    def user(self, user_id: int) -> User | None:
+        with self.tx() as s:
+            return s.get(User, user_id)
+
+    def users(self) -> list[User]:
+        with self.tx() as s:
+            return list(s.scalars(select(User).order_by(User.id)))
+
+    def item(self, item_id: int) -> Item | None:
+        with self.tx() as s:
+            return s.get(Item, item_id)
+
+    def items(self) -> list[Item]:
+        with self.tx() as s:
+            return list(s.scalars(select(Item).order_by(Item.id)))
+
+    def rankings(self, item_id: int | None = None, user_id: int | None = None) -> list[Ranking]:
+        with self.tx() as s:
+            q = select(Ranking).order_by(Ranking.id)
+            if item_id is not None:
+                q = q.where(Ranking.item_id == item_id)
+            if user_id is not None:
+                q = q.where(Ranking.user_id == user_id)
+            return list(s.scalars(q))
+
+    def ranking(self, ranking_id: int) -> Ranking | None:
+        with self.tx() as s:
+            return s.get(Ranking, ranking_id)
+
+    def demonstrations(self, user_id: int | None = None) -> list[Demonstration]:
+        with self.tx() as s:
+            q = select(Demonstration).order_by(Demonstration.id)
+            if user_id is not None:
+                q = q.where(Demonstration.user_id == user_id)
+            return list(s.scalars(q))
+
+    def demonstration(self, demo_id: int) -> Demonstration | None:
+        with self.tx() as s:
+            return s.get(Demonstration, demo_id)
+
+    def reviews(self, user_id: int | None = None) -> list[Review]:
+        with self.tx() as s:
+            q = select(Review).order_by(Review.id)
+            if user_id is not None:
+                q = q.where(Review.user_id == user_id)
+            return list(s.scalars(q))
+
+    def chat_feedback(self) -> list[ChatFeedback]:
+        with self.tx() as s:
+            return list(s.scalars(select(ChatFeedback).order_by(ChatFeedback.id)))

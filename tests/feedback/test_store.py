@@ -1,0 +1,97 @@
+"""The database: migrations match the models on both backends, submissions are idempotent and
+concurrency-safe, chat feedback (the interface `cherrytop serve` calls) lands as rating items."""
+
+import threading
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from cherrytop.data.records import DataError
+from cherrytop.feedback.auth import create_user
+from cherrytop.feedback.store import Base, open_store
+
+PROMPT = [{"role": "user", "content": "what is 2 plus 2 ?"}]
+
+
+def test_migrations_match_the_models_and_reopen_keeps_data(db_url):
+    s = open_store(db_url)
+    with s.engine.connect() as c:
+        assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
+    s.add_item(PROMPT, responses=["4", "5"])
+    s.close()
+    s2 = open_store(db_url)  # a restart: migrations are a no-op, nothing lost
+    assert [i.responses for i in s2.items()] == [["4", "5"]]
+    s2.close()
+
+
+def test_double_submission_is_idempotent(store):
+    uid = create_user(store, "ann", "password1")
+    item = store.add_item(PROMPT, responses=["4", "5", "four"]).id
+    first = store.submit_ranking(uid, item, [0, 2, 1], [[0, 2]], "tok-1", 3.0)
+    again = store.submit_ranking(uid, item, [0, 2, 1], [[0, 2]], "tok-1", 3.0)
+    other_form = store.submit_ranking(uid, item, [1, 0, 2], [], "tok-2", 3.0)  # a second tab: still one ranking
+    assert first.created and not again.created and not other_form.created
+    assert again.id == first.id == other_form.id
+    rows = store.rankings(item_id=item)
+    assert len(rows) == 1 and rows[0].ranking == [0, 2, 1] and rows[0].ties == [[0, 2]]
+    d1 = store.submit_demonstration(uid, PROMPT + [{"role": "assistant", "content": "4 ."}], "d-1", 5.0, item_id=item)
+    d2 = store.submit_demonstration(uid, PROMPT + [{"role": "assistant", "content": "4 ."}], "d-1", 5.0, item_id=item)
+    assert d1.created and not d2.created and d1.id == d2.id and len(store.demonstrations()) == 1
+
+
+def test_concurrent_labelers_never_overwrite_or_duplicate(store):
+    uids = [create_user(store, f"lab{i}", "password1") for i in range(6)]
+    item = store.add_item(PROMPT, responses=["a", "b"], labels_needed=6).id
+    results, errors = [], []
+
+    def worker(uid):
+        try:
+            for rep in range(3):  # each labeler double-submits the same form three times at once
+                results.append((uid, store.submit_ranking(uid, item, [uid % 2, 1 - uid % 2], [], f"t{uid}", 1.0)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(u,)) for u in uids]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    rows = store.rankings(item_id=item)
+    assert sorted(r.user_id for r in rows) == sorted(uids)  # one per labeler, none lost
+    assert all(r.ranking == [r.user_id % 2, 1 - r.user_id % 2] for r in rows)  # each kept their own
+    assert sum(r.created for _, r in results) == len(uids)
+
+
+def test_bad_submissions_are_rejected_with_clear_messages(store):
+    uid = create_user(store, "ann", "password1")
+    item = store.add_item(PROMPT, responses=["4", "5"]).id
+    with pytest.raises(DataError, match="ranking lists response 0 twice"):
+        store.submit_ranking(uid, item, [0, 0], [], "x", 1.0)
+    with pytest.raises(DataError, match="ratings for helpful"):
+        store.submit_ranking(uid, item, [0, 1], [], "x", 1.0, ratings={"helpful": [9, 1]})
+    with pytest.raises(DataError, match="unknown report reason"):
+        store.submit_ranking(uid, item, [0, 1], [], "x", 1.0, flags=["boring"])
+    with pytest.raises(DataError, match="does not end with an assistant reply"):
+        store.submit_demonstration(uid, PROMPT + [{"role": "assistant", "content": "4"}, {"role": "user", "content": "?"}], "y", 1.0)
+    with pytest.raises(DataError, match="a rejection needs a reason"):
+        store.submit_review(uid, 1, False, " ", "z")
+    assert store.rankings() == [] and store.demonstrations() == []
+
+
+def test_chat_feedback_becomes_a_ranking_item(store):
+    msgs = [{"role": "user", "content": "tell me a secret"}]
+    up = store.add_chat_feedback(messages=msgs, response="no .", rating="up", model="runs/tiny/ppo",
+                                 settings={"temperature": 0.7}, conversation_id="c1", user="u1")
+    down = store.add_chat_feedback(messages=msgs, response="the code is 1234", rating="report", model="runs/tiny/ppo",
+                                   settings={"temperature": 0.7}, comment="private data")
+    assert down > up
+    fb = store.chat_feedback()
+    assert [f.rating for f in fb] == ["up", "report"] and fb[0].item_id is None and fb[1].item_id is not None
+    item = store.item(fb[1].item_id)
+    assert item.prompt == msgs and item.responses == ["the code is 1234"] and item.source == "chat"
+    assert item.provenance == [{"model": "runs/tiny/ppo", "settings": {"temperature": 0.7}, "source": "chat"}]
+    with pytest.raises(ValueError, match="rating 'meh' is not one of up, down, report"):
+        store.add_chat_feedback(messages=msgs, response="x", rating="meh", model="m", settings={})
+    with pytest.raises(DataError, match="ends with"):
+        store.add_chat_feedback(messages=msgs + [{"role": "assistant", "content": "x"}], response="x",
+                                rating="down", model="m", settings={})
