@@ -259,6 +259,37 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    strategy: str = "none"
+    """Data parallelism under `torchrun`: `none` (one process), `ddp` (DistributedDataParallel, a
+    full copy per process) or `fsdp` (FSDP2 `fully_shard`: parameters, gradients and optimizer
+    state sharded over the processes, sharded checkpoints)."""
+    backend: str = ""
+    """torch.distributed backend; empty = nccl on GPU, gloo on CPU."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30 % more compute)."""
+    bf16: bool = True
+    """bf16 autocast for forward passes on GPU (ignored on CPU, where everything stays fp32)."""
+    cpu_offload: bool = False
+    """FSDP only: keep sharded parameters, gradients and optimizer state in CPU memory."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 = full fine-tuning. With r > 0 the stages in `lora.stages` train low-rank
+    adapters (peft) on a frozen base; checkpoints hold the merged model plus `adapter/`."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is alpha / r · B A)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    targets: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt (e.g. q_proj, v_proj); `all-linear` = every linear layer but the output."""
+    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    """Stages that train with LoRA when r > 0 (of sft, rm, ppo; pretraining is always full)."""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ptx_coef: float = 1.0
     """γ of the extra PPO-ptx run the pipeline makes to compare the alignment tax with plain PPO
@@ -297,6 +328,10 @@ class Config:
     """Stage 5: the reward model."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """Stage 6: PPO against the reward model with a KL penalty."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Scale-out: data parallelism, gradient checkpointing, bf16."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters for SFT, RM and PPO."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -504,6 +539,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch: expected 'llama' or 'gpt2', got '{cfg.model.arch}'")
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_heads ({cfg.model.n_heads})")
+    if cfg.dist.strategy not in ("none", "ddp", "fsdp"):
+        raise ConfigError(f"dist.strategy: expected 'none', 'ddp' or 'fsdp', got '{cfg.dist.strategy}'")
+    if cfg.lora.r < 0 or set(cfg.lora.stages) - {"sft", "rm", "ppo"}:
+        raise ConfigError(f"lora: expected r >= 0 and stages among sft, rm, ppo; got r={cfg.lora.r}, stages={cfg.lora.stages}")
     if not 0 < cfg.sample.top_p <= 1:
         raise ConfigError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
 

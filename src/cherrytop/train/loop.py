@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cherrytop.config import Config, TrainConfig, to_dict
+from cherrytop.model import lora
+from cherrytop.train import distributed
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 
 console = Console(stderr=True)
@@ -75,17 +77,19 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
 
 
 @torch.no_grad()
-def evaluate(stage: Stage) -> dict[str, float]:
+def evaluate(stage: Stage, fwd: torch.nn.Module | None = None) -> dict[str, float]:
+    """Held-out loss (and extra metrics); `fwd` = the DDP/FSDP-wrapped `distributed.Forward`."""
     model = stage.model
+    call = fwd if fwd is not None else (lambda fn, b: fn(model, b))
     was_training = model.training
     model.eval()
     total, count, extra = 0.0, 0, {}
     for b in stage.eval_batches or []:
-        s, c = stage.loss(model, b)
+        s, c = call(stage.loss, b)
         total += float(s)
         count += int(c)
         if stage.extra_metrics:
-            for k, v in stage.extra_metrics(model, b).items():
+            for k, v in call(stage.extra_metrics, b).items():
                 extra[k] = extra.get(k, 0.0) + v / len(stage.eval_batches)
     model.train(was_training)
     return {"eval/loss": total / max(count, 1), **extra}
@@ -118,8 +122,10 @@ class MetricsLog:
 def _check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
     now = to_dict(cfg)
     diffs = []
-    for section in (stage, "model"):
+    for section in (stage, "model", "lora"):
         for k, v in now[section].items():
+            if k not in saved.get(section, {}) and (section == "lora" or section not in saved):
+                continue  # a setting newer than the checkpoint
             old = saved.get(section, {}).get(k)
             if old != v:
                 diffs.append(f"{section}.{k}: {old!r} -> {v!r}")
@@ -132,52 +138,73 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
     """Train `stage` to `stage.train.max_steps`, resuming from its checkpoint if one is there.
     Returns the final metrics (also saved in the checkpoint's training state)."""
     t = stage.train
+    d = distributed.setup(cfg.dist)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / stage.name
     model = stage.model
+    fwd = distributed.wrap(model, cfg.dist, d)  # DDP / FSDP around `Forward(model)`; plain in one process
     opt = make_optimizer(model, t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
     state = None if fresh else load_state(ckpt)
     if state is not None:
         _check_same_settings(state["config"], cfg, stage.name)
-        trained = type(model).from_pretrained(str(ckpt))
-        model.load_state_dict(trained.state_dict())
+        if distributed.has_shards(ckpt):  # model + optimizer, resharded to this job's processes
+            distributed.load_sharded(ckpt, model, opt)
+        elif lora.is_lora(model):
+            lora.load_adapter(model, ckpt)
+        else:
+            trained = type(model).from_pretrained(str(ckpt))
+            model.load_state_dict(trained.state_dict())
         if state["step"] >= t.max_steps:
-            console.print(f"[green]{stage.name}[/]: already trained ({state['step']} steps) in {ckpt}; "
-                          "pass --fresh to train it again")
+            if d.main:
+                console.print(f"[green]{stage.name}[/]: already trained ({state['step']} steps) in {ckpt}; "
+                              "pass --fresh to train it again")
             return state["metrics"]
-        opt.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
-        console.print(f"[yellow]{stage.name}[/]: resuming from step {start} of {t.max_steps} ({ckpt})")
-    log = MetricsLog(run_dir, stage.name, start)
+        if d.main:
+            console.print(f"[yellow]{stage.name}[/]: resuming from step {start} of {t.max_steps} ({ckpt})")
+    log = MetricsLog(run_dir, stage.name, start) if d.main else distributed.NoLog()
     model.train()
     metrics: dict[str, float] = dict(state["metrics"]) if state else {}
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt, model, stage.tokenizer, cfg, {
-            "stage": stage.name, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": torch.get_rng_state(), "config": to_dict(cfg), "metrics": metrics,
-        })
+        if distributed.is_sharded(fwd):  # every rank writes its shards (optimizer included)
+            distributed.save_sharded(ckpt, model, opt, stage.tokenizer, cfg, {
+                "stage": stage.name, "step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                "config": to_dict(cfg), "metrics": metrics}, full=step == t.max_steps, d=d)
+            return
+        if d.main:
+            save_checkpoint(ckpt, lora.saveable(model), stage.tokenizer, cfg, {
+                "stage": stage.name, "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(), "config": to_dict(cfg), "metrics": metrics,
+            })
+        distributed.barrier(d)
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     t0, tokens = time.perf_counter(), 0
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not d.main) as bar:
         task = bar.add_task(stage.name, total=t.max_steps, completed=start, info="")
         for step in range(start, t.max_steps):
             micro = stage.micro_batches(step)
-            total = sum(stage.count(mb) for mb in micro)
+            total = sum(stage.count(mb) for mb in micro)  # over the global batch
+            mine = distributed.shard(micro, d)  # this rank's micro-batches (all of them in one process)
             loss_sum = 0.0
-            for mb in micro:
-                s, _ = stage.loss(model, mb)
-                (s / max(total, 1)).backward()
+            for i, mb in enumerate(mine):
+                with distributed.no_grad_sync(fwd, i < len(mine) - 1):
+                    with lora.autocast(d.device, cfg.dist.bf16):
+                        s, _ = fwd(stage.loss, distributed.to_device(mb, d))
+                    (s / max(total, 1) * d.world).backward()  # DDP / FSDP average over the d.world ranks
                 loss_sum += float(s.detach())
                 tokens += int(mb["input_ids"].numel()) if "input_ids" in mb else 0
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            loss = loss_sum / max(total, 1)
+            gnorm = distributed.full_norm(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+            loss = distributed.all_sum(loss_sum, d) / max(total, 1)
             if not math.isfinite(loss) or not math.isfinite(float(gnorm)):
                 raise FloatingPointError(f"{stage.name}: non-finite loss or gradient at step {step + 1} "
                                          f"(loss {loss}, grad norm {float(gnorm)}); the last good checkpoint is in {ckpt}")
@@ -190,7 +217,7 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
                 elapsed = time.perf_counter() - t0
                 row["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
             if stage.eval_batches and (done % t.eval_every == 0 or done == t.max_steps):
-                row.update(evaluate(stage))
+                row.update(evaluate(stage, fwd))
             if done % t.log_every == 0 or done == t.max_steps or "eval/loss" in row:
                 log.log(done, row)
             metrics.update(row)
@@ -199,5 +226,6 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
             if done % t.save_every == 0 or done == t.max_steps:
                 save(done)
     log.close()
-    console.print(f"[green]{stage.name}[/]: done, {t.max_steps} steps; checkpoint {ckpt}")
+    if d.main:
+        console.print(f"[green]{stage.name}[/]: done, {t.max_steps} steps; checkpoint {ckpt}")
     return metrics
