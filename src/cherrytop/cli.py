@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "score a checkpoint on held-out tasks: helpful / truthful / harmless",
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
+    "label": "the human-feedback app: serve, create-user, import-prompts, generate, export, stats",
 }
 
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--out", help="write answers as JSONL here instead of printing")
         if name == "eval":
             s.add_argument("--out", help="JSON file for the rates (default: <checkpoint>/eval.json)")
+        if name == "label":
+            from cherrytop.feedback.commands import add_arguments
+            add_arguments(s)
         if name == "world":
             s.add_argument("what", choices=["demos", "prompts", "corpus", "heldout"], help="what to write")
             s.add_argument("--out", required=True, help="JSONL file to write")
@@ -147,6 +151,11 @@ def cmd_world(args, cfg) -> None:
         rows = [{"text": d} if isinstance(d, str) else {"messages": d} for d in docs]
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} records to {args.out}")
+
+
+def cmd_label(args, cfg) -> None:
+    from cherrytop.feedback.commands import run
+    run(args, cfg)
 
 
 def cmd_config(args, cfg) -> None:

@@ -41,3 +41,19 @@ def store(db_url):
     s = open_store(db_url)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny Llama-style chat model with cherrytop's tokenizer, saved as a Hugging Face folder."""
+    from cherrytop.config import ModelConfig
+    from cherrytop.data.tokenizer import train_tokenizer
+    from cherrytop.model.load import build_model
+    texts = ["name a colour .", "red . blue . green .", "what is 2 plus 2 ?", "2 plus 2 is 4 .", "i do not know ."] * 20
+    tok = train_tokenizer(texts, 300)
+    model = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=128), len(tok),
+                        tok.pad_token_id, tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

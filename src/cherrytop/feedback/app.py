@@ -1,0 +1,350 @@
+"""The web app: server-rendered pages (Jinja templates in templates/) and a little JavaScript
+(static/rank.js: ranking by drag and by keyboard, ties; static/demo.js: adding conversation turns).
+
+Pages: /login; / (what to do next); /demo (write a demonstration: the reply to a prompt, or a whole
+conversation playing both sides); /rank (order K answers best to worst, ties, "all bad", report,
+1-7 ratings); /review (accept / reject someone else's demonstration with a reason); /mine (your
+own work, nobody else's); /admin (per-labeler statistics and agreement), /admin/items, /admin/users.
+
+Every POST needs the session's CSRF token (the login form: a double-submit cookie); bodies larger
+than `max_body_bytes` get 413; bad input a 4xx page with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from cherrytop.feedback import auth, stats
+from cherrytop.feedback.store import AXES, FLAGS, Store
+
+HERE = Path(__file__).parent
+SESSION_COOKIE, LOGIN_COOKIE = "ct_session", "ct_login"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    auth: auth.AuthConfig = field(default_factory=auth.AuthConfig)
+    """Password, session and login rate-limit settings."""
+    max_body_bytes: int = 256 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    max_message_chars: int = 20_000
+    """Longest message of a demonstration."""
+    secure_cookies: bool = False
+    """Mark cookies Secure (serve behind HTTPS)."""
+    alpha_level: str = "ordinal"
+    """Krippendorff's α level of measurement for the 1-7 ratings (ordinal or interval)."""
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
+    app = FastAPI(title="cherrytop feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    # ------------------------------------------------------------ plumbing
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        if request.method in ("POST", "PUT", "PATCH"):
+            n = request.headers.get("content-length")
+            if n is None or not n.isdigit():
+                return _error_page(request, 411, "a Content-Length header is required")
+            if int(n) > cfg.max_body_bytes:
+                return _error_page(request, 413, f"the request is {int(n)} bytes; at most {cfg.max_body_bytes} allowed")
+        response = await call_next(request)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
+    def _error_page(request: Request, status: int, message: str) -> Response:
+        who = auth.session_user(store, request.cookies.get(SESSION_COOKIE))
+        return templates.TemplateResponse(request, "error.html", {"user": who[0] if who else None, "csrf": "",
+                                                                   "status": status, "message": message},
+                                          status_code=status)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError):
+        return _error_page(request, e.status, e.message)
+
+    @app.exception_handler(ValueError)  # DataError and the store's one-line refusals
+    async def _value_error(request: Request, e: ValueError):
+        return _error_page(request, 422, str(e))
+
+    @app.exception_handler(LoginRequired)
+    async def _login_required(request: Request, e: LoginRequired):
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e):
+        return _error_page(request, 404, "no such page")
+
+    def current(request: Request, admin: bool = False):
+        who = auth.session_user(store, request.cookies.get(SESSION_COOKIE))
+        if who is None:
+            raise LoginRequired()
+        if admin and who[0].role != "admin":
+            raise HTTPError(403, "this page is for admins only")
+        return who
+
+    async def posted(request: Request, admin: bool = False):
+        """(user, form) of a POST whose CSRF token matches the session's."""
+        user, csrf = current(request, admin)
+        form = await request.form()
+        if not auth.csrf_ok(csrf, form.get("csrf")):
+            raise HTTPError(403, "the form's CSRF token is missing or wrong; reload the page and submit again")
+        return user, form
+
+    def page(request: Request, name: str, who, **ctx) -> HTMLResponse:
+        user, csrf = who
+        return templates.TemplateResponse(request, name, {"user": user, "csrf": csrf, **ctx})
+
+    def form_meta() -> dict:
+        return {"token": secrets.token_hex(16), "started": f"{time.time():.3f}"}
+
+    def seconds(form) -> float:
+        try:
+            return min(max(time.time() - float(form.get("started", "")), 0.0), 3600.0)
+        except ValueError:
+            raise HTTPError(400, "the form's 'started' field is not a number") from None
+
+    def token(form) -> str:
+        t = str(form.get("token", ""))
+        if not (8 <= len(t) <= 64) or not t.isalnum():
+            raise HTTPError(400, "the form's submission token is missing or malformed; reload the page")
+        return t
+
+    def integer(form, key: str) -> int:
+        v = str(form.get(key, ""))
+        if not v.isdigit():
+            raise HTTPError(400, f"field '{key}' is {v!r}; expected a whole number")
+        return int(v)
+
+    def text(form, key: str, limit: int) -> str:
+        v = form.get(key, "")
+        if not isinstance(v, str):
+            raise HTTPError(400, f"field '{key}' must be text")
+        if len(v) > limit:
+            raise HTTPError(413, f"field '{key}' has {len(v)} characters; at most {limit} allowed")
+        return v
+
+    # ------------------------------------------------------------ login
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, next: str = "/", error: str = ""):
+        csrf = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
+        resp = templates.TemplateResponse(request, "login.html", {"user": None, "csrf": csrf, "next": _safe_next(next),
+                                                                  "error": error})
+        resp.set_cookie(LOGIN_COOKIE, csrf, httponly=True, samesite="strict", secure=cfg.secure_cookies)
+        return resp
+
+    @app.post("/login")
+    async def login_post(request: Request):
+        form = await request.form()
+        if not auth.csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
+            raise HTTPError(403, "the login form's CSRF token is missing or wrong; reload the login page")
+        name, password = text(form, "name", 64), text(form, "password", 1024)
+        nxt = _safe_next(str(form.get("next", "/")))
+        try:
+            user, tok, _ = auth.login(store, name, password, request.client.host if request.client else "?", cfg.auth)
+        except auth.RateLimited as e:
+            return templates.TemplateResponse(request, "login.html", {"user": None, "csrf": form.get("csrf"), "next": nxt,
+                                                                      "error": str(e)}, status_code=429,
+                                              headers={"Retry-After": str(e.seconds)})
+        except ValueError as e:
+            return templates.TemplateResponse(request, "login.html", {"user": None, "csrf": form.get("csrf"), "next": nxt,
+                                                                      "error": str(e)}, status_code=401)
+        resp = RedirectResponse(nxt, status_code=303)
+        resp.set_cookie(SESSION_COOKIE, tok, httponly=True, samesite="lax", secure=cfg.secure_cookies,
+                        max_age=int(cfg.auth.session_hours * 3600))
+        resp.delete_cookie(LOGIN_COOKIE)
+        return resp
+
+    @app.post("/logout")
+    async def logout(request: Request):
+        await posted(request)
+        auth.logout(store, request.cookies.get(SESSION_COOKIE))
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE)
+        return resp
+
+    # ------------------------------------------------------------ labeler pages
+
+    @app.get("/", response_class=HTMLResponse)
+    def home(request: Request, done: str = ""):
+        who = current(request)
+        return page(request, "home.html", who, counts=store.queue_counts(who[0].id), done=done)
+
+    @app.get("/healthz")
+    def healthz():
+        return JSONResponse({"ok": True})
+
+    @app.get("/demo", response_class=HTMLResponse)
+    def demo_page(request: Request, mode: str = ""):
+        who = current(request)
+        item = None if mode == "free" else store.next_demo_item(who[0].id)
+        return page(request, "demo.html", who, item=item, **form_meta(), max_chars=cfg.max_message_chars)
+
+    @app.post("/demo")
+    async def demo_post(request: Request):
+        user, form = await posted(request)
+        item_id = integer(form, "item_id") if form.get("item_id") else None
+        if item_id is not None:
+            item = store.item(item_id)
+            if item is None:
+                raise HTTPError(404, f"item {item_id} does not exist")
+            reply = text(form, "reply", cfg.max_message_chars).strip()
+            if not reply:
+                raise HTTPError(422, "the reply is empty; write the assistant's answer")
+            messages = item.prompt + [{"role": "assistant", "content": reply}]
+        else:
+            roles, contents = form.getlist("role"), form.getlist("content")
+            if len(roles) != len(contents) or not roles or len(roles) > 64:
+                raise HTTPError(400, "the conversation's roles and contents do not pair up (1 to 64 turns)")
+            if any(not isinstance(c, str) or len(c) > cfg.max_message_chars for c in contents):
+                raise HTTPError(413, f"a message is longer than {cfg.max_message_chars} characters")
+            messages = [{"role": r, "content": c.strip()} for r, c in zip(roles, contents) if c.strip()]
+            if not messages:
+                raise HTTPError(422, "the conversation is empty")
+        r = store.submit_demonstration(user.id, messages, token(form), seconds(form), item_id=item_id)
+        return RedirectResponse(f"/?done={'demo' if r.created else 'again'}", status_code=303)
+
+    @app.get("/rank", response_class=HTMLResponse)
+    def rank_page(request: Request):
+        who = current(request)
+        item = store.next_ranking_item(who[0].id)
+        order = []
+        if item is not None:  # each labeler sees the answers in their own random order [IG: presentation order]
+            order = list(range(len(item.responses)))
+            random.Random(f"{item.id}:{who[0].id}").shuffle(order)
+        return page(request, "rank.html", who, item=item, order=order, axes=AXES, flags=FLAGS, **form_meta())
+
+    @app.post("/rank")
+    async def rank_post(request: Request):
+        user, form = await posted(request)
+        item_id = integer(form, "item_id")
+        item = store.item(item_id)
+        if item is None:
+            raise HTTPError(404, f"item {item_id} does not exist")
+        k = len(item.responses)
+        ranking = _int_list(str(form.get("order", "")), "order")
+        ties = [_int_list(t, "ties") for t in str(form.get("ties", "")).split(";") if t.strip()]
+        ratings: dict[str, list[Any]] = {}
+        for axis in AXES:
+            vals = []
+            for i in range(k):
+                v = str(form.get(f"{axis}_{i}", "")).strip()
+                if v and (not v.isdigit() or not 1 <= int(v) <= 7):
+                    raise HTTPError(422, f"rating {axis} of answer {i} is {v!r}; expected 1..7 or empty")
+                vals.append(int(v) if v else None)
+            if any(v is not None for v in vals):
+                ratings[axis] = vals
+        r = store.submit_ranking(user.id, item_id, ranking, ties, token(form), seconds(form),
+                                 all_bad=form.get("all_bad") == "on", flags=[str(f) for f in form.getlist("flag")],
+                                 ratings=ratings)
+        return RedirectResponse(f"/?done={'rank' if r.created else 'again'}", status_code=303)
+
+    @app.get("/review", response_class=HTMLResponse)
+    def review_page(request: Request):
+        who = current(request)
+        demo = store.next_review(who[0].id)
+        return page(request, "review.html", who, demo=demo, **form_meta())
+
+    @app.post("/review")
+    async def review_post(request: Request):
+        user, form = await posted(request)
+        verdict = form.get("verdict")
+        if verdict not in ("accept", "reject"):
+            raise HTTPError(422, f"verdict is {verdict!r}; expected accept or reject")
+        r = store.submit_review(user.id, integer(form, "demonstration_id"), verdict == "accept",
+                                text(form, "reason", 2000), token(form))
+        return RedirectResponse(f"/?done={'review' if r.created else 'again'}", status_code=303)
+
+    @app.get("/mine", response_class=HTMLResponse)
+    def mine(request: Request):
+        who = current(request)
+        uid = who[0].id
+        items = {i.id: i for i in store.items()}
+        return page(request, "mine.html", who, rankings=store.rankings(user_id=uid), items=items,
+                    demos=store.demonstrations(user_id=uid), reviews=store.reviews(user_id=uid))
+
+    @app.get("/mine/rankings/{ranking_id}", response_class=HTMLResponse)
+    def my_ranking(request: Request, ranking_id: int):
+        who = current(request)
+        r = store.ranking(ranking_id)
+        if r is None or (r.user_id != who[0].id and who[0].role != "admin"):
+            raise HTTPError(404, f"ranking {ranking_id} is not one of yours")  # 404: do not reveal that it exists
+        return page(request, "ranking.html", who, r=r, item=store.item(r.item_id), axes=AXES)
+
+    # ------------------------------------------------------------ admin pages
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin(request: Request):
+        who = current(request, admin=True)
+        return page(request, "admin.html", who, report=stats.report(store, cfg.alpha_level), axes=AXES)
+
+    @app.get("/admin/items", response_class=HTMLResponse)
+    def admin_items(request: Request):
+        who = current(request, admin=True)
+        counts: dict[int, int] = {}
+        for r in store.rankings():
+            counts[r.item_id] = counts.get(r.item_id, 0) + 1
+        return page(request, "items.html", who, items=store.items(), counts=counts)
+
+    @app.get("/admin/items/{item_id}", response_class=HTMLResponse)
+    def admin_item(request: Request, item_id: int):
+        who = current(request, admin=True)
+        item = store.item(item_id)
+        if item is None:
+            raise HTTPError(404, f"item {item_id} does not exist")
+        names = {u.id: u.name for u in store.users()}
+        return page(request, "item.html", who, item=item, rankings=store.rankings(item_id=item_id), names=names,
+                    axes=AXES)
+
+    @app.get("/admin/users", response_class=HTMLResponse)
+    def admin_users(request: Request, error: str = ""):
+        who = current(request, admin=True)
+        return page(request, "users.html", who, users=store.users(), error=error)
+
+    @app.post("/admin/users")
+    async def admin_users_post(request: Request):
+        _, form = await posted(request, admin=True)
+        try:
+            auth.create_user(store, text(form, "name", 64), text(form, "password", 1024), str(form.get("role", "labeler")))
+        except ValueError as e:
+            raise HTTPError(422, str(e)) from None
+        return RedirectResponse("/admin/users", status_code=303)
+
+    return app
+
+
+def _safe_next(nxt: str) -> str:
+    """Only local paths: no open redirect to another site."""
+    return nxt if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/"
+
+
+def _int_list(s: str, what: str) -> list[int]:
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) > 9:
+        raise HTTPError(422, f"field '{what}' is {s[:40]!r}; expected comma-separated answer numbers")
+    return [int(p) for p in parts]

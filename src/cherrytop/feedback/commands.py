@@ -1,0 +1,116 @@
+"""`cherrytop label <action>`: the feedback app's commands.
+
+  serve            run the web app (uvicorn)
+  create-user      add an account (admin or labeler) from the shell
+  import-prompts   add prompts (optionally with candidate answers and a gold ranking) to the queue
+  generate         sample K answers from a checkpoint for every prompt that has fewer than 2
+  export           write demonstrations / comparisons / chat feedback JSONL for `cherrytop sft` and `cherrytop rm`
+  stats            per-labeler statistics and agreement, printed
+
+Every action takes `--db URL` (default sqlite:///feedback.db, or $CHERRYTOP_FEEDBACK_DB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+
+ACTIONS = {
+    "serve": "run the labeling web app",
+    "create-user": "add an account (admin or labeler)",
+    "import-prompts": "add prompts to the labeling queue from a JSONL file",
+    "generate": "sample K candidate answers from a checkpoint for prompts that need them",
+    "export": "write the JSONL files that `cherrytop sft` and `cherrytop rm` read",
+    "stats": "print per-labeler statistics and agreement",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="action")
+    for name, help_text in ACTIONS.items():
+        s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        s.add_argument("--db", default=os.environ.get("CHERRYTOP_FEEDBACK_DB", "sqlite:///feedback.db"),
+                       help="database URL: sqlite:///FILE (default feedback.db) or postgresql+psycopg://...")
+        s.add_argument("--preset", default=argparse.SUPPRESS, help="named preset: tiny (default) or test")
+        s.add_argument("--config", action="append", default=argparse.SUPPRESS, metavar="FILE", help="TOML config file(s)")
+        s.add_argument("--labels-per-item", type=int, default=2,
+                       help="labelers who rank each new item (>= 2 measures agreement; default 2)")
+        if name == "serve":
+            s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+            s.add_argument("--port", type=int, default=8400, help="port (default 8400)")
+        if name == "create-user":
+            s.add_argument("name", help="user name")
+            s.add_argument("--role", choices=["admin", "labeler"], default="labeler")
+            s.add_argument("--password", help="password (default: asked on the terminal, or $CHERRYTOP_PASSWORD)")
+        if name == "import-prompts":
+            s.add_argument("file", help='JSONL: {"messages": [...]} or {"prompt": "text"}, optional "responses", "gold"')
+        if name == "generate":
+            s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. sft)")
+            s.add_argument("--k", type=int, default=4, help="answers per prompt (2..9, default 4)")
+            s.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+        if name == "export":
+            s.add_argument("--out", required=True, help="folder for demonstrations.jsonl, comparisons.jsonl, ...")
+            s.add_argument("--include-unreviewed", action="store_true",
+                           help="also export demonstrations nobody has reviewed yet")
+
+
+def run(args, cfg) -> None:
+    from cherrytop.feedback.store import open_store
+    if args.labels_per_item < 1:
+        raise ValueError(f"--labels-per-item {args.labels_per_item}: expected at least 1")
+    store = open_store(args.db, labels_needed=args.labels_per_item)
+    try:
+        globals()["_" + args.action.replace("-", "_")](store, args, cfg)
+    finally:
+        store.close()
+
+
+def _serve(store, args, cfg) -> None:
+    import uvicorn
+
+    from cherrytop.feedback.app import create_app
+    print(f"cherrytop feedback on http://{args.host}:{args.port} (database {args.db})")
+    uvicorn.run(create_app(store), host=args.host, port=args.port, log_level="warning")
+
+
+def _create_user(store, args, cfg) -> None:
+    from cherrytop.feedback.auth import create_user
+    password = args.password or os.environ.get("CHERRYTOP_PASSWORD") or getpass.getpass(f"password for {args.name}: ")
+    uid = create_user(store, args.name, password, args.role)
+    print(f"created {args.role} {args.name} (id {uid})")
+
+
+def _import_prompts(store, args, cfg) -> None:
+    added, kept = store.import_prompts(args.file)
+    print(f"imported {added} prompts from {args.file}" + (f"; {kept} were already there" if kept else ""))
+
+
+def _generate(store, args, cfg) -> None:
+    from cherrytop.feedback.generate import fill
+    from cherrytop.model.load import resolve_checkpoint
+    ckpt = resolve_checkpoint(args.checkpoint, cfg)
+    s = cfg.sample
+    n = fill(store, ckpt, args.k, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+             batch_size=s.batch_size, seed=cfg.run.seed, limit=args.limit)
+    print(f"sampled answers for {n} prompts from {ckpt}")
+
+
+def _export(store, args, cfg) -> None:
+    from cherrytop.feedback.export import export
+    counts = export(store, args.out, include_unreviewed=args.include_unreviewed)
+    print(", ".join(f"{n} in {name}" for name, n in counts.items()) + f" (under {args.out})")
+
+
+def _stats(store, args, cfg) -> None:
+    from cherrytop.feedback.stats import report
+    r = report(store)
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+    print(f"{r.items} items, {r.complete} complete; agreement {pct(r.agreement)} over {r.pairs} pairs; alpha " +
+          ", ".join(f"{a} {'-' if v is None else f'{v:.3f}'}" for a, v in r.alpha.items()))
+    for s in r.labelers:
+        med = "-" if s.median_seconds is None else f"{s.median_seconds:.0f}s"
+        print(f"  {s.name:<16} {s.role:<8} rankings {s.rankings:<4} demos {s.demonstrations:<4} reviews {s.reviews:<4} "
+              f"median {med:<6} agreement {pct(s.agreement):<7} gold {pct(s.gold_score)}")

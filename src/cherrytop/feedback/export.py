@@ -1,0 +1,105 @@
+"""Database -> the JSONL files training reads, in records.py's formats (read back by its readers):
+
+- `demonstrations.jsonl`  Conversations for `cherrytop sft --sft.data=...`: demonstrations a reviewer
+  accepted and nobody rejected (`include_unreviewed` adds those not reviewed yet).
+- `comparisons.jsonl`     Comparisons for `cherrytop rm --rm.train.data=...`: one per labeler's ranking
+  of an item once the item has all its required rankings and nobody reported it; plus K = 2
+  comparisons from chat feedback (an up-rated and a down-rated answer to the same prompt).
+- `feedback.jsonl`        every chat rating as a Conversation (prompt + rated answer) with its rating.
+- `reported.jsonl`        prompts of reported items (harmful / private data / spam), kept out of training.
+
+Every record names its labeler and carries the model provenance of each response (`model`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from cherrytop.data.records import Comparison, Conversation, Prompt, write_jsonl
+from cherrytop.feedback.store import Store
+
+
+def _messages(msgs: list[dict]) -> tuple:
+    return Prompt.from_json({"messages": msgs}).messages
+
+
+def demonstrations(store: Store, include_unreviewed: bool = False) -> list[Conversation]:
+    names = {u.id: u.name for u in store.users()}
+    reviews = defaultdict(list)
+    for r in store.reviews():
+        reviews[r.demonstration_id].append(r)
+    out = []
+    for d in store.demonstrations():
+        rs = reviews[d.id]
+        accepted = bool(rs) and all(r.accept for r in rs)
+        if accepted or (include_unreviewed and not rs):
+            out.append(Conversation.from_json({
+                "messages": d.messages, "labeler": names[d.user_id], "demonstration": d.id, "item": d.item_id,
+                "reviews": [{"by": names[r.user_id], "accept": r.accept, "reason": r.reason} for r in rs]}))
+    return out
+
+
+def comparisons(store: Store) -> tuple[list[Comparison], list[Prompt]]:
+    """(comparisons from complete, unreported items and chat pairs, prompts of reported items)."""
+    names = {u.id: u.name for u in store.users()}
+    by_item = defaultdict(list)
+    for r in store.rankings():
+        by_item[r.item_id].append(r)
+    comps, reported = [], []
+    for item in store.items():
+        rows = by_item[item.id]
+        if len(item.responses) < 2 or len(rows) < item.labels_needed:
+            continue
+        flags = sorted({f for r in rows for f in r.flags})
+        if flags:
+            reported.append(Prompt.from_json({"messages": item.prompt, "item": item.id, "flags": flags,
+                                              "responses": item.responses}))
+            continue
+        for r in rows:
+            comps.append(Comparison(_messages(item.prompt), tuple(item.responses), tuple(r.ranking),
+                                    tuple(tuple(t) for t in r.ties), names[r.user_id], r.ratings or None,
+                                    {"item": item.id, "all_bad": r.all_bad, "model": item.provenance,
+                                     "source": item.source, "seconds": round(r.seconds, 1)}))
+    comps += chat_comparisons(store)
+    return comps, reported
+
+
+def chat_comparisons(store: Store) -> list[Comparison]:
+    """K = 2 comparisons from chat ratings: for a prompt with an up-rated and a down-rated (or
+    reported) answer, the up one is preferred; one per distinct (up, down) answer pair."""
+    groups = defaultdict(lambda: {"up": {}, "down": {}})
+    for f in store.chat_feedback():
+        key = tuple((m["role"], m["content"]) for m in f.messages)
+        side = "up" if f.rating == "up" else "down"
+        groups[key][side].setdefault(f.response, f)
+    out = []
+    for g in groups.values():
+        for good, fu in g["up"].items():
+            for bad, fd in g["down"].items():
+                if good == bad:
+                    continue
+                out.append(Comparison(_messages(fu.messages), (good, bad), (0, 1), (), f"chat:{fu.user or 'anonymous'}",
+                                      None, {"source": "chat", "feedback": [fu.id, fd.id],
+                                             "model": [{"model": f.model, "settings": f.settings, "source": "chat"}
+                                                       for f in (fu, fd)]}))
+    return out
+
+
+def feedback(store: Store) -> list[Conversation]:
+    return [Conversation.from_json({
+        "messages": f.messages + [{"role": "assistant", "content": f.response}], "rating": f.rating,
+        "model": f.model, "settings": f.settings, "conversation_id": f.conversation_id, "comment": f.comment,
+        "user": f.user, "feedback": f.id, "item": f.item_id}) for f in store.chat_feedback() if f.response.strip()]
+
+
+def export(store: Store, out_dir: str | Path, include_unreviewed: bool = False) -> dict[str, int]:
+    """Write the four files under `out_dir`; returns how many records each got."""
+    out = Path(out_dir)
+    comps, reported = comparisons(store)
+    return {
+        "demonstrations.jsonl": write_jsonl(out / "demonstrations.jsonl", demonstrations(store, include_unreviewed)),
+        "comparisons.jsonl": write_jsonl(out / "comparisons.jsonl", comps),
+        "feedback.jsonl": write_jsonl(out / "feedback.jsonl", feedback(store)),
+        "reported.jsonl": write_jsonl(out / "reported.jsonl", reported),
+    }

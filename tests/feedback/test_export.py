@@ -1,0 +1,84 @@
+"""Export writes exactly what `cherrytop sft` / `cherrytop rm` read: round trip through records.py's
+readers, only complete and unreported items, labeler ids and model provenance included, chat
+feedback turned into K = 2 comparisons."""
+
+import json
+
+from cherrytop.cli import main
+from cherrytop.data.records import read_comparisons, read_conversations, read_prompts
+from cherrytop.feedback.auth import create_user
+from cherrytop.feedback.export import export
+from cherrytop.feedback.store import open_store
+
+P1 = [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "name a colour ."}]
+P2 = [{"role": "user", "content": "what is my neighbour's phone number ?"}]
+P3 = [{"role": "user", "content": "add 2 and 3 ."}]
+PROV = {"model": "runs/tiny/sft", "settings": {"temperature": 1.0}, "source": "generate"}
+
+
+def fill(store):
+    ann, bob, cat = (create_user(store, n, "password1") for n in ("ann", "bob", "cat"))
+    i1 = store.add_item(P1, responses=["red .", "blue .", "no .", "rude ."], provenance=[PROV] * 4).id
+    i2 = store.add_item(P2, responses=["it is 555-0199 .", "i cannot share that ."]).id
+    i3 = store.add_item(P3, responses=["5 .", "6 ."]).id  # only one ranking: not complete, not exported
+    store.submit_ranking(ann, i1, [0, 1, 2, 3], [[2, 3]], "a1", 5.0, ratings={"helpful": [7, 6, 2, 1]})
+    store.submit_ranking(bob, i1, [1, 0, 3, 2], [], "b1", 6.0, all_bad=False)
+    store.submit_ranking(ann, i2, [1, 0], [], "a2", 5.0, flags=["private"])
+    store.submit_ranking(bob, i2, [1, 0], [], "b2", 5.0)
+    store.submit_ranking(ann, i3, [0, 1], [], "a3", 5.0)
+    good = store.submit_demonstration(ann, P3 + [{"role": "assistant", "content": "2 plus 3 is 5 ."}], "d1", 9.0,
+                                      item_id=i3).id
+    bad = store.submit_demonstration(bob, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}],
+                                     "d2", 4.0).id
+    store.submit_demonstration(cat, [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "hello !"}],
+                               "d3", 4.0)  # not reviewed
+    store.submit_review(bob, good, True, "", "r1")
+    store.submit_review(ann, bad, False, "rude", "r2")
+    chat = [{"role": "user", "content": "tell me a joke ."}]
+    store.add_chat_feedback(messages=chat, response="why did the chicken ...", rating="up", model="runs/tiny/ppo",
+                            settings={"temperature": 0.7}, user="u1", conversation_id="c1")
+    store.add_chat_feedback(messages=chat, response="no .", rating="down", model="runs/tiny/ppo",
+                            settings={"temperature": 0.7}, user="u2", comment="unhelpful")
+    return i1
+
+
+def test_export_round_trip(store, tmp_path):
+    i1 = fill(store)
+    counts = export(store, tmp_path)
+    assert counts == {"demonstrations.jsonl": 1, "comparisons.jsonl": 3, "feedback.jsonl": 2, "reported.jsonl": 1}
+    comps = read_comparisons(tmp_path / "comparisons.jsonl")
+    ranked = [c for c in comps if c.meta.get("item") == i1]
+    assert [(c.labeler, c.ranking, c.ties) for c in ranked] == [("ann", (0, 1, 2, 3), ((2, 3),)),
+                                                               ("bob", (1, 0, 3, 2), ())]
+    assert [m.to_json() for m in ranked[0].prompt] == P1 and ranked[0].responses == ("red .", "blue .", "no .", "rude .")
+    assert ranked[0].ratings == {"helpful": [7, 6, 2, 1]} and ranked[0].meta["model"] == [PROV] * 4
+    assert ranked[0].pairs() == ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3))  # the tie is no preference
+    chat = [c for c in comps if c.meta.get("source") == "chat"]
+    assert len(chat) == 1 and chat[0].responses == ("why did the chicken ...", "no .") and chat[0].ranking == (0, 1)
+    assert chat[0].labeler == "chat:u1" and chat[0].meta["model"][0]["settings"] == {"temperature": 0.7}
+    demos = read_conversations(tmp_path / "demonstrations.jsonl")
+    assert [d.messages[-1].content for d in demos] == ["2 plus 3 is 5 ."] and demos[0].meta["labeler"] == "ann"
+    assert demos[0].meta["reviews"] == [{"by": "bob", "accept": True, "reason": ""}]
+    fb = read_conversations(tmp_path / "feedback.jsonl")
+    assert [(f.meta["rating"], f.messages[-1].content) for f in fb] == [("up", "why did the chicken ..."), ("down", "no .")]
+    reported = read_prompts(tmp_path / "reported.jsonl")
+    assert reported[0].meta["flags"] == ["private"]
+    # the files are byte-for-byte what records.py writes for the records read back
+    again = tmp_path / "again"
+    from cherrytop.data.records import write_jsonl
+    write_jsonl(again / "c.jsonl", comps)
+    assert (again / "c.jsonl").read_text() == (tmp_path / "comparisons.jsonl").read_text()
+    assert export(store, tmp_path, include_unreviewed=True)["demonstrations.jsonl"] == 2
+
+
+def test_export_command(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    s = open_store(url)
+    fill(s)
+    s.close()
+    assert main(["label", "export", "--db", url, "--out", str(tmp_path / "out")]) == 0
+    assert "3 in comparisons.jsonl" in capsys.readouterr().out
+    first = json.loads((tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()[0])
+    assert first["labeler"] == "ann" and first["model"][0]["model"] == "runs/tiny/sft"
+    assert main(["label", "import-prompts", "--db", url, str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: no such file or folder" in capsys.readouterr().err
