@@ -22,6 +22,7 @@ COMMANDS = {
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
     "label": "the human-feedback app: serve, create-user, import-prompts, generate, export, stats",
+    "serve": "serve a checkpoint: OpenAI-compatible API, web chat, moderation, feedback (--serve.* settings)",
 }
 
 
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             from cherrytop.pipeline import STAGES
             s.add_argument("--until", default=STAGES[-1], choices=STAGES, help="last stage to run")
+        if name == "serve":
+            s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. ppo)")
+            s.add_argument("--feedback-db", help="feedback database URL (default: sqlite:///runs/<name>/feedback.db)")
         if name in ("generate", "chat", "eval"):
             s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. sft)")
         if name == "generate":
@@ -151,6 +155,11 @@ def cmd_world(args, cfg) -> None:
         rows = [{"text": d} if isinstance(d, str) else {"messages": d} for d in docs]
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} records to {args.out}")
+
+
+def cmd_serve(args, cfg) -> None:
+    from cherrytop.serve.app import run
+    run(args.checkpoint, cfg, args.feedback_db)
 
 
 def cmd_label(args, cfg) -> None:

@@ -307,6 +307,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address `cherrytop serve` listens on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """TCP port of the API and the web chat."""
+    model_name: str = ""
+    """Model id clients send and `/v1/models` lists; empty = the checkpoint folder's name."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted Bearer API keys (also read from $CHERRYTOP_API_KEYS, comma-separated); none = no auth."""
+    max_batch: int = 16
+    """Most sequences generated together in one step (dynamic batching); 1 = one request at a time."""
+    max_queue: int = 64
+    """Requests that may wait for a batch slot; beyond max_batch + max_queue requests -> HTTP 429."""
+    retry_after: int = 1
+    """Seconds a 429 answer asks the client to wait (the Retry-After header)."""
+    max_tokens: int = 128
+    """Tokens generated when a request gives no max_tokens (always cut to the context window)."""
+    max_n: int = 8
+    """Most choices (`n`) one request may ask for."""
+    policy: str = ""
+    """Moderation policy file (TOML or JSON), re-read when it changes; empty = no moderation."""
+    moderation_log: str = ""
+    """JSONL file every moderation block is appended to; empty = runs/<name>/serve/moderation.jsonl."""
+    feedback_db: str = ""
+    """Feedback database URL for the chat page's thumbs and reports; empty = sqlite under runs/<name>/."""
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Run identity and seed."""
@@ -336,6 +364,8 @@ class Config:
     """Held-out evaluation."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """The whole pipeline."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """`cherrytop serve`: the OpenAI-compatible API, dynamic batching, moderation, web chat."""
 
 
 # Presets: overrides applied on top of the defaults. `tiny` is the embedded default (the demo);

@@ -1,0 +1,8 @@
+"""`cherrytop serve`: the assistant behind an OpenAI-compatible API and a web chat.
+
+- engine.py      dynamic batching: one generation loop with a shared KV cache, bounded queue, cancellation
+- protocol.py    the OpenAI chat-completions wire format: requests, responses, stream chunks, errors
+- moderation.py  the policy file (categories, patterns, optional classifier), reloaded on change
+- app.py         the FastAPI app: /v1/chat/completions, /v1/models, /v1/feedback, the chat page
+- chat.html      the web chat page (multi-turn, streaming, thumbs up / down and report)
+"""

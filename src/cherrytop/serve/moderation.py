@@ -1,0 +1,220 @@
+"""Moderation without retraining: a policy file checked on every request's input and on its answer
+as it is generated, re-read whenever it changes (its mtime is checked on each request), so an
+operator fixes bad behaviour by editing a file while the server runs.
+
+A policy (TOML, or JSON with the same keys):
+
+```toml
+safe_message = "Sorry, I can't help with that."   # what a blocked answer says
+
+[[categories]]
+name = "violence"                                   # logged with every block
+patterns = ['\\bkill\\b', 'weapons?']               # Python regexes, case-insensitive
+check = ["input", "output"]                         # where to look (default: both)
+
+[classifier]                                        # optional: a reward / safety model
+checkpoint = "runs/tiny/rm"                         # a scalar-head checkpoint (cherrytop.model.heads)
+threshold = -1.0                                    # an answer it scores below this is blocked
+category = "low_score"
+```
+
+Patterns are checked on every message the client sends (not the assistant's) and on the answer
+before each piece of it is released, so a blocked span never reaches the client. The classifier
+scores the whole conversation with the finished answer. A blocked answer ends with finish_reason
+`content_filter` and the safe message; each block is logged (logger `cherrytop.serve.moderation`)
+and appended to a JSONL file with its category.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cherrytop.serve.moderation")
+
+WHERE = ("input", "output")
+DEFAULT_SAFE_MESSAGE = "Sorry, I can't help with that."
+
+
+class PolicyError(ValueError):
+    """A policy file that does not fit the format; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    """Logged with each block."""
+    patterns: tuple[re.Pattern, ...]
+    """Case-insensitive regexes; any match blocks."""
+    check: tuple[str, ...] = WHERE
+    """Where the patterns apply: input, output or both."""
+
+
+@dataclass(frozen=True)
+class Classifier:
+    checkpoint: str
+    """A scalar-head (reward / safety) model folder."""
+    threshold: float
+    """Answers scored below this are blocked."""
+    category: str = "low_score"
+    """Logged with each block."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    categories: tuple[Category, ...] = ()
+    safe_message: str = DEFAULT_SAFE_MESSAGE
+    classifier: Classifier | None = None
+
+    def match(self, text: str, where: str) -> str | None:
+        """The first category whose patterns match `text` at `where` (input / output)."""
+        for c in self.categories:
+            if where in c.check and any(p.search(text) for p in c.patterns):
+                return c.name
+        return None
+
+
+def parse_policy(path: Path) -> Policy:
+    """Read and validate a policy file; errors name the file and the key."""
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: expected a table with categories, safe_message and classifier")
+    unknown = set(data) - {"categories", "safe_message", "classifier"}
+    if unknown:
+        raise PolicyError(f"{path}: unknown key '{sorted(unknown)[0]}'; expected categories, safe_message, classifier")
+    cats = []
+    for i, c in enumerate(data.get("categories", [])):
+        where = f"{path}: categories[{i}]"
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(c.get("patterns"), list):
+            raise PolicyError(f"{where}: expected a table with name = \"...\" and patterns = [\"regex\", ...]")
+        check = tuple(c.get("check", WHERE))
+        if not set(check) <= set(WHERE):
+            raise PolicyError(f"{where}: check must list 'input' and/or 'output', got {list(check)}")
+        pats = []
+        for p in c["patterns"]:
+            try:
+                pats.append(re.compile(p, re.IGNORECASE))
+            except (re.error, TypeError) as e:
+                raise PolicyError(f"{where} ({c['name']}): bad pattern {p!r}: {e}") from None
+        cats.append(Category(c["name"], tuple(pats), check))
+    clf = None
+    if "classifier" in data:
+        c = data["classifier"]
+        if not isinstance(c, dict) or not isinstance(c.get("checkpoint"), str) or \
+                not isinstance(c.get("threshold"), (int, float)):
+            raise PolicyError(f"{path}: classifier: expected checkpoint = \"DIR\" and threshold = NUMBER")
+        clf = Classifier(c["checkpoint"], float(c["threshold"]), str(c.get("category", "low_score")))
+    safe = data.get("safe_message", DEFAULT_SAFE_MESSAGE)
+    if not isinstance(safe, str) or not safe:
+        raise PolicyError(f"{path}: safe_message must be a non-empty string")
+    return Policy(tuple(cats), safe, clf)
+
+
+class ScoreModel:
+    """A reward / safety model that scores a conversation with its answer (cherrytop.model.heads)."""
+
+    def __init__(self, checkpoint: str):
+        from cherrytop.data.tokenizer import load_tokenizer
+        from cherrytop.model.heads import scalar_model_from
+        self.tok = load_tokenizer(checkpoint)
+        self.model = scalar_model_from(checkpoint, self.tok.pad_token_id).eval()
+        cfg = self.model.config
+        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.lock = threading.Lock()
+
+    @torch.no_grad()
+    def score(self, messages: Sequence[dict], answer: str) -> float:
+        from cherrytop.data.tokenizer import render
+        from cherrytop.model.heads import reward
+        text = render(self.tok, [*messages, {"role": "assistant", "content": answer}])
+        ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.context:]
+        x = torch.tensor([ids])
+        with self.lock:
+            return float(reward(self.model, x, torch.ones_like(x))[0])
+
+
+class Moderator:
+    """The current policy of a file (re-read when its mtime or size changes) and the block log."""
+
+    def __init__(self, path: str | Path | None, log_path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.log_path = Path(log_path) if log_path else None
+        self._stamp: tuple[int, int] | None = None
+        self._policy = Policy()
+        self._scorers: dict[str, ScoreModel] = {}
+        self._lock = threading.Lock()
+        self.blocks: dict[str, int] = {}
+        if self.path is not None:
+            if not self.path.is_file():
+                raise PolicyError(f"{self.path}: moderation policy file not found")
+            self.current(strict=True)
+
+    def current(self, strict: bool = False) -> Policy:
+        """The policy, re-read if the file changed; a broken edit keeps the last good policy."""
+        if self.path is None:
+            return self._policy
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            if strict:
+                raise PolicyError(f"{self.path}: moderation policy file not found") from None
+            return self._policy
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    policy = parse_policy(self.path)
+                    if policy.classifier is not None:
+                        self.scorer(policy.classifier.checkpoint)
+                except (PolicyError, OSError, ValueError) as e:
+                    if strict:
+                        raise PolicyError(str(e)) from None
+                    log.error("moderation policy not reloaded, keeping the previous one: %s", e)
+                else:
+                    self._policy = policy
+                    log.info("moderation policy loaded from %s: %d categories%s", self.path, len(policy.categories),
+                             ", classifier" if policy.classifier else "")
+                self._stamp = stamp
+            return self._policy
+
+    def scorer(self, checkpoint: str) -> ScoreModel:
+        if checkpoint not in self._scorers:
+            if not (Path(checkpoint) / "config.json").is_file():
+                raise PolicyError(f"{self.path}: classifier checkpoint {checkpoint} is not a model folder")
+            self._scorers[checkpoint] = ScoreModel(checkpoint)
+        return self._scorers[checkpoint]
+
+    def check_output(self, policy: Policy, messages: Sequence[dict], text: str, final: bool) -> str | None:
+        """The blocked category of an answer so far (patterns), or of the finished answer (classifier)."""
+        hit = policy.match(text, "output")
+        if hit is None and final and policy.classifier is not None:
+            score = self.scorer(policy.classifier.checkpoint).score(messages, text)
+            if score < policy.classifier.threshold:
+                hit = policy.classifier.category
+        return hit
+
+    def record(self, where: str, category: str, text: str, **context) -> None:
+        """Log one block with its category (and append it to the JSONL log)."""
+        log.warning("blocked %s: category=%s %s", where, category,
+                    " ".join(f"{k}={v}" for k, v in context.items() if v is not None))
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "where": where, "category": category,
+               "text": text[:500], **context}
+        with self._lock:
+            self.blocks[category] = self.blocks.get(category, 0) + 1
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible API driven by the official `openai` client: plain, streaming, n > 1, stop
+sequences, seeds, dynamic batching (batched answers equal the ones computed alone and the reference
+sampler's), every error case with OpenAI's status and error body, 429 over capacity, and a client
+that disconnects mid-stream freeing its slot."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from cherrytop.config import ServeConfig
+from cherrytop.data.tokenizer import encode_prompt
+from cherrytop.rollout.sampler import generate
+
+CONTEXT = 256  # the tiny model's window (conftest)
+HELLO = [{"role": "user", "content": "hello , i am ann ."}]
+PROMPTS = [[{"role": "user", "content": t}] for t in
+           ("what is 12 plus 3 ?", "hello , i am bob .", "what colour is the cat of dan ?", "what is 7 plus 21 ?",
+            "hello , i am cid .", "what is 25 plus 4 ?")]
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model, serve):
+    with serve(tiny_model, cfg=ServeConfig(max_batch=8, max_queue=8)) as s:
+        yield s
+
+
+def ask(c, messages, **kw):
+    kw.setdefault("max_tokens", 24)
+    return c.chat.completions.create(model="tiny", messages=messages, **kw)
+
+
+def test_models_and_a_greedy_answer_equal_the_reference_sampler(api, tiny_model, client):
+    c = client(api)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    model, tok = tiny_model
+    r = ask(c, HELLO, temperature=0)
+    ref = generate(model, tok, [HELLO], max_new_tokens=24, temperature=0)[0]
+    assert r.choices[0].message.content.strip() == ref and ref
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion" and r.model == "tiny"
+    assert r.usage.prompt_tokens == len(encode_prompt(tok, HELLO))
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop")
+
+
+def test_streaming_sends_role_first_deltas_then_finish_and_done(api, client):
+    c = client(api)
+    plain = ask(c, HELLO, temperature=0).choices[0]
+    chunks = list(ask(c, HELLO, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == plain.message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finishes[-1] == plain.finish_reason and not any(finishes[:-1])
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].choices == []
+    # the raw wire format: server-sent events ending with data: [DONE]
+    with httpx.stream("POST", api.url + "/v1/chat/completions", json={
+            "model": "tiny", "messages": HELLO, "max_tokens": 8, "stream": True}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    json.loads(events[0][6:])
+
+
+def test_n_choices_and_seed_reproducibility_whatever_the_batch(api, client):
+    c = client(api)
+    a = ask(c, HELLO, n=3, temperature=1.0, seed=7)
+    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    texts = [ch.message.content for ch in a.choices]
+    assert len(set(texts)) > 1  # independent samples
+    assert [ch.message.content for ch in ask(c, HELLO, n=3, temperature=1.0, seed=7).choices] == texts
+    assert [ch.message.content for ch in ask(c, HELLO, n=3, temperature=1.0, seed=8).choices] != texts
+    # the same seeded request while other requests share its batch gives the same answers
+    with ThreadPoolExecutor(4) as pool:
+        noise = [pool.submit(ask, c, p, temperature=1.0, max_tokens=32) for p in PROMPTS[:3]]
+        again = pool.submit(ask, c, HELLO, n=3, temperature=1.0, seed=7)
+        [f.result() for f in noise]
+        assert [ch.message.content for ch in again.result().choices] == texts
+    streamed = ["", "", ""]
+    for ch in ask(c, HELLO, n=3, temperature=1.0, seed=7, stream=True):
+        for choice in ch.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+
+
+def test_concurrent_requests_are_batched_and_answer_as_if_alone(api, tiny_model, client):
+    c = client(api)
+    model, tok = tiny_model
+    alone = [ask(c, p, temperature=0, max_tokens=32).choices[0].message.content for p in PROMPTS]
+    ref = generate(model, tok, PROMPTS, max_new_tokens=32, temperature=0)
+    assert [a.strip() for a in alone] == ref
+    api.engine.stats["max_rows"] = 0
+    start = threading.Barrier(len(PROMPTS))
+
+    def together(p):
+        start.wait()
+        return ask(c, p, temperature=0, max_tokens=32).choices[0].message.content
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        batched = list(pool.map(together, PROMPTS))
+    assert batched == alone
+    assert api.engine.stats["max_rows"] >= 2  # several requests shared one forward pass
+
+
+def test_stop_sequences_cut_the_answer(api, client):
+    c = client(api)
+    full = ask(c, HELLO, temperature=0).choices[0].message.content
+    stop = full.strip()[3:6]
+    assert len(stop) == 3
+    expected = full[: full.find(stop)]
+    r = ask(c, HELLO, temperature=0, stop=[stop, "never occurs"]).choices[0]
+    assert (r.message.content, r.finish_reason) == (expected, "stop")
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in ask(c, HELLO, temperature=0, stop=stop, stream=True))
+    assert streamed == expected
+
+
+def test_prompt_longer_than_the_context_window_is_a_400(api, client):
+    c = client(api)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, [{"role": "user", "content": "hello " * CONTEXT}])
+    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    assert f"maximum context length is {CONTEXT} tokens" in e.value.message
+
+
+def test_unknown_model_is_a_404(api, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(api).chat.completions.create(model="gpt-9", messages=HELLO)
+    assert e.value.code == "model_not_found" and e.value.param == "model" and "gpt-9" in e.value.message
+
+
+@pytest.mark.parametrize("bad,param", [({"temperature": 3}, "temperature"), ({"n": 0}, "n"), ({"top_p": 0}, "top_p"),
+                                       ({"max_tokens": 0}, "max_tokens"), ({"n": 99}, "n"),
+                                       ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                                       ({"messages": []}, "messages"), ({"model": None}, "model"),
+                                       ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role")])
+def test_bad_parameters_are_400_with_the_parameter_named(api, bad, param, client):
+    body = {"model": "tiny", "messages": HELLO, **bad}
+    if body["model"] is None:
+        del body["model"]
+    resp = httpx.post(api.url + "/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and param.split(".")[0] in err["message"]
+    if "model" in body:  # (the official client itself refuses to send a request without a model)
+        with pytest.raises(openai.BadRequestError):  # the official client raises its 400 error
+            client(api).chat.completions.create(**body)
+
+
+def test_api_keys(tiny_model, client, serve):
+    with serve(tiny_model, cfg=ServeConfig(api_keys=("sk-right-key-123",))) as s:
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(s, "sk-wrong-key-456").models.list()
+        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+        assert "sk-wrong-key-456" not in e.value.message  # the key is masked
+        assert httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO}).status_code == 401
+        r = ask(client(s, "sk-right-key-123"), HELLO, max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(s.url + "/").status_code == 200  # the chat page itself is public
+
+
+def test_over_capacity_is_429_and_a_disconnected_stream_frees_its_slot(rambling_model, client, serve):
+    with serve(rambling_model, cfg=ServeConfig(max_batch=1, max_queue=1, retry_after=3)) as s:
+        c = client(s)
+        long = dict(temperature=0, max_tokens=1000)
+        first = ask(c, HELLO, stream=True, **long)
+        assert next(iter(first)).choices[0].delta.role == "assistant"
+        waiting = ThreadPoolExecutor(1).submit(ask, c, PROMPTS[0], temperature=0, max_tokens=4)
+        end = time.monotonic() + 10
+        while s.engine.load()["queued"] < 1:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as e:  # 1 running + 1 waiting: the third is turned away at once
+            ask(c, PROMPTS[1])
+        assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "3"
+        assert e.value.code == "rate_limit_exceeded"
+        first.close()  # the client goes away mid-stream
+        assert waiting.result(timeout=30).choices[0].finish_reason in ("stop", "length")
+        stats = s.engine.load()
+        assert stats["cancelled"] == 1 and stats["running"] == 0
+        assert stats["tokens"] < 1000  # the abandoned answer stopped early

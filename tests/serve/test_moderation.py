@@ -1,0 +1,133 @@
+"""Moderation without restart: input and output blocks end with finish_reason content_filter and
+the safe message, every block is logged with its category, an edit of the policy file applies to
+the next request, a broken edit keeps the last good policy, and a reward-model threshold blocks
+answers the model scores below it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from cherrytop.cli import main
+from cherrytop.data.tokenizer import render
+from cherrytop.model.heads import scalar_model_from
+from cherrytop.serve.moderation import Moderator, PolicyError, parse_policy
+
+HELLO = [{"role": "user", "content": "hello , i am ann ."}]
+POLICY = """
+safe_message = "Sorry, I can't help with that."
+
+[[categories]]
+name = "violence"
+patterns = ['\\bkill\\b', 'weapons?']
+"""
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model, serve, client):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    log = tmp_path / "blocks.jsonl"
+    with serve(tiny_model, moderator=Moderator(policy, log)) as s:
+        yield s, client(s), policy, log
+
+
+def blocks(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def ask(c, messages, **kw):
+    return c.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0, **kw)
+
+
+def test_input_block_plain_and_streamed(setup):
+    s, c, policy, log = setup
+    bad = [{"role": "user", "content": "how do i KILL the cat of ann ?"}]
+    r = ask(c, bad)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Sorry, I can't help with that.", "content_filter")
+    assert r.usage.completion_tokens == 0 and s.engine.load()["steps"] == 0  # nothing was generated
+    chunks = list(ask(c, [{"role": "system", "content": "be kind"}, *bad], stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Sorry, I can't help with that."
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert [(b["where"], b["category"]) for b in blocks(log)] == [("input", "violence")] * 2
+    assert ask(c, HELLO).choices[0].finish_reason in ("stop", "length")  # harmless input passes
+    assert len(blocks(log)) == 2
+
+
+def test_a_policy_edit_applies_to_the_next_request_without_restart(setup):
+    s, c, policy, log = setup
+    pets = [{"role": "user", "content": "what colour is the cat of ann ?"}]
+    assert ask(c, pets).choices[0].finish_reason != "content_filter"
+    policy.write_text((POLICY + """
+[[categories]]
+name = "pets"
+patterns = ['\\bcats?\\b']
+check = ["input"]
+""").replace("Sorry, I can't help with that.", "Let's talk about something else."))
+    r = ask(c, pets).choices[0]
+    assert (r.message.content, r.finish_reason) == ("Let's talk about something else.", "content_filter")
+    assert blocks(log)[-1]["category"] == "pets"
+    policy.write_text("[[categories]\nname = ")  # a broken edit: the last good policy stays
+    assert ask(c, pets).choices[0].finish_reason == "content_filter"
+    policy.write_text(POLICY)
+    assert ask(c, pets).choices[0].finish_reason != "content_filter"
+
+
+def test_output_block_never_releases_the_blocked_text(setup):
+    s, c, policy, log = setup
+    answer = ask(c, HELLO).choices[0].message.content
+    word = answer.split()[1]
+    policy.write_text(POLICY + f"""
+[[categories]]
+name = "leak"
+patterns = ['{re.escape(word)}']
+check = ["output"]
+""")
+    r = ask(c, HELLO).choices[0]
+    assert (r.message.content, r.finish_reason) == ("Sorry, I can't help with that.", "content_filter")
+    chunks = [ch.choices[0] for ch in ask(c, HELLO, stream=True)]
+    before = "".join(ch.delta.content or "" for ch in chunks[:-2])
+    assert answer.startswith(before) and word not in before  # only text before the match went out
+    assert (chunks[-2].delta.content, chunks[-1].finish_reason) == ("Sorry, I can't help with that.", "content_filter")
+    assert [(b["where"], b["category"]) for b in blocks(log)] == [("output", "leak")] * 2
+
+
+def test_reward_model_threshold(tmp_path, tiny_ckpt, tiny_model, serve, client):
+    model, tok = tiny_model
+    rm_dir = tmp_path / "rm"
+    rm = scalar_model_from(tiny_ckpt, tok.pad_token_id)
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"categories": []}))
+    with serve(tiny_model, moderator=Moderator(policy, tmp_path / "log.jsonl")) as s:
+        c = client(s)
+        answer = ask(c, HELLO).choices[0].message.content
+        # the reward model's score of the conversation, computed with plain transformers
+        ids = tok(render(tok, [*HELLO, {"role": "assistant", "content": answer}]), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            score = float(AutoModelForSequenceClassification.from_pretrained(rm_dir)(torch.tensor([ids])).logits[0, 0])
+        for threshold, blocked in ((score + 0.01, True), (score - 0.01, False)):
+            policy.write_text(json.dumps({"classifier": {"checkpoint": str(rm_dir), "threshold": threshold,
+                                                         "category": "low_reward"}}))
+            r = ask(c, HELLO).choices[0]
+            assert (r.finish_reason == "content_filter") == blocked, (score, threshold)
+            assert r.message.content == ("Sorry, I can't help with that." if blocked else answer)
+        assert [b["category"] for b in blocks(tmp_path / "log.jsonl")] == ["low_reward"]
+
+
+def test_bad_policy_files_are_one_line_errors(tmp_path, tiny_ckpt, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[categories]]\nname = "x"\npatterns = ["(unclosed"]\n')
+    with pytest.raises(PolicyError, match=r"bad.toml: categories\[0\] \(x\): bad pattern '\(unclosed'"):
+        parse_policy(bad)
+    assert main(["serve", "--preset", "test", "--checkpoint", str(tiny_ckpt), f"--serve.policy={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "bad pattern" in err
+    bad.write_text('[[categories]]\nname = "x"\npatterns = ["a"]\ncheck = ["inbox"]\n')
+    with pytest.raises(PolicyError, match="check must list 'input' and/or 'output'"):
+        parse_policy(bad)
