@@ -108,8 +108,8 @@ def test_a_labeler_sees_only_their_own_work(app, store):
     r = bob.get(f"/mine/rankings/{ann_ranking.id}")
     assert r.status_code == 404 and "not one of yours" in r.text
     rank_page = bob.get("/rank").text  # bob ranks the same item without seeing ann's order or ratings
-    assert "3 › 2 › 1 › 0" not in rank_page and 'selected' not in rank_page.split('id="ranklist"')[1]
-    assert "3 › 2 › 1 › 0" in ann.get("/mine").text and "3 › 2 › 1 › 0" not in bob.get("/mine").text
+    assert "D › C › B › A" not in rank_page and 'selected' not in rank_page.split('id="ranklist"')[1]
+    assert "D › C › B › A" in ann.get("/mine").text and "D › C › B › A" not in bob.get("/mine").text
     demo_page = ann.get("/demo").text  # no prompt waiting: the free conversation form
     data = {"csrf": csrf_of(demo_page), "token": field(demo_page, "token"), "started": field(demo_page, "started"),
             "role": ["user", "assistant"], "content": ["hi there", "hello ! how can i help ?"]}
@@ -140,3 +140,10 @@ def test_bad_and_oversized_input_gets_a_clear_4xx(app, store):
                                 "role": ["user", "assitant"], "content": ["hi", "hello"]})
     assert r.status_code == 422 and "did you mean 'assistant'" in html.unescape(r.text)
     assert store.rankings() == [] and store.demonstrations() == []
+
+
+def test_places_and_ranking_text_show_ties():
+    from cherrytop.feedback.app import ranking_text, ranks
+    assert ranks([1, 0, 2, 3], [[0, 2]]) == {1: "1", 0: "2=", 2: "2=", 3: "4"}
+    assert ranking_text([1, 0, 2, 3], [[0, 2]]) == "B › A = C › D"
+    assert ranks([2, 0, 1], []) == {2: "1", 0: "2", 1: "3"}

@@ -59,6 +59,8 @@ class LoginRequired(Exception):
 def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
     app = FastAPI(title="cherrytop feedback", docs_url=None, redoc_url=None, openapi_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["ranking_text"] = ranking_text
+    templates.env.globals["ranks"] = ranks
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # ------------------------------------------------------------ plumbing
@@ -285,8 +287,12 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         who = current(request)
         uid = who[0].id
         items = {i.id: i for i in store.items()}
-        return page(request, "mine.html", who, rankings=store.rankings(user_id=uid), items=items,
-                    demos=store.demonstrations(user_id=uid), reviews=store.reviews(user_id=uid))
+        demos = store.demonstrations(user_id=uid)
+        verdicts: dict[int, list] = {}
+        for rv in store.reviews():  # reviews of my demonstrations (a reviewer's name is not shown)
+            verdicts.setdefault(rv.demonstration_id, []).append(rv)
+        return page(request, "mine.html", who, rankings=store.rankings(user_id=uid), items=items, demos=demos,
+                    verdicts=verdicts, reviews=store.reviews(user_id=uid))
 
     @app.get("/mine/rankings/{ranking_id}", response_class=HTMLResponse)
     def my_ranking(request: Request, ranking_id: int):
@@ -336,6 +342,29 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         return RedirectResponse("/admin/users", status_code=303)
 
     return app
+
+
+LETTERS = "ABCDEFGHI"
+
+
+def ranks(ranking: list[int], ties: list[list[int]]) -> dict[int, str]:
+    """{response: its place} with shared places for ties ("2=")."""
+    tied = {frozenset(t) for t in ties}
+    out = {}
+    for p, i in enumerate(ranking):
+        better = sum(1 for j in ranking[:p] if frozenset((i, j)) not in tied)
+        share = any(frozenset((i, j)) in tied for j in ranking if j != i)
+        out[i] = f"{better + 1}{'=' if share else ''}"
+    return out
+
+
+def ranking_text(ranking: list[int], ties: list[list[int]]) -> str:
+    """Answers by letter, best first: "B › A = C › D"."""
+    tied = {frozenset(t) for t in ties}
+    out = LETTERS[ranking[0]]
+    for prev, i in zip(ranking, ranking[1:]):
+        out += (" = " if frozenset((prev, i)) in tied else " › ") + LETTERS[i]
+    return out
 
 
 def _safe_next(nxt: str) -> str:

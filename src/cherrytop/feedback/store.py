@@ -441,13 +441,13 @@ class Store:
             return None
 
     def next_demo_item(self, user_id: int) -> Item | None:
-        """The oldest prompt without a demonstration, that this labeler has not answered."""
+        """The oldest prompt nobody has answered with a demonstration, preferring prompts without
+        candidate answers (those are not in the ranking queue)."""
         with self.tx() as s:
-            mine = select(Demonstration.item_id).where(Demonstration.user_id == user_id,
-                                                       Demonstration.item_id.is_not(None))
             answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
-            q = select(Item).where(Item.id.not_in(mine), Item.id.not_in(answered)).order_by(Item.id).limit(1)
-            return s.scalars(q).first()
+            q = select(Item).where(Item.id.not_in(answered)).order_by(Item.id).limit(500)
+            items = list(s.scalars(q))
+            return next((i for i in items if not i.responses), items[0] if items else None)
 
     def next_review(self, user_id: int) -> Demonstration | None:
         """The oldest demonstration by someone else that nobody has reviewed yet."""

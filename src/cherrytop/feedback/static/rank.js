@@ -8,16 +8,20 @@
   const letter = (c) => c.querySelector(".letter").textContent;
 
   function refresh() {
-    let rank = 0;
-    cards().forEach((c, n) => {
+    // places as in sports: a tie shares the place ("2="), the next answer's place counts everyone above
+    const cs = cards();
+    const groups = [];
+    cs.forEach((c, n) => {
       const box = c.querySelector(".tie-box");
       if (n === 0) box.checked = false;
-      const tied = n > 0 && box.checked;
-      if (!tied) rank += 1;
-      c.classList.toggle("tied", tied);
-      c.querySelector(".pos").textContent = rank;
+      if (n > 0 && box.checked) groups[groups.length - 1].push(n); else groups.push([n]);
     });
-    const cs = cards();
+    groups.forEach((g) => g.forEach((n, j) => {
+      const c = cs[n];
+      c.classList.toggle("tied", j > 0);
+      c.classList.toggle("in-tie", g.length > 1);
+      c.querySelector(".pos").textContent = (g[0] + 1) + (g.length > 1 ? "=" : "");
+    }));
     document.getElementById("order").value = cs.map((c) => c.dataset.index).join(",");
     const pairs = [];
     let group = [];
