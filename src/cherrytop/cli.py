@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--until", default=STAGES[-1], choices=STAGES, help="last stage to run")
         if name == "serve":
             s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. ppo)")
-            s.add_argument("--feedback-db", help="feedback database URL (default: sqlite:///runs/<name>/feedback.db)")
+            s.add_argument("--feedback-db", help="feedback database URL (default: $CHERRYTOP_FEEDBACK_DB, "
+                                                 "else sqlite:///runs/<name>/feedback.db)")
         if name in ("generate", "chat", "eval"):
             s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. sft)")
         if name == "generate":

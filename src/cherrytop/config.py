@@ -331,7 +331,8 @@ class ServeConfig:
     moderation_log: str = ""
     """JSONL file every moderation block is appended to; empty = runs/<name>/serve/moderation.jsonl."""
     feedback_db: str = ""
-    """Feedback database URL for the chat page's thumbs and reports; empty = sqlite under runs/<name>/."""
+    """Feedback database URL (the feedback app's, `cherrytop label --db`) for the chat page's thumbs and reports;
+    empty = $CHERRYTOP_FEEDBACK_DB, else sqlite:///runs/<name>/feedback.db."""
 
 
 @dataclass(frozen=True)

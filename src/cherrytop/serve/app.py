@@ -273,7 +273,8 @@ def build(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> FastA
     s = cfg.serve
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     moderator = Moderator(s.policy or None, s.moderation_log or run_dir / "serve" / "moderation.jsonl")
-    url = feedback_db or s.feedback_db or f"sqlite:///{run_dir / 'feedback.db'}"
+    url = (feedback_db or s.feedback_db or os.environ.get("CHERRYTOP_FEEDBACK_DB")
+           or f"sqlite:///{run_dir / 'feedback.db'}")
     return create_app(load_model(ckpt), load_tokenizer(ckpt), model_name=s.model_name or ckpt.name, cfg=s,
                       moderator=moderator, feedback_url=url)
 

@@ -201,7 +201,11 @@ class Moderator:
         """The blocked category of an answer so far (patterns), or of the finished answer (classifier)."""
         hit = policy.match(text, "output")
         if hit is None and final and policy.classifier is not None:
-            score = self.scorer(policy.classifier.checkpoint).score(messages, text)
+            try:
+                score = self.scorer(policy.classifier.checkpoint).score(messages, text)
+            except Exception:  # noqa: BLE001 - a failing classifier must not fail the batch
+                log.exception("moderation classifier failed; the answer is let through")
+                return None
             if score < policy.classifier.threshold:
                 hit = policy.classifier.category
         return hit

@@ -1,0 +1,96 @@
+"""The web chat in a real browser (headless Debian chromium via Playwright): send a message, watch
+the answer stream in, press thumbs down, report a second answer, and find both ratings in the
+output of `cherrytop label export`. CHERRYTOP_SCREENSHOTS=1 saves screenshots to docs/serve/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cherrytop.cli import main
+from cherrytop.config import ServeConfig
+from cherrytop.feedback.store import open_store
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "serve"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, serve):
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    with serve(tiny_model, feedback_url=url) as s:
+        body = {"messages": [{"role": "user", "content": "hi"}], "response": "hello .", "rating": "up",
+                "settings": {"temperature": 0.5}, "conversation_id": "c1"}
+        r = httpx.post(s.url + "/v1/feedback", json=body)
+        assert r.status_code == 200
+        bad = httpx.post(s.url + "/v1/feedback", json={**body, "rating": "meh"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+    [f] = open_store(url).chat_feedback()
+    assert (f.id, f.rating, f.response, f.model, f.settings, f.conversation_id) == \
+        (r.json()["id"], "up", "hello .", "tiny", {"temperature": 0.5}, "c1")
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make install)")
+def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model, serve, client):
+    from playwright.sync_api import expect, sync_playwright
+    db = f"sqlite:///{tmp_path / 'feedback.db'}"
+    with serve(tiny_model, cfg=ServeConfig(), feedback_url=db) as s, sync_playwright() as pw:
+        c = client(s)
+        first = "hello , i am ann ."
+        expected = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": first}],
+                                             temperature=0, max_tokens=64).choices[0].message.content
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 900, "height": 640})
+        page.goto(s.url + "/")
+        expect(page.locator("#model")).to_have_text("tiny")
+        page.fill("#temperature", "0")
+        # record every text the answer shows while it streams in
+        page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+            const t = document.querySelector('.assistant:last-of-type .text'); if (t) window.seen.push(t.textContent);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
+        with page.expect_response("**/v1/chat/completions") as resp_info:
+            page.fill("#input", first)
+            page.keyboard.press("Enter")
+        resp = resp_info.value
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        answer = page.locator(".assistant").nth(0)
+        expect(answer.locator(".actions")).to_be_visible()  # shown once the stream has ended
+        assert answer.locator(".text").text_content() == expected
+        seen = [t for t in page.evaluate("window.seen") if t]
+        assert len(set(seen)) >= 2 and all(expected.startswith(t) for t in seen)  # grew piece by piece
+        assert resp.text().count("data: ") > 3
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        answer.get_by_role("button", name="bad answer").click()
+        expect(answer.locator(".thanks")).to_have_text("thanks for the feedback")
+        # a second turn carries the history; report its answer with a comment
+        page.fill("#input", "what is 12 plus 3 ?")
+        page.click("#send")
+        second = page.locator(".assistant").nth(1)
+        expect(second.locator(".actions")).to_be_visible()
+        second.get_by_role("button", name="report this answer").click()
+        second.locator(".report-box input").fill("wrong sum")
+        second.get_by_role("button", name="send report").click()
+        expect(second.locator(".thanks")).to_have_text("reported, thank you")
+        page.screenshot(path=str(tmp_path / "chat-feedback.png"))
+        second_answer = second.locator(".text").text_content()
+        browser.close()
+    out = tmp_path / "export"
+    assert main(["label", "export", "--db", db, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
+    by_rating = {r["rating"]: r for r in rows}
+    assert by_rating["down"]["messages"] == [{"role": "user", "content": first},
+                                             {"role": "assistant", "content": expected}]
+    assert by_rating["report"]["messages"][-1]["content"] == second_answer and by_rating["report"]["comment"] == "wrong sum"
+    assert [m["content"] for m in by_rating["report"]["messages"][:3]] == [first, expected, "what is 12 plus 3 ?"]
+    assert by_rating["down"]["conversation_id"] == by_rating["report"]["conversation_id"]
+    assert by_rating["down"]["settings"] == {"temperature": 0, "max_tokens": 64}
+    if os.environ.get("CHERRYTOP_SCREENSHOTS"):  # refresh the docs' screenshots
+        DOCS.mkdir(parents=True, exist_ok=True)
+        for name in ("chat.png", "chat-feedback.png"):
+            shutil.copy(tmp_path / name, DOCS / name)
