@@ -147,3 +147,15 @@ def test_places_and_ranking_text_show_ties():
     assert ranks([1, 0, 2, 3], [[0, 2]]) == {1: "1", 0: "2=", 2: "2=", 3: "4"}
     assert ranking_text([1, 0, 2, 3], [[0, 2]]) == "B › A = C › D"
     assert ranks([2, 0, 1], []) == {2: "1", 0: "2", 1: "3"}
+
+
+def test_a_labeler_cannot_change_anothers_work(app, store):
+    ann, bob = login(app, "ann"), login(app, "bob")
+    _, ann_form = rank(ann, order="3,2,1,0")
+    bob_form = rank_form(bob)
+    r = bob.post("/rank", data={**bob_form, "token": ann_form["token"], "order": "0,1,2,3"})  # replaying ann's form
+    assert r.status_code == 422 and "already used by someone else" in r.text
+    (row,) = store.rankings()
+    assert row.ranking == [3, 2, 1, 0] and row.user_id == store.users()[1].id
+    review = ann.get("/review").text  # nothing to review yet; bob writes, ann reviews, bob cannot review his own
+    assert "No demonstrations are waiting" in review

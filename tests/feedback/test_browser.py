@@ -11,12 +11,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import uvicorn
 
 from cherrytop.cli import main
 from cherrytop.feedback.app import create_app
 from cherrytop.feedback.auth import create_user
+from cherrytop.feedback.stats import alpha
 from cherrytop.feedback.store import open_store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +42,8 @@ def server(tmp_path):
     for name, role in (("root", "admin"), ("ann", "labeler"), ("bob", "labeler")):
         create_user(store, name, "password1", role)
     store.add_item([{"role": "user", "content": "what colour is the sky , and why ?"}], responses=ANSWERS,
-                   provenance=[{"model": "runs/tiny/sft", "settings": {"temperature": 1.0}, "source": "generate"}] * 4)
+                   provenance=[{"model": "runs/tiny/sft", "settings": {"temperature": 1.0}, "source": "generate"}] * 4,
+                   gold=[1, 0, 2, 3])
     store.add_item([{"role": "system", "content": "answer briefly ."}, {"role": "user", "content": "what is 2 plus 3 ?"}])
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
@@ -169,6 +172,8 @@ def test_label_rank_agree_export_train(server, tmp_path, tiny_model):
             b.keyboard.press("Space")
             order = [int(i) for i in cards.evaluate_all("cs => cs.map(c => c.dataset.index)")]
         assert order == want
+        for idx, h in enumerate([4, 7, 3, 1]):
+            b.select_option(f"select[name=helpful_{idx}]", str(h))
         b.check("input[name=all_bad]")
         b.click("text=Submit ranking")
         expect(b.locator(".flash")).to_contain_text("Saved")
@@ -192,7 +197,9 @@ def test_label_rank_agree_export_train(server, tmp_path, tiny_model):
         # A: 1 > 0 = 2 > 3, B: 1 > 2 > 0 > 3: pairs (0,1) (0,3) (1,2) (1,3) (2,3) agree, (0,2) tie vs 2>0 -> 5/6
         expect(r.locator("#agreement")).to_have_text("83.3 %")
         row_b = r.locator("#labelers tr", has_text="bob")
-        expect(row_b).to_contain_text("83.3 %")
+        expect(row_b).to_contain_text("83.3 %")  # agreement with ann, and gold score: only (0,2) differs
+        helpful = alpha(np.array([[5, 7, 2, 1], [4, 7, 3, 1]], dtype=float))  # checked by hand in test_stats
+        expect(r.locator("table.alpha tr", has_text="helpful")).to_contain_text(f"{helpful:.3f}")
         expect(r.locator("#between")).to_contain_text("ann")
         shot(r, "11-admin")
         r.click("text=Items")

@@ -1,6 +1,7 @@
 """The database: migrations match the models on both backends, submissions are idempotent and
 concurrency-safe, chat feedback (the interface `cherrytop serve` calls) lands as rating items."""
 
+import json
 import threading
 
 import pytest
@@ -95,3 +96,21 @@ def test_chat_feedback_becomes_a_ranking_item(store):
     with pytest.raises(DataError, match="ends with"):
         store.add_chat_feedback(messages=msgs + [{"role": "assistant", "content": "x"}], response="x",
                                 rating="down", model="m", settings={})
+
+
+def test_migration_0002_backfills_response_counts(db_url):
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from cherrytop.feedback.store import _alembic_config
+    engine = create_engine(db_url)
+    with engine.begin() as conn:  # a database made by the first release
+        command.upgrade(_alembic_config(conn), "0001")
+        conn.execute(text("INSERT INTO items (prompt_key, prompt, responses, provenance, source, labels_needed, "
+                          "created_at) VALUES ('k', :p, :r, '[]', 'import', 2, '2026-01-01 00:00:00')"),
+                     {"p": json.dumps(PROMPT), "r": json.dumps(["4", "5", "6"])})
+    engine.dispose()
+    s = open_store(db_url)  # opening migrates to head
+    (item,) = s.items()
+    assert item.n_responses == 3 and s.next_ranking_item(create_user(s, "ann", "password1")).id == item.id
+    s.close()

@@ -117,17 +117,18 @@ def session_user(store: Store, token: str | None) -> tuple[User, str] | None:
     """(user, CSRF token) of a live session cookie, or None."""
     if not token:
         return None
-    with store.tx() as s:
+    with store.read() as s:
         row = s.execute(select(User, LoginSession).join(LoginSession, LoginSession.user_id == User.id)
                         .where(LoginSession.token_hash == _token_hash(token))).first()
-        if row is None:
-            return None
-        user, sess = row
-        expires = sess.expires_at if sess.expires_at.tzinfo else sess.expires_at.replace(tzinfo=now().tzinfo)
-        if expires < now():
-            s.delete(sess)
-            return None
-        return user, sess.csrf
+    if row is None:
+        return None
+    user, sess = row
+    expires = sess.expires_at if sess.expires_at.tzinfo else sess.expires_at.replace(tzinfo=now().tzinfo)
+    if expires < now():
+        with store.tx() as s:
+            s.execute(delete(LoginSession).where(LoginSession.id == sess.id))
+        return None
+    return user, sess.csrf
 
 
 def logout(store: Store, token: str | None) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event, func, select)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
 
 from cherrytop.data.records import Conversation, DataError, Prompt
 
@@ -81,6 +81,8 @@ class Item(Base):
     """sha256 of the prompt's messages: importing the same prompt twice gives one item."""
     prompt: Mapped[list] = mapped_column(JSON)
     responses: Mapped[list] = mapped_column(JSON, default=list)
+    n_responses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """len(responses), kept by `_count_responses`: the queues filter on it in SQL (>= 2: rankable)."""
     provenance: Mapped[list] = mapped_column(JSON, default=list)
     """One entry per response: {"model": ..., "settings": {...}, "source": ...}."""
     source: Mapped[str] = mapped_column(String(32))
@@ -88,6 +90,11 @@ class Item(Base):
     """Known best-to-worst ranking of the responses (gold item), or null."""
     labels_needed: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+    @validates("responses")
+    def _count_responses(self, key, value):
+        self.n_responses = len(value)
+        return value
 
 
 class Demonstration(Base):
@@ -197,8 +204,8 @@ def open_store(url: str, labels_needed: int = 2) -> Store:
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # take the write lock at BEGIN: no lock upgrade, no "database is locked" mid-way
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _sqlite_begin(conn):  # writers take the lock at BEGIN: no lock upgrade, no "database is locked" mid-way
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("cherrytop_read") else "BEGIN IMMEDIATE")
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     with _migrate_lock:
@@ -237,11 +244,18 @@ class Store:
 
     def __post_init__(self):
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(self.engine.execution_options(cherrytop_read=True), expire_on_commit=False)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any error."""
         with self._sessions() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (on SQLite it does not wait for writers)."""
+        with self._readers() as s, s.begin():
             yield s
 
     def close(self) -> None:
@@ -430,39 +444,35 @@ class Store:
 
     def next_ranking_item(self, user_id: int) -> Item | None:
         """The oldest rankable item this labeler has not ranked that still needs labels (gold items first)."""
-        with self.tx() as s:
+        with self.read() as s:
             done = select(Ranking.item_id).where(Ranking.user_id == user_id)
             count = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
-            q = (select(Item).where(Item.id.not_in(done), count < Item.labels_needed)
-                 .order_by(Item.gold.is_(None), Item.id))
-            for item in s.scalars(q):
-                if len(item.responses) >= 2:
-                    return item
-            return None
+            q = (select(Item).where(Item.n_responses >= 2, Item.id.not_in(done), count < Item.labels_needed)
+                 .order_by(Item.gold.is_(None), Item.id).limit(1))
+            return s.scalars(q).first()
 
     def next_demo_item(self, user_id: int) -> Item | None:
         """The oldest prompt nobody has answered with a demonstration, preferring prompts without
         candidate answers (those are not in the ranking queue)."""
-        with self.tx() as s:
+        with self.read() as s:
             answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
-            q = select(Item).where(Item.id.not_in(answered)).order_by(Item.id).limit(500)
-            items = list(s.scalars(q))
-            return next((i for i in items if not i.responses), items[0] if items else None)
+            q = select(Item).where(Item.id.not_in(answered)).order_by(Item.n_responses > 0, Item.id).limit(1)
+            return s.scalars(q).first()
 
     def next_review(self, user_id: int) -> Demonstration | None:
         """The oldest demonstration by someone else that nobody has reviewed yet."""
-        with self.tx() as s:
+        with self.read() as s:
             reviewed = select(Review.demonstration_id)
             q = (select(Demonstration).where(Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed))
                  .order_by(Demonstration.id).limit(1))
             return s.scalars(q).first()
 
     def queue_counts(self, user_id: int) -> dict[str, int]:
-        with self.tx() as s:
+        with self.read() as s:
             done = select(Ranking.item_id).where(Ranking.user_id == user_id)
             count = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
-            rank = sum(1 for r in s.scalars(select(Item.responses).where(Item.id.not_in(done), count < Item.labels_needed))
-                       if len(r) >= 2)
+            rank = s.scalar(select(func.count(Item.id)).where(Item.n_responses >= 2, Item.id.not_in(done),
+                                                               count < Item.labels_needed))
             answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
             demo = s.scalar(select(func.count(Item.id)).where(Item.id.not_in(answered)))
             reviewed = select(Review.demonstration_id)
@@ -473,23 +483,23 @@ class Store:
     # ------------------------------------------------------------ reading back
 
     def user(self, user_id: int) -> User | None:
-        with self.tx() as s:
+        with self.read() as s:
             return s.get(User, user_id)
 
     def users(self) -> list[User]:
-        with self.tx() as s:
+        with self.read() as s:
             return list(s.scalars(select(User).order_by(User.id)))
 
     def item(self, item_id: int) -> Item | None:
-        with self.tx() as s:
+        with self.read() as s:
             return s.get(Item, item_id)
 
     def items(self) -> list[Item]:
-        with self.tx() as s:
+        with self.read() as s:
             return list(s.scalars(select(Item).order_by(Item.id)))
 
     def rankings(self, item_id: int | None = None, user_id: int | None = None) -> list[Ranking]:
-        with self.tx() as s:
+        with self.read() as s:
             q = select(Ranking).order_by(Ranking.id)
             if item_id is not None:
                 q = q.where(Ranking.item_id == item_id)
@@ -498,27 +508,27 @@ class Store:
             return list(s.scalars(q))
 
     def ranking(self, ranking_id: int) -> Ranking | None:
-        with self.tx() as s:
+        with self.read() as s:
             return s.get(Ranking, ranking_id)
 
     def demonstrations(self, user_id: int | None = None) -> list[Demonstration]:
-        with self.tx() as s:
+        with self.read() as s:
             q = select(Demonstration).order_by(Demonstration.id)
             if user_id is not None:
                 q = q.where(Demonstration.user_id == user_id)
             return list(s.scalars(q))
 
     def demonstration(self, demo_id: int) -> Demonstration | None:
-        with self.tx() as s:
+        with self.read() as s:
             return s.get(Demonstration, demo_id)
 
     def reviews(self, user_id: int | None = None) -> list[Review]:
-        with self.tx() as s:
+        with self.read() as s:
             q = select(Review).order_by(Review.id)
             if user_id is not None:
                 q = q.where(Review.user_id == user_id)
             return list(s.scalars(q))
 
     def chat_feedback(self) -> list[ChatFeedback]:
-        with self.tx() as s:
+        with self.read() as s:
             return list(s.scalars(select(ChatFeedback).order_by(ChatFeedback.id)))
