@@ -79,9 +79,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--labelers", type=int, default=20)
     p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--items", type=int, default=3000)
-    p.add_argument("--db", default="", help="database URL (default: a fresh SQLite file)")
+    p.add_argument("--items", type=int, default=1500)
+    p.add_argument("--db", default="", help="database URL (default: a fresh SQLite file); a PostgreSQL URL gets "
+                                            "a fresh schema, dropped afterwards")
     args = p.parse_args()
+    schema = None
+    if args.db.startswith("postgresql"):
+        import secrets
+
+        import psycopg
+        schema = f"ct_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(args.db.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        args.db += ("&" if "?" in args.db else "?") + f"options=-csearch_path%3D{schema}"
+    try:
+        run(args)
+    finally:
+        if schema:
+            with psycopg.connect(args.db.split("?")[0].replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def run(args) -> None:
 
     from cherrytop.feedback.auth import create_user
     from cherrytop.feedback.store import Demonstration, Ranking, open_store
