@@ -21,6 +21,8 @@ COMMANDS = {
     "eval": "score a checkpoint on held-out tasks: helpful / truthful / harmless",
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
+    "plan": "memory plan of a stage on N GPUs: what fits, with which options (LoRA, FSDP, offload, grad-ckpt)",
+    "convert": "turn a sharded (FSDP) checkpoint into a plain Hugging Face folder",
     "label": "the human-feedback app: serve, create-user, import-prompts, generate, export, stats",
     "serve": "serve a checkpoint: OpenAI-compatible API, web chat, moderation, feedback (--serve.* settings)",
 }
@@ -54,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
         if name == "label":
             from cherrytop.feedback.commands import add_arguments
             add_arguments(s)
+        if name == "plan":
+            s.add_argument("--model", required=True, help="Hugging Face model folder or its config.json (nothing is downloaded)")
+            s.add_argument("--stage", default="ppo", choices=["pretrain", "sft", "rm", "ppo"], help="stage to plan")
+            s.add_argument("--gpus", type=int, default=8, help="number of GPUs")
+            s.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+            s.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward per GPU")
+            s.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (PPO: prompt + response)")
+            s.add_argument("--rollout-batch", type=int, default=16, help="PPO: sequences generated together per GPU")
+            s.add_argument("--lora-r", type=int, default=16, help="LoRA rank when LoRA is an option")
+        if name == "convert":
+            s.add_argument("checkpoint", help="checkpoint folder with shards/ (written under --dist.strategy=fsdp)")
+            s.add_argument("--out", required=True, help="folder to write the plain Hugging Face model to")
         if name == "world":
             s.add_argument("what", choices=["demos", "prompts", "corpus", "heldout"], help="what to write")
             s.add_argument("--out", required=True, help="JSONL file to write")
@@ -174,6 +188,17 @@ def cmd_config(args, cfg) -> None:
         print(f"--{key}={value}\n    {doc}")
 
 
+def cmd_plan(args, cfg) -> None:
+    from cherrytop.plan import Workload, report
+    print(report(args.model, args.stage, args.gpus, args.gpu_mem,
+                 Workload(args.micro_batch, args.seq_len, args.rollout_batch, args.lora_r)))
+
+
+def cmd_convert(args, cfg) -> None:
+    from cherrytop.train.distributed import convert_to_hf
+    print(f"wrote {convert_to_hf(Path(args.checkpoint), Path(args.out))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     from cherrytop.train.loop import ResumeError
@@ -185,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("pretrain", "sft", "compare", "rm", "ppo"):
             from cherrytop.stages import compare, ppo, pretrain, reward, sft
             stages = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}
+            if args.command == "ppo" and cfg.ray.enabled:
+                from cherrytop.stages import ppo_ray  # the same stage with its models on Ray actors
+                stages["ppo"] = ppo_ray
             stages[args.command].run(cfg, fresh=args.fresh)
         else:
             globals()[f"cmd_{args.command}"](args, cfg)

@@ -290,6 +290,19 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    enabled: bool = False
+    """Run PPO with its models as Ray actors (stages/ppo_ray.py) instead of in one process."""
+    address: str = ""
+    """Ray cluster to join (`auto` on a node of a running cluster); empty = start Ray on this machine."""
+    gpus_per_model: float = 0.0
+    """GPUs per actor (policy trainer, value trainer, reward, reference, each rollout worker);
+    fractions share a GPU; 0 = CPU."""
+    rollout_workers: int = 1
+    """Actors that sample rollouts, each with a copy of the policy synced after every update."""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ptx_coef: float = 1.0
     """γ of the extra PPO-ptx run the pipeline makes to compare the alignment tax with plain PPO
@@ -361,6 +374,8 @@ class Config:
     """Scale-out: data parallelism, gradient checkpointing, bf16."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters for SFT, RM and PPO."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """PPO placement on Ray actors."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -43,8 +43,7 @@ def launch(strategy: str, out: Path, arch: str = "llama", world: int = 2) -> Non
         assert p.returncode == 0, o[-3000:]
 
 
-def curve(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "t/logs/sft.jsonl").read_text().splitlines())}
+curve = worker.curve
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,12 @@ def make_stage(cfg, fail_at=None):
     return loop.Stage("sft", model, None, t, micro_batches, lm_step, lm_count, [pad_batch(data[:4], 0)])
 
 
+def curve(out: Path) -> dict[int, dict]:
+    """Logged rows of the run under `out`, by step."""
+    import json
+    return {r["step"]: r for r in map(json.loads, (out / "t/logs/sft.jsonl").read_text().splitlines())}
+
+
 def global_batch_grads(cfg) -> tuple[float, dict[str, torch.Tensor]]:
     """(global token-mean loss, full gradients) of step 0's batch, split over the ranks."""
     d = distributed.current()

@@ -142,7 +142,8 @@ def save_merged(model, out: Path, sd: dict[str, torch.Tensor] | None = None) -> 
     meta = _adapter_meta(model)
     with torch.device("meta"):
         skeleton = type(model)(model.config)
-    skeleton.generation_config = model.generation_config
+    if getattr(model, "generation_config", None) is not None:
+        skeleton.generation_config = model.generation_config
     skeleton.save_pretrained(out, state_dict=merge_state_dict(sd, meta))
     (out / ADAPTER).mkdir(parents=True, exist_ok=True)
     pc = model.peft_config["default"]

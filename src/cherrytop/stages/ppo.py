@@ -28,6 +28,7 @@ from cherrytop.config import Config
 from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import read_prompts
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+from cherrytop.model import lora
 from cherrytop.model.heads import reward, scalar_model_from, token_scores
 from cherrytop.model.load import load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample
@@ -106,10 +107,17 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     if state is not None and state["iteration"] >= iterations:
         console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
         return state["metrics"]
-    policy = load_model(ckpt if state else init)
-    ref = load_model(init).eval().requires_grad_(False)
+    adapters = lora.enabled(cfg, "ppo")  # LoRA: base weights from init/rm, adapters (and heads) from the checkpoint
+    policy = load_model(ckpt if state and not adapters else init)
     rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
-    value = scalar_model_from(ckpt / "value" if state else rm_path, tok.pad_token_id)
+    value = scalar_model_from(ckpt / "value" if state and not adapters else rm_path, tok.pad_token_id)
+    if adapters:
+        policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
+        if state:
+            lora.load_adapter(policy, ckpt)
+            lora.load_adapter(value, ckpt / "value")
+    # the reference is the SFT model; with LoRA, the policy with its adapter off (no second copy)
+    ref = lora.Reference(policy) if adapters else load_model(init).eval().requires_grad_(False)
 
     def score_fn(ids, attn, pos, P):  # the reward model's score at the response's last token
         return reward(rm, ids, attn, pos)
@@ -132,8 +140,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
     def save(iteration: int) -> None:
         def extra(d: Path) -> None:
-            value.save_pretrained(d / "value")
-        save_checkpoint(ckpt, policy, tok, cfg, {
+            lora.saveable(value).save_pretrained(d / "value")
+        save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, {
             "stage": name, "iteration": iteration, "beta": beta, "opt_policy": opt_pi.state_dict(),
             "opt_value": opt_v.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "config": to_dict(cfg)}, extra)
 

@@ -17,6 +17,7 @@ from cherrytop.config import Config
 from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import DataError
 from cherrytop.data.tokenizer import load_tokenizer, render, train_tokenizer
+from cherrytop.model import lora
 from cherrytop.model.load import build_model, count_params, load_model
 from cherrytop.train import loop
 from cherrytop.train.lm import lm_count, lm_step
@@ -107,6 +108,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
 
     n_eval = min(len(held), t.eval_batches * t.micro_batch_size)
     eval_batches = [window_batches(held, range(i, min(i + t.micro_batch_size, n_eval))) for i in range(0, n_eval, t.micro_batch_size)]
+    model = lora.prepare(model, cfg, "pretrain")  # gradient checkpointing if configured (never LoRA)
     stage = loop.Stage("pretrain", model, tok, t, micro_batches, lm_step, lm_count, eval_batches)
     metrics = loop.run(stage, cfg, fresh)
     metrics["uniform_loss"] = math.log(len(tok))

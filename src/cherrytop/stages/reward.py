@@ -22,10 +22,11 @@ from cherrytop.config import Config
 from cherrytop.data.collate import step_indices
 from cherrytop.data.records import Comparison, DataError, read_comparisons, read_conversations
 from cherrytop.data.tokenizer import load_tokenizer, render
+from cherrytop.model import lora
 from cherrytop.model.heads import BIAS_KEY, reward, scalar_model_from
 from cherrytop.model.load import resolve_checkpoint
 from cherrytop.stages import compare, sft
-from cherrytop.train import loop
+from cherrytop.train import distributed, loop
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.world import Task, grade
 
@@ -135,7 +136,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         raise DataError(f"{train_path}: no comparisons left for training; expected K-way rankings")
     init = resolve_checkpoint(rc.train.init, cfg)
     tok = load_tokenizer(init)
-    model = scalar_model_from(init, tok.pad_token_id)
+    model = lora.prepare(scalar_model_from(init, tok.pad_token_id), cfg, "rm", heads=("score",))
     t = rc.train
     if rc.epochs > 0:
         from dataclasses import replace
@@ -155,13 +156,18 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     stage = loop.Stage("rm", model, tok, t, micro_batches, rm_step, lambda b: int(b["n_prompts"]), evals, rm_accuracy)
     metrics = loop.run(stage, _with_train(cfg, t), fresh)
     ckpt = Path(cfg.run.out_dir) / cfg.run.name / "rm"
+    d = distributed.current()
+    if d.world > 1:  # data-parallel run: rank 0 finishes on the whole trained model, read back from its checkpoint
+        if not d.main:
+            return metrics
+        model = scalar_model_from(ckpt, tok.pad_token_id)
     state = load_state(ckpt)
     if "accuracy_labelers" not in state["metrics"]:
         setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, cfg) if not rc.train.data else 0.0)
         metrics.update(accuracy(model, tok, held, t.seq_len, tok.pad_token_id))
         metrics["reward_bias"] = getattr(model.config, BIAS_KEY)
         state["metrics"] = metrics
-        save_checkpoint(ckpt, model, tok, _with_train(cfg, t), state)
+        save_checkpoint(ckpt, lora.saveable(model), tok, _with_train(cfg, t), state)
     metrics = state["metrics"]
     loop.console.print(f"rm: held-out accuracy {metrics['accuracy_labelers']:.3f} vs labelers, "
                        f"{metrics['accuracy_grader']:.3f} vs the noise-free grader; bias {metrics['reward_bias']:+.3f}")

@@ -16,6 +16,7 @@ from cherrytop.config import Config
 from cherrytop.data.collate import pack_examples, pad_batch, step_indices
 from cherrytop.data.records import DataError, read_conversations, write_jsonl
 from cherrytop.data.tokenizer import encode_conversation, load_tokenizer
+from cherrytop.model import lora
 from cherrytop.model.load import load_model, resolve_checkpoint
 from cherrytop.train import loop
 from cherrytop.train.lm import lm_count, lm_step
@@ -56,7 +57,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     t = cfg.sft
     init = resolve_checkpoint(init_ref(cfg), cfg)
     tok = load_tokenizer(cfg.tokenizer.path or init)
-    model = load_model(init)
+    model = lora.prepare(load_model(init), cfg, "sft")  # LoRA adapters / gradient checkpointing if configured
     path = demonstrations_file(cfg)
     convs = read_conversations(path)
     examples = encode_all(tok, convs, t.seq_len)

@@ -1,0 +1,327 @@
+"""Stage 6 on Ray: the PPO models as Ray actors placed on chosen devices — a policy trainer, a
+value trainer, the reward model, the reference model (none with LoRA: the policy trainer runs
+its policy with the adapter off) and rollout workers that sample with a copy of the policy whose
+weights the trainer pushes after every update (only the trainable ones: the adapters, with LoRA).
+
+The maths is stage 6's (`ppo.py`): the same rollout scoring, reward shaping, GAE and clipped
+losses, with the policy and value updates (separate parameters, optimizers and clipping) run by
+their own actors at the same time, on the same minibatch order. Overlap: the next rollout is
+generated while the value model is still training; the policy's old log-probs, the reference's,
+the values and the reward are computed in parallel.
+
+One machine: `cherrytop ppo --ray.enabled=true` starts Ray here (CPU actors unless
+`--ray.gpus_per_model` > 0). A cluster: `ray start --head` on one node, `ray start
+--address=HEAD:6379` on the others (same venv, a shared filesystem for runs/), then on the head
+`cherrytop ppo --ray.enabled=true --ray.address=auto --ray.gpus_per_model=1 --ray.rollout_workers=4`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cherrytop import losses as L
+from cherrytop.config import Config, to_dict
+from cherrytop.data.collate import step_indices
+from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+from cherrytop.model import lora
+from cherrytop.model.load import resolve_checkpoint
+from cherrytop.stages.ppo import Rollout, load_prompts, response_logp, response_values
+from cherrytop.train.checkpoint import load_state, save_checkpoint
+from cherrytop.train.loop import MetricsLog, console
+
+
+def _device() -> torch.device:
+    import ray
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device) if device.type != "cpu" else x
+
+
+def _minibatches(p, it: int, seed: int):
+    """The (epoch, minibatch indices) order of `ppo.update`: one generator, one permutation per epoch."""
+    g = torch.Generator().manual_seed(seed * 7919 + it)
+    n_mb = p.batch_size // p.minibatch_size
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(p.batch_size, generator=g)
+        for m in range(n_mb):
+            yield order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
+
+
+class PolicyTrainer:
+    """The policy, its optimizer and (with LoRA) the reference = the policy with its adapter off."""
+
+    def __init__(self, cfg: Config, init: str):
+        from cherrytop.model.load import load_model
+        torch.manual_seed(cfg.run.seed)
+        self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
+        self.adapters = lora.enabled(cfg, "ppo")
+        self.model = lora.prepare(load_model(init), cfg, "ppo") if self.adapters else load_model(init)
+        self.model.to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.lr, eps=1e-5, weight_decay=0.0)
+
+    @torch.no_grad()
+    def logp(self, ids, attn, pos, P: int, reference: bool = False):
+        """(B, N) log π_old (and entropy), or log π_ref when `reference` (LoRA only)."""
+        self.model.eval()
+        args = [_on(x, self.device) for x in (ids, attn, pos)]
+        if reference:
+            return response_logp(lora.Reference(self.model), *args, P, self.p.temperature).cpu()
+        logp, ent = response_logp(self.model, *args, P, self.p.temperature, with_entropy=True)
+        return logp.cpu(), ent.cpu()
+
+    def train(self, batch: Rollout, it: int) -> dict:
+        """The policy half of `ppo.update`: clipped policy loss, micro-batched, token-weighted."""
+        p, model = self.p, self.model
+        model.train()
+        P = batch.ids.shape[1] - batch.mask.shape[1]
+        acc: dict[str, list[float]] = {}
+        for mb in _minibatches(p, it, self.cfg.run.seed):
+            for j in range(0, p.minibatch_size, p.micro_batch_size):
+                part = batch.slice(mb[j: j + p.micro_batch_size])
+                w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)
+                logp = response_logp(model, *(_on(x, self.device) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
+                pg, st = L.ppo_policy_loss(logp, *(_on(x, self.device) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
+                (w * pg).backward()
+                for k, v in {"loss/policy": pg, **st}.items():
+                    acc.setdefault(k, []).append(float(v.detach()))
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            if not np.isfinite(float(gn)):
+                raise FloatingPointError(f"ppo: non-finite policy gradient at iteration {it + 1}")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What the rollout workers need: the trainable tensors (all weights, or only the adapters)."""
+        return {n: q.detach().cpu().clone() for n, q in self.model.named_parameters() if q.requires_grad}
+
+    def save(self, out: str) -> None:
+        lora.save_merged(self.model, Path(out))
+
+
+class ValueTrainer:
+    """The value model (initialised from the reward model [IG]) and its optimizer."""
+
+    def __init__(self, cfg: Config, rm_path: str, pad_id: int):
+        from cherrytop.model.heads import scalar_model_from
+        self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
+        model = scalar_model_from(rm_path, pad_id)
+        self.model = lora.prepare(model, cfg, "ppo", heads=("score",)) if lora.enabled(cfg, "ppo") else model
+        self.model.to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.value_lr, eps=1e-5, weight_decay=0.0)
+
+    @torch.no_grad()
+    def values(self, ids, attn, pos, P: int):
+        self.model.eval()
+        return response_values(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P).cpu()
+
+    def train(self, batch: Rollout, it: int) -> dict:
+        """The value half of `ppo.update`: clipped value loss · vf_coef, then explained variance."""
+        p, model = self.p, self.model
+        model.train()
+        P = batch.ids.shape[1] - batch.mask.shape[1]
+        acc: dict[str, list[float]] = {}
+        for mb in _minibatches(p, it, self.cfg.run.seed):
+            for j in range(0, p.minibatch_size, p.micro_batch_size):
+                part = batch.slice(mb[j: j + p.micro_batch_size])
+                w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)
+                v = response_values(model, *(_on(x, self.device) for x in (part.ids, part.attn, part.pos)), P)
+                vf, st = L.ppo_value_loss(v, *(_on(x, self.device) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
+                (w * p.vf_coef * vf).backward()
+                for k, val in {"loss/value": vf, **st}.items():
+                    acc.setdefault(k, []).append(float(val.detach()))
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            if not np.isfinite(float(gn)):
+                raise FloatingPointError(f"ppo: non-finite value gradient at iteration {it + 1}")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        out = {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
+        v = self.values(batch.ids, batch.attn, batch.pos, P)
+        out["value/explained_variance"] = float(L.explained_variance(v, batch.returns, batch.mask))
+        return out
+
+    def save(self, out: str) -> None:
+        lora.save_merged(self.model, Path(out))
+
+
+class Scorer:
+    """A frozen model: the reward model (`score`) or the reference policy (`logp`)."""
+
+    def __init__(self, kind: str, path: str, pad_id: int, temperature: float):
+        from cherrytop.model.heads import scalar_model_from
+        from cherrytop.model.load import load_model
+        self.device, self.temperature = _device(), temperature
+        model = scalar_model_from(path, pad_id) if kind == "reward" else load_model(path)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def score(self, ids, attn, pos):
+        from cherrytop.model.heads import reward
+        return reward(self.model, *(_on(x, self.device) for x in (ids, attn, pos))).cpu()
+
+    @torch.no_grad()
+    def logp(self, ids, attn, pos, P: int):
+        return response_logp(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P, self.temperature).cpu()
+
+
+class RolloutWorker:
+    """Samples responses with a copy of the policy; `set_weights` receives the trainer's update."""
+
+    def __init__(self, cfg: Config, init: str, seed: int):
+        from cherrytop.model.load import load_model
+        self.cfg, self.device = cfg, _device()
+        model = load_model(init)
+        self.model = (lora.prepare(model, cfg, "ppo") if lora.enabled(cfg, "ppo") else model).eval().to(self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> int:
+        missing = set(weights) - set(n for n, _ in self.model.named_parameters())
+        if missing:
+            raise KeyError(f"rollout worker: unknown weights {sorted(missing)[:3]}")
+        self.model.load_state_dict(weights, strict=False)
+        return len(weights)
+
+    def checksum(self) -> float:
+        return float(sum(q.double().sum() for q in self.model.parameters()))
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], pad_id: int, eos_id: int):
+        from cherrytop.rollout.sampler import left_pad, sample
+        p = self.cfg.ppo
+        ids_p, mask_p = left_pad(prompt_ids, pad_id)
+        s = sample(self.model, _on(ids_p, self.device), _on(mask_p, self.device), max_new_tokens=p.max_new_tokens,
+                   eos_id=eos_id, pad_id=pad_id, temperature=p.temperature, generator=self.gen)
+        return ids_p, mask_p, s.tokens.cpu(), s.mask.cpu(), s.has_eos.cpu()
+
+
+def start_ray(cfg: Config) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=False)
+    else:  # a Ray instance on this machine; logical CPUs so every actor is placed even on 2 cores
+        import os
+        os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default (15) starves the actors on a busy machine
+        ray.init(num_cpus=max(8, 5 + cfg.ray.rollout_workers), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+
+
+def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
+    """PPO with Ray actors; the checkpoint (policy + `value/`) is stage 6's."""
+    import ray
+    p, rc = cfg.ppo, cfg.ray
+    if p.ptx_coef > 0:
+        raise ValueError("ppo.ptx_coef > 0 is not supported with ray.enabled yet; run PPO-ptx without Ray")
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt = run_dir / name
+    init, rm_path = str(resolve_checkpoint(p.init, cfg)), str(resolve_checkpoint(p.reward_model, cfg))
+    tok = load_tokenizer(init)
+    iterations = p.episodes // p.batch_size
+    state = None if fresh else load_state(ckpt)
+    if state is not None and state.get("iteration", 0) >= iterations:
+        console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
+        return state["metrics"]
+    start_ray(cfg)
+    res = {"num_gpus": rc.gpus_per_model, "num_cpus": 1}
+    adapters = lora.enabled(cfg, "ppo")
+    policy = ray.remote(PolicyTrainer).options(**res).remote(cfg, init)
+    value = ray.remote(ValueTrainer).options(**res).remote(cfg, rm_path, tok.pad_token_id)
+    rm = ray.remote(Scorer).options(**res).remote("reward", rm_path, tok.pad_token_id, p.temperature)
+    ref = None if adapters else ray.remote(Scorer).options(**res).remote("reference", init, tok.pad_token_id, p.temperature)
+    workers = [ray.remote(RolloutWorker).options(**res).remote(cfg, init, cfg.run.seed * 1000 + k)
+               for k in range(rc.rollout_workers)]
+    encoded = [encode_prompt(tok, m) for m in load_prompts(cfg)]
+    log = MetricsLog(run_dir, name, 0)
+    beta, metrics, t0 = p.kl_coef, {}, time.perf_counter()
+    console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes; {len(workers)} rollout worker(s), "
+                  f"{'LoRA policy (reference = adapter off)' if adapters else 'full policy + reference actor'}; "
+                  f"{rc.gpus_per_model} GPU per actor")
+
+    def launch(it: int):  # 1. rollout: every worker samples its share of the iteration's prompts
+        prompts = [encoded[i] for i in step_indices(len(encoded), p.batch_size, it, cfg.run.seed)]
+        shares = np.array_split(np.arange(len(prompts)), len(workers))
+        return [w.generate.remote([prompts[i] for i in s], tok.pad_token_id, tok.eos_token_id) for w, s in zip(workers, shares)]
+
+    next_parts = launch(0)
+    for it in range(iterations):
+        batch, stats = _score(ray.get(next_parts), policy, ref, rm, value, tok, beta, p)  # 2-4, in parallel
+        pol, val = policy.train.remote(batch, it), value.train.remote(batch, it)  # 5. both halves at once
+        stats.update(ray.get(pol))
+        new = policy.weights.remote()
+        ray.get([w.set_weights.remote(new) for w in workers])  # weights: trainer -> rollout workers
+        if it + 1 < iterations:
+            next_parts = launch(it + 1)  # the next rollout runs while the value model still trains
+        stats.update(ray.get(val))
+        if p.kl_target > 0:
+            beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
+        stats["objective/beta"] = beta
+        stats["perf/episodes_per_s"] = (it + 1) * p.batch_size / (time.perf_counter() - t0)
+        metrics = stats
+        log.log((it + 1) * p.batch_size, stats)
+        console.print(f"ppo (ray) {it + 1}/{iterations}: score {stats['objective/score']:.3f} kl {stats['objective/kl']:.3f}")
+        if (it + 1) % p.save_every == 0 or it + 1 == iterations:
+            _save(ckpt, policy, value, tok, cfg, {"stage": name, "iteration": it + 1, "beta": beta, "metrics": metrics,
+                                                  "config": to_dict(cfg), "ray": True})
+    log.close()
+    console.print(f"[green]ppo (ray)[/]: done; policy {ckpt}")
+    return metrics
+
+
+def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout, dict]:
+    """Steps 2-4 of `ppo.rollout` on the actors' outputs: log-probs, values and reward in parallel."""
+    import ray
+
+    from cherrytop.rollout.sampler import left_pad
+    rows_p, rows_r = [], []
+    for ids_p, mask_p, toks, m, _ in parts:  # re-pad the workers' shares to common lengths
+        for i in range(len(ids_p)):
+            rows_p.append(ids_p[i][mask_p[i].bool()].tolist())
+            rows_r.append((toks[i], m[i]))
+    ids_p, mask_p = left_pad(rows_p, tok.pad_token_id)
+    N = max(t.shape[0] for t, _ in rows_r)
+    tokens = torch.full((len(rows_r), N), tok.pad_token_id, dtype=torch.long)
+    rmask = torch.zeros((len(rows_r), N), dtype=torch.long)
+    for i, (t, m) in enumerate(rows_r):
+        tokens[i, : len(t)], rmask[i, : len(m)] = t, m
+    has_eos = torch.cat([h for *_, h in parts])
+    P = ids_p.shape[1]
+    ids, attn = torch.cat([ids_p, tokens], 1), torch.cat([mask_p, rmask], 1)  # (B, P+N)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    mask = rmask.float()
+    f_old = policy.logp.remote(ids, attn, pos, P)
+    f_ref = policy.logp.remote(ids, attn, pos, P, reference=True) if ref is None else ref.logp.remote(ids, attn, pos, P)
+    f_val, f_rm = value.values.remote(ids, attn, pos, P), rm.score.remote(ids, attn, pos)
+    (old_logp, entropy), ref_logp, values, raw = ray.get([f_old, f_ref, f_val, f_rm])
+    values = values * mask
+    scores = L.apply_eos_penalty(raw, has_eos, p.no_eos_penalty)
+    kl = L.per_token_kl(old_logp, ref_logp, mask)
+    rewards = L.shaped_rewards(scores, kl, mask, beta)
+    if p.whiten_rewards:
+        rewards = L.masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
+    adv = L.masked_whiten(adv, mask)
+    stats = {
+        "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
+        "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
+        "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
+        "objective/entropy": float(L.masked_mean(entropy, mask)),
+        "rollout/length": float(mask.sum(1).mean()), "rollout/eos_rate": float(has_eos.float().mean()),
+    }
+    return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
+
+
+def _save(ckpt: Path, policy, value, tok, cfg: Config, state: dict) -> None:
+    """The trainer actors write the weights (merged, + adapter) straight into the new folder."""
+    import ray
+
+    class Writer:
+        def save_pretrained(self, out) -> None:
+            ray.get([policy.save.remote(str(out)), value.save.remote(str(Path(out) / "value"))])
+    save_checkpoint(ckpt, Writer(), tok, cfg, state)

@@ -1,0 +1,68 @@
+"""The memory planner against numbers computed by hand for a small Llama config, and the CLI."""
+
+import json
+
+import pytest
+
+from cherrytop.cli import main
+from cherrytop.plan import Options, Workload, plan, read_config, shape
+
+SMALL = {"model_type": "llama", "vocab_size": 100, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True, "max_position_embeddings": 64}
+W = Workload(micro_batch=2, seq_len=8, rollout_batch=3, lora_r=2)  # 16 tokens per micro-batch
+
+# By hand: embedding 100·16 = 1600; per layer q,k,v,o 4·16·16 = 1024, gate+up 2·16·32 = 1024, down 512,
+# 2 norms 32 -> 2592; 2 layers + final norm 16 -> 6800 (the head is tied to the embedding).
+PARAMS, BLOCK = 6800, 2592
+# LoRA rank 1 on every linear but the head: 4·(16+16) + 2·(16+32) + (32+16) = 272 per layer -> 544.
+LORA1 = 544
+# Activation bytes per token and layer: 11h + 4h + (2h + 6f) = 176 + 64 + 224 = 464; logits 6·V = 600.
+PER_LAYER, LOGITS = 464, 600
+
+
+@pytest.fixture(scope="module")
+def small():
+    return shape(SMALL)
+
+
+def test_shape_counts(small):
+    assert (small.params, small.block_params, small.lora_params) == (PARAMS, BLOCK, LORA1)
+    assert (small.layers, small.hidden, small.ffn, small.gated, small.kv_heads, small.head_dim) == (2, 16, 32, True, 2, 8)
+
+
+def test_sft_plain_lora_fsdp_checkpointing(small):
+    (m,) = plan(small, "sft", 1, 1.0, Options(), W).models
+    assert (m.weights, m.grads, m.optimizer) == (4 * PARAMS, 4 * PARAMS, 8 * PARAMS)
+    assert m.activations == (2 * PER_LAYER + LOGITS) * 16 == 24448
+    assert m.total == 133248
+    (m,) = plan(small, "sft", 1, 1.0, Options(lora=True), W).models
+    trainable = 2 * LORA1  # rank 2
+    assert (m.weights, m.grads, m.optimizer) == (4 * (PARAMS + trainable), 4 * trainable, 8 * trainable)
+    (m,) = plan(small, "sft", 2, 1.0, Options(fsdp=True), W).models
+    assert (m.weights, m.grads, m.optimizer) == (4 * PARAMS / 2 + 4 * 2 * BLOCK, 4 * PARAMS / 2, 8 * PARAMS / 2)
+    (m,) = plan(small, "sft", 2, 1.0, Options(fsdp=True, offload=True), W).models
+    assert (m.weights, m.grads, m.optimizer, m.cpu) == (8 * BLOCK, 0, 0, 16 * PARAMS / 2)
+    (m,) = plan(small, "sft", 1, 1.0, Options(grad_checkpointing=True), W).models
+    assert m.activations == (2 * 2 * 16 + PER_LAYER + LOGITS) * 16
+
+
+def test_ppo_models_and_kv_cache(small):
+    p = plan(small, "ppo", 1, 1.0, Options(), W)
+    assert [m.role for m in p.models] == ["policy", "reference", "reward", "value"]
+    policy, ref, rm, value = p.models
+    assert policy.kv_cache == 2 * 2 * 2 * 2 * 8 * 8 * 3  # k,v · bf16 · layers · kv heads · head dim · tokens · batch
+    assert ref.grads == rm.grads == ref.optimizer == 0 and ref.weights == rm.weights == 4 * PARAMS
+    assert ref.activations == (PER_LAYER + LOGITS) * 16 and rm.activations == PER_LAYER * 16
+    assert value.activations == 2 * PER_LAYER * 16 and value.optimizer == 8 * PARAMS
+    lora = plan(small, "ppo", 1, 1.0, Options(lora=True), W)
+    assert [m.role for m in lora.models] == ["policy", "reward", "value"]  # reference = adapter off, no copy
+
+
+def test_plan_cli(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    assert read_config(tmp_path)["hidden_size"] == 16
+    assert main(["plan", "--model", str(tmp_path), "--stage", "sft", "--gpus", "1", "--gpu-mem", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "0.000B parameters" in out and "fits with: plain DDP" in out
+    assert main(["plan", "--model", str(tmp_path / "nope")]) == 2
+    assert "no config.json" in capsys.readouterr().err

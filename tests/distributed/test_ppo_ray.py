@@ -1,0 +1,69 @@
+"""PPO with its models as Ray actors on this machine (a local Ray instance, CPU actors): the same
+curve as the single-process stage 6 on the same seed (so rollouts, scoring, both updates and the
+trainer -> rollout-worker weight sync are right), and (slow) with LoRA, no reference actor: the
+first rollout's KL to the reference (the policy with its adapter off) is exactly 0."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from cherrytop.cli import main
+from cherrytop.data.tokenizer import load_tokenizer
+from cherrytop.model.heads import scalar_model_from
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("lora_tests", HERE / "test_lora.py")
+lora_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lora_tests)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    yield
+    ray.shutdown()
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(r) for r in (run / "logs/ppo.jsonl").read_text().splitlines()]
+
+
+def setup(tmp_path) -> list[str]:
+    """A local Llama-style policy with its own template, a reward model from it, prompts; the PPO flags."""
+    base = lora_tests.chatml_llama(tmp_path)
+    tok = load_tokenizer(base)
+    rm = scalar_model_from(base, tok.pad_token_id)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["what is 12 plus 3 ?", "no idea ?"] * 8))
+    common = ["--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--ppo.init={base}",
+              f"--ppo.reward_model={tmp_path / 'rm'}", f"--ppo.prompts={prompts}", "--ppo.lr=0.01", "--ppo.value_lr=0.01"]
+    return common
+
+
+def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session):
+    common = setup(tmp_path)
+    assert main(["ppo", *common, "--run.name=single"]) == 0
+    assert main(["ppo", *common, "--run.name=ray", "--ray.enabled=true"]) == 0
+    a, b = rows(tmp_path / "runs/single"), rows(tmp_path / "runs/ray")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [16, 32]
+    for ra, rb in zip(a, b):
+        for k in ("objective/score", "objective/kl", "objective/entropy", "rollout/length", "loss/policy",
+                  "loss/value", "policy/clipfrac", "value/explained_variance"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
+    assert b[1]["objective/kl"] != 0.0  # iteration 2 sampled with the synced, trained weights
+    AutoModelForCausalLM.from_pretrained(tmp_path / "runs/ray/ppo")
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "runs/ray/ppo/value")
+
+
+@pytest.mark.slow
+def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session):
+    common = setup(tmp_path)
+    assert main(["ppo", *common, "--run.name=ray_lora", "--ray.enabled=true", "--lora.r=4"]) == 0
+    c = rows(tmp_path / "runs/ray_lora")
+    assert c[0]["objective/kl"] == 0.0 and c[1]["objective/kl"] != 0.0
+    assert (tmp_path / "runs/ray_lora/ppo/adapter/adapter_model.safetensors").is_file()
