@@ -315,7 +315,11 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         counts: dict[int, int] = {}
         for r in store.rankings():
             counts[r.item_id] = counts.get(r.item_id, 0) + 1
-        return page(request, "items.html", who, items=store.items(), counts=counts)
+        demos: dict[int, int] = {}
+        for d in store.demonstrations():
+            if d.item_id is not None:
+                demos[d.item_id] = demos.get(d.item_id, 0) + 1
+        return page(request, "items.html", who, items=store.items(), counts=counts, demos=demos)
 
     @app.get("/admin/items/{item_id}", response_class=HTMLResponse)
     def admin_item(request: Request, item_id: int):
