@@ -28,6 +28,8 @@ class Samples:
     """(B, N) 1 on generated tokens up to and including EOS."""
     has_eos: torch.Tensor
     """(B,) whether the row stopped at EOS within the budget."""
+    entropy: torch.Tensor | None = None
+    """(B, N) entropy of the next-token distribution at temperature T (before top-p), 0 after EOS."""
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +41,14 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[b, P - len(s):] = torch.tensor(list(s))
             mask[b, P - len(s):] = 1
     return ids, mask
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) one token per row from unnormalised `probs` (B, V), by inverting the CDF at one uniform
+    number per row: the same distribution as torch.multinomial, which draws V exponentials per row."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # first cdf > u
 
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -67,31 +77,33 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     has_eos = torch.zeros(B, dtype=torch.bool, device=device)
+    entropy = torch.zeros((B, max_new_tokens), device=device)
     for t in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()  # (B, V)
         if temperature > 0:
             scaled = logits / temperature
             logp_all = scaled.log_softmax(-1)
             filtered = _filter_top_p(scaled, top_p) if top_p < 1.0 else scaled
-            tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+            tok = _draw(filtered.softmax(-1), generator)  # (B,)
         else:
             logp_all = logits.log_softmax(-1)
             tok = logits.argmax(-1)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         tokens[:, t] = tok
         logprobs[:, t] = torch.where(alive, logp_all.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+        entropy[:, t] = torch.where(alive, -(logp_all.exp() * logp_all).sum(-1), 0.0)
         mask[:, t] = alive.long()
         stopped = alive & (tok == eos_id)
         has_eos |= stopped
         alive &= ~stopped
         if not alive.any() or t == max_new_tokens - 1:
-            tokens, logprobs, mask = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1]
+            tokens, logprobs, mask, entropy = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1], entropy[:, : t + 1]
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # finished rows keep decoding pad, ignored
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values,
                     use_cache=True)
         next_pos = next_pos + 1
-    return Samples(prompt_ids, prompt_mask, tokens, logprobs, mask, has_eos)
+    return Samples(prompt_ids, prompt_mask, tokens, logprobs, mask, has_eos, entropy)
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 48,

@@ -32,6 +32,7 @@ from cherrytop.model import lora
 from cherrytop.model.heads import reward, scalar_model_from, token_scores
 from cherrytop.model.load import load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample
+from cherrytop.rollout import packing
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
 from cherrytop.train.loop import MetricsLog, console
@@ -69,8 +70,12 @@ class Rollout:
 
 
 def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False):
-    """(B, N) log-probs of the response tokens (positions P..) under `model`, and optionally entropy."""
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
+    """(B, N) log-probs of the response tokens (positions P..) under `model`, and optionally entropy.
+    Padding-free (rollout.packing) for plain HF models; the padded forward pass otherwise."""
+    if packing.supports_packing(model):
+        logits = packing.response_logits(model, packing.pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
     logits = logits / temperature
     logp = L.token_logprobs(logits, ids[:, P:])
     return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
@@ -78,6 +83,8 @@ def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entrop
 
 def response_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
     """(B, N) V(s_t): the value head at the position that predicts response token t."""
+    if packing.supports_packing(value_model):
+        return packing.response_scores(value_model, packing.pack(ids, attn), P, ids.shape[1] - P)
     return token_scores(value_model, ids, attn, pos)[:, P - 1: -1]
 
 
@@ -120,6 +127,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     ref = lora.Reference(policy) if adapters else load_model(init).eval().requires_grad_(False)
 
     def score_fn(ids, attn, pos, P):  # the reward model's score at the response's last token
+        if packing.supports_packing(rm):
+            return packing.last_reward(rm, packing.pack(ids, attn))
         return reward(rm, ids, attn, pos)
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0)
     opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0)
@@ -181,7 +190,7 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     attn = torch.cat([mask_p, s.mask], 1)  # (B, P+N)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = s.mask.float()  # (B, N)
-    old_logp, entropy = response_logp(policy, ids, attn, pos, P, p.temperature, with_entropy=True)
+    old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
     ref_logp = response_logp(ref, ids, attn, pos, P, p.temperature)
     values = response_values(value, ids, attn, pos, P) * mask
     raw = score_fn(ids, attn, pos, P)  # (B,)

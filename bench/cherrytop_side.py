@@ -1,0 +1,150 @@
+"""The cherrytop side of the benchmark: runs one task through cherrytop's real entry points
+(`stages.sft.run`, `stages.reward.run`, `stages.ppo.run`, `rollout.sampler.sample`) on the shared
+inputs of `make_data.py`, and prints one `RESULT {json}` line. Started by compare.py in a fresh
+process per task (so peak memory is per task), with cherrytop's venv:
+
+    .venv/bin/python bench/cherrytop_side.py --task {sft,rm_pairs,rm_rankings,ppo,gen} [--spec JSON]
+
+The step clock is read by wrapping the function each loop calls at the start of a step (the
+micro-batch builder, or the PPO rollout): nothing inside cherrytop is changed for the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Meter, Spec, report  # noqa: E402
+
+import torch  # noqa: E402
+
+from cherrytop.config import load_config  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def _common(spec: Spec, run_dir: str) -> list[str]:
+    return [f"--run.out_dir={run_dir}", "--run.name=bench", f"--run.threads={spec.threads}"]
+
+
+def bench_sft(spec: Spec, run_dir: str) -> None:
+    from cherrytop.stages import sft
+    from cherrytop.train import loop
+    cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
+        f"--sft.data={OUT / 'sft.jsonl'}", f"--sft.init={OUT / 'model'}", f"--sft.max_steps={spec.sft_steps}",
+        f"--sft.batch_size={spec.sft_batch}", f"--sft.micro_batch_size={spec.sft_batch}",
+        f"--sft.seq_len={spec.sft_seq_len}", f"--sft.lr={spec.sft_lr}", "--sft.warmup_steps=2",
+        "--sft.eval_every=100000", "--sft.save_every=100000", "--sft.log_every=10", "--sft.eval_batches=1"])
+    meter = Meter(spec.warmup)
+    _time_loop(loop, meter, lambda b: int(b["attention_mask"].sum()))
+    sft.run(cfg, fresh=True)
+    report("sft", "cherrytop", meter, "tokens")
+
+
+def bench_rm(spec: Spec, run_dir: str, rankings: bool) -> None:
+    from cherrytop.stages import reward
+    from cherrytop.train import loop
+    data = OUT / ("rankings.jsonl" if rankings else "pairs.jsonl")
+    batch = spec.rm_rankings_batch if rankings else spec.rm_pairs_batch
+    cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
+        f"--rm.train.data={data}", f"--rm.train.init={OUT / 'model'}", "--rm.epochs=0",
+        f"--rm.train.max_steps={spec.rm_steps}", f"--rm.train.batch_size={batch}",
+        f"--rm.train.micro_batch_size={batch}", f"--rm.train.seq_len={spec.rm_seq_len}", f"--rm.train.lr={spec.rm_lr}",
+        "--rm.train.eval_every=100000", "--rm.train.save_every=100000", "--rm.train.eval_batches=1"])
+    meter = Meter(spec.warmup)
+    _time_loop(loop, meter, lambda b: int(b["pref"].sum()) + int(b["tie"].sum()) // 2)
+    reward.run(cfg, fresh=True)
+    report("rm_rankings" if rankings else "rm_pairs", "cherrytop", meter, "pairs")
+
+
+def _time_loop(loop, meter: Meter, work) -> None:
+    """Wrap `loop.run` so that each step's micro-batch builder marks the step start and its work."""
+    inner = loop.run
+
+    def run(stage, cfg, fresh=False):
+        build = stage.micro_batches
+
+        def timed(step):
+            t0 = time.perf_counter()
+            batches = build(step)
+            meter.step(sum(work(b) for b in batches), at=t0)
+            return batches
+        stage.micro_batches = timed
+        return inner(stage, cfg, fresh)
+    loop.run = run
+
+
+def bench_ppo(spec: Spec, run_dir: str) -> None:
+    from cherrytop.stages import ppo
+    cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
+        f"--ppo.init={OUT / 'model'}", f"--ppo.reward_model={OUT / 'model'}", f"--ppo.prompts={OUT / 'prompts.jsonl'}",
+        f"--ppo.episodes={spec.ppo_iterations * spec.ppo_batch}", f"--ppo.batch_size={spec.ppo_batch}",
+        f"--ppo.minibatch_size={spec.ppo_minibatch}", f"--ppo.micro_batch_size={spec.ppo_minibatch}",
+        f"--ppo.ppo_epochs={spec.ppo_epochs}", f"--ppo.max_new_tokens={spec.response_len}",
+        f"--ppo.temperature={spec.temperature}", f"--ppo.lr={spec.ppo_lr}", f"--ppo.value_lr={spec.ppo_lr}",
+        f"--ppo.kl_coef={spec.kl_coef}", "--ppo.save_every=100000"])
+    meter = Meter(spec.ppo_warmup)
+    inner = ppo.rollout
+    lengths = []
+
+    def rollout(*args, **kwargs):
+        meter.step(spec.ppo_batch)
+        batch, stats = inner(*args, **kwargs)
+        lengths.append(stats["rollout/length"])
+        return batch, stats
+    inner_update = ppo.update
+
+    def update(*args, **kwargs):
+        out = inner_update(*args, **kwargs)
+        if len(meter.marks) == spec.ppo_iterations:  # the last iteration's end closes the window
+            meter.step(0)
+        return out
+    ppo.rollout, ppo.update = rollout, update
+    ppo.run(cfg, fresh=True)
+    report("ppo", "cherrytop", meter, "episodes", mean_response_len=sum(lengths) / len(lengths))
+
+
+def bench_gen(spec: Spec) -> None:
+    from cherrytop.data.records import read_prompts
+    from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+    from cherrytop.model.load import load_model
+    from cherrytop.rollout.sampler import left_pad, sample
+    tok = load_tokenizer(OUT / "model")
+    model = load_model(OUT / "model").eval()
+    prompts = [encode_prompt(tok, [m.to_json() for m in p.messages]) for p in read_prompts(OUT / "prompts.jsonl")]
+    gen = torch.Generator().manual_seed(0)
+    meter = Meter(spec.warmup)
+    for i in range(spec.gen_batches):
+        ids, mask = left_pad(prompts[i * spec.ppo_batch: (i + 1) * spec.ppo_batch], tok.pad_token_id)
+        t0 = time.perf_counter()
+        s = sample(model, ids, mask, max_new_tokens=spec.response_len, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                   temperature=spec.temperature, generator=gen)
+        meter.step(int(s.mask.sum()), at=t0)
+    meter.step(0)
+    report("gen", "cherrytop", meter, "tokens")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="cherrytop side of the TRL comparison")
+    ap.add_argument("--task", required=True, choices=["sft", "rm_pairs", "rm_rankings", "ppo", "gen"])
+    ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
+    args = ap.parse_args(argv)
+    spec = Spec.from_json(args.spec)
+    torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory(prefix="cherrytop-bench-") as run_dir:
+        if args.task == "sft":
+            bench_sft(spec, run_dir)
+        elif args.task.startswith("rm_"):
+            bench_rm(spec, run_dir, rankings=args.task == "rm_rankings")
+        elif args.task == "ppo":
+            bench_ppo(spec, run_dir)
+        else:
+            bench_gen(spec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""What both sides of the benchmark share: the matched settings (`Spec`) and the meter that turns
+step timestamps into a throughput. Imported by `cherrytop_side.py` (cherrytop's venv) and by
+`trl_side.py` (TRL's venv), so it depends on the standard library only."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Settings both sides run with; the defaults are the tiny preset's (src/cherrytop/config.py)."""
+    threads: int = 1
+    """torch CPU threads on both sides. 1: the 2-core machine is shared, and with 2 threads OpenMP's
+    spinning under contention made a one-token forward pass ~15x slower on both sides."""
+    warmup: int = 2
+    """Steps (or PPO iterations, or generation batches) run before the clock starts."""
+    sft_steps: int = 24
+    """SFT optimizer steps (warm-up included)."""
+    sft_batch: int = 32
+    """SFT sequences per step, one forward/backward pass (tiny: sft.batch_size = micro_batch_size = 32)."""
+    sft_seq_len: int = 160
+    """SFT maximum tokens per example (tiny: sft.seq_len)."""
+    sft_lr: float = 1e-3
+    """SFT learning rate (tiny: sft.lr)."""
+    rm_steps: int = 24
+    """Reward-model optimizer steps (warm-up included)."""
+    rm_pairs_batch: int = 32
+    """Pairwise data: chosen/rejected pairs per step on both sides (64 sequences per pass)."""
+    rm_rankings_batch: int = 16
+    """K = 4 rankings per step for cherrytop (tiny: rm.train.batch_size = 16): 64 sequences, 96 pairs
+    per pass; TRL trains the same rankings as pairs, rm_pairs_batch (64 sequences) per step."""
+    rm_seq_len: int = 160
+    """Reward-model maximum tokens per sequence (tiny: rm.train.seq_len)."""
+    rm_lr: float = 3e-4
+    """Reward-model learning rate (tiny: rm.train.lr)."""
+    ppo_iterations: int = 4
+    """PPO iterations (rollout batch + updates), warm-up included (ppo_warmup of them)."""
+    ppo_warmup: int = 1
+    """PPO iterations run before the clock starts."""
+    ppo_batch: int = 64
+    """Episodes per rollout batch (tiny: ppo.batch_size)."""
+    ppo_minibatch: int = 32
+    """Episodes per optimizer step (tiny: ppo.minibatch_size); micro-batch = minibatch."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (tiny: ppo.ppo_epochs)."""
+    response_len: int = 24
+    """Most sampled tokens per response (tiny: ppo.max_new_tokens)."""
+    temperature: float = 1.0
+    """Sampling temperature (tiny: ppo.temperature)."""
+    ppo_lr: float = 1e-4
+    """Policy and value learning rate (tiny: ppo.lr, ppo.value_lr)."""
+    kl_coef: float = 0.5
+    """KL penalty β (tiny: ppo.kl_coef)."""
+    gen_batches: int = 6
+    """Generation benchmark: batches of `ppo_batch` prompts (warm-up included)."""
+    extra: dict = field(default_factory=dict)
+    """Free-form notes carried into the results."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Spec":
+        return cls(**json.loads(text))
+
+
+class Meter:
+    """Marks the start of each step. The timed window runs from the start of step `warmup` to the
+    start of the last step, and counts the work of the steps in between; the last step only closes
+    the window. Both sides can see when a step starts (a callback, a wrapped data function), so
+    neither side's end-of-run work (final checkpoint, evaluation) enters the numbers."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.marks: list[float] = []
+        self.work: list[float] = []
+
+    def step(self, work: float, at: float | None = None) -> None:
+        """Mark the start (now, or `at`, a perf_counter time) of a step that does `work` units
+        (tokens, pairs, episodes)."""
+        self.marks.append(time.perf_counter() if at is None else at)
+        self.work.append(work)
+
+    def result(self, unit: str) -> dict:
+        if len(self.marks) < self.warmup + 2:
+            raise RuntimeError(f"only {len(self.marks)} steps seen; expected at least {self.warmup + 2}")
+        seconds = self.marks[-1] - self.marks[self.warmup]
+        work = sum(self.work[self.warmup:-1])
+        return {"unit": unit, "per_s": work / seconds, "seconds": seconds, "work": work,
+                "steps": len(self.marks) - 1 - self.warmup}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(task: str, side: str, meter: Meter, unit: str, **extra) -> None:
+    """The one JSON line a side prints last: what compare.py reads."""
+    out = {"task": task, "side": side, **meter.result(unit), "peak_rss_mb": peak_rss_mb(), **extra}
+    sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,176 @@
+"""The TRL side of the benchmark: the same tasks as `cherrytop_side.py`, run with TRL's trainers on
+the same model folder and data (`make_data.py`), printing one `RESULT {json}` line. It imports
+nothing from cherrytop and runs in TRL's own venv (TRL is a benchmark-only dependency):
+
+    bench/.venv-trl/bin/python     bench/trl_side.py --task {sft,rm,gen}   # trl 1.16.0
+    bench/.venv-trl-ppo/bin/python bench/trl_side.py --task ppo           # trl 1.12.0 (trl.experimental.ppo)
+
+Settings that differ from TRL's defaults, all to match cherrytop's run (see bench/README.md):
+bf16 off and gradient checkpointing off (TRL's defaults; very slow on CPU), no checkpoints, no
+evaluation, no reporting integrations, dropout off (the model has none), the tiny preset's batch
+sizes, lengths, learning rates and PPO epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Meter, Spec, report  # noqa: E402
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
+                          TrainerCallback)
+
+OUT = Path(__file__).resolve().parent / "out"
+MODEL = str(OUT / "model")
+
+
+def read_jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (OUT / name).read_text().splitlines() if line.strip()]
+
+
+def common_args(out_dir: str) -> dict:
+    return dict(output_dir=out_dir, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+                save_strategy="no", eval_strategy="no", logging_steps=10, seed=0, dataloader_num_workers=0,
+                disable_tqdm=True, use_cpu=True)
+
+
+class StepClock(TrainerCallback):
+    """Marks each optimizer step's start (after its batch was collated) with the work counted by
+    the wrapped collator for that step."""
+
+    def __init__(self, meter: Meter, counts: list[float]):
+        self.meter, self.counts = meter, counts
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.meter.step(self.counts[len(self.meter.marks)])
+
+
+def counting(collator, counts: list[float], work):
+    def collate(examples):
+        batch = collator(examples)
+        counts.append(work(batch))
+        return batch
+    return collate
+
+
+def bench_sft(spec: Spec, out_dir: str) -> None:
+    from trl import SFTConfig, SFTTrainer
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in read_jsonl("sft.jsonl")]
+    args = SFTConfig(**common_args(out_dir), max_steps=spec.sft_steps, per_device_train_batch_size=spec.sft_batch,
+                     gradient_accumulation_steps=1, learning_rate=spec.sft_lr, warmup_steps=2, max_length=spec.sft_seq_len,
+                     packing=False, padding_free=False)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    meter, counts = Meter(spec.warmup), []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[StepClock(meter, counts)])
+    trainer.data_collator = counting(trainer.data_collator, counts, lambda b: int(b["attention_mask"].sum()))
+    trainer.train()
+    report("sft", "trl", meter, "tokens", trl_version=_version())
+
+
+def bench_rm(spec: Spec, out_dir: str) -> None:
+    from trl import RewardConfig, RewardTrainer
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    rows = read_jsonl("pairs.jsonl")
+    args = RewardConfig(**common_args(out_dir), max_steps=spec.rm_steps, per_device_train_batch_size=spec.rm_pairs_batch,
+                        gradient_accumulation_steps=1, learning_rate=spec.rm_lr, warmup_steps=2, max_length=spec.rm_seq_len)
+    model = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    meter, counts = Meter(spec.warmup), []
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            callbacks=[StepClock(meter, counts)])
+    trainer.data_collator = counting(trainer.data_collator, counts, lambda b: int(b["input_ids"].shape[0]) // 2)
+    trainer.train()
+    report("rm", "trl", meter, "pairs", trl_version=_version())
+
+
+def prompt_ids(tok) -> list[list[int]]:
+    return [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+            for r in read_jsonl("prompts.jsonl")]
+
+
+def bench_ppo(spec: Spec, out_dir: str) -> None:
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    tok = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+    ids = prompt_ids(tok)
+    # TRL's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, split into
+    # num_mini_batches; micro-batch = per_device_train_batch_size. So 32 x 2 / 2 = cherrytop's 64 / 32 / 32.
+    # (accelerate then steps the optimizer every 2 micro-batches: 4 AdamW steps per iteration, not 8;
+    # the forward/backward work is the same, and an AdamW step on 2.5M parameters is negligible.)
+    n_mb = spec.ppo_batch // spec.ppo_minibatch
+    args = PPOConfig(**common_args(out_dir), per_device_train_batch_size=spec.ppo_minibatch, gradient_accumulation_steps=n_mb,
+                     num_mini_batches=n_mb, total_episodes=spec.ppo_iterations * spec.ppo_batch,
+                     num_ppo_epochs=spec.ppo_epochs, response_length=spec.response_len, temperature=spec.temperature,
+                     learning_rate=spec.ppo_lr, kl_coef=spec.kl_coef, missing_eos_penalty=1.0, stop_token="eos",
+                     local_rollout_forward_batch_size=spec.ppo_batch, num_sample_generations=0)
+    policy = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1, dtype=torch.float32)
+    meter = Meter(spec.ppo_warmup)
+
+    class IterationClock(TrainerCallback):  # PPOTrainer calls on_step_end once per iteration
+        def on_train_begin(self, args, state, control, **kwargs):
+            meter.step(spec.ppo_batch)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.step(spec.ppo_batch)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm, value_model=value,
+                         train_dataset=Dataset.from_list([{"input_ids": x} for x in ids]), callbacks=[IterationClock()])
+    trainer.train()
+    report("ppo", "trl", meter, "episodes", trl_version=_version())
+
+
+def bench_gen(spec: Spec) -> None:
+    """transformers' `generate` (dynamic KV cache) exactly as TRL's PPO calls it for rollouts."""
+    from transformers import GenerationConfig
+    tok = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    gc = GenerationConfig(max_new_tokens=spec.response_len, temperature=spec.temperature + 1e-7, top_k=0, top_p=1.0,
+                          do_sample=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    ids = prompt_ids(tok)
+    torch.manual_seed(0)
+    meter = Meter(spec.warmup)
+    for i in range(spec.gen_batches):
+        enc = tok.pad({"input_ids": ids[i * spec.ppo_batch: (i + 1) * spec.ppo_batch]}, return_tensors="pt")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gc)
+        resp = out[:, enc["input_ids"].shape[1]:]
+        is_eos = (resp == tok.eos_token_id).int()
+        after = is_eos.cumsum(1) - is_eos  # EOS seen before this position
+        meter.step(int((after == 0).sum()), at=t0)
+    meter.step(0)
+    report("gen", "trl", meter, "tokens", trl_version=_version())
+
+
+def _version() -> str:
+    import trl
+    import transformers
+    return f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="TRL side of the cherrytop comparison")
+    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "gen"])
+    ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
+    args = ap.parse_args(argv)
+    spec = Spec.from_json(args.spec)
+    torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
+        {"sft": lambda: bench_sft(spec, out_dir), "rm": lambda: bench_rm(spec, out_dir),
+         "ppo": lambda: bench_ppo(spec, out_dir), "gen": lambda: bench_gen(spec)}[args.task]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Padding-free forward passes: the real tokens of each sequence of a padded batch (a PPO episode:
+prompt without its left padding + response up to EOS; an SFT row without its right padding) are
+packed first-fit into a few rows, with a block-diagonal causal mask and per-sequence position ids,
+so no compute goes to padding; the vocabulary head runs only at the positions whose prediction is
+used (response tokens, labelled tokens), and the scalar heads only where they are read.
+
+Same numbers as the padded pass (a sequence attends to exactly its own tokens at the same positions)
+up to float rounding; tests/rollout/test_packing.py checks it. Works with any Hugging Face causal LM
+whose attention takes a 4D mask (Llama, GPT-2, Qwen, ...); models that post-process logits
+(`final_logit_softcapping`) are rejected so callers fall back to the padded pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass
+class Packed:
+    """Sequences (B of them, each a contiguous run of real tokens in a padded (B, T) batch, padded on
+    the left or on the right) packed into R rows of L positions."""
+    input_ids: torch.Tensor
+    """(R, L) tokens; pad positions hold token 0."""
+    position_ids: torch.Tensor
+    """(R, L) position of each token within its own sequence (0 at its first real token)."""
+    mask: torch.Tensor
+    """(R, 1, L, L) bool, True where query i may attend key j: same sequence and j <= i (pads see themselves)."""
+    row: torch.Tensor
+    """(B,) packed row of each sequence."""
+    offset: torch.Tensor
+    """(B,) packed column of each sequence's first real token."""
+    start: torch.Tensor
+    """(B,) padded column of each sequence's first real token."""
+    length: torch.Tensor
+    """(B,) real tokens per sequence."""
+
+    def at(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed (rows, cols) of padded columns `cols` (B, K); a column outside its sequence maps to
+        the nearest real token of that sequence (callers mask those out)."""
+        within = (cols - self.start[:, None]).clamp(max=(self.length[:, None] - 1).clamp(min=0)).clamp(min=0)  # (B, K)
+        return self.row[:, None].expand_as(cols), self.offset[:, None] + within
+
+
+MIN_PADDING = 1 / 3
+"""Pack a training batch only when at least this share of its positions is padding: building the
+block-diagonal layout and masked attention cost more than they save on lightly padded batches (on
+the 2-core CPU, batches of 32 rows: 12-21 % padding ran slower packed, 26-46 % faster)."""
+
+
+def worth_packing(attention_mask: torch.Tensor) -> bool:
+    """Whether a padded batch has enough padding for the packed pass to pay off (MIN_PADDING)."""
+    return float(attention_mask.float().mean()) <= 1 - MIN_PADDING
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether `model`'s outputs can be computed from packed rows: a plain Hugging Face model (not a
+    wrapper such as DDP, a PEFT model or a LoRA reference view, not FSDP-sharded) whose trunk takes a
+    4D mask and whose logits are not post-processed."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):
+            return False
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    return (isinstance(model, PreTrainedModel) and hasattr(model, model.base_model_prefix)
+            and getattr(model.config, "final_logit_softcapping", None) is None)
+
+
+def _first_fit(lengths: list[int], L: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """First-fit decreasing into rows of L positions: (row, offset) per episode, filled length per row."""
+    rows_used: list[int] = []
+    place = [(0, 0)] * len(lengths)
+    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, used in enumerate(rows_used):
+            if used + lengths[b] <= L:
+                place[b] = (r, used)
+                rows_used[r] += lengths[b]
+                break
+        else:
+            place[b] = (len(rows_used), 0)
+            rows_used.append(lengths[b])
+    return place, rows_used
+
+
+def _layout(lengths: list[int]) -> tuple[list[tuple[int, int]], list[int], int]:
+    """The row length (1x..4x the longest episode) whose packing costs least: positions R·L, plus the
+    attention's share that grows with L (a quarter of a position per 256 keys, as at d_model ~128)."""
+    longest = max(max(lengths), 1)
+    best = None
+    for L in sorted({longest, longest * 3 // 2, longest * 2, longest * 3, longest * 4}):
+        place, rows_used = _first_fit(lengths, L)
+        cost = len(rows_used) * L * (1 + L / 1024)
+        if best is None or cost < best[0]:
+            best = (cost, place, rows_used, L)
+    return best[1], best[2], best[3]
+
+
+def pack(ids: torch.Tensor, attn: torch.Tensor) -> Packed:
+    """Pack a padded batch (B, T) whose attended tokens (attn = 1) form one contiguous run per row."""
+    B, T = ids.shape
+    dev = ids.device
+    lengths = attn.sum(1).tolist()
+    starts = torch.where(attn.bool().any(1), attn.long().argmax(1), 0)  # (B,) first attended column
+    place, rows_used, L = _layout(lengths)
+    R = len(rows_used)
+    input_ids = torch.zeros((R, L), dtype=ids.dtype, device=dev)
+    position_ids = torch.zeros((R, L), dtype=torch.long, device=dev)
+    segment = torch.full((R, L), -1, dtype=torch.long, device=dev)  # sequence index, -1 on pads
+    for b, (r, o) in enumerate(place):
+        n, s0 = lengths[b], int(starts[b])
+        input_ids[r, o: o + n] = ids[b, s0: s0 + n]
+        position_ids[r, o: o + n] = torch.arange(n, device=dev)
+        segment[r, o: o + n] = b
+    same = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
+    causal = torch.ones((L, L), dtype=torch.bool, device=dev).tril()
+    pad_self = torch.eye(L, dtype=torch.bool, device=dev) & (segment[:, :, None] < 0)
+    mask = ((same & causal & (segment[:, :, None] >= 0)) | pad_self)[:, None]  # (R, 1, L, L)
+    return Packed(input_ids, position_ids, mask, torch.tensor([r for r, _ in place], device=dev),
+                  torch.tensor([o for _, o in place], device=dev), starts, torch.tensor(lengths, device=dev))
+
+
+def hidden_states(model: torch.nn.Module, pk: Packed) -> torch.Tensor:
+    """(R, L, d) last hidden states of the trunk (no vocabulary / scalar head)."""
+    trunk = getattr(model, model.base_model_prefix)
+    return trunk(input_ids=pk.input_ids, attention_mask=pk.mask, position_ids=pk.position_ids,
+                 use_cache=False).last_hidden_state
+
+
+def _pred(pk: Packed, P: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed coordinates (B, N) of the positions P-1+t that predict response token t."""
+    cols = torch.arange(P - 1, P - 1 + N, device=pk.row.device).expand(pk.row.shape[0], N)
+    return pk.at(cols)
+
+
+def response_logits(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch.Tensor:
+    """(B, N, V) float32 next-token logits at the positions that predict response tokens P..P+N-1."""
+    h = hidden_states(model, pk)[_pred(pk, P, N)]  # (B, N, d)
+    return model.get_output_embeddings()(h).float()
+
+
+def response_scores(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch.Tensor:
+    """(B, N) a scalar-head model (`score`) at the positions that predict response tokens P..P+N-1."""
+    h = hidden_states(model, pk)[_pred(pk, P, N)]  # (B, N, d)
+    return model.score(h).squeeze(-1).float()
+
+
+def last_reward(model: torch.nn.Module, pk: Packed, normalised: bool = True) -> torch.Tensor:
+    """(B,) a reward model's score at each sequence's last real token (+ its normalising bias), as
+    `model.heads.reward` computes it on the padded batch."""
+    from cherrytop.model.heads import BIAS_KEY
+    h = hidden_states(model, pk)[pk.row, pk.offset + (pk.length - 1).clamp(min=0)]  # (B, d)
+    r = model.score(h).squeeze(-1).float()
+    return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
+
+
+def lm_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, counted tokens) as `losses.lm_loss` gives on the padded batch's logits, computed
+    padding-free, with the vocabulary head run only where a label is predicted."""
+    pk = pack(input_ids, attention_mask)
+    R, L = pk.input_ids.shape
+    packed_labels = torch.full((R, L), ignore_index, dtype=labels.dtype, device=labels.device)
+    for b in range(input_ids.shape[0]):
+        n, s0, r, o = int(pk.length[b]), int(pk.start[b]), int(pk.row[b]), int(pk.offset[b])
+        packed_labels[r, o + 1: o + n] = labels[b, s0 + 1: s0 + n]  # a sequence's first token is never predicted
+    target = packed_labels[:, 1:]  # (R, L-1) label predicted by position i
+    keep = target != ignore_index
+    h = hidden_states(model, pk)[:, :-1][keep]  # (K, d)
+    logits = model.get_output_embeddings()(h).float()  # (K, V)
+    nll = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
+    return nll, keep.sum()
