@@ -141,14 +141,21 @@ class Plan:
     gpu_bytes: float
     options: Options
     models: list[ModelMemory] = field(default_factory=list)
+    cpu_node_bytes: float = float("inf")
+    """CPU memory of one node (offload must fit there for the node's GPUs)."""
+    gpus_per_node: int = 8
 
     @property
     def total(self) -> float:
         return sum(m.total for m in self.models)
 
     @property
+    def cpu_per_node(self) -> float:
+        return sum(m.cpu for m in self.models) * min(self.gpus, self.gpus_per_node)
+
+    @property
     def fits(self) -> bool:
-        return self.total <= self.gpu_bytes
+        return self.total <= self.gpu_bytes and self.cpu_per_node <= self.cpu_node_bytes
 
 
 def activation_bytes_per_token(s: Shape, trained: bool, checkpointing: bool, lm: bool) -> float:
@@ -173,12 +180,13 @@ def roles(stage: str) -> list[tuple[str, bool, bool]]:
     return [("reward" if stage == "rm" else "model", True, False)]
 
 
-def plan(s: Shape, stage: str, gpus: int, gpu_gib: float, opts: Options, w: Workload = Workload()) -> Plan:
+def plan(s: Shape, stage: str, gpus: int, gpu_gib: float, opts: Options, w: Workload = Workload(),
+         cpu_node_gib: float = float("inf"), gpus_per_node: int = 8) -> Plan:
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
-    out = Plan(stage, gpus, gpu_gib * GiB, opts)
+    out = Plan(stage, gpus, gpu_gib * GiB, opts, cpu_node_bytes=cpu_node_gib * GiB, gpus_per_node=gpus_per_node)
     shard = gpus if opts.fsdp else 1
     tokens = w.micro_batch * w.seq_len
     for role, trained, generates in roles(stage):
@@ -219,16 +227,17 @@ def gib(x: float) -> str:
 
 
 def report(path: str | Path, stage: str, gpus: int, gpu_gib: float = 80.0, w: Workload = Workload(),
-           headroom: float = 0.9) -> str:
+           headroom: float = 0.9, cpu_node_gib: float = 1024.0, gpus_per_node: int = 8) -> str:
     """The printed plan: the model, the first option set that fits (with its breakdown per model),
     and every option set with its per-GPU total."""
     s = shape(read_config(path))
     usable = gpu_gib * headroom
-    plans = [plan(s, stage, gpus, usable, o, w) for o in all_options(stage)]
+    plans = [plan(s, stage, gpus, usable, o, w, cpu_node_gib * headroom, gpus_per_node) for o in all_options(stage)]
     lines = [f"model {path}: {s.params / 1e9:.3f}B parameters, {s.layers} layers, hidden {s.hidden}, "
              f"vocab {s.vocab}; LoRA r={w.lora_r}: {s.lora_params * w.lora_r / 1e6:.1f}M trainable",
              f"stage {stage} on {gpus} GPU(s) of {gpu_gib:g} GiB ({headroom:.0%} usable = {usable:.1f} GiB); "
-             f"micro-batch {w.micro_batch} x {w.seq_len} tokens" + (f", rollout batch {w.rollout_batch}" if stage == "ppo" else ""),
+             f"micro-batch {w.micro_batch} x {w.seq_len} tokens" + (f", rollout batch {w.rollout_batch}" if stage == "ppo" else "")
+             + f"; offload may use {cpu_node_gib * headroom:.0f} GiB of CPU memory per node of {min(gpus, gpus_per_node)} GPUs",
              ""]
     best = next((p for p in plans if p.fits), None)
     shown = best or min(plans, key=lambda p: p.total)
@@ -238,8 +247,10 @@ def report(path: str | Path, stage: str, gpus: int, gpu_gib: float = 80.0, w: Wo
     for m in shown.models:
         lines.append(f"{m.role:<10} {m.params / 1e9:9.3f} {gib(m.weights)} {gib(m.grads)} {gib(m.optimizer)} "
                      f"{gib(m.activations)} {gib(m.kv_cache)} {gib(m.total)}" + (f"   {gib(m.cpu)}" if shown.options.offload else ""))
-    lines.append(f"{'all':<10} {'':>9} {'':>8} {'':>8} {'':>8} {'':>8} {'':>8} {gib(shown.total)}")
+    lines.append(f"{'all':<10} {'':>9} {'':>8} {'':>8} {'':>8} {'':>8} {'':>8} {gib(shown.total)}"
+                 + (f"   {gib(shown.cpu_per_node)} CPU GiB per node" if shown.options.offload else ""))
     lines += ["", "every option set (GiB per GPU):"]
     for p in plans:
-        lines.append(f"  {'fits ' if p.fits else 'no   '} {gib(p.total)}  {p.options.label()}")
+        cpu = f"  (CPU {p.cpu_per_node / GiB:.0f} GiB per node)" if p.options.offload else ""
+        lines.append(f"  {'fits ' if p.fits else 'no   '} {gib(p.total)}  {p.options.label()}{cpu}")
     return "\n".join(lines)

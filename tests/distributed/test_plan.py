@@ -66,3 +66,23 @@ def test_plan_cli(tmp_path, capsys):
     assert "0.000B parameters" in out and "fits with: plain DDP" in out
     assert main(["plan", "--model", str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_scaling_doc_matches_the_planner():
+    """docs/scaling.md's plan table is what the planner says for the configs printed there."""
+    import re
+    from pathlib import Path
+
+    from cherrytop.plan import GiB, all_options
+    doc = (Path(__file__).parents[2] / "docs" / "scaling.md").read_text()
+    configs = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", doc)]
+    shapes = {"7b": shape(configs[0]), "70b": shape(configs[1])}
+    assert round(shapes["7b"].params / 1e9, 3) == 6.738 and round(shapes["70b"].params / 1e9, 3) == 68.977
+    table = doc.split("<!-- plan-table")[1].split("\n\n")[0]
+    rows = re.findall(r"^\| (7b|70b) \| (\w+) \| (\d+) \| ([^|]+) \| ([\d.]+) \|$", table, re.M)
+    assert len(rows) == 8
+    for model, stage, gpus, label, total in rows:
+        plans = [plan(shapes[model], stage, int(gpus), 80 * 0.9, o, Workload(), 1024 * 0.9) for o in all_options(stage)]
+        best = next(p for p in plans if p.fits)
+        assert best.options.label() == label.strip(), (model, stage, gpus)
+        assert f"{best.total / GiB:.2f}" == total, (model, stage, gpus)

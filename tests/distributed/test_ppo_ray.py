@@ -45,6 +45,7 @@ def setup(tmp_path) -> list[str]:
     return common
 
 
+@pytest.mark.slow  # ~120 s on the shared 2 cores (Ray start-up and five actor processes); run with -m slow
 def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session):
     common = setup(tmp_path)
     assert main(["ppo", *common, "--run.name=single"]) == 0

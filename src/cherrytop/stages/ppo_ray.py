@@ -197,7 +197,9 @@ class RolloutWorker:
         ids_p, mask_p = left_pad(prompt_ids, pad_id)
         s = sample(self.model, _on(ids_p, self.device), _on(mask_p, self.device), max_new_tokens=p.max_new_tokens,
                    eos_id=eos_id, pad_id=pad_id, temperature=p.temperature, generator=self.gen)
-        return ids_p, mask_p, s.tokens.cpu(), s.mask.cpu(), s.has_eos.cpu()
+        own = getattr(s, "logprobs", None) is not None and getattr(s, "entropy", None) is not None  # saves a policy pass
+        return (ids_p, mask_p, s.tokens.cpu(), s.mask.cpu(), s.has_eos.cpu(),
+                (s.logprobs.cpu(), s.entropy.cpu()) if own else None)
 
 
 def start_ray(cfg: Config) -> None:
@@ -280,7 +282,7 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout,
 
     from cherrytop.rollout.sampler import left_pad
     rows_p, rows_r = [], []
-    for ids_p, mask_p, toks, m, _ in parts:  # re-pad the workers' shares to common lengths
+    for ids_p, mask_p, toks, m, _, _ in parts:  # re-pad the workers' shares to common lengths
         for i in range(len(ids_p)):
             rows_p.append(ids_p[i][mask_p[i].bool()].tolist())
             rows_r.append((toks[i], m[i]))
@@ -290,15 +292,25 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout,
     rmask = torch.zeros((len(rows_r), N), dtype=torch.long)
     for i, (t, m) in enumerate(rows_r):
         tokens[i, : len(t)], rmask[i, : len(m)] = t, m
-    has_eos = torch.cat([h for *_, h in parts])
+    has_eos = torch.cat([part[4] for part in parts])
     P = ids_p.shape[1]
     ids, attn = torch.cat([ids_p, tokens], 1), torch.cat([mask_p, rmask], 1)  # (B, P+N)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = rmask.float()
-    f_old = policy.logp.remote(ids, attn, pos, P)
+    own = all(part[5] is not None for part in parts)
+    f_old = None if own else policy.logp.remote(ids, attn, pos, P)
     f_ref = policy.logp.remote(ids, attn, pos, P, reference=True) if ref is None else ref.logp.remote(ids, attn, pos, P)
     f_val, f_rm = value.values.remote(ids, attn, pos, P), rm.score.remote(ids, attn, pos)
-    (old_logp, entropy), ref_logp, values, raw = ray.get([f_old, f_ref, f_val, f_rm])
+    ref_logp, values, raw = ray.get([f_ref, f_val, f_rm])
+    if own:  # the samplers' log π_old and entropy, right-padded to N
+        old_logp, entropy = torch.zeros(len(rows_r), N), torch.zeros(len(rows_r), N)
+        i = 0
+        for part in parts:
+            lp, ent = part[5]
+            old_logp[i: i + len(lp), : lp.shape[1]], entropy[i: i + len(lp), : lp.shape[1]] = lp, ent
+            i += len(lp)
+    else:
+        old_logp, entropy = ray.get(f_old)
     values = values * mask
     scores = L.apply_eos_penalty(raw, has_eos, p.no_eos_penalty)
     kl = L.per_token_kl(old_logp, ref_logp, mask)
