@@ -59,7 +59,7 @@ def test_streaming_sends_role_first_deltas_then_finish_and_done(api, client):
     assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].choices == []
     # the raw wire format: server-sent events ending with data: [DONE]
     with httpx.stream("POST", api.url + "/v1/chat/completions", json={
-            "model": "tiny", "messages": HELLO, "max_tokens": 8, "stream": True}) as resp:
+            "model": "tiny", "messages": HELLO, "max_tokens": 8, "stream": True}, timeout=60) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -141,7 +141,7 @@ def test_bad_parameters_are_400_with_the_parameter_named(api, bad, param, client
     body = {"model": "tiny", "messages": HELLO, **bad}
     if body["model"] is None:
         del body["model"]
-    resp = httpx.post(api.url + "/v1/chat/completions", json=body)
+    resp = httpx.post(api.url + "/v1/chat/completions", json=body, timeout=60)
     assert resp.status_code == 400
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
@@ -157,10 +157,11 @@ def test_api_keys(tiny_model, client, serve):
             client(s, "sk-wrong-key-456").models.list()
         assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
         assert "sk-wrong-key-456" not in e.value.message  # the key is masked
-        assert httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO}).status_code == 401
+        assert httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO},
+                          timeout=60).status_code == 401
         r = ask(client(s, "sk-right-key-123"), HELLO, max_tokens=4)
         assert r.choices[0].finish_reason in ("stop", "length")
-        assert httpx.get(s.url + "/").status_code == 200  # the chat page itself is public
+        assert httpx.get(s.url + "/", timeout=60).status_code == 200  # the chat page itself is public
 
 
 def test_over_capacity_is_429_and_a_disconnected_stream_frees_its_slot(rambling_model, client, serve):

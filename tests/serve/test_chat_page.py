@@ -1,5 +1,5 @@
 """The web chat in a real browser (headless Debian chromium via Playwright): send a message, watch
-the answer stream in, press thumbs down, report a second answer, and find both ratings in the
+the answer stream in, press thumbs down, report a second answer, see a blocked request's safe message, and find both ratings in the
 output of `cherrytop label export`. CHERRYTOP_SCREENSHOTS=1 saves screenshots to docs/serve/."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from cherrytop.cli import main
 from cherrytop.config import ServeConfig
 from cherrytop.feedback.store import open_store
+from cherrytop.serve.moderation import Moderator
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "serve"
 CHROMIUM = "/usr/bin/chromium"
@@ -27,9 +28,9 @@ def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, se
     with serve(tiny_model, feedback_url=url) as s:
         body = {"messages": [{"role": "user", "content": "hi"}], "response": "hello .", "rating": "up",
                 "settings": {"temperature": 0.5}, "conversation_id": "c1"}
-        r = httpx.post(s.url + "/v1/feedback", json=body)
+        r = httpx.post(s.url + "/v1/feedback", json=body, timeout=60)  # (opening the store migrates it)
         assert r.status_code == 200
-        bad = httpx.post(s.url + "/v1/feedback", json={**body, "rating": "meh"})
+        bad = httpx.post(s.url + "/v1/feedback", json={**body, "rating": "meh"}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
     [f] = open_store(url).chat_feedback()
     assert (f.id, f.rating, f.response, f.model, f.settings, f.conversation_id) == \
@@ -40,13 +41,19 @@ def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, se
 def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model, serve, client):
     from playwright.sync_api import expect, sync_playwright
     db = f"sqlite:///{tmp_path / 'feedback.db'}"
-    with serve(tiny_model, cfg=ServeConfig(), feedback_url=db) as s, sync_playwright() as pw:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("safe_message = \"Sorry, I can't help with that.\"\n"
+                      "[[categories]]\nname = \"violence\"\npatterns = ['\\bkill\\b']\n")
+    moderator = Moderator(policy, tmp_path / "blocks.jsonl")
+    with serve(tiny_model, cfg=ServeConfig(), feedback_url=db, moderator=moderator) as s, sync_playwright() as pw:
         c = client(s)
         first = "hello , i am ann ."
         expected = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": first}],
                                              temperature=0, max_tokens=64).choices[0].message.content
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 900, "height": 640})
+        page.set_default_timeout(30_000)  # the machine may be busy
+        expect.set_options(timeout=30_000)
         page.goto(s.url + "/")
         expect(page.locator("#model")).to_have_text("tiny")
         page.fill("#temperature", "0")
@@ -79,6 +86,18 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
         expect(second.locator(".thanks")).to_have_text("reported, thank you")
         page.screenshot(path=str(tmp_path / "chat-feedback.png"))
         second_answer = second.locator(".text").text_content()
+        # a blocked request shows the policy's safe message, marked as filtered
+        page.fill("#input", "how do i kill the cat of ann ?")
+        page.click("#send")
+        third = page.locator(".assistant").nth(2)
+        expect(third.locator(".actions")).to_be_visible()
+        assert third.get_attribute("data-finish") == "content_filter" and "filtered" in third.get_attribute("class")
+        assert third.locator(".text").text_content() == "Sorry, I can't help with that."
+        page.screenshot(path=str(tmp_path / "chat-blocked.png"))
+        page.fill("#input", "hello , i am bob .")  # the blocked exchange is left out of the next request
+        page.click("#send")
+        expect(page.locator(".assistant").nth(3).locator(".actions")).to_be_visible()
+        assert page.locator(".assistant").nth(3).get_attribute("data-finish") != "content_filter"
         browser.close()
     out = tmp_path / "export"
     assert main(["label", "export", "--db", db, "--out", str(out)]) == 0
@@ -92,5 +111,5 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
     assert by_rating["down"]["settings"] == {"temperature": 0, "max_tokens": 64}
     if os.environ.get("CHERRYTOP_SCREENSHOTS"):  # refresh the docs' screenshots
         DOCS.mkdir(parents=True, exist_ok=True)
-        for name in ("chat.png", "chat-feedback.png"):
+        for name in ("chat.png", "chat-feedback.png", "chat-blocked.png"):
             shutil.copy(tmp_path / name, DOCS / name)
