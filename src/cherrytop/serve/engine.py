@@ -93,9 +93,13 @@ class Job:
     moderate: Callable[[str, bool], str | None] | None = None
     """(answer so far, final) -> blocked category or None; called before text is released."""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the client went away; the engine drops the job's rows at its next step."""
     done: bool = False
+    """True once `Done` was sent."""
     completion_tokens: int = 0
+    """Tokens sampled for all choices so far (EOS included)."""
     unfinished: int = 0
+    """Choices still generating."""
 
 
 @dataclass
