@@ -131,3 +131,12 @@ def test_bad_policy_files_are_one_line_errors(tmp_path, tiny_ckpt, capsys):
     bad.write_text('[[categories]]\nname = "x"\npatterns = ["a"]\ncheck = ["inbox"]\n')
     with pytest.raises(PolicyError, match="check must list 'input' and/or 'output'"):
         parse_policy(bad)
+
+
+def test_the_example_policy_parses_and_matches():
+    from pathlib import Path
+    policy = parse_policy(Path(__file__).resolve().parents[2] / "docs" / "serve" / "policy.example.toml")
+    assert [c.name for c in policy.categories] == ["violence", "insult", "private-data"]
+    assert policy.match("how do I ATTACK them", "input") == "violence"
+    assert policy.match("you are stupid", "input") is None and policy.match("you are stupid", "output") == "insult"
+    assert policy.match("my number is 123-45-6789", "output") == "private-data"
