@@ -82,3 +82,26 @@ def test_export_command(tmp_path, capsys):
     assert first["labeler"] == "ann" and first["model"][0]["model"] == "runs/tiny/sft"
     assert main(["label", "import-prompts", "--db", url, str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: no such file or folder" in capsys.readouterr().err
+
+
+def test_create_user_and_stats_commands(tmp_path, capsys):
+    from cherrytop.feedback.auth import login
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    assert main(["label", "create-user", "boss", "--role", "admin", "--password", "s3cret-pass", "--db", url]) == 0
+    assert "created admin boss" in capsys.readouterr().out
+    assert main(["label", "create-user", "boss", "--password", "s3cret-pass", "--db", url]) == 2
+    assert "user 'boss' already exists" in capsys.readouterr().err
+    assert main(["label", "create-user", "eve", "--password", "short", "--db", url]) == 2
+    assert "shorter than 8 characters" in capsys.readouterr().err
+    s = open_store(url)
+    user, _, _ = login(s, "boss", "s3cret-pass", "127.0.0.1")
+    assert user.role == "admin" and user.password_hash.startswith("scrypt$") and "s3cret" not in user.password_hash
+    fill(s)
+    s.close()
+    assert main(["label", "stats", "--db", url]) == 0
+    out = capsys.readouterr().out
+    # 3 imported items + 1 from the down-rated chat answer; item 1: ann and bob differ on (0,1) and on (2,3)
+    # (a tie against a preference): 4/6 pairs agree; item 2: 1/1 -> 5/7
+    assert "4 items, 2 complete; agreement 71.4% over 7 pairs" in out
+    assert main(["label", "stats", "--db", "feedback.db"]) == 2
+    assert "not a database URL" in capsys.readouterr().err
