@@ -114,3 +114,23 @@ def test_migration_0002_backfills_response_counts(db_url):
     (item,) = s.items()
     assert item.n_responses == 3 and s.next_ranking_item(create_user(s, "ann", "password1")).id == item.id
     s.close()
+
+
+def test_concurrent_chat_feedback_on_one_prompt_gives_one_item(store):
+    msgs = [{"role": "user", "content": "say something nice ."}]
+    ids, errors = [], []
+
+    def rate(n):
+        try:
+            ids.append(store.add_chat_feedback(messages=msgs, response=f"answer {n}", rating="down", model="m",
+                                               settings={}))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rate, args=(n,)) for n in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(set(ids)) == 6
+    (item,) = store.items()
+    assert len(item.responses) == 2 and item.n_responses == 2  # the first two answers; then it is rankable
+    assert {f.item_id for f in store.chat_feedback()} == {item.id}

@@ -335,17 +335,21 @@ class Store:
         if not isinstance(settings, dict):
             raise ValueError("settings must be a dict")
         json.dumps(settings)  # must be JSON
-        item_id = None
-        if rating != "up":
-            prov = {"model": model, "settings": settings, "source": "chat"}
-            r = self.add_item(msgs, source="chat")
-            item_id = r.id
-            with self.tx() as s:  # the rated answer becomes a candidate unless the item is already rankable
-                item = s.get(Item, item_id, with_for_update=True)
-                if len(item.responses) < 2 and response not in item.responses:
+        with self.tx() as s:  # one transaction: the rating, and for down / report the queue item
+            item_id = None
+            if rating != "up":
+                key = prompt_key(msgs)
+                try:
+                    with s.begin_nested():  # a savepoint: a concurrent insert of the same prompt is fine
+                        s.add(Item(prompt_key=key, prompt=msgs, responses=[], provenance=[], source="chat",
+                                   labels_needed=self.labels_needed))
+                except IntegrityError:
+                    pass
+                item = s.scalars(select(Item).where(Item.prompt_key == key).with_for_update()).one()
+                if len(item.responses) < 2 and response not in item.responses:  # rankable items never change
                     item.responses = list(item.responses) + [response]
-                    item.provenance = list(item.provenance) + [prov]
-        with self.tx() as s:
+                    item.provenance = list(item.provenance) + [{"model": model, "settings": settings, "source": "chat"}]
+                item_id = item.id
             fb = ChatFeedback(messages=msgs, response=response, rating=rating, model=str(model), settings=settings,
                               conversation_id=conversation_id, comment=comment, user=user, item_id=item_id)
             s.add(fb)
