@@ -159,3 +159,15 @@ def test_a_labeler_cannot_change_anothers_work(app, store):
     assert row.ranking == [3, 2, 1, 0] and row.user_id == store.users()[1].id
     review = ann.get("/review").text  # nothing to review yet; bob writes, ann reviews, bob cannot review his own
     assert "No demonstrations are waiting" in review
+
+
+def test_text_is_escaped_on_every_page(app, store):
+    ann, bob = login(app, "ann"), login(app, "bob")
+    page = ann.get("/demo").text
+    evil = "<script>alert('x')</script>"
+    r = ann.post("/demo", data={"csrf": csrf_of(page), "token": field(page, "token"), "started": field(page, "started"),
+                                "role": ["user", "assistant"], "content": [evil, "ok ."]})
+    assert r.status_code == 303
+    for c, path in ((bob, "/review"), (ann, "/mine")):
+        text = c.get(path).text
+        assert evil not in text and "&lt;script&gt;" in text, path
