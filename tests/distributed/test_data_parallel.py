@@ -4,7 +4,6 @@ the same final weights, in a checkpoint plain transformers loads; FSDP's shards 
 Hugging Face folder."""
 
 import importlib.util
-import json
 import os
 import socket
 import subprocess

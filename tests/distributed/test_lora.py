@@ -168,7 +168,7 @@ def test_sft_rm_ppo_with_lora_on_a_local_model(tmp_path):
     assert main(["ppo", *common, f"--ppo.prompts={tmp_path / 'prompts.jsonl'}", "--ppo.lr=0.01"]) == 0
     rows = [json.loads(r) for r in (run / "logs/ppo.jsonl").read_text().splitlines()]
     assert len(rows) == 2
-    assert rows[0]["objective/kl"] == 0.0  # first rollout: adapter zero, so policy = reference (adapter off) exactly
+    assert abs(rows[0]["objective/kl"]) < 1e-4  # first rollout: adapter zero, so policy = reference (adapter off)
     assert rows[1]["objective/kl"] != 0.0  # the adapter trained
     ppo = AutoModelForCausalLM.from_pretrained(run / "ppo")
     assert torch.equal(ppo.model.embed_tokens.weight, start.model.embed_tokens.weight)

@@ -66,5 +66,5 @@ def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session):
     common = setup(tmp_path)
     assert main(["ppo", *common, "--run.name=ray_lora", "--ray.enabled=true", "--lora.r=4"]) == 0
     c = rows(tmp_path / "runs/ray_lora")
-    assert c[0]["objective/kl"] == 0.0 and c[1]["objective/kl"] != 0.0
+    assert abs(c[0]["objective/kl"]) < 1e-4 < abs(c[1]["objective/kl"])
     assert (tmp_path / "runs/ray_lora/ppo/adapter/adapter_model.safetensors").is_file()

@@ -145,12 +145,16 @@ def save_merged(model, out: Path, sd: dict[str, torch.Tensor] | None = None) -> 
     if getattr(model, "generation_config", None) is not None:
         skeleton.generation_config = model.generation_config
     skeleton.save_pretrained(out, state_dict=merge_state_dict(sd, meta))
-    (out / ADAPTER).mkdir(parents=True, exist_ok=True)
-    pc = model.peft_config["default"]
-    pc.save_pretrained(out / ADAPTER)
-    (out / ADAPTER / "cherrytop_merge.json").write_text(json.dumps(meta))
+    write_adapter_config(model, out)
     lora = {f"base_model.model.{k.replace('.default.', '.')}": v.detach().contiguous().cpu() for k, v in sd.items() if ".lora_" in k}
     save_file(lora, str(out / ADAPTER / "adapter_model.safetensors"))
+
+
+def write_adapter_config(model, out: Path) -> None:
+    """`out/adapter/`: peft's adapter_config.json and what merging needs (scaling, layout per module)."""
+    (Path(out) / ADAPTER).mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(Path(out) / ADAPTER)
+    (Path(out) / ADAPTER / "cherrytop_merge.json").write_text(json.dumps(_adapter_meta(model)))
 
 
 class Saveable:

@@ -217,8 +217,10 @@ def save_sharded(final: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             def save_pretrained(self, out: Path) -> None:
                 if weights is not None:
                     lora.save_merged(model, out, weights)
-                else:
+                else:  # shards only: the config (and the adapter's, for `convert_to_hf` to merge)
                     model.config.save_pretrained(out)
+                    if lora.is_lora(model):
+                        lora.write_adapter_config(model, out)
                 os.replace(staging / SHARDS, Path(out) / SHARDS)
         save_checkpoint(final, Writer(), tokenizer, cfg, state)
         shutil.rmtree(staging, ignore_errors=True)
@@ -246,7 +248,6 @@ def convert_to_hf(ckpt: Path, out: Path) -> Path:
     from torch.distributed.checkpoint import load as dcp_load
 
     from cherrytop.model import lora
-    from cherrytop.train.checkpoint import CONFIG_FILE
     ckpt, out = Path(ckpt), Path(out)
     if not has_shards(ckpt):
         raise FileNotFoundError(f"{ckpt}: no sharded checkpoint (expected {ckpt / SHARDS}/.metadata)")
@@ -264,5 +265,4 @@ def convert_to_hf(ckpt: Path, out: Path) -> Path:
     for f in ckpt.iterdir():  # tokenizer files, generation config, cherrytop.toml
         if f.is_file() and f.name not in ("config.json", "trainer_state.pt") and not f.name.endswith(".safetensors"):
             shutil.copy(f, out / f.name)
-    assert (out / CONFIG_FILE).exists() or not (ckpt / CONFIG_FILE).exists()
     return out
