@@ -79,7 +79,8 @@ def test_two_processes_equal_one(tmp_path, reference, strategy):
         torch.testing.assert_close(w, reference["weights"][k], rtol=1e-4, atol=1e-6)
     assert distributed.has_shards(ckpt) == (strategy == "fsdp")
     if strategy == "fsdp":  # the shards alone convert to the same plain folder
-        conv = distributed.convert_to_hf(ckpt, tmp_path / "converted")
-        again = AutoModelForCausalLM.from_pretrained(conv)
+        from cherrytop.cli import main
+        assert main(["convert", str(ckpt), "--out", str(tmp_path / "converted")]) == 0
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
         for k, w in again.state_dict().items():
             torch.testing.assert_close(w, plain.state_dict()[k], rtol=0, atol=0)

@@ -73,6 +73,18 @@ def test_merged_checkpoint_gives_the_adapted_logits(tmp_path, arch):
         torch.testing.assert_close(served(input_ids=IDS).logits, want, rtol=1e-4, atol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = lora_cfg(**{"dist.grad_checkpointing": "true", "lora.r": 0})
+    plain = build_model(cfg.model, 40, 0, 1, seed=0)
+    ckpt = lora.prepare(copy.deepcopy(plain), cfg, "sft")
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    for m in (plain, ckpt):
+        m.train()
+        m(input_ids=IDS, labels=IDS).loss.backward()
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_reward_model_with_lora_keeps_its_trained_head(tmp_path):
     cfg = lora_cfg()
     build_model(cfg.model, 40, 0, 1, seed=0).save_pretrained(tmp_path / "sft")

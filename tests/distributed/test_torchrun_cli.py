@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from cherrytop.cli import main
 
 HERE = Path(__file__).parent
 
@@ -54,15 +53,14 @@ def test_sft_fsdp_and_rm_ddp_under_torchrun(tmp_path):
             "rm": ["rm", f"--rm.train.data={comps}", "--rm.epochs=0", "--rm.train.micro_batch_size=2"]}
     for name, strategy in (("single", None), ("multi", "fsdp")):
         common = ["--preset", "test", f"--run.out_dir={tmp_path}", f"--run.name={name}"]
-        for stage in ("sft", "rm"):
-            if strategy is None:
-                assert main(args[stage][:1] + common + args[stage][1:]) == 0
-                continue
-            s = "fsdp" if stage == "sft" else "ddp"
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "cherrytop.cli", *args[stage][:1], *common, *args[stage][1:], f"--dist.strategy={s}"]
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        for stage in ("sft", "rm"):  # fresh processes both ways (the reward head's init draws from the global RNG)
+            launcher = [sys.executable]
+            extra = []
+            if strategy is not None:
+                launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                extra = [f"--dist.strategy={'fsdp' if stage == 'sft' else 'ddp'}"]
+            cmd = [*launcher, "-m", "cherrytop.cli", *args[stage][:1], *common, *args[stage][1:], *extra]
+            r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
             assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("sft", "rm"):
         a, b = losses(tmp_path / "single", stage), losses(tmp_path / "multi", stage)
