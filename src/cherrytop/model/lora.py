@@ -37,8 +37,10 @@ def attach(model, cfg: Config, heads: tuple[str, ...] = ()) -> torch.nn.Module:
     from peft import LoraConfig
     lc = cfg.lora
     targets = "all-linear" if tuple(lc.targets) == ("all-linear",) else list(lc.targets)
-    model.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
-                                 exclude_modules=list(heads) or None))
+    with torch.random.fork_rng():  # the adapters' init: reproducible and the same in every process (FSDP)
+        torch.manual_seed(cfg.run.seed)
+        model.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
+                                     exclude_modules=list(heads) or None))
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.split(".")[0] in heads)
     return model

@@ -136,6 +136,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         raise DataError(f"{train_path}: no comparisons left for training; expected K-way rankings")
     init = resolve_checkpoint(rc.train.init, cfg)
     tok = load_tokenizer(init)
+    torch.manual_seed(cfg.run.seed)  # the new head's init: reproducible, and the same in every data-parallel process
     model = lora.prepare(scalar_model_from(init, tok.pad_token_id), cfg, "rm", heads=("score",))
     t = rc.train
     if rc.epochs > 0:
