@@ -172,3 +172,26 @@ def test_padding_free_lm_step_equals_the_padded_loss_and_gradients(arch):
     torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_wrapped_or_softcapped_models_take_the_padded_path():
+    model = tiny("llama")
+
+    class Wrapper(torch.nn.Module):  # DDP, peft and LoRA reference views look like this to packing
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+    assert packing.supports_packing(model)
+    assert not packing.supports_packing(Wrapper(model))
+    model.config.final_logit_softcapping = 30.0
+    assert not packing.supports_packing(model)
+    from cherrytop.stages.ppo import response_logp  # the padded path gives the same numbers
+    ids, attn, pos, P, s = episodes(tiny("llama").eval(), seed=5)
+    plain = tiny("llama").eval()
+    with torch.no_grad():
+        a = response_logp(plain, ids, attn, pos, P, 1.0)
+        b = response_logp(Wrapper(plain), ids, attn, pos, P, 1.0)
+    torch.testing.assert_close(a * s.mask, b * s.mask, atol=1e-5, rtol=1e-5)
