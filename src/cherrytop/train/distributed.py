@@ -212,6 +212,9 @@ def save_sharded(final: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(staging / SHARDS))
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) if full else None
+    if weights is not None and getattr(model.config, "tie_word_embeddings", False):  # gathered as two copies
+        out_emb = model.get_output_embeddings()
+        weights.pop(next((f"{n}.weight" for n, m in model.named_modules() if m is out_emb), ""), None)
     if d.main:
         class Writer:  # what save_checkpoint calls save_pretrained on
             def save_pretrained(self, out: Path) -> None:
