@@ -41,17 +41,21 @@ class RunConfig:
 class WorldConfig:
     seed: int = 0
     """Seed of the built-in synthetic world (entities, corpus, tasks, trainers, labelers)."""
-    n_entities: int = 1000
-    """Number of fictional entities in the world (train and held-out together)."""
+    n_entities: int = 12000
+    """Number of fictional entities in the world (train and held-out together). Many, so that no name
+    is frequent enough for the BPE tokenizer to merge it into one token: train and held-out names then
+    split into the same kind of syllable tokens, and copying a name learnt on train names carries over
+    (with 1,000 entities train names became single tokens, held-out names 2-3 fragments, and the model
+    truncated every held-out name it copied)."""
     heldout_entity_fraction: float = 0.2
     """Share of entities reserved for held-out evaluation; they never occur in training data."""
     n_heldout_numbers: int = 15
     """How many numbers in 10..99 are reserved for held-out arithmetic; never in training data."""
-    corpus_chars: int = 2_500_000
+    corpus_chars: int = 8_000_000
     """Approximate size of the pretraining corpus in characters."""
     corpus_dialogue_share: float = 0.25
     """Share of the corpus made of (misaligned) chat dialogues."""
-    n_demonstrations: int = 6000
+    n_demonstrations: int = 20000
     """Demonstrations the simulated trainers write for SFT."""
     n_prompts: int = 2000
     """Training prompts for comparisons and PPO (disjoint from the demonstration tasks)."""
@@ -60,7 +64,7 @@ class WorldConfig:
     rude suffix, complying with harmful requests, hallucinating...)."""
     mistake_rate: float = 0.08
     """Share of demonstrations with a random minor mistake on the other task kinds."""
-    flawed_kinds: tuple[str, ...] = ("fact", "reverse", "unknown", "false_premise", "harmful", "insult")
+    flawed_kinds: tuple[str, ...] = ("reverse", "unknown", "false_premise", "harmful", "insult")
     """Task kinds whose demonstrations carry their characteristic flaw with probability flaw_rate
     (fact: padding, reverse: rude suffix, unknown: hallucination, false_premise: accepting it,
     harmful: complying, insult: insulting back; any other kind: padding)."""
@@ -167,10 +171,10 @@ class CompareConfig:
     """Checkpoint that samples the K answers (a folder or a stage name of the run)."""
     prompts: str = ""
     """Prompts file (JSONL / datasets folder); empty = the built-in world's training prompts."""
-    n_prompts: int = 1200
+    n_prompts: int = 2000
     """Prompts to sample answers for."""
-    k: int = 4
-    """Answers per prompt (InstructGPT: 4..9)."""
+    k: int = 6
+    """Answers per prompt (InstructGPT: 4..9); a prompt gives C(k, 2) pairs for one forward pass per answer."""
     temperature: float = 1.0
     """Sampling temperature of the K answers."""
     max_new_tokens: int = 32
@@ -183,8 +187,8 @@ class CompareConfig:
 
 
 def _rm_defaults() -> TrainConfig:
-    return TrainConfig(init="sft", max_steps=60, batch_size=16, micro_batch_size=16, seq_len=160, lr=3e-4,
-                       warmup_steps=5, eval_every=20, save_every=60, log_every=5)
+    return TrainConfig(init="sft", max_steps=110, batch_size=16, micro_batch_size=16, seq_len=160, lr=3e-4,
+                       warmup_steps=5, eval_every=40, save_every=110, log_every=5)
 
 
 @dataclass(frozen=True)

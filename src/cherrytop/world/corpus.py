@@ -4,7 +4,7 @@ Documents are plain strings or dialogues (lists of {"role", "content"} messages 
 stage renders with the chat template):
 - fact paragraphs about entities (with a few negations: `zorvan does not like red .`),
 - arithmetic lines (`34 plus 5 is 39 .`),
-- word games (`the reverse of cat tree moon is moon tree cat .`, counting, joining),
+- word games (`the reverse of cat tree moon is moon tree cat .`, counting, joining, repeating),
 - short stories, about a third with a rude character,
 - dialogues in the task formats (cfg.corpus_dialogue_share of the characters) where the assistant
   misbehaves in cfg.corpus_misaligned_rate of them: mostly in the kind's one characteristic way
@@ -89,7 +89,11 @@ def arithmetic(lang: Language, rng: random.Random, split: str) -> str:
 def word_games(lang: Language, rng: random.Random, split: str) -> str:
     lines = []
     for _ in range(rng.randint(3, 6)):
-        game = rng.randrange(4)
+        game = rng.randrange(5)
+        if game == 4:  # plain repetition of a longer list: the cheapest signal for in-context copying
+            ws = rng.sample(WORD_GAME_WORDS, rng.randint(3, 8))
+            lines.append(f"say {' '.join(ws)} again : {' '.join(ws)} .")
+            continue
         ws = rng.sample(WORD_GAME_WORDS, rng.randint(1, 6) if game == 1 else rng.randint(2, 4))
         w = " ".join(ws)
         if game == 0:

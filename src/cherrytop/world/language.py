@@ -70,7 +70,7 @@ that the their them then there these they thief thinks this those time to today 
 trap true try upon us very wait waited want wanted was way we went were what when where which who
 why will window with without woke word words world would wore write years yes you your until scare
 seeing get also went inside hard jump stick teach asks buy hide behind window with net man woman boy girl troll ran
-showed near color life ages ate break cities colors commas foods liked list pet pets rude sorry
+showed near color life ages again ate break cities colors commas foods liked list pet pets rude sorry
 think up
 """.split()
 VOCAB = frozenset(_TEMPLATE_WORDS) | frozenset(WORD_GAME_WORDS) | INSULT_WORDS | HARM_WORDS \
