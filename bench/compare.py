@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                     res["load_before"] = load
                     runs.setdefault(task, {}).setdefault(side, []).append(res)
                     print(f"[{r + 1}/{args.repeats}] {task:12s} {side:9s} {res['per_s']:10.1f} {res['unit']}/s  "
+                          f"({res['per_cpu_s']:.1f} per CPU-s)  "
                           f"peak RSS {res['peak_rss_mb']:7.0f} MiB  load {load}", flush=True)
     table = summarise(runs, args.tasks)
     info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "spec": json.loads(spec.to_json()),
@@ -107,19 +108,24 @@ def summarise(runs: dict, tasks: list[str]) -> list[dict]:
         ct, trl = runs[task]["cherrytop"], runs[task]["trl"]
         best = lambda rs: max(x["per_s"] for x in rs)  # noqa: E731
         med = lambda rs: statistics.median(x["per_s"] for x in rs)  # noqa: E731
+        best_cpu = lambda rs: max(x["per_cpu_s"] for x in rs)  # noqa: E731  work per second of CPU time
+        med_cpu = lambda rs: statistics.median(x["per_cpu_s"] for x in rs)  # noqa: E731
         rows.append({"task": task, "label": TASKS[task][0], "cherrytop_best": best(ct), "trl_best": best(trl),
                      "ratio_best": best(ct) / best(trl), "cherrytop_median": med(ct), "trl_median": med(trl),
                      "ratio_median": med(ct) / med(trl),
+                     "cpu_ratio_best": best_cpu(ct) / best_cpu(trl), "cpu_ratio_median": med_cpu(ct) / med_cpu(trl),
                      "cherrytop_rss_mb": min(x["peak_rss_mb"] for x in ct), "trl_rss_mb": min(x["peak_rss_mb"] for x in trl)})
     return rows
 
 
 def render(table: list[dict]) -> str:
-    lines = ["| what | cherrytop | TRL | ratio (best) | ratio (median) | peak RSS cherrytop / TRL (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| what | cherrytop | TRL | ratio (best) | ratio (median) | ratio per CPU-second (best / median) "
+             "| peak RSS cherrytop / TRL (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['label']} | {r['cherrytop_best']:.1f} | {r['trl_best']:.1f} | {r['ratio_best']:.2f}x | "
-                     f"{r['ratio_median']:.2f}x | {r['cherrytop_rss_mb']:.0f} / {r['trl_rss_mb']:.0f} |")
+                     f"{r['ratio_median']:.2f}x | {r['cpu_ratio_best']:.2f}x / {r['cpu_ratio_median']:.2f}x | "
+                     f"{r['cherrytop_rss_mb']:.0f} / {r['trl_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

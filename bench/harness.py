@@ -78,12 +78,14 @@ class Meter:
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.marks: list[float] = []
+        self.cpu: list[float] = []  # process CPU time at each mark: robust to other jobs on the machine
         self.work: list[float] = []
 
     def step(self, work: float, at: float | None = None) -> None:
         """Mark the start (now, or `at`, a perf_counter time) of a step that does `work` units
         (tokens, pairs, episodes)."""
         self.marks.append(time.perf_counter() if at is None else at)
+        self.cpu.append(time.process_time())
         self.work.append(work)
 
     def result(self, unit: str) -> dict:
@@ -91,8 +93,9 @@ class Meter:
             raise RuntimeError(f"only {len(self.marks)} steps seen; expected at least {self.warmup + 2}")
         seconds = self.marks[-1] - self.marks[self.warmup]
         work = sum(self.work[self.warmup:-1])
+        cpu = self.cpu[-1] - self.cpu[self.warmup]
         return {"unit": unit, "per_s": work / seconds, "seconds": seconds, "work": work,
-                "steps": len(self.marks) - 1 - self.warmup}
+                "per_cpu_s": work / cpu, "cpu_seconds": cpu, "steps": len(self.marks) - 1 - self.warmup}
 
 
 def peak_rss_mb() -> float:
