@@ -70,7 +70,10 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
         expect(answer.locator(".actions")).to_be_visible()  # shown once the stream has ended
         assert answer.locator(".text").text_content() == expected
         seen = [t for t in page.evaluate("window.seen") if t]
-        assert len(set(seen)) >= 2 and all(expected.startswith(t) for t in seen)  # grew piece by piece
+        # every text the page showed on the way was a prefix of the final answer; how many distinct
+        # prefixes it shows depends on how the network batches the events (one read on a fast machine),
+        # so the streaming itself is checked on the events the page received
+        assert seen and all(expected.startswith(t) for t in seen)
         assert resp.text().count("data: ") > 3
         page.screenshot(path=str(tmp_path / "chat.png"))
         answer.get_by_role("button", name="bad answer").click()
