@@ -212,40 +212,46 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
 
 
+def minibatches(p, it: int, seed: int):
+    """The update order of iteration `it`: (step, minibatch indices) over ppo_epochs shuffles of the
+    batch, one generator per iteration, so every process that updates a model sees the same order."""
+    g = torch.Generator().manual_seed(seed * 7919 + it)
+    n_mb = p.batch_size // p.minibatch_size
+    for epoch in range(p.ppo_epochs):
+        order = torch.randperm(p.batch_size, generator=g)
+        for m in range(n_mb):
+            yield (it * p.ppo_epochs + epoch) * n_mb + m, order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
+
+
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int) -> dict:
     """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch."""
     policy.train()
     value.train()
     P = batch.ids.shape[1] - batch.mask.shape[1]
-    g = torch.Generator().manual_seed(seed * 7919 + it)
     acc: dict[str, list[float]] = {}
-    n_mb = p.batch_size // p.minibatch_size
-    for epoch in range(p.ppo_epochs):
-        order = torch.randperm(p.batch_size, generator=g)
-        for m in range(n_mb):
-            mb = order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
-            for j in range(0, p.minibatch_size, p.micro_batch_size):
-                part = batch.slice(mb[j: j + p.micro_batch_size])
-                w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)  # token share of this micro-batch
-                logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature)
-                pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
-                v = response_values(value, part.ids, part.attn, part.pos, P)
-                vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
-                (w * (pg + p.vf_coef * vf)).backward()
-                for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
-                    acc.setdefault(k, []).append(float(val.detach()))
-            if windows is not None:
-                idx = step_indices(len(windows), p.ptx_batch_size, (it * p.ppo_epochs + epoch) * n_mb + m, seed + 1)
-                x = windows[torch.as_tensor(idx)]
-                s, c = L.lm_loss(policy(input_ids=x).logits, x)
-                (p.ptx_coef * s / c).backward()
-                acc.setdefault("loss/ptx", []).append(float(s.detach() / c))
-            for model, opt in ((policy, opt_pi), (value, opt_v)):
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-                if not math.isfinite(float(gn)):
-                    raise FloatingPointError(f"ppo: non-finite gradient at iteration {it + 1}; the last good checkpoint is kept")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    for step, mb in minibatches(p, it, seed):
+        for j in range(0, p.minibatch_size, p.micro_batch_size):
+            part = batch.slice(mb[j: j + p.micro_batch_size])
+            w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)  # token share of this micro-batch
+            logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature)
+            pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
+            v = response_values(value, part.ids, part.attn, part.pos, P)
+            vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
+            (w * (pg + p.vf_coef * vf)).backward()
+            for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
+                acc.setdefault(k, []).append(float(val.detach()))
+        if windows is not None:
+            idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
+            x = windows[torch.as_tensor(idx)]
+            s, c = L.lm_loss(policy(input_ids=x).logits, x)
+            (p.ptx_coef * s / c).backward()
+            acc.setdefault("loss/ptx", []).append(float(s.detach() / c))
+        for model, opt in ((policy, opt_pi), (value, opt_v)):
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            if not math.isfinite(float(gn)):
+                raise FloatingPointError(f"ppo: non-finite gradient at iteration {it + 1}; the last good checkpoint is kept")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         v = response_values(value, batch.ids, batch.attn, batch.pos, P)
         ev = float(L.explained_variance(v, batch.returns, batch.mask))

@@ -29,7 +29,7 @@ from cherrytop.data.collate import step_indices
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.load import resolve_checkpoint
-from cherrytop.stages.ppo import Rollout, load_prompts, response_logp, response_values
+from cherrytop.stages.ppo import Rollout, load_prompts, minibatches, response_logp, response_values
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -43,14 +43,26 @@ def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device) if device.type != "cpu" else x
 
 
-def _minibatches(p, it: int, seed: int):
-    """The (epoch, minibatch indices) order of `ppo.update`: one generator, one permutation per epoch."""
-    g = torch.Generator().manual_seed(seed * 7919 + it)
-    n_mb = p.batch_size // p.minibatch_size
-    for _ in range(p.ppo_epochs):
-        order = torch.randperm(p.batch_size, generator=g)
-        for m in range(n_mb):
-            yield order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
+def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what: str) -> dict:
+    """One model's half of `ppo.update` (same minibatch order, token-weighted micro-batches, clipping):
+    `loss_fn(part, P)` -> (loss, stats) of the micro-batch `part`."""
+    model.train()
+    P = batch.ids.shape[1] - batch.mask.shape[1]
+    acc: dict[str, list[float]] = {}
+    for _, mb in minibatches(p, it, seed):
+        for j in range(0, p.minibatch_size, p.micro_batch_size):
+            part = batch.slice(mb[j: j + p.micro_batch_size])
+            w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)
+            loss, stats = loss_fn(part, P)
+            (w * loss).backward()
+            for k, v in stats.items():
+                acc.setdefault(k, []).append(float(v.detach()))
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        if not np.isfinite(float(gn)):
+            raise FloatingPointError(f"ppo: non-finite {what} gradient at iteration {it + 1}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
 
 
 class PolicyTrainer:
@@ -77,25 +89,13 @@ class PolicyTrainer:
 
     def train(self, batch: Rollout, it: int) -> dict:
         """The policy half of `ppo.update`: clipped policy loss, micro-batched, token-weighted."""
-        p, model = self.p, self.model
-        model.train()
-        P = batch.ids.shape[1] - batch.mask.shape[1]
-        acc: dict[str, list[float]] = {}
-        for mb in _minibatches(p, it, self.cfg.run.seed):
-            for j in range(0, p.minibatch_size, p.micro_batch_size):
-                part = batch.slice(mb[j: j + p.micro_batch_size])
-                w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)
-                logp = response_logp(model, *(_on(x, self.device) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
-                pg, st = L.ppo_policy_loss(logp, *(_on(x, self.device) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
-                (w * pg).backward()
-                for k, v in {"loss/policy": pg, **st}.items():
-                    acc.setdefault(k, []).append(float(v.detach()))
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            if not np.isfinite(float(gn)):
-                raise FloatingPointError(f"ppo: non-finite policy gradient at iteration {it + 1}")
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
+        p, dev = self.p, self.device
+
+        def loss(part, P):
+            logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
+            pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
+            return pg, {"loss/policy": pg, **st}
+        return _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy")
 
     def weights(self) -> dict[str, torch.Tensor]:
         """What the rollout workers need: the trainable tensors (all weights, or only the adapters)."""
@@ -123,25 +123,14 @@ class ValueTrainer:
 
     def train(self, batch: Rollout, it: int) -> dict:
         """The value half of `ppo.update`: clipped value loss · vf_coef, then explained variance."""
-        p, model = self.p, self.model
-        model.train()
+        p, dev = self.p, self.device
+
+        def loss(part, P):
+            v = response_values(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P)
+            vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
+            return p.vf_coef * vf, {"loss/value": vf, **st}
+        out = _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "value")
         P = batch.ids.shape[1] - batch.mask.shape[1]
-        acc: dict[str, list[float]] = {}
-        for mb in _minibatches(p, it, self.cfg.run.seed):
-            for j in range(0, p.minibatch_size, p.micro_batch_size):
-                part = batch.slice(mb[j: j + p.micro_batch_size])
-                w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)
-                v = response_values(model, *(_on(x, self.device) for x in (part.ids, part.attn, part.pos)), P)
-                vf, st = L.ppo_value_loss(v, *(_on(x, self.device) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
-                (w * p.vf_coef * vf).backward()
-                for k, val in {"loss/value": vf, **st}.items():
-                    acc.setdefault(k, []).append(float(val.detach()))
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            if not np.isfinite(float(gn)):
-                raise FloatingPointError(f"ppo: non-finite value gradient at iteration {it + 1}")
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        out = {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
         v = self.values(batch.ids, batch.attn, batch.pos, P)
         out["value/explained_variance"] = float(L.explained_variance(v, batch.returns, batch.mask))
         return out
