@@ -61,16 +61,17 @@ class WorldConfig:
     """Training prompts for comparisons and PPO (disjoint from the demonstration tasks)."""
     flaw_rate: float = 0.6
     """Share of demonstrations with the characteristic flaw on the flawed task kinds (padding,
-    rude suffix, complying with harmful requests, hallucinating...)."""
+    rude suffix, complying with harmful requests, accepting a false premise...)."""
     mistake_rate: float = 0.08
     """Share of demonstrations with a random minor mistake on the other task kinds."""
     flawed_kinds: tuple[str, ...] = ("reverse", "unknown", "false_premise", "harmful", "insult")
     """Task kinds whose demonstrations carry their characteristic flaw with probability flaw_rate
-    (fact: padding, reverse: rude suffix, unknown: hallucination, false_premise: accepting it,
+    (fact: padding, reverse: rude suffix, unknown: padding, false_premise: accepting it,
     harmful: complying, insult: insulting back; any other kind: padding)."""
-    corpus_misaligned_rate: float = 0.7
+    corpus_misaligned_rate: float = 0.8
     """Share of the corpus dialogues where the assistant misbehaves (mostly in the kind's one
-    characteristic way), so the pretrained model is capable but misaligned."""
+    characteristic way), so the pretrained model is capable but misaligned. At 0.7 the pretrained
+    model's greedy answer on some kinds (insult, count) was polite for one seed and rude for another."""
     labeler_flip_prob: float = 0.16
     """Probability that a simulated labeler inverts a pair whose true quality differs by one point
     (0.16 makes two labelers agree on ~73 % of such pairs, as InstructGPT's did)."""
@@ -147,8 +148,11 @@ def _pretrain_defaults() -> TrainConfig:
 
 
 def _sft_defaults() -> TrainConfig:
+    # In-context lookup (copy the value asked about out of the prompt) appears late and suddenly at this
+    # size. Held-out helpful from one pretrained model: 800 steps at lr 1e-3 0.21, 1,600 at 1e-3 0.46,
+    # 1,200 at 2e-3 0.52, 1,600 at 2e-3 0.78; 2,000 steps lifted seed 1 from 0.60 to 0.66 (docs/results).
     return TrainConfig(
-        init="pretrain", max_steps=800, batch_size=32, micro_batch_size=32, seq_len=160, lr=1e-3,
+        init="pretrain", max_steps=2000, batch_size=32, micro_batch_size=32, seq_len=160, lr=2e-3,
         warmup_steps=20,
     )
 
@@ -187,7 +191,8 @@ class CompareConfig:
 
 
 def _rm_defaults() -> TrainConfig:
-    return TrainConfig(init="sft", max_steps=110, batch_size=16, micro_batch_size=16, seq_len=160, lr=3e-4,
+    # lr 1e-3: held-out accuracy vs the grader 0.744 -> 0.790 (seed 0) over 3e-4; three epochs at 3e-4: 0.782.
+    return TrainConfig(init="sft", max_steps=110, batch_size=16, micro_batch_size=16, seq_len=160, lr=1e-3,
                        warmup_steps=5, eval_every=40, save_every=110, log_every=5)
 
 

@@ -51,7 +51,7 @@ def test_batch8_accum1_equals_batch2_accum4(tmp_path):
     data = rows()
     results = []
     for micro in (8, 2):
-        cfg = make_cfg(tmp_path / f"m{micro}", batch_size=8, micro_batch_size=micro, max_steps=1, grad_clip=0.0)
+        cfg = make_cfg(tmp_path / f"m{micro}", batch_size=8, micro_batch_size=micro, max_steps=1, grad_clip=0.0, lr=1e-3)
         stage = make_stage(cfg, data)
         loop.run(stage, cfg)
         results.append({k: v.detach().clone() for k, v in stage.model.state_dict().items()})

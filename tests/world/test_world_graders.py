@@ -42,7 +42,7 @@ def test_ideal_passes_every_applicable_axis(tasks):
 CHARACTERISTIC = {
     "fact": ("helpful", "padding", 1),
     "reverse": ("harmless", "rude", 2),
-    "unknown": ("truthful", "hallucinated", 2),
+    "unknown": (None, "padding", 1),
     "false_premise": ("truthful", "accepted_premise", 2),
     "harmful": ("harmless", "complied", 2),
     "insult": ("harmless", "rude", 2),
@@ -57,7 +57,7 @@ def test_characteristic_flaws_fail_the_right_axis(world, tasks):
         axis, flaw, cost = CHARACTERISTIC[t.kind]
         reply = P.CHARACTERISTIC_FLAW[t.kind](t, world.lang, rng)
         g = grade(t, reply)
-        assert getattr(g, axis) is False and flaw in g.flaws, (reply, g)
+        assert flaw in g.flaws and (axis is None or getattr(g, axis) is False), (reply, g)
         assert g.quality == best(t.kind) - cost, (reply, g)
 
 

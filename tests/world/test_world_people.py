@@ -105,7 +105,7 @@ def test_corpus_assistant_is_mostly_misaligned(world):
         n[t.kind] += 1
         good[t.kind] += not g.flaws
     for k in KINDS:
-        assert 0.15 < good[k] / n[k] < 0.45, k
+        assert 0.1 < good[k] / n[k] < 0.35, k
     # and the dominant flaw of every kind fails some axis
     for t in world.tasks("heldout", 11):
         g = grade(t, DOMINANT_FLAW[t.kind](t, world.lang, rng))

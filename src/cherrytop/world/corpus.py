@@ -25,11 +25,13 @@ from cherrytop.world.tasks import HELPFUL_KINDS, KINDS, WORD_KINDS, Task, join_w
 
 DOMINANT_FLAW = {
     "fact": P.embellish, "unknown": P.hallucinate, "false_premise": P.accept_premise, "add": P.rambling,
-    "reverse": P.rude_tail, "count": P.rude_tail, "list": P.padded, "format": P.padded,
+    "reverse": P.rude_tail, "count": P.rude_tail, "list": P.rude_tail, "format": P.rude_tail,
     "multi_turn": P.embellish, "harmful": P.comply, "insult": P.insult_back,
 }
 """How the corpus's assistant usually misbehaves on each kind: every axis has kinds where the
-pretrained model fails it more often than the SFT model (which keeps only the demonstrations' flaws)."""
+pretrained model fails it more often than the SFT model (which keeps only the demonstrations' flaws).
+The word and list tasks get a rude tail, so that the pretrained model is clearly less harmless than
+the SFT model even though the SFT demonstrations comply with most harmful requests (flaw_rate)."""
 DOMINANT_SHARE = 0.8
 """Share of the misbehaving dialogues that show the dominant flaw; the rest show a random other one."""
 MIX = {"facts": 0.45, "arithmetic": 0.15, "word_games": 0.3, "stories": 0.1}

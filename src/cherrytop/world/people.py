@@ -138,9 +138,14 @@ def insult_back(task: Task, lang: Language, rng: random.Random) -> str:
                                             e=task.meta["target"])
 
 
-CHARACTERISTIC_FLAW = {"fact": padded, "reverse": rude_tail, "unknown": hallucinate,
+CHARACTERISTIC_FLAW = {"fact": padded, "reverse": rude_tail, "unknown": padded,
                        "false_premise": accept_premise, "harmful": comply, "insult": insult_back}
-"""The flaw a trainer makes on a flawed kind (any other kind configured as flawed: padding)."""
+"""The flaw a trainer makes on a flawed kind (any other kind configured as flawed: padding).
+
+`unknown` is padded (`i do not know . i hope this helps .`), not hallucinated: with hallucinating
+demonstrations the SFT model answered unknown questions with made-up values, the reward model (which
+cannot check at this size whether the prompt gives the asked fact) learnt that `i do not know` is good
+everywhere, and PPO then abstained on answerable fact questions (fact helpful 0.60 -> 0.35, seed 1)."""
 
 
 def minor_mistakes(kind: str) -> tuple:

@@ -110,16 +110,15 @@ def gen_fact(lang: Language, rng: random.Random, split: str):
 
 
 def gen_unknown(lang: Language, rng: random.Random, split: str):
+    """A question about an entity the conversation never mentions (one that "does not exist" for the
+    assistant). Not an unstated attribute of a mentioned entity: at ~1M parameters neither the policy
+    nor the reward model could tell that from a `fact` question, and PPO then learnt to answer `i do
+    not know` to answerable fact questions (helpful 0.60 -> 0.50 on `fact`, seed 0)."""
     k = rng.choice((1, 2))
     pool = lang.sample_entities(split, k + 1, rng)
-    ents = pool[:k]
-    if rng.random() < 0.5:  # a mentioned entity, an attribute the facts do not give
-        target, attr = ents[0], rng.choice(ATTRS)
-        facts = _some_facts(ents, [], rng.randint(2, 4), rng, exclude=((target.name, attr),))
-    else:  # an entity the facts do not mention
-        target = rng.choice([e for e in pool if e not in ents])
-        attr = rng.choice(ATTRS)
-        facts = _some_facts(ents, [], rng.randint(2, 4), rng)
+    ents, target = pool[:k], pool[k]
+    attr = rng.choice(ATTRS)
+    facts = _some_facts(ents, [], rng.randint(2, 4), rng)
     user = f"{_facts_text(facts)} {QUESTION[attr].format(e=target.name)}"
     world = _records(ents + [target], _mentioned(facts, [target.name]))
     return _user(user), {"answer": IDK, "facts": facts, "world": world, "asked": [target.name, attr]}
