@@ -225,8 +225,10 @@ class PPOConfig:
     """Episodes per forward/backward pass; minibatch_size must be a multiple of it."""
     ppo_epochs: int = 4
     """Passes over each rollout batch ([IG]: 1, [LHP]/[N+]: 4)."""
-    lr: float = 1e-4
-    """Policy learning rate (1e-5 barely moves a ~1M-parameter model; see tiny-scale findings)."""
+    lr: float = 5e-5
+    """Policy learning rate (1e-5 barely moves a ~1M-parameter model; see tiny-scale findings). On the
+    tiny preset 5e-5 beat 1e-4 and 3e-5 on both seeds: win rate 0.676 / 0.686 and helpful 0.729 / 0.661
+    (SFT 0.750 / 0.664), against 0.669 / 0.669 and 0.725 / 0.636 at 1e-4 (docs/results)."""
     value_lr: float = 1e-4
     """Value model learning rate."""
     kl_coef: float = 0.5
