@@ -12,12 +12,11 @@ from cherrytop.config import load_config
 from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.tokenizer import load_tokenizer, train_tokenizer
 from cherrytop.model.load import build_model, count_params
-from cherrytop.rollout.sampler import sample, left_pad
 from cherrytop.stages.pretrain import tokenize_documents
 from cherrytop.world import World
-from cherrytop.world.language import language_for, ATTRS, QUESTION, fact, WORD_GAME_WORDS
-from cherrytop.world.tasks import join_words
+from cherrytop.world.language import language_for, WORD_GAME_WORDS
 from cherrytop.losses import lm_loss
+from probe import copy_items, copy_rates  # this folder's probe.py
 
 steps = int(os.environ.get("STEPS", 600)); every = int(os.environ.get("EVERY", 100))
 lr = float(os.environ.get("LR", 3e-3)); tag = os.environ.get("TAG", "x")
@@ -58,35 +57,9 @@ if os.environ.get("INIT"):
     for mod in model.modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(mod.weight, 0.0, std)
-    if os.environ.get("OUTSCALE"):
-        for n, p in model.named_parameters():
-            if n.endswith("o_proj.weight") or n.endswith("down_proj.weight"):
-                p.data.mul_(float(os.environ["OUTSCALE"]))
-lang = language_for(cfg.world)
-rng = random.Random(123)
-items = {"reverse": [], "join": [], "factqa": [], "again": []}
-for _ in range(120):
-    ws = rng.sample(WORD_GAME_WORDS, rng.randint(2, 4)); w = " ".join(ws)
-    items["reverse"].append((f"the reverse of {w} is", " " + " ".join(reversed(ws)) + " ."))
-    items["join"].append((f"{w} joined with commas is", " " + join_words(ws, "commas")))
-    names = [e.name for e in lang.sample_entities("heldout", 3, rng)]
-    items["again"].append((f"say {' '.join(names)} again :", " " + " ".join(names) + " ."))
-    sents, stated = [], []
-    for e in lang.sample_entities("heldout", rng.randint(1, 3), rng):
-        for a in rng.sample(ATTRS, rng.randint(2, 4)):
-            sents.append(fact(e.name, a, e.value(a))); stated.append((e, a))
-    e, a = rng.choice(stated)
-    items["factqa"].append((" ".join(sents) + " " + QUESTION[a].format(e=e.name), " " + fact(e.name, a, e.value(a))))
+items = copy_items(language_for(cfg.world), 120)
 def probe():
-    model.eval(); res = {}
-    for k, its in items.items():
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in its]
-        x, m = left_pad(ids, tok.pad_token_id)
-        with torch.inference_mode():
-            s = sample(model, x, m, max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0)
-        ok = sum(tok.decode(row, skip_special_tokens=True).strip().startswith(want.strip()) for (p, want), row in zip(its, s.tokens.tolist()))
-        res[k] = round(ok / len(its), 2)
-    model.train(); return res
+    model.eval(); res = copy_rates(model, tok, items); model.train(); return res
 decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
 nod = [p for n, p in model.named_parameters() if p.dim() < 2]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": nod, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
@@ -102,7 +75,8 @@ for s in range(steps):
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if (s + 1) % every == 0 or s + 1 == steps:
         with torch.no_grad():
-            hl = sum(lm_loss(model(input_ids=H[i:i+32]).logits, H[i:i+32])[0].item() for i in range(0, 128, 32)) / sum(lm_loss(model(input_ids=H[i:i+32]).logits, H[i:i+32])[1].item() for i in range(0, 128, 32))
+            sums = [lm_loss(model(input_ids=H[i:i+32]).logits, H[i:i+32]) for i in range(0, len(H), 32)]
+            hl = sum(t.item() for t, _ in sums) / sum(c.item() for _, c in sums)
         print(json.dumps({"tag": tag, "step": s + 1, "loss": round(loss.item(), 3), "held": round(hl, 3), **probe(), "t": round(time.time() - t1)}), flush=True)
 if os.environ.get("SAVE"):
     model.save_pretrained(os.environ["SAVE"]); tok.save_pretrained(os.environ["SAVE"])

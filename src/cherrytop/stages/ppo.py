@@ -223,6 +223,15 @@ def minibatches(p, it: int, seed: int):
             yield (it * p.ppo_epochs + epoch) * n_mb + m, order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
 
 
+def micro_batches(batch: Rollout, mb: torch.Tensor, p):
+    """The micro-batches of minibatch `mb`, each with its token share of the minibatch, so that the
+    summed weighted losses give the minibatch's token-mean gradient."""
+    tokens = batch.slice(mb).mask.sum().clamp(min=1)
+    for j in range(0, p.minibatch_size, p.micro_batch_size):
+        part = batch.slice(mb[j: j + p.micro_batch_size])
+        yield part, part.mask.sum() / tokens
+
+
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int) -> dict:
     """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch."""
     policy.train()
@@ -230,9 +239,7 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     P = batch.ids.shape[1] - batch.mask.shape[1]
     acc: dict[str, list[float]] = {}
     for step, mb in minibatches(p, it, seed):
-        for j in range(0, p.minibatch_size, p.micro_batch_size):
-            part = batch.slice(mb[j: j + p.micro_batch_size])
-            w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)  # token share of this micro-batch
+        for part, w in micro_batches(batch, mb, p):
             logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature)
             pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
             v = response_values(value, part.ids, part.attn, part.pos, P)

@@ -29,7 +29,7 @@ from cherrytop.data.collate import step_indices
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.load import resolve_checkpoint
-from cherrytop.stages.ppo import Rollout, load_prompts, minibatches, response_logp, response_values
+from cherrytop.stages.ppo import Rollout, load_prompts, micro_batches, minibatches, response_logp, response_values
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -50,9 +50,7 @@ def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what
     P = batch.ids.shape[1] - batch.mask.shape[1]
     acc: dict[str, list[float]] = {}
     for _, mb in minibatches(p, it, seed):
-        for j in range(0, p.minibatch_size, p.micro_batch_size):
-            part = batch.slice(mb[j: j + p.micro_batch_size])
-            w = part.mask.sum() / batch.slice(mb).mask.sum().clamp(min=1)
+        for part, w in micro_batches(batch, mb, p):
             loss, stats = loss_fn(part, P)
             (w * loss).backward()
             for k, v in stats.items():
