@@ -2,11 +2,13 @@
 errors for bad input (file and line, what was expected) with nothing half-written."""
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cherrytop.cli import main
+from cherrytop.model.heads import loglik_term
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,9 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
         assert (run_dir / stage / "config.json").is_file(), stage
         assert (run_dir / stage / "cherrytop.toml").is_file()
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo")  # plain transformers loads every checkpoint
-    AutoModelForSequenceClassification.from_pretrained(run_dir / "rm")
+    rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "rm")
+    coef, ref, excess = loglik_term(rm.config)  # rm.ref_loglik = sum (default): a fitted c, π_ref = the SFT model
+    assert coef != 0 and Path(ref) == (run_dir / "sft").resolve() and not excess
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["eval"]) == {"pretrain", "sft", "ppo", "ppo_ptx"}
     for e in report["eval"].values():
@@ -33,6 +37,7 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
     comps = [json.loads(line) for line in (run_dir / "data" / "comparisons.jsonl").read_text().splitlines()]
     assert all(len(c["responses"]) == 4 and sorted(c["ranking"]) == [0, 1, 2, 3] for c in comps)
     logs = [json.loads(line) for line in (run_dir / "logs" / "ppo.jsonl").read_text().splitlines()]
+    assert logs[-1]["objective/ref_loglik"] != 0  # PPO adds the reward model's log π_ref term
     for key in ("objective/score", "objective/kl", "objective/beta", "objective/entropy", "rollout/length",
                 "policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance"):
         assert key in logs[-1], key
@@ -90,3 +95,28 @@ def test_missing_model_and_config_typo(tmp_path, capsys):
     assert "unknown key 'lerning_rate'" in capsys.readouterr().err
     assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", "--model.path", str(tmp_path / "none")]) == 2
     assert "none: no such model folder" in capsys.readouterr().err
+
+
+def test_ppo_weight_average_is_the_saved_policy_and_resumes(run_dir):
+    """ppo.ema: the checkpoint's policy is the weight average, the live weights go to trainer_state.pt,
+    and a second call resumes from them (the average is not the live policy)."""
+    import torch
+
+    from cherrytop.config import load_config
+    from cherrytop.stages import ppo
+    from cherrytop.train.checkpoint import load_state
+    base = [f"--run.out_dir={run_dir.parent}", "--ppo.ema=0.5", "--ppo.batch_size=16", "--ppo.minibatch_size=8",
+            "--ppo.micro_batch_size=8"]
+    ppo.run(load_config("test", [], [*base, "--ppo.episodes=16"]), name="ppo_ema")
+    first = load_state(run_dir / "ppo_ema")
+    ppo.run(load_config("test", [], [*base, "--ppo.episodes=32"]), name="ppo_ema")
+    state = load_state(run_dir / "ppo_ema")
+    assert first["iteration"] == 1 and state["iteration"] == 2
+    saved = dict(AutoModelForCausalLM.from_pretrained(run_dir / "ppo_ema").named_parameters())
+    sft = dict(AutoModelForCausalLM.from_pretrained(run_dir / "sft").named_parameters())
+    moved = [n for n in state["live_policy"] if not torch.equal(state["live_policy"][n], sft[n].detach())]
+    assert moved  # the live policy trained
+    for n in moved:  # the saved policy is the average, neither the SFT weights nor the live ones
+        assert not torch.equal(saved[n].detach(), state["live_policy"][n]), n
+        assert not torch.equal(saved[n].detach(), sft[n].detach()), n
+    assert any(not torch.equal(first["live_policy"][n], state["live_policy"][n]) for n in moved)  # resumed and trained on

@@ -205,6 +205,17 @@ class RewardConfig:
     """Weight of tied pairs in the ranking loss (a tie is half a win each way); 0 ignores ties."""
     epochs: float = 1.0
     """Passes over the comparisons ([IG]: 1; more overfits). Sets max_steps when > 0."""
+    ref_loglik: str = "sum"
+    """Reward = head score at EOS + c · f(response), f from π_ref, the causal LM the reward model starts
+    from (`train.init`, the SFT model); c is fitted on the training rankings before the head is trained
+    (then frozen, saved in the checkpoint's config). `sum`: f = Σ_t log π_ref(y_t); `excess`: f = Σ_t
+    (log π_ref(y_t) + H_t), H_t the entropy of π_ref at step t, so a token drawn from π_ref adds 0 on
+    average (f does not favour short answers); `off`: [IG]'s head alone. The head does not learn
+    whether an answer is right (tiny preset: 0.49 on pairs that differ only in correctness), while the
+    SFT model, which can look the answer up in the prompt, gives a wrong answer a low likelihood (0.85
+    on those pairs). Tiny preset, two seeds, accuracy vs the grader: off 0.80 / 0.76, sum 0.94 / 0.91,
+    excess 0.91 / 0.89 (PPO helpful: sum 0.768 / 0.661, excess 0.768 / 0.646). PPO adds the term from
+    its reference pass."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +236,10 @@ class PPOConfig:
     """Episodes per forward/backward pass; minibatch_size must be a multiple of it."""
     ppo_epochs: int = 4
     """Passes over each rollout batch ([IG]: 1, [LHP]/[N+]: 4)."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the policy's weights, updated after every optimizer
+    step ([IG]: 0.992); the checkpoint's policy (what eval and serve load) is the average, training
+    goes on from the live weights (kept in trainer_state.pt to resume). 0 = off."""
     lr: float = 5e-5
     """Policy learning rate (1e-5 barely moves a ~1M-parameter model; see tiny-scale findings). On the
     tiny preset 5e-5 beat 1e-4 and 3e-5 on both seeds: win rate 0.676 / 0.686 and helpful 0.729 / 0.661
@@ -596,6 +611,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch: expected 'llama' or 'gpt2', got '{cfg.model.arch}'")
     if cfg.model.d_model % cfg.model.n_heads:
         raise ConfigError(f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_heads ({cfg.model.n_heads})")
+    if not 0.0 <= cfg.ppo.ema < 1.0:
+        raise ConfigError(f"ppo.ema: expected a decay in [0, 1), got {cfg.ppo.ema}")
+    if cfg.rm.ref_loglik not in ("off", "sum", "excess"):
+        raise ConfigError(f"rm.ref_loglik: expected 'off', 'sum' or 'excess', got '{cfg.rm.ref_loglik}'")
     if cfg.dist.strategy not in ("none", "ddp", "fsdp"):
         raise ConfigError(f"dist.strategy: expected 'none', 'ddp' or 'fsdp', got '{cfg.dist.strategy}'")
     if cfg.lora.r < 0 or set(cfg.lora.stages) - {"sft", "rm", "ppo"}:

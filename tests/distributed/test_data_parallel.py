@@ -72,11 +72,12 @@ def test_two_processes_equal_one(tmp_path, reference, strategy):
         for key in ("train/loss", "train/grad_norm"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
     assert b[4]["eval/loss"] == pytest.approx(a[4]["eval/loss"], rel=1e-5)
-    # the final checkpoint is a plain HF folder with the single process's weights
+    # the final checkpoint is a plain HF folder with the single process's weights (after 4 AdamW steps:
+    # Adam divides by √v, so a 1e-7 gradient rounding difference can move a weight by ~1e-6)
     ckpt = tmp_path / "t/sft"
     plain = AutoModelForCausalLM.from_pretrained(ckpt)
     for k, w in plain.state_dict().items():
-        torch.testing.assert_close(w, reference["weights"][k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w, reference["weights"][k], rtol=1e-4, atol=1e-5)
     assert distributed.has_shards(ckpt) == (strategy == "fsdp")
     if strategy == "fsdp":  # the shards alone convert to the same plain folder
         from cherrytop.cli import main

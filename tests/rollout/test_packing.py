@@ -188,7 +188,7 @@ def test_wrapped_or_softcapped_models_take_the_padded_path():
     assert not packing.supports_packing(Wrapper(model))
     model.config.final_logit_softcapping = 30.0
     assert not packing.supports_packing(model)
-    from cherrytop.stages.ppo import response_logp  # the padded path gives the same numbers
+    from cherrytop.rollout.packing import response_logp  # the padded path gives the same numbers
     ids, attn, pos, P, s = episodes(tiny("llama").eval(), seed=5)
     plain = tiny("llama").eval()
     with torch.no_grad():

@@ -2,12 +2,13 @@
 
 import copy
 
+import pytest
 import torch
 
 from cherrytop.config import ModelConfig, PPOConfig
-from cherrytop.model.heads import scalar_model_from
-from cherrytop.model.load import build_model
-from cherrytop.stages.ppo import rollout, update
+from cherrytop.model.heads import KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, scalar_model_from
+from cherrytop.model.load import CheckpointError, build_model
+from cherrytop.stages.ppo import RefLogLik, WeightEMA, ref_loglik, rollout, update
 
 V, PAD, EOS, TARGET = 24, 0, 1, 7
 
@@ -41,3 +42,68 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(tmp_path):
     assert last["objective/score"] > first["objective/score"] + 1.0, (first["objective/score"], last["objective/score"])
     assert 0 < last["objective/kl"] < 20  # the KL penalty keeps the policy near the reference
     assert all(0 <= h["policy/clipfrac"] <= 1 for h in history)
+
+
+@pytest.mark.parametrize("excess", [False, True])
+def test_the_reward_models_loglik_term_comes_from_the_reference_pass(tmp_path, excess):
+    """c · Σ log π_ref(y_t) (+ H_t) read off the rollout's reference pass equals running π_ref on the
+    episodes, and `ref_loglik` shares the PPO reference only when it is π_ref at temperature 1."""
+    policy = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), V, PAD, EOS, seed=0)
+    policy.save_pretrained(tmp_path / "sft")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    value = scalar_model_from(tmp_path / "sft", PAD)
+    rm = scalar_model_from(tmp_path / "sft", PAD)
+    setattr(rm.config, LOGLIK_KEY, 0.5)
+    setattr(rm.config, REFERENCE_KEY, str(tmp_path / "sft"))
+    setattr(rm.config, KIND_KEY, "excess" if excess else "sum")
+    p = PPOConfig(batch_size=8, minibatch_size=8, micro_batch_size=8, max_new_tokens=6)
+    prompts = [[2 + i, 3, 4] for i in range(8)]
+
+    def zero(ids, attn, pos, P):
+        return torch.zeros(ids.shape[0])
+    shared = ref_loglik(rm, tmp_path / "sft", 1.0, ref)
+    assert shared.coef == 0.5 and shared.model is None and shared.excess == excess
+    assert ref_loglik(rm, tmp_path / "sft", 0.7, ref).model is ref  # another temperature: run π_ref at T = 1
+    runs = []
+    for term in (shared, RefLogLik(0.5, copy.deepcopy(ref), excess)):
+        batch, stats = rollout(policy, ref, zero, value, Tok, prompts, 0.1, p, torch.Generator().manual_seed(3), term)
+        runs.append((batch, stats))
+        assert stats["objective/rm_score"] == pytest.approx(0.5 * stats["objective/ref_loglik"], abs=1e-6)
+    assert runs[0][1]["objective/rm_score"] == pytest.approx(runs[1][1]["objective/rm_score"], abs=1e-5)
+    b = runs[0][0]  # by hand: one plain forward pass of π_ref over the episodes
+    P = b.ids.shape[1] - b.mask.shape[1]
+    with torch.no_grad():
+        logits = ref(input_ids=b.ids, attention_mask=b.attn, position_ids=b.pos).logits[:, P - 1: -1].double()
+    lsm = torch.log_softmax(logits, -1)
+    f = lsm.gather(-1, b.ids[:, P:, None])[..., 0] - (excess * (lsm.exp() * lsm).sum(-1))
+    assert runs[0][1]["objective/ref_loglik"] == pytest.approx(float((f * b.mask).sum(1).mean()), abs=1e-4)
+    build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), V, PAD, EOS, seed=1) \
+        .save_pretrained(tmp_path / "other")
+    setattr(rm.config, REFERENCE_KEY, str(tmp_path / "other"))
+    assert ref_loglik(rm, tmp_path / "sft", 1.0, ref).model is not None  # another π_ref: loaded and run
+    setattr(rm.config, REFERENCE_KEY, str(tmp_path / "gone"))
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        ref_loglik(rm, tmp_path / "sft", 1.0, ref)
+
+
+def test_weight_ema_matches_the_running_average_and_swaps_back():
+    model = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    ema = WeightEMA(model, 0.9)
+    assert set(ema.avg) == {"weight", "bias"}  # trainable weights only
+    expected = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
+    for step in range(5):
+        with torch.no_grad():
+            model.weight.add_(step + 1.0)
+            model.bias.sub_(0.5)
+        ema.update()
+        for n, q in model.named_parameters():
+            if n in expected:
+                expected[n] = 0.9 * expected[n] + 0.1 * q.detach()
+    for n in expected:
+        torch.testing.assert_close(ema.avg[n], expected[n])
+    live = model.weight.detach().clone()
+    with ema.swapped():
+        torch.testing.assert_close(model.weight.detach(), expected["weight"])
+    torch.testing.assert_close(model.weight.detach(), live)

@@ -1,4 +1,5 @@
-"""Reward model: one forward pass per prompt group, and its loss equals the explicit pair mean."""
+"""Reward model: one forward pass per prompt group, and its loss equals the explicit pair mean; the
+log π_ref term: its log-likelihoods, its fitted coefficient and how it enters the reward."""
 
 import math
 
@@ -7,10 +8,11 @@ import torch
 
 from cherrytop.config import ModelConfig
 from cherrytop.data.records import Comparison, Message
-from cherrytop.data.tokenizer import train_tokenizer
-from cherrytop.model.heads import reward, scalar_model_from
+from cherrytop.data.tokenizer import render, split_response, train_tokenizer
+from cherrytop.model.heads import LOGLIK_KEY, response_loglik, reward, scalar_model_from
 from cherrytop.model.load import build_model
-from cherrytop.stages.reward import collate_groups, encode_group, rm_step
+from cherrytop.stages.reward import (collate_groups, encode_group, fit_loglik_coef, group_rewards, loglik_features,
+                                     rm_step)
 
 
 def test_k_responses_go_through_one_forward_and_loss_matches_pairs(tmp_path):
@@ -40,3 +42,84 @@ def test_k_responses_go_through_one_forward_and_loss_matches_pairs(tmp_path):
         expected += -sum(math.log(1 / (1 + math.exp(-(r[w] - r[l])))) for w, l in pairs) / len(pairs)
     assert int(n) == 2
     assert float(loss_sum.detach()) == pytest.approx(expected, rel=1e-4)  # rm_step returns the sum over prompts
+
+
+def _tiny_lm(tmp_path, arch="llama"):
+    tok = train_tokenizer(["the cat is red .", "i do not know .", "sorry , no .", "what color is the cat ?"] * 10,
+                          vocab_size=300)
+    lm = build_model(ModelConfig(arch=arch, n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), len(tok),
+                     tok.pad_token_id, tok.eos_token_id, seed=1).eval()
+    lm.save_pretrained(tmp_path / arch)
+    return tok, lm
+
+
+@pytest.mark.parametrize("arch,excess", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_response_loglik_equals_one_plain_forward_per_answer(tmp_path, arch, excess):
+    tok, lm = _tiny_lm(tmp_path, arch)
+    prompts = [[Message("user", "what color is the cat ?")], [Message("user", "hi"), Message("assistant", "no ."),
+                                                              Message("user", "sorry , what ?")]]
+    answers = ["the cat is red .", "i do not know .", ""]
+    items = [([{"role": m.role, "content": m.content} for m in p], a) for p in prompts for a in answers]
+    pairs = [split_response(tok, m, a, 64) for m, a in items]
+    got = response_loglik(lm, [h for h, _ in pairs], [r for _, r in pairs], tok.pad_token_id, batch_size=4, excess=excess)
+    for (m, a), (head, resp), g in zip(items, pairs, got):
+        full = tok(render(tok, [*m, {"role": "assistant", "content": a}]), add_special_tokens=False)["input_ids"]
+        assert head + resp == full and resp[-1] == tok.eos_token_id  # the answer's tokens end at its EOS
+        with torch.no_grad():
+            logits = lm(torch.tensor([full])).logits[0]
+        ref = 0.0
+        for t in range(len(head), len(full)):
+            probs = torch.softmax(logits[t - 1].double(), -1)
+            ref += math.log(float(probs[full[t]]))
+            if excess:  # + the entropy of the step's distribution
+                ref -= float((probs * probs.log()).sum())
+        assert float(g) == pytest.approx(ref, abs=1e-4)
+    head, resp = split_response(tok, items[0][0], items[0][1], 8)  # cut from the left: the answer stays whole
+    assert len(head) + len(resp) == 8 and resp == pairs[0][1]
+
+
+def test_loglik_coefficient_fit_matches_a_grid_search():
+    g = torch.Generator().manual_seed(0)
+    prompt = (Message("user", "q"),)
+    groups, ll = [], []
+    for i in range(300):  # Plackett-Luce rankings (Gumbel noise): pairwise Bradley-Terry in c_true · loglik
+        k = 4 + i % 3
+        x = (torch.rand(k, generator=g) * -20).tolist()
+        u = torch.rand(k, generator=g).clamp(1e-6, 1 - 1e-6)
+        noisy = [0.3 * xi - float(torch.log(-torch.log(ui))) for xi, ui in zip(x, u)]
+        ranking = tuple(sorted(range(k), key=lambda j: -noisy[j]))
+        groups.append(([[0]] * k, Comparison(prompt, tuple(str(j) for j in range(k)), ranking, ((0, 1),) if i % 5 == 0 else ())))
+        ll.append(x)
+    c = fit_loglik_coef(groups, ll, tie_weight=1.0)
+
+    def loss(coef: float) -> float:  # the explicit mean over prompts of the mean over pairs (ties: half each way)
+        total = 0.0
+        for (_, comp), x in zip(groups, ll):
+            ties = {tuple(sorted(t)) for t in comp.ties}
+            terms = []
+            for a in range(comp.k):
+                for b in range(a + 1, comp.k):
+                    w, l_ = comp.ranking[a], comp.ranking[b]
+                    d = coef * (x[w] - x[l_])
+                    if tuple(sorted((w, l_))) in ties:
+                        terms.append(0.5 * (math.log1p(math.exp(-d)) + math.log1p(math.exp(d))))
+                    else:
+                        terms.append(math.log1p(math.exp(-d)))
+            total += sum(terms) / len(terms)
+        return total / len(groups)
+    grid = [i / 200 for i in range(0, 201)]
+    best = min(grid, key=loss)
+    assert abs(c - best) <= 0.005 + 1e-9 and loss(c) <= loss(best) + 1e-9
+    assert 0.2 < c < 0.4  # and it recovers the coefficient the rankings were drawn with
+
+
+def test_group_rewards_add_the_loglik_term(tmp_path):
+    tok, lm = _tiny_lm(tmp_path)
+    rm = scalar_model_from(tmp_path / "llama", tok.pad_token_id)
+    prompt = (Message("user", "what color is the cat ?"),)
+    comp = Comparison(prompt, ("red .", "i do not know .", "the cat is red ."), (2, 0, 1))
+    ll = [loglik_features(lm, tok, [([{"role": "user", "content": prompt[0].content}], r) for r in comp.responses], 64)]
+    plain = group_rewards(rm, collate_groups([(encode_group(tok, comp, 64), comp)], tok.pad_token_id, 1.0, ll))
+    setattr(rm.config, LOGLIK_KEY, 0.5)
+    with_term = group_rewards(rm, collate_groups([(encode_group(tok, comp, 64), comp)], tok.pad_token_id, 1.0, ll))
+    assert torch.allclose(with_term - plain, 0.5 * torch.tensor(ll), atol=1e-5)

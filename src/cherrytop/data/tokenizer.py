@@ -78,6 +78,23 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) 
     return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
+def split_response(tokenizer: PreTrainedTokenizerBase, prompt: Sequence[dict], response: str,
+                   max_len: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) as the chat template renders prompt + answer. The response runs up
+    to and including its first EOS (what a policy samples); the prompt is cut from the left so both
+    fit in `max_len` tokens (at least one prompt token stays)."""
+    full = tokenizer(render(tokenizer, [*prompt, {"role": "assistant", "content": response}]),
+                     add_special_tokens=False)["input_ids"]
+    head = encode_prompt(tokenizer, prompt)
+    if full[: len(head)] != head:
+        raise TemplateError("the chat template does not render the prompt (with the generation prompt) as a "
+                            "prefix of prompt + answer, so the answer's tokens cannot be told apart")
+    resp = full[len(head):]
+    if tokenizer.eos_token_id in resp:
+        resp = resp[: resp.index(tokenizer.eos_token_id) + 1]
+    return head[max(0, len(head) - max(1, max_len - len(resp))):], resp
+
+
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans the assistant writes (content + end marker).
 

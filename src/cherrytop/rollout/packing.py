@@ -156,6 +156,28 @@ def last_reward(model: torch.nn.Module, pk: Packed, normalised: bool = True) -> 
     return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
 
 
+def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False):
+    """(B, N) log-probs of the response tokens (positions P..) of a left-padded prompt + right-padded
+    response batch under `model`, and optionally entropy. Padding-free for plain HF models; the padded
+    forward pass otherwise."""
+    from cherrytop import losses as L
+    if supports_packing(model):
+        logits = response_logits(model, pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
+    logits = logits / temperature
+    logp = L.token_logprobs(logits, ids[:, P:])
+    return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
+
+
+def response_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
+    """(B, N) V(s_t): the value head at the position that predicts response token t."""
+    from cherrytop.model.heads import token_scores
+    if supports_packing(value_model):
+        return response_scores(value_model, pack(ids, attn), P, ids.shape[1] - P)
+    return token_scores(value_model, ids, attn, pos)[:, P - 1: -1]
+
+
 def lm_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, counted tokens) as `losses.lm_loss` gives on the padded batch's logits, computed

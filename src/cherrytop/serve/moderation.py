@@ -128,22 +128,29 @@ class ScoreModel:
 
     def __init__(self, checkpoint: str):
         from cherrytop.data.tokenizer import load_tokenizer
-        from cherrytop.model.heads import scalar_model_from
+        from cherrytop.model.heads import loglik_term, scalar_model_from
+        from cherrytop.model.load import load_model
         self.tok = load_tokenizer(checkpoint)
         self.model = scalar_model_from(checkpoint, self.tok.pad_token_id).eval()
         cfg = self.model.config
+        self.coef, ref, self.excess = loglik_term(cfg)  # a reward model's c · log π_ref(answer) term, if it has one
+        self.ref = load_model(ref).eval() if self.coef else None
         self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         self.lock = threading.Lock()
 
     @torch.no_grad()
     def score(self, messages: Sequence[dict], answer: str) -> float:
-        from cherrytop.data.tokenizer import render
-        from cherrytop.model.heads import reward
+        from cherrytop.data.tokenizer import render, split_response
+        from cherrytop.model.heads import reward, response_loglik
         text = render(self.tok, [*messages, {"role": "assistant", "content": answer}])
         ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.context:]
         x = torch.tensor([ids])
         with self.lock:
-            return float(reward(self.model, x, torch.ones_like(x))[0])
+            r = float(reward(self.model, x, torch.ones_like(x))[0])
+            if self.ref is not None:
+                head, resp = split_response(self.tok, list(messages), answer, self.context)
+                r += self.coef * float(response_loglik(self.ref, [head], [resp], self.tok.pad_token_id, excess=self.excess)[0])
+            return r
 
 
 class Moderator:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,11 @@ from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import read_prompts
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
-from cherrytop.model.heads import reward, scalar_model_from, token_scores
-from cherrytop.model.load import load_model, resolve_checkpoint
+from cherrytop.model.heads import loglik_term, reward, scalar_model_from
+from cherrytop.model.load import CheckpointError, load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample
 from cherrytop.rollout import packing
+from cherrytop.rollout.packing import response_logp, response_values
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
 from cherrytop.train.loop import MetricsLog, console
@@ -69,23 +71,69 @@ class Rollout:
         return Rollout(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
-def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False):
-    """(B, N) log-probs of the response tokens (positions P..) under `model`, and optionally entropy.
-    Padding-free (rollout.packing) for plain HF models; the padded forward pass otherwise."""
-    if packing.supports_packing(model):
-        logits = packing.response_logits(model, packing.pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
-    else:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
-    logits = logits / temperature
-    logp = L.token_logprobs(logits, ids[:, P:])
-    return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
+@dataclass
+class RefLogLik:
+    """A reward model's c · log π_ref(response) term (model.heads, stages/reward.py), added to its score."""
+    coef: float
+    model: torch.nn.Module | None = None
+    """π_ref when it must be run (another model than the PPO reference, or a rollout temperature ≠ 1);
+    None: read it off the rollout's reference pass."""
+    excess: bool = False
+    """The term adds π_ref's entropy at each step (rm.ref_loglik = excess)."""
+
+    def __call__(self, ids, attn, pos, P: int, ref_logp: torch.Tensor, ref_entropy: torch.Tensor | None,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """(B,) Σ_t log π_ref(y_t) (+ H_t) over each response up to and including EOS; ref_logp and
+        ref_entropy (B, N) are the rollout's reference pass, used when `model` is None."""
+        if self.model is not None:
+            ref_logp, ref_entropy = response_logp(self.model, ids, attn, pos, P, 1.0, with_entropy=True)
+        return ((ref_logp + ref_entropy if self.excess else ref_logp) * mask).sum(1)
 
 
-def response_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
-    """(B, N) V(s_t): the value head at the position that predicts response token t."""
-    if packing.supports_packing(value_model):
-        return packing.response_scores(value_model, packing.pack(ids, attn), P, ids.shape[1] - P)
-    return token_scores(value_model, ids, attn, pos)[:, P - 1: -1]
+def ref_loglik(rm, init: Path, temperature: float, ref) -> RefLogLik | None:
+    """The reward model's log-likelihood term, sharing PPO's reference model when π_ref is the same checkpoint."""
+    c, path, excess = loglik_term(rm.config)
+    if not c:
+        return None
+    if path and Path(path).resolve() == Path(init).resolve():
+        return RefLogLik(c, None if temperature == 1.0 else ref, excess)
+    if not path or not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"the reward model adds c · log π_ref(response) with π_ref = {path}, which is not a "
+                              "model folder any more; train the reward model again (or with --rm.ref_loglik=off)")
+    return RefLogLik(c, load_model(path).eval().requires_grad_(False), excess)
+
+
+class WeightEMA:
+    """Exponential moving average of a model's trainable weights ([IG] RL: decay 0.992), updated after
+    every optimizer step; `swapped()` puts the average in the model's place (to save or evaluate it)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.avg = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, q in self.model.named_parameters():
+            if n in self.avg:
+                self.avg[n].lerp_(q.detach(), 1.0 - self.decay)
+
+    def live(self) -> dict[str, torch.Tensor]:
+        return {n: q.detach().clone() for n, q in self.model.named_parameters() if n in self.avg}
+
+    @torch.no_grad()
+    def load_live(self, weights: dict[str, torch.Tensor]) -> None:
+        for n, q in self.model.named_parameters():
+            if n in weights:
+                q.copy_(weights[n])
+
+    @contextmanager
+    def swapped(self):
+        live = self.live()
+        self.load_live(self.avg)
+        try:
+            yield
+        finally:
+            self.load_live(live)
 
 
 def load_prompts(cfg: Config) -> list[list[dict]]:
@@ -130,6 +178,10 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         if packing.supports_packing(rm):
             return packing.last_reward(rm, packing.pack(ids, attn))
         return reward(rm, ids, attn, pos)
+    loglik = ref_loglik(rm, init, p.temperature, ref)
+    ema = WeightEMA(policy, p.ema) if p.ema > 0 else None  # resuming: the checkpoint's policy is the average
+    if ema is not None and state is not None:
+        ema.load_live(state["live_policy"])
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0)
     opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0)
     prompts = load_prompts(cfg)
@@ -150,9 +202,12 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     def save(iteration: int) -> None:
         def extra(d: Path) -> None:
             lora.saveable(value).save_pretrained(d / "value")
-        save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, {
-            "stage": name, "iteration": iteration, "beta": beta, "opt_policy": opt_pi.state_dict(),
-            "opt_value": opt_v.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "config": to_dict(cfg)}, extra)
+        st = {"stage": name, "iteration": iteration, "beta": beta, "opt_policy": opt_pi.state_dict(),
+              "opt_value": opt_v.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "config": to_dict(cfg)}
+        if ema is not None:
+            st["live_policy"] = ema.live()
+        with ema.swapped() if ema is not None else nullcontext():  # the policy folder holds the average
+            save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, st, extra)
 
     from rich.progress import Progress
     t_start = time.perf_counter()
@@ -160,8 +215,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         task = bar.add_task(name, total=iterations, completed=start)
         for it in range(start, iterations):
             idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)
-            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen)
-            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed))
+            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik)
+            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema))
             if p.kl_target > 0:
                 beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
             stats["objective/beta"] = beta
@@ -179,8 +234,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 
 @torch.no_grad()
-def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen) -> tuple[Rollout, dict]:
-    """Steps 1–4: sample, score, shape rewards, GAE."""
+def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
+            loglik: RefLogLik | None = None) -> tuple[Rollout, dict]:
+    """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, GAE."""
     policy.eval()
     ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
     s = sample(policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
@@ -191,9 +247,14 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = s.mask.float()  # (B, N)
     old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
-    ref_logp = response_logp(ref, ids, attn, pos, P, p.temperature)
+    if loglik is not None and loglik.excess and loglik.model is None:  # the term needs π_ref's entropies too
+        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=True)
+    else:
+        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature), None
     values = response_values(value, ids, attn, pos, P) * mask
     raw = score_fn(ids, attn, pos, P)  # (B,)
+    ll = loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(raw)  # (B,)
+    raw = raw + (loglik.coef * ll if loglik else 0.0)
     scores = L.apply_eos_penalty(raw, s.has_eos, p.no_eos_penalty)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
     rewards = L.shaped_rewards(scores, kl, mask, beta)
@@ -204,6 +265,7 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     lengths = mask.sum(1)
     stats = {
         "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
+        "objective/ref_loglik": float(ll.mean()),
         "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
         "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
         "objective/entropy": float(L.masked_mean(entropy, mask)),
@@ -232,8 +294,10 @@ def micro_batches(batch: Rollout, mb: torch.Tensor, p):
         yield part, part.mask.sum() / tokens
 
 
-def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int) -> dict:
-    """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch."""
+def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int,
+           ema: WeightEMA | None = None) -> dict:
+    """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch
+    (then the policy's weight average, if any, takes the step)."""
     policy.train()
     value.train()
     P = batch.ids.shape[1] - batch.mask.shape[1]
@@ -259,6 +323,8 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
                 raise FloatingPointError(f"ppo: non-finite gradient at iteration {it + 1}; the last good checkpoint is kept")
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
     with torch.no_grad():
         v = response_values(value, batch.ids, batch.attn, batch.pos, P)
         ev = float(L.explained_variance(v, batch.returns, batch.mask))

@@ -28,8 +28,10 @@ from cherrytop.config import Config, to_dict
 from cherrytop.data.collate import step_indices
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
+from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import resolve_checkpoint
-from cherrytop.stages.ppo import Rollout, load_prompts, micro_batches, minibatches, response_logp, response_values
+from cherrytop.rollout.packing import response_logp, response_values
+from cherrytop.stages.ppo import Rollout, load_prompts, micro_batches, minibatches
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -76,12 +78,13 @@ class PolicyTrainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.lr, eps=1e-5, weight_decay=0.0)
 
     @torch.no_grad()
-    def logp(self, ids, attn, pos, P: int, reference: bool = False):
-        """(B, N) log π_old (and entropy), or log π_ref when `reference` (LoRA only)."""
+    def logp(self, ids, attn, pos, P: int, reference: bool = False, entropy: bool = False):
+        """(B, N) log π_old and entropy, or log π_ref when `reference` (LoRA only; with its entropy if asked)."""
         self.model.eval()
         args = [_on(x, self.device) for x in (ids, attn, pos)]
         if reference:
-            return response_logp(lora.Reference(self.model), *args, P, self.p.temperature).cpu()
+            out = response_logp(lora.Reference(self.model), *args, P, self.p.temperature, with_entropy=entropy)
+            return tuple(x.cpu() for x in out) if entropy else out.cpu()
         logp, ent = response_logp(self.model, *args, P, self.p.temperature, with_entropy=True)
         return logp.cpu(), ent.cpu()
 
@@ -153,8 +156,10 @@ class Scorer:
         return reward(self.model, *(_on(x, self.device) for x in (ids, attn, pos))).cpu()
 
     @torch.no_grad()
-    def logp(self, ids, attn, pos, P: int):
-        return response_logp(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P, self.temperature).cpu()
+    def logp(self, ids, attn, pos, P: int, entropy: bool = False):
+        out = response_logp(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P, self.temperature,
+                            with_entropy=entropy)
+        return tuple(x.cpu() for x in out) if entropy else out.cpu()
 
 
 class RolloutWorker:
@@ -206,8 +211,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     """PPO with Ray actors; the checkpoint (policy + `value/`) is stage 6's."""
     import ray
     p, rc = cfg.ppo, cfg.ray
-    if p.ptx_coef > 0:
-        raise ValueError("ppo.ptx_coef > 0 is not supported with ray.enabled yet; run PPO-ptx without Ray")
+    if p.ptx_coef > 0 or p.ema > 0:
+        raise ValueError("ppo.ptx_coef > 0 and ppo.ema > 0 are not supported with ray.enabled yet; run them without Ray")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / name
     init, rm_path = str(resolve_checkpoint(p.init, cfg)), str(resolve_checkpoint(p.reward_model, cfg))
@@ -217,6 +222,12 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     if state is not None and state.get("iteration", 0) >= iterations:
         console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
         return state["metrics"]
+    from transformers import AutoConfig
+    coef, rm_ref, excess = loglik_term(AutoConfig.from_pretrained(rm_path))
+    if coef and not (Path(rm_ref or "").resolve() == Path(init).resolve() and p.temperature == 1.0):
+        raise ValueError(f"the reward model's c · log π_ref term needs π_ref = ppo.init and ppo.temperature = 1 with "
+                         f"ray.enabled (π_ref is {rm_ref}); run PPO without Ray, or a reward model trained with "
+                         "--rm.ref_loglik=off")
     start_ray(cfg)
     res = {"num_gpus": rc.gpus_per_model, "num_cpus": 1}
     adapters = lora.enabled(cfg, "ppo")
@@ -240,7 +251,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
     next_parts = launch(0)
     for it in range(iterations):
-        batch, stats = _score(ray.get(next_parts), policy, ref, rm, value, tok, beta, p)  # 2-4, in parallel
+        batch, stats = _score(ray.get(next_parts), policy, ref, rm, value, tok, beta, p, coef, excess)  # 2-4, in parallel
         pol, val = policy.train.remote(batch, it), value.train.remote(batch, it)  # 5. both halves at once
         stats.update(ray.get(pol))
         new = policy.weights.remote()
@@ -263,8 +274,10 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     return metrics
 
 
-def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout, dict]:
-    """Steps 2-4 of `ppo.rollout` on the actors' outputs: log-probs, values and reward in parallel."""
+def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0,
+           excess: bool = False) -> tuple[Rollout, dict]:
+    """Steps 2-4 of `ppo.rollout` on the actors' outputs: log-probs, values and reward in parallel
+    (+ coef · Σ log π_ref(y_t) (+ H_t when `excess`), read off the reference pass)."""
     import ray
 
     from cherrytop.rollout.sampler import left_pad
@@ -286,9 +299,12 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout,
     mask = rmask.float()
     own = all(part[5] is not None for part in parts)
     f_old = None if own else policy.logp.remote(ids, attn, pos, P)
-    f_ref = policy.logp.remote(ids, attn, pos, P, reference=True) if ref is None else ref.logp.remote(ids, attn, pos, P)
+    ent = bool(coef) and excess  # the reward model's term needs π_ref's entropies
+    f_ref = policy.logp.remote(ids, attn, pos, P, reference=True, entropy=ent) if ref is None \
+        else ref.logp.remote(ids, attn, pos, P, entropy=ent)
     f_val, f_rm = value.values.remote(ids, attn, pos, P), rm.score.remote(ids, attn, pos)
-    ref_logp, values, raw = ray.get([f_ref, f_val, f_rm])
+    ref_out, values, raw = ray.get([f_ref, f_val, f_rm])
+    ref_logp, ref_entropy = ref_out if ent else (ref_out, None)
     if own:  # the samplers' log π_old and entropy, right-padded to N
         old_logp, entropy = torch.zeros(len(rows_r), N), torch.zeros(len(rows_r), N)
         i = 0
@@ -299,6 +315,8 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout,
     else:
         old_logp, entropy = ray.get(f_old)
     values = values * mask
+    ll = ((ref_logp + ref_entropy if ent else ref_logp) * mask).sum(1) if coef else torch.zeros_like(raw)  # (B,)
+    raw = raw + coef * ll
     scores = L.apply_eos_penalty(raw, has_eos, p.no_eos_penalty)
     kl = L.per_token_kl(old_logp, ref_logp, mask)
     rewards = L.shaped_rewards(scores, kl, mask, beta)
@@ -308,6 +326,7 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p) -> tuple[Rollout,
     adv = L.masked_whiten(adv, mask)
     stats = {
         "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
+        "objective/ref_loglik": float(ll.mean()),
         "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
         "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
         "objective/entropy": float(L.masked_mean(entropy, mask)),

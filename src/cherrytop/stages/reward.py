@@ -5,8 +5,15 @@ on K-way rankings with InstructGPT's loss over all C(K,2) pairs of a prompt as O
 Ties: a tied pair counts as half a win each way (Bradley–Terry with ties as Chatbot Arena counts
 them), which pulls the two rewards together; `rm.tie_weight` scales it (0 ignores ties).
 After training, a bias is set so that the labelers' demonstrations score mean 0 [IG].
-Reported: held-out pairwise accuracy against the labelers' rankings and against the noise-free
-grader order (where the comparisons carry the built-in world's task).
+
+With `rm.ref_loglik` (default `sum`) the reward is the head's score plus c · f(response), f from
+π_ref, the causal LM the reward model starts from (the SFT model): `sum` = Σ_t log π_ref(y_t),
+`excess` = Σ_t (log π_ref(y_t) + H_t) with H_t π_ref's entropy at step t (a token drawn from π_ref adds
+0 on average, so f does not favour short answers). f of every response is computed once, c is fitted
+on the training rankings alone (a 1-D convex fit of the same ranking loss), then frozen while the
+head and trunk learn what f does not tell. The head reads style (rudeness, padding, refusals) well
+but not whether an answer is right; the SFT model, which looks answers up in the prompt, does
+(docs/results: 0.49 -> 0.8 on held-out pairs that differ only in correctness).
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ from cherrytop import losses as L
 from cherrytop.config import Config
 from cherrytop.data.collate import step_indices
 from cherrytop.data.records import Comparison, DataError, read_comparisons, read_conversations
-from cherrytop.data.tokenizer import load_tokenizer, render
+from cherrytop.data.tokenizer import load_tokenizer, render, split_response
 from cherrytop.model import lora
-from cherrytop.model.heads import BIAS_KEY, reward, scalar_model_from
-from cherrytop.model.load import resolve_checkpoint
+from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, reward, response_loglik, scalar_model_from
+from cherrytop.model.load import CheckpointError, load_model, resolve_checkpoint
 from cherrytop.stages import compare, sft
 from cherrytop.train import distributed, loop
 from cherrytop.train.checkpoint import load_state, save_checkpoint
@@ -36,7 +43,7 @@ Batch = loop.Batch
 def encode_group(tok, comp: Comparison, seq_len: int) -> list[list[int]]:
     """Token ids of prompt + each response, rendered with the chat template (ending in EOS); the
     prompt is cut from the left if needed so the response's end always fits."""
-    prompt = [{"role": m.role, "content": m.content} for m in comp.prompt]
+    prompt = _messages(comp)
     out = []
     for r in comp.responses:
         ids = tok(render(tok, prompt + [{"role": "assistant", "content": r}]), add_special_tokens=False)["input_ids"]
@@ -44,8 +51,40 @@ def encode_group(tok, comp: Comparison, seq_len: int) -> list[list[int]]:
     return out
 
 
-def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int, tie_weight: float) -> Batch:
-    """All responses of the batch's prompts as rows (right-padded), with (M, Kmax, Kmax) pairs."""
+def loglik_features(lm, tok, items: list[tuple[list[dict], str]], seq_len: int, excess: bool = False) -> list[float]:
+    """log π_ref(response | prompt) (+ π_ref's entropies with `excess`) of each (prompt messages,
+    response) under the causal LM `lm`."""
+    pairs = [split_response(tok, m, r, seq_len) for m, r in items]
+    return response_loglik(lm, [a for a, _ in pairs], [b for _, b in pairs], tok.pad_token_id, excess=excess).tolist()
+
+
+def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: list[list[float]], tie_weight: float) -> float:
+    """c minimising the ranking loss of rewards c · log π_ref over the training rankings (convex in c)."""
+    k_max = max(c.k for _, c in groups)
+    ll = torch.zeros(len(groups), k_max, dtype=torch.float64)  # (M, Kmax)
+    prefs, ties = [], []
+    for m, ((_, comp), row) in enumerate(zip(groups, loglik)):
+        ll[m, : comp.k] = torch.tensor(row, dtype=torch.float64)
+        pref, tie = L.ranking_pairs(list(comp.ranking), [tuple(t) for t in comp.ties], k_max)
+        prefs.append(pref)
+        ties.append(tie)
+    pref, tie = torch.stack(prefs), torch.stack(ties)
+    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([c], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = L.ranking_loss(c * ll, pref, tie, tie_weight)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float(c.detach())
+
+
+def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int, tie_weight: float,
+                   loglik: list[list[float]] | None = None) -> Batch:
+    """All responses of the batch's prompts as rows (right-padded), with (M, Kmax, Kmax) pairs and
+    each row's log π_ref(response) (`loglik`, zeros if not given)."""
     rows = [ids for g, _ in groups for ids in g]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
@@ -60,13 +99,16 @@ def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int
         prefs.append(pref)
         ties.append(tie)
         slot += [m * k_max + j for j in range(c.k)]
+    ll = torch.tensor([x for row in loglik for x in row] if loglik else [0.0] * len(rows))  # (R,)
     return {"input_ids": ids, "attention_mask": attn, "pref": torch.stack(prefs), "tie": torch.stack(ties),
-            "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)), "tie_weight": torch.tensor(tie_weight)}
+            "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)), "tie_weight": torch.tensor(tie_weight),
+            "loglik": ll}
 
 
 def group_rewards(model, b: Batch) -> torch.Tensor:
-    """(M, Kmax) rewards: one forward pass over every response of the batch."""
+    """(M, Kmax) rewards: one forward pass over every response of the batch (+ c · log π_ref)."""
     r = reward(model, b["input_ids"], b["attention_mask"], normalised=False)  # (R,)
+    r = r + float(getattr(model.config, LOGLIK_KEY, 0.0) or 0.0) * b["loglik"]
     M, K = b["pref"].shape[:2]
     out = torch.zeros(M * K, dtype=r.dtype)
     return out.index_put((b["slot"],), r).view(M, K)
@@ -85,19 +127,20 @@ def rm_accuracy(model, b: Batch) -> dict[str, float]:
 
 
 @torch.no_grad()
-def accuracy(model, tok, comps: list[Comparison], seq_len: int, pad_id: int) -> dict[str, float]:
+def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: list[list[float]] | None,
+             pad_id: int) -> dict[str, float]:
     """Held-out pairwise accuracy against the labelers and (for world tasks) the noise-free grader."""
     model.eval()
     lab = [0, 0]
     true = [0, 0]
-    for i in range(0, len(comps), 16):
-        chunk = comps[i: i + 16]
-        b = collate_groups([(encode_group(tok, c, seq_len), c) for c in chunk], pad_id, 1.0)
+    for i in range(0, len(groups), 16):
+        chunk = groups[i: i + 16]
+        b = collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None)
         rewards = group_rewards(model, b)  # (M, K)
         c_ok, c_n = L.ranking_accuracy(rewards, b["pref"])
         lab[0] += int(c_ok)
         lab[1] += int(c_n)
-        for m, c in enumerate(chunk):
+        for m, (_, c) in enumerate(chunk):
             if "task" not in c.meta:
                 continue
             task = Task.from_record(c.meta["task"])
@@ -112,15 +155,26 @@ def accuracy(model, tok, comps: list[Comparison], seq_len: int, pad_id: int) -> 
 
 
 @torch.no_grad()
-def demonstration_bias(model, tok, cfg: Config, n: int = 256) -> float:
-    """−mean reward of the demonstrations' final assistant turns, so they score mean 0 [IG]."""
-    convs = read_conversations(sft.demonstrations_file(cfg))[:n]
+def demonstration_bias(model, tok, convs, loglik: list[float] | None) -> float:
+    """−mean reward of the demonstrations' final assistant turns (+ c · log π_ref), so they score mean 0 [IG]."""
     scores = []
     for i in range(0, len(convs), 32):
         texts = [render(tok, [{"role": m.role, "content": m.content} for m in c.messages]) for c in convs[i: i + 32]]
         enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         scores.append(reward(model, enc["input_ids"], enc["attention_mask"], normalised=False))
-    return -float(torch.cat(scores).mean())
+    r = torch.cat(scores)
+    if loglik is not None:
+        r = r + float(getattr(model.config, LOGLIK_KEY, 0.0)) * torch.tensor(loglik)
+    return -float(r.mean())
+
+
+def _reference_lm(init: Path):
+    """The causal LM whose log-likelihood `rm.ref_loglik` adds (the reward model's starting point)."""
+    try:
+        return load_model(init).eval().requires_grad_(False)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise DataError(f"rm.ref_loglik needs a causal LM as rm.train.init ({init}): {e}; "
+                        "set --rm.ref_loglik=off to train the head alone") from e
 
 
 def run(cfg: Config, fresh: bool = False) -> dict:
@@ -136,27 +190,61 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         raise DataError(f"{train_path}: no comparisons left for training; expected K-way rankings")
     init = resolve_checkpoint(rc.train.init, cfg)
     tok = load_tokenizer(init)
-    torch.manual_seed(cfg.run.seed)  # the new head's init: reproducible, and the same in every data-parallel process
-    model = lora.prepare(scalar_model_from(init, tok.pad_token_id), cfg, "rm", heads=("score",))
     t = rc.train
     if rc.epochs > 0:
         from dataclasses import replace
         t = replace(t, max_steps=max(1, math.ceil(rc.epochs * len(comps) / t.batch_size)))
     groups = [(encode_group(tok, c, t.seq_len), c) for c in comps]
     held_groups = [(encode_group(tok, c, t.seq_len), c) for c in held]
+    demos = [d for d in read_conversations(sft.demonstrations_file(cfg)) if d.messages[-1].role == "assistant"][:256] \
+        if not rc.train.data else []
+    ll = ll_held = ll_demo = None
+    coef = 0.0
+    ckpt = Path(cfg.run.out_dir) / cfg.run.name / "rm"
+    done = None if fresh else load_state(ckpt)  # a finished reward model needs no log-likelihoods
+    done = done is not None and done["step"] >= t.max_steps and "accuracy_labelers" in done["metrics"]
+    use = rc.ref_loglik != "off"
+    if use and not done:  # log π_ref of every response, once; c fitted on the training rankings only
+        lm = _reference_lm(init)
+
+        def per_group(cs: list[Comparison]) -> list[list[float]]:
+            flat = loglik_features(lm, tok, [(_messages(c), r) for c in cs for r in c.responses], t.seq_len, excess)
+            out, i = [], 0
+            for c in cs:
+                out.append(flat[i: i + c.k])
+                i += c.k
+            return out
+        excess = rc.ref_loglik == "excess"
+        ll, ll_held = per_group(comps), per_group(held)
+        ll_demo = loglik_features(lm, tok, [([{"role": m.role, "content": m.content} for m in d.messages[:-1]],
+                                             d.messages[-1].content) for d in demos], t.seq_len, excess) if demos else None
+        del lm
+        coef = fit_loglik_coef(groups, ll, rc.tie_weight)
+    torch.manual_seed(cfg.run.seed)  # the new head's init: reproducible, and the same in every data-parallel process
+    base = scalar_model_from(init, tok.pad_token_id)
+    if use:
+        setattr(base.config, LOGLIK_KEY, coef)
+        setattr(base.config, REFERENCE_KEY, str(Path(init).resolve()))
+        setattr(base.config, KIND_KEY, rc.ref_loglik)
+    model = lora.prepare(base, cfg, "rm", heads=("score",))
     loop.console.print(f"rm: {len(comps)} rankings ({sum(c.k * (c.k - 1) // 2 for c in comps)} pairs), "
-                       f"{len(held)} held out, {t.max_steps} steps of {t.batch_size} prompts; init {init}")
+                       f"{len(held)} held out, {t.max_steps} steps of {t.batch_size} prompts; init {init}"
+                       + (f"; reward = head + {coef:.3f} · {rc.ref_loglik} log π_ref(response)" if use and not done else ""))
 
     def micro_batches(step: int) -> list[Batch]:
         idx = step_indices(len(groups), t.batch_size, step, cfg.run.seed)
-        return [collate_groups([groups[i] for i in idx[j: j + t.micro_batch_size]], tok.pad_token_id, rc.tie_weight)
-                for j in range(0, t.batch_size, t.micro_batch_size)]
+        out = []
+        for j in range(0, t.batch_size, t.micro_batch_size):
+            part = idx[j: j + t.micro_batch_size]
+            out.append(collate_groups([groups[i] for i in part], tok.pad_token_id, rc.tie_weight,
+                                      [ll[i] for i in part] if ll else None))
+        return out
 
-    evals = [collate_groups(held_groups[i: i + t.micro_batch_size], tok.pad_token_id, rc.tie_weight)
+    evals = [collate_groups(held_groups[i: i + t.micro_batch_size], tok.pad_token_id, rc.tie_weight,
+                            ll_held[i: i + t.micro_batch_size] if ll_held else None)
              for i in range(0, min(len(held_groups), t.eval_batches * t.micro_batch_size), t.micro_batch_size)]
     stage = loop.Stage("rm", model, tok, t, micro_batches, rm_step, lambda b: int(b["n_prompts"]), evals, rm_accuracy)
     metrics = loop.run(stage, _with_train(cfg, t), fresh)
-    ckpt = Path(cfg.run.out_dir) / cfg.run.name / "rm"
     d = distributed.current()
     if d.world > 1:  # data-parallel run: rank 0 finishes on the whole trained model, read back from its checkpoint
         if not d.main:
@@ -164,15 +252,20 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         model = scalar_model_from(ckpt, tok.pad_token_id)
     state = load_state(ckpt)
     if "accuracy_labelers" not in state["metrics"]:
-        setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, cfg) if not rc.train.data else 0.0)
-        metrics.update(accuracy(model, tok, held, t.seq_len, tok.pad_token_id))
+        setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, demos, ll_demo) if demos else 0.0)
+        metrics.update(accuracy(model, held_groups, ll_held, tok.pad_token_id))
         metrics["reward_bias"] = getattr(model.config, BIAS_KEY)
+        metrics["loglik_coef"] = coef
         state["metrics"] = metrics
         save_checkpoint(ckpt, lora.saveable(model), tok, _with_train(cfg, t), state)
     metrics = state["metrics"]
     loop.console.print(f"rm: held-out accuracy {metrics['accuracy_labelers']:.3f} vs labelers, "
                        f"{metrics['accuracy_grader']:.3f} vs the noise-free grader; bias {metrics['reward_bias']:+.3f}")
     return metrics
+
+
+def _messages(c: Comparison) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in c.prompt]
 
 
 def _with_train(cfg: Config, t) -> Config:
