@@ -220,6 +220,12 @@ def test_kl_estimators_eos_penalty_and_shaped_rewards():
             assert math.isclose(k3[b, t].item(), want_k3, abs_tol=1e-6) and k3[b, t] >= 0
             assert math.isclose(shaped[b, t].item(), want_r, abs_tol=1e-6)
     assert (shaped[2] == 0).all()  # empty response: no score anywhere
+    dense = torch.randn(4, 5)
+    with_dense = L.shaped_rewards(final, kl, mask, beta, dense)
+    for b, n in enumerate(lengths):
+        for t in range(5):
+            want = shaped[b, t].item() + (dense[b, t].item() if t < n else 0.0)
+            assert math.isclose(with_dense[b, t].item(), want, abs_tol=1e-6)
 
 
 def test_gae_against_per_row_loop():

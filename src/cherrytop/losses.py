@@ -194,14 +194,17 @@ def apply_eos_penalty(scores: Tensor, has_eos: Tensor, penalty: float) -> Tensor
     return torch.where(has_eos.bool(), scores, torch.as_tensor(penalty, dtype=scores.dtype, device=scores.device))
 
 
-def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
-    """reward_t = −β·kl_t on valid tokens, plus the sequence score at the last valid token  [LHP, IG eq. 2].
+def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float, dense: Tensor | None = None) -> Tensor:
+    """reward_t = −β·kl_t (+ dense_t) on valid tokens, plus the sequence score at the last valid token
+    [LHP, IG eq. 2]. `dense` is the per-token part of a reward model's score (cherrytop's c · log π_ref(y_t)
+    term), given where it is earned instead of all at the end.
 
-    scores (B,), kl (B, T), mask (B, T). "Last valid token" is the highest index with mask 1, so
-    right padding is the usual case; a row with an all-zero mask gets no score (all zeros). (B, T).
+    scores (B,), kl (B, T), mask (B, T), dense (B, T) or None. "Last valid token" is the highest index
+    with mask 1, so right padding is the usual case; a row with an all-zero mask gets no score (all
+    zeros). (B, T).
     """
     mask = mask.bool()
-    rewards = torch.where(mask, -beta * kl, 0.0)  # (B, T)
+    rewards = torch.where(mask, -beta * kl + (0.0 if dense is None else dense), 0.0)  # (B, T)
     pos = torch.arange(mask.size(1), device=mask.device)  # (T,)
     last = torch.where(mask, pos, -1).max(dim=1).values  # (B,)
     at_last = (pos == last.unsqueeze(1)) & mask  # (B, T)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from cherrytop.cli import main
 from cherrytop.data.tokenizer import load_tokenizer
-from cherrytop.model.heads import scalar_model_from
+from cherrytop.model.heads import KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, scalar_model_from
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("lora_tests", HERE / "test_lora.py")
@@ -31,11 +31,13 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(r) for r in (run / "logs/ppo.jsonl").read_text().splitlines()]
 
 
-def setup(tmp_path) -> list[str]:
-    """A local Llama-style policy with its own template, a reward model from it, prompts; the PPO flags."""
+def setup(tmp_path, kind: str = "sum") -> list[str]:
+    """A local Llama-style policy with its own template, a reward model from it (with a c · log π_ref
+    term of `kind`, π_ref = the policy's start), prompts; the PPO flags."""
     base = lora_tests.chatml_llama(tmp_path)
     tok = load_tokenizer(base)
     rm = scalar_model_from(base, tok.pad_token_id)
+    rm.config.update({LOGLIK_KEY: 0.3, REFERENCE_KEY: str(Path(base).resolve()), KIND_KEY: kind})
     rm.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
@@ -53,18 +55,20 @@ def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session):
     a, b = rows(tmp_path / "runs/single"), rows(tmp_path / "runs/ray")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [16, 32]
     for ra, rb in zip(a, b):
-        for k in ("objective/score", "objective/kl", "objective/entropy", "rollout/length", "loss/policy",
+        for k in ("objective/score", "objective/ref_loglik", "objective/kl", "objective/entropy", "rollout/length", "loss/policy",
                   "loss/value", "policy/clipfrac", "value/explained_variance"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     assert b[1]["objective/kl"] != 0.0  # iteration 2 sampled with the synced, trained weights
+    assert a[0]["objective/ref_loglik"] < 0  # both added the reward model's log π_ref term
     AutoModelForCausalLM.from_pretrained(tmp_path / "runs/ray/ppo")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "runs/ray/ppo/value")
 
 
 @pytest.mark.slow
 def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session):
-    common = setup(tmp_path)
+    common = setup(tmp_path, kind="excess")  # the term's entropies come from the policy with its adapter off
     assert main(["ppo", *common, "--run.name=ray_lora", "--ray.enabled=true", "--lora.r=4"]) == 0
     c = rows(tmp_path / "runs/ray_lora")
+    assert c[0]["objective/ref_loglik"] != 0
     assert abs(c[0]["objective/kl"]) < 1e-4 < abs(c[1]["objective/kl"])
     assert (tmp_path / "runs/ray_lora/ppo/adapter/adapter_model.safetensors").is_file()

@@ -83,11 +83,11 @@ class RefLogLik:
 
     def __call__(self, ids, attn, pos, P: int, ref_logp: torch.Tensor, ref_entropy: torch.Tensor | None,
                  mask: torch.Tensor) -> torch.Tensor:
-        """(B,) Σ_t log π_ref(y_t) (+ H_t) over each response up to and including EOS; ref_logp and
-        ref_entropy (B, N) are the rollout's reference pass, used when `model` is None."""
+        """(B, N) log π_ref(y_t) (+ H_t) at each response token up to and including EOS (0 after);
+        ref_logp and ref_entropy (B, N) are the rollout's reference pass, used when `model` is None."""
         if self.model is not None:
             ref_logp, ref_entropy = response_logp(self.model, ids, attn, pos, P, 1.0, with_entropy=True)
-        return ((ref_logp + ref_entropy if self.excess else ref_logp) * mask).sum(1)
+        return (ref_logp + ref_entropy if self.excess else ref_logp) * mask
 
 
 def ref_loglik(rm, init: Path, temperature: float, ref) -> RefLogLik | None:
@@ -134,6 +134,18 @@ class WeightEMA:
             yield
         finally:
             self.load_live(live)
+
+
+def episode_rewards(head: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor,
+                    beta: float, no_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3: the reward model's score = head (B,) at EOS + Σ_t f_t, f (B, N) its per-token c · log π_ref
+    term, which PPO gets token by token (dense) like the KL penalty; a response without EOS gets the
+    fixed `no_eos_penalty` instead of the whole score [LHP, N+]. Returns the reward model's scores (B,),
+    the scores after the EOS penalty (B,) and the per-token rewards (B, N)."""
+    done = has_eos.to(f.dtype)  # (B,)
+    scores = L.apply_eos_penalty(head, has_eos, no_eos_penalty)  # (B,)
+    rewards = L.shaped_rewards(scores, kl, mask, beta, f * done[:, None])  # (B, N)
+    return head + f.sum(1), scores + f.sum(1) * done, rewards
 
 
 def load_prompts(cfg: Config) -> list[list[dict]]:
@@ -252,12 +264,10 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     else:
         ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature), None
     values = response_values(value, ids, attn, pos, P) * mask
-    raw = score_fn(ids, attn, pos, P)  # (B,)
-    ll = loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(raw)  # (B,)
-    raw = raw + (loglik.coef * ll if loglik else 0.0)
-    scores = L.apply_eos_penalty(raw, s.has_eos, p.no_eos_penalty)
+    head = score_fn(ids, attn, pos, P)  # (B,)
+    f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
-    rewards = L.shaped_rewards(scores, kl, mask, beta)
+    raw, scores, rewards = episode_rewards(head, f, kl, mask, s.has_eos, beta, p.no_eos_penalty)
     if p.whiten_rewards:
         rewards = L.masked_whiten(rewards, mask, shift_mean=False)
     adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
@@ -265,7 +275,7 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     lengths = mask.sum(1)
     stats = {
         "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
-        "objective/ref_loglik": float(ll.mean()),
+        "objective/ref_loglik": float(f.sum(1).mean() / loglik.coef) if loglik else 0.0,
         "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
         "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
         "objective/entropy": float(L.masked_mean(entropy, mask)),

@@ -31,7 +31,7 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import Rollout, load_prompts, micro_batches, minibatches
+from cherrytop.stages.ppo import Rollout, episode_rewards, load_prompts, micro_batches, minibatches
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -299,12 +299,12 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0
     mask = rmask.float()
     own = all(part[5] is not None for part in parts)
     f_old = None if own else policy.logp.remote(ids, attn, pos, P)
-    ent = bool(coef) and excess  # the reward model's term needs π_ref's entropies
-    f_ref = policy.logp.remote(ids, attn, pos, P, reference=True, entropy=ent) if ref is None \
-        else ref.logp.remote(ids, attn, pos, P, entropy=ent)
+    with_h = bool(coef) and excess  # the reward model's term needs π_ref's entropies
+    f_ref = policy.logp.remote(ids, attn, pos, P, reference=True, entropy=with_h) if ref is None \
+        else ref.logp.remote(ids, attn, pos, P, entropy=with_h)
     f_val, f_rm = value.values.remote(ids, attn, pos, P), rm.score.remote(ids, attn, pos)
     ref_out, values, raw = ray.get([f_ref, f_val, f_rm])
-    ref_logp, ref_entropy = ref_out if ent else (ref_out, None)
+    ref_logp, ref_entropy = ref_out if with_h else (ref_out, None)
     if own:  # the samplers' log π_old and entropy, right-padded to N
         old_logp, entropy = torch.zeros(len(rows_r), N), torch.zeros(len(rows_r), N)
         i = 0
@@ -315,18 +315,16 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0
     else:
         old_logp, entropy = ray.get(f_old)
     values = values * mask
-    ll = ((ref_logp + ref_entropy if ent else ref_logp) * mask).sum(1) if coef else torch.zeros_like(raw)  # (B,)
-    raw = raw + coef * ll
-    scores = L.apply_eos_penalty(raw, has_eos, p.no_eos_penalty)
+    f = coef * (ref_logp + ref_entropy if with_h else ref_logp) * mask  # (B, N) the reward model's log π_ref term
     kl = L.per_token_kl(old_logp, ref_logp, mask)
-    rewards = L.shaped_rewards(scores, kl, mask, beta)
+    raw, scores, rewards = episode_rewards(raw, f, kl, mask, has_eos, beta, p.no_eos_penalty)
     if p.whiten_rewards:
         rewards = L.masked_whiten(rewards, mask, shift_mean=False)
     adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
     adv = L.masked_whiten(adv, mask)
     stats = {
         "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
-        "objective/ref_loglik": float(ll.mean()),
+        "objective/ref_loglik": float(f.sum(1).mean() / coef) if coef else 0.0,
         "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
         "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
         "objective/entropy": float(L.masked_mean(entropy, mask)),
