@@ -236,10 +236,11 @@ class PPOConfig:
     """Episodes per forward/backward pass; minibatch_size must be a multiple of it."""
     ppo_epochs: int = 4
     """Passes over each rollout batch ([IG]: 1, [LHP]/[N+]: 4)."""
-    ema: float = 0.0
+    ema: float = 0.992
     """Decay of an exponential moving average of the policy's weights, updated after every optimizer
     step ([IG]: 0.992); the checkpoint's policy (what eval and serve load) is the average, training
-    goes on from the live weights (kept in trainer_state.pt to resume). 0 = off."""
+    goes on from the live weights (kept in trainer_state.pt to resume). 0 = off. Tiny preset: KL to
+    SFT 0.42 -> 0.30 nats with the same win rate (0.668 -> 0.670, 0.682 -> 0.680)."""
     lr: float = 5e-5
     """Policy learning rate (1e-5 barely moves a ~1M-parameter model; see tiny-scale findings). On the
     tiny preset 5e-5 beat 1e-4 and 3e-5 on both seeds: win rate 0.676 / 0.686 and helpful 0.729 / 0.661
@@ -254,8 +255,10 @@ class PPOConfig:
     """Adaptive KL target (nats per response, [LHP] 6); 0 keeps β fixed."""
     kl_horizon: int = 10000
     """Adaptive KL horizon in episodes ([LHP])."""
-    temperature: float = 1.0
-    """Rollout sampling temperature; log-probs use logits / temperature ([NB])."""
+    temperature: float = 0.7
+    """Rollout sampling temperature; log-probs (policy and reference, so the KL penalty too) use
+    logits / temperature ([NB]). [N+]: 0.7, [IG]: 1. Tiny preset (evaluated greedily), PPO helpful
+    minus SFT's on two seeds: 0.7 gave -0.010 / +0.007, 1.0 gave 0.000 / -0.011, 0.5 +0.004 / -0.007."""
     max_new_tokens: int = 24
     """Most tokens per response."""
     no_eos_penalty: float = -1.0

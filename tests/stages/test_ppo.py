@@ -56,7 +56,7 @@ def test_the_reward_models_loglik_term_comes_from_the_reference_pass(tmp_path, e
     setattr(rm.config, LOGLIK_KEY, 0.5)
     setattr(rm.config, REFERENCE_KEY, str(tmp_path / "sft"))
     setattr(rm.config, KIND_KEY, "excess" if excess else "sum")
-    p = PPOConfig(batch_size=8, minibatch_size=8, micro_batch_size=8, max_new_tokens=6)
+    p = PPOConfig(batch_size=8, minibatch_size=8, micro_batch_size=8, max_new_tokens=6, temperature=1.0)
     prompts = [[2 + i, 3, 4] for i in range(8)]
 
     def zero(ids, attn, pos, P):
