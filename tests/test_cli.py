@@ -24,8 +24,8 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
         assert (run_dir / stage / "cherrytop.toml").is_file()
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo")  # plain transformers loads every checkpoint
     rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "rm")
-    coef, ref, excess = loglik_term(rm.config)  # rm.ref_loglik = sum (default): a fitted c, π_ref = the SFT model
-    assert coef != 0 and Path(ref) == (run_dir / "sft").resolve() and not excess
+    coef, ref, excess = loglik_term(rm.config)  # rm.ref_loglik = excess (default): a fitted c, π_ref = the SFT model
+    assert coef != 0 and Path(ref) == (run_dir / "sft").resolve() and excess
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["eval"]) == {"pretrain", "sft", "ppo", "ppo_ptx"}
     for e in report["eval"].values():

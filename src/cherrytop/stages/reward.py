@@ -6,7 +6,7 @@ Ties: a tied pair counts as half a win each way (Bradley–Terry with ties as Ch
 them), which pulls the two rewards together; `rm.tie_weight` scales it (0 ignores ties).
 After training, a bias is set so that the labelers' demonstrations score mean 0 [IG].
 
-With `rm.ref_loglik` (default `sum`) the reward is the head's score plus c · f(response), f from
+With `rm.ref_loglik` (default `excess`) the reward is the head's score plus c · f(response), f from
 π_ref, the causal LM the reward model starts from (the SFT model): `sum` = Σ_t log π_ref(y_t),
 `excess` = Σ_t (log π_ref(y_t) + H_t) with H_t π_ref's entropy at step t (a token drawn from π_ref adds
 0 on average, so f does not favour short answers). f of every response is computed once, c is fitted
