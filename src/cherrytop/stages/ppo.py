@@ -4,10 +4,12 @@ Each iteration (numbered as in the code):
  1. rollout: sample `batch_size` responses with the policy (temperature T, KV cache);
  2. score: log π_old and log π_ref of the sampled tokens (logits / T [NB]), values V_old, and the
     reward model's score at the response's EOS; no EOS → the fixed `no_eos_penalty` [LHP, N+];
- 3. rewards: r_t = −β·kl_t, the score added at the last token [LHP]; optional whitening;
+ 3. rewards: r_t = −β·kl_t, the head's score added at the last token [LHP], and the reward model's
+    c · log π_ref(y_t) term (stages/reward.py) at each token; optional whitening;
  4. advantages: GAE(γ, λ) [LHP], then whitened;
  5. `ppo_epochs` passes of minibatch updates: clipped policy loss + vf_coef · clipped value loss
-    [LHP], plus ptx_coef · pretraining LM loss for PPO-ptx [IG eq. 2];
+    [LHP], plus ptx_coef · pretraining LM loss for PPO-ptx [IG eq. 2]; after each optimizer step the
+    weight average ([IG] EMA) moves, and it is what the checkpoint's policy holds;
  6. adaptive β [LHP] when kl_target > 0; log, watch for reward hacking, checkpoint.
 Policy, reference, reward and value models all run with dropout off ([LHP, N+]).
 """
@@ -121,7 +123,7 @@ class WeightEMA:
         return {n: q.detach().clone() for n, q in self.model.named_parameters() if n in self.avg}
 
     @torch.no_grad()
-    def load_live(self, weights: dict[str, torch.Tensor]) -> None:
+    def assign(self, weights: dict[str, torch.Tensor]) -> None:
         for n, q in self.model.named_parameters():
             if n in weights:
                 q.copy_(weights[n])
@@ -129,11 +131,11 @@ class WeightEMA:
     @contextmanager
     def swapped(self):
         live = self.live()
-        self.load_live(self.avg)
+        self.assign(self.avg)
         try:
             yield
         finally:
-            self.load_live(live)
+            self.assign(live)
 
 
 def episode_rewards(head: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor,
@@ -193,7 +195,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     loglik = ref_loglik(rm, init, p.temperature, ref)
     ema = WeightEMA(policy, p.ema) if p.ema > 0 else None  # resuming: the checkpoint's policy is the average
     if ema is not None and state is not None:
-        ema.load_live(state["live_policy"])
+        ema.assign(state["live_policy"])
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0)
     opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0)
     prompts = load_prompts(cfg)
