@@ -95,6 +95,6 @@ def response_loglik(lm: PreTrainedModel, prompts: list[list[int]], responses: li
             mask_r[b, : len(r)] = 1
         ids, attn = torch.cat([ids_p, ids_r], 1), torch.cat([mask_p, mask_r], 1)  # (B, P+N)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logp, ent = response_logp(lm, ids, attn, pos, ids_p.shape[1], 1.0, with_entropy=True)  # (B, N) each
-        out.append(((logp + ent if excess else logp) * mask_r).sum(1))
+        f = response_logp(lm, ids, attn, pos, ids_p.shape[1], 1.0, with_entropy=excess)  # (B, N), + entropy
+        out.append(((f[0] + f[1] if excess else f) * mask_r).sum(1))
     return torch.cat(out) if out else torch.zeros(0)

@@ -30,7 +30,7 @@ from cherrytop.data.collate import step_indices
 from cherrytop.data.records import Comparison, DataError, read_comparisons, read_conversations
 from cherrytop.data.tokenizer import load_tokenizer, render, split_response
 from cherrytop.model import lora
-from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, reward, response_loglik, scalar_model_from
+from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, loglik_term, reward, response_loglik, scalar_model_from
 from cherrytop.model.load import CheckpointError, load_model, resolve_checkpoint
 from cherrytop.stages import compare, sft
 from cherrytop.train import distributed, loop
@@ -108,7 +108,7 @@ def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int
 def group_rewards(model, b: Batch) -> torch.Tensor:
     """(M, Kmax) rewards: one forward pass over every response of the batch (+ c · log π_ref)."""
     r = reward(model, b["input_ids"], b["attention_mask"], normalised=False)  # (R,)
-    r = r + float(getattr(model.config, LOGLIK_KEY, 0.0) or 0.0) * b["loglik"]
+    r = r + loglik_term(model.config)[0] * b["loglik"]
     M, K = b["pref"].shape[:2]
     out = torch.zeros(M * K, dtype=r.dtype)
     return out.index_put((b["slot"],), r).view(M, K)
@@ -164,7 +164,7 @@ def demonstration_bias(model, tok, convs, loglik: list[float] | None) -> float:
         scores.append(reward(model, enc["input_ids"], enc["attention_mask"], normalised=False))
     r = torch.cat(scores)
     if loglik is not None:
-        r = r + float(getattr(model.config, LOGLIK_KEY, 0.0)) * torch.tensor(loglik)
+        r = r + loglik_term(model.config)[0] * torch.tensor(loglik)
     return -float(r.mean())
 
 
@@ -206,6 +206,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     use = rc.ref_loglik != "off"
     if use and not done:  # log π_ref of every response, once; c fitted on the training rankings only
         lm = _reference_lm(init)
+        excess = rc.ref_loglik == "excess"
 
         def per_group(cs: list[Comparison]) -> list[list[float]]:
             flat = loglik_features(lm, tok, [(_messages(c), r) for c in cs for r in c.responses], t.seq_len, excess)
@@ -214,7 +215,6 @@ def run(cfg: Config, fresh: bool = False) -> dict:
                 out.append(flat[i: i + c.k])
                 i += c.k
             return out
-        excess = rc.ref_loglik == "excess"
         ll, ll_held = per_group(comps), per_group(held)
         ll_demo = loglik_features(lm, tok, [([{"role": m.role, "content": m.content} for m in d.messages[:-1]],
                                              d.messages[-1].content) for d in demos], t.seq_len, excess) if demos else None
