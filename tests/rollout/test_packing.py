@@ -75,6 +75,66 @@ def test_packed_values_and_rewards_equal_the_padded_pass(tmp_path):
         torch.testing.assert_close(packing.last_reward(head, pk), reward(head, ids, attn, pos), atol=1e-5, rtol=1e-5)
 
 
+def gqa_llama(seed=5):
+    """A Llama with grouped-query attention, biases and a rope_theta the test models don't have, and
+    weights large enough (initializer_range 0.2) that attention is far from uniform."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=True, max_position_embeddings=64, rope_theta=500.0,
+                      pad_token_id=PAD, eos_token_id=EOS, tie_word_embeddings=False, initializer_range=0.2)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny("llama"), gqa_llama, lambda: tiny("gpt2")])
+def test_hidden_at_equals_the_full_trunk_at_those_positions_with_gradients(make):
+    """hidden_at runs a Llama's last layer only at the asked positions: same states and gradients as
+    the full packed trunk indexed there (any positions, repeated ones included)."""
+    model = make().train()
+    ids, attn, pos, P, _ = episodes(model.eval(), seed=6)
+    model.train()
+    pk = packing.pack(ids, attn)
+    R, L = pk.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.randint(0, R, (7, 5), generator=g), torch.randint(0, L, (7, 5), generator=g)
+    rows[0, :2], cols[0, :2] = 1, 3  # a repeated position
+    w = torch.randn(7, 5, model.config.hidden_size, generator=g)
+    out = []
+    for fn in (lambda: packing.hidden_states(model, pk)[rows, cols], lambda: packing.hidden_at(model, pk, rows, cols)):
+        model.zero_grad()
+        h = fn()
+        (h * w).sum().backward()
+        out.append((h.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]))
+    (h0, g0), (h1, g1) = out
+    assert h1.shape == (7, 5, model.config.hidden_size)
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny("llama"), gqa_llama])
+def test_response_pack_without_last_tokens_gives_the_same_logprobs_and_values(make, tmp_path):
+    """Leaving out each episode's last token (response_pack) changes no log-prob or value that is read;
+    both against the plain padded forward pass."""
+    from cherrytop.model.heads import scalar_model_from
+    model = make().eval()
+    model.save_pretrained(tmp_path)
+    head = scalar_model_from(tmp_path, PAD).eval()
+    ids, attn, pos, P, s = episodes(model, seed=7)
+    pk = packing.response_pack(ids, attn)
+    assert torch.equal(pk.length, attn.sum(1) - 1)
+    m = s.mask.float()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1: -1]
+        values = token_scores(head, ids, attn, pos)[:, P - 1: -1]
+        logp, ent = packing.response_logp(model, ids, attn, pos, P, 1.0, with_entropy=True, pk=pk)
+        torch.testing.assert_close(logp * m, token_logprobs(logits, ids[:, P:]) * m, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent * m, entropy_from_logits(logits) * m, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packing.response_values(head, ids, attn, pos, P, pk=pk) * m, values * m, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packing.last_reward(head, packing.pack(ids, attn)), reward(head, ids, attn, pos),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_pack_keeps_each_episode_whole_with_its_own_positions_and_mask():
     lm = tiny("llama")
     ids, attn, pos, P, _ = episodes(lm.eval(), n=9, seed=2)
@@ -93,6 +153,9 @@ def test_pack_keeps_each_episode_whole_with_its_own_positions_and_mask():
         assert torch.equal(block[:, o: o + n], torch.ones(n, n, dtype=torch.bool).tril())
         assert int(block.sum()) == n * (n + 1) // 2
     assert int(seen.sum()) == int(attn.sum())
+    lengths = attn.sum(1)
+    # nothing else is visible: each sequence's triangle, and each pad sees only itself
+    assert int(pk.mask.sum()) == int((lengths * (lengths + 1) // 2).sum()) + (R * L - int(lengths.sum()))
 
 
 def test_sampler_logprobs_and_entropy_match_a_full_forward():

@@ -98,28 +98,34 @@ def _layout(lengths: list[int]) -> tuple[list[tuple[int, int]], list[int], int]:
     return best[1], best[2], best[3]
 
 
-def pack(ids: torch.Tensor, attn: torch.Tensor) -> Packed:
-    """Pack a padded batch (B, T) whose attended tokens (attn = 1) form one contiguous run per row."""
+def pack(ids: torch.Tensor, attn: torch.Tensor, drop_last: bool = False) -> Packed:
+    """Pack a padded batch (B, T) whose attended tokens (attn = 1) form one contiguous run per row.
+    drop_last: leave out each sequence's last token, for passes that read no output at it (its key
+    and value only serve its own query, so no other output changes)."""
     B, T = ids.shape
     dev = ids.device
-    lengths = attn.sum(1).tolist()
+    length = attn.sum(1)  # (B,)
+    if drop_last:
+        length = (length - 1).clamp(min=0)
     starts = torch.where(attn.bool().any(1), attn.long().argmax(1), 0)  # (B,) first attended column
-    place, rows_used, L = _layout(lengths)
+    place, rows_used, L = _layout(length.tolist())
     R = len(rows_used)
+    row = torch.tensor([r for r, _ in place], device=dev)  # (B,)
+    offset = torch.tensor([o for _, o in place], device=dev)  # (B,)
+    seq = torch.repeat_interleave(torch.arange(B, device=dev), length)  # (K,) sequence of each real token
+    first = (length.cumsum(0) - length)[seq]  # (K,) index of its sequence's first token
+    j = torch.arange(seq.shape[0], device=dev) - first  # (K,) position within its sequence
+    dst = (row[seq], offset[seq] + j)  # packed coordinates of each real token
     input_ids = torch.zeros((R, L), dtype=ids.dtype, device=dev)
+    input_ids[dst] = ids[seq, starts[seq] + j]
     position_ids = torch.zeros((R, L), dtype=torch.long, device=dev)
-    segment = torch.full((R, L), -1, dtype=torch.long, device=dev)  # sequence index, -1 on pads
-    for b, (r, o) in enumerate(place):
-        n, s0 = lengths[b], int(starts[b])
-        input_ids[r, o: o + n] = ids[b, s0: s0 + n]
-        position_ids[r, o: o + n] = torch.arange(n, device=dev)
-        segment[r, o: o + n] = b
-    same = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
-    causal = torch.ones((L, L), dtype=torch.bool, device=dev).tril()
-    pad_self = torch.eye(L, dtype=torch.bool, device=dev) & (segment[:, :, None] < 0)
-    mask = ((same & causal & (segment[:, :, None] >= 0)) | pad_self)[:, None]  # (R, 1, L, L)
-    return Packed(input_ids, position_ids, mask, torch.tensor([r for r, _ in place], device=dev),
-                  torch.tensor([o for _, o in place], device=dev), starts, torch.tensor(lengths, device=dev))
+    position_ids[dst] = j
+    # a query sees the keys from its sequence's first token up to itself (a pad: only itself)
+    cols = torch.arange(L, device=dev)
+    lo = cols.expand(R, L).clone()  # (R, L) first visible key per query
+    lo[dst] = offset[seq]
+    mask = ((cols[None, None, :] >= lo[:, :, None]) & (cols[None, None, :] <= cols[None, :, None]))[:, None]  # (R, 1, L, L)
+    return Packed(input_ids, position_ids, mask, row, offset, starts, length)
 
 
 def hidden_states(model: torch.nn.Module, pk: Packed) -> torch.Tensor:
@@ -127,6 +133,58 @@ def hidden_states(model: torch.nn.Module, pk: Packed) -> torch.Tensor:
     trunk = getattr(model, model.base_model_prefix)
     return trunk(input_ids=pk.input_ids, attention_mask=pk.mask, position_ids=pk.position_ids,
                  use_cache=False).last_hidden_state
+
+
+def _lean(trunk: torch.nn.Module) -> bool:
+    """Whether hidden_at can run `trunk` layer by layer itself: a Hugging Face Llama trunk."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+    return type(trunk) is LlamaModel and len(trunk.layers) == trunk.config.num_hidden_layers > 0
+
+
+def hidden_at(model: torch.nn.Module, pk: Packed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(*rows.shape, d) last hidden states of the trunk at packed positions (rows, cols). For a Llama
+    trunk the last layer computes its queries, attention output and MLP only at these positions
+    (every layer before it needs all positions: their keys and values feed the next layer); the
+    numbers are those of `hidden_states(model, pk)[rows, cols]`."""
+    trunk = getattr(model, model.base_model_prefix)
+    if not _lean(trunk):
+        return hidden_states(model, pk)[rows, cols]
+    R, L = pk.input_ids.shape
+    h = trunk.embed_tokens(pk.input_ids)  # (R, L, d)
+    cos, sin = trunk.rotary_emb(h, position_ids=pk.position_ids)  # (R, L, hd) each
+    for layer in trunk.layers[:-1]:
+        h = layer(h, attention_mask=pk.mask, position_ids=pk.position_ids, position_embeddings=(cos, sin))
+    uniq, inv = torch.unique(rows * L + cols, return_inverse=True)  # distinct positions, sorted by row
+    qr, qc = uniq // L, uniq % L  # (Q,)
+    count = torch.bincount(qr, minlength=R)  # (R,) queries per packed row
+    slot = torch.arange(qr.shape[0], device=qr.device) - (count.cumsum(0) - count)[qr]  # (Q,) index within its row
+    grid = torch.zeros((R, int(count.max())), dtype=torch.long, device=qr.device)  # (R, M) query columns per row;
+    grid[qr, slot] = qc  # unused slots query column 0, which is always valid, and are dropped
+    out = trunk.norm(_last_layer_at(trunk.layers[-1], h, cos, sin, pk.mask, grid))  # (R, M, d)
+    return out[qr, slot][inv]
+
+
+def _last_layer_at(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(R, M, d) a Llama decoder layer's output at the query columns `grid` (R, M) of each packed row,
+    with keys and values at every position of h (R, L, d): LlamaDecoderLayer.forward, restricted."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+    attn = layer.self_attn
+    R, L, _ = h.shape
+    M = grid.shape[1]
+    at = torch.arange(R, device=h.device)[:, None], grid  # (R, M) index pair
+    x = layer.input_layernorm(h)  # (R, L, d)
+    q = attn.q_proj(x[at]).view(R, M, -1, attn.head_dim).transpose(1, 2)  # (R, H, M, hd)
+    k = attn.k_proj(x).view(R, L, -1, attn.head_dim).transpose(1, 2)  # (R, Hkv, L, hd)
+    v = attn.v_proj(x).view(R, L, -1, attn.head_dim).transpose(1, 2)  # (R, Hkv, L, hd)
+    q = q * cos[at][:, None] + rotate_half(q) * sin[at][:, None]  # apply_rotary_pos_emb, queries at `grid`
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    o, _ = interface(attn, q, k, v, mask[:, 0][at][:, None],  # mask (R, 1, M, L)
+                     dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling)  # (R, M, H, hd)
+    h = h[at] + attn.o_proj(o.reshape(R, M, -1))  # (R, M, d)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def _pred(pk: Packed, P: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,13 +195,13 @@ def _pred(pk: Packed, P: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def response_logits(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch.Tensor:
     """(B, N, V) float32 next-token logits at the positions that predict response tokens P..P+N-1."""
-    h = hidden_states(model, pk)[_pred(pk, P, N)]  # (B, N, d)
+    h = hidden_at(model, pk, *_pred(pk, P, N))  # (B, N, d)
     return model.get_output_embeddings()(h).float()
 
 
 def response_scores(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch.Tensor:
     """(B, N) a scalar-head model (`score`) at the positions that predict response tokens P..P+N-1."""
-    h = hidden_states(model, pk)[_pred(pk, P, N)]  # (B, N, d)
+    h = hidden_at(model, pk, *_pred(pk, P, N))  # (B, N, d)
     return model.score(h).squeeze(-1).float()
 
 
@@ -151,18 +209,19 @@ def last_reward(model: torch.nn.Module, pk: Packed, normalised: bool = True) -> 
     """(B,) a reward model's score at each sequence's last real token (+ its normalising bias), as
     `model.heads.reward` computes it on the padded batch."""
     from cherrytop.model.heads import BIAS_KEY
-    h = hidden_states(model, pk)[pk.row, pk.offset + (pk.length - 1).clamp(min=0)]  # (B, d)
+    h = hidden_at(model, pk, pk.row, pk.offset + (pk.length - 1).clamp(min=0))  # (B, d)
     r = model.score(h).squeeze(-1).float()
     return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
 
 
-def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False):
+def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False,
+                  pk: Packed | None = None):
     """(B, N) log-probs of the response tokens (positions P..) of a left-padded prompt + right-padded
-    response batch under `model`, and optionally entropy. Padding-free for plain HF models; the padded
-    forward pass otherwise."""
+    response batch under `model`, and optionally entropy. Padding-free for plain HF models (on `pk`,
+    `response_pack(ids, attn)`, when the caller has it already); the padded forward pass otherwise."""
     from cherrytop import losses as L
     if supports_packing(model):
-        logits = response_logits(model, pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
+        logits = response_logits(model, pk or response_pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
     else:
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
     logits = logits / temperature
@@ -170,11 +229,18 @@ def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entrop
     return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
 
 
-def response_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
-    """(B, N) V(s_t): the value head at the position that predicts response token t."""
+def response_pack(ids: torch.Tensor, attn: torch.Tensor) -> Packed:
+    """The packed layout of PPO episodes for passes that read each response position's prediction
+    (log-probs, values): an episode's last token predicts nothing that is read, so it is left out."""
+    return pack(ids, attn, drop_last=True)
+
+
+def response_values(value_model, ids, attn, pos, P: int, pk: Packed | None = None) -> torch.Tensor:
+    """(B, N) V(s_t): the value head at the position that predicts response token t (padding-free on
+    `pk` = `response_pack(ids, attn)` when given)."""
     from cherrytop.model.heads import token_scores
     if supports_packing(value_model):
-        return response_scores(value_model, pack(ids, attn), P, ids.shape[1] - P)
+        return response_scores(value_model, pk or response_pack(ids, attn), P, ids.shape[1] - P)
     return token_scores(value_model, ids, attn, pos)[:, P - 1: -1]
 
 
@@ -190,7 +256,7 @@ def lm_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
         packed_labels[r, o + 1: o + n] = labels[b, s0 + 1: s0 + n]  # a sequence's first token is never predicted
     target = packed_labels[:, 1:]  # (R, L-1) label predicted by position i
     keep = target != ignore_index
-    h = hidden_states(model, pk)[:, :-1][keep]  # (K, d)
+    h = hidden_at(model, pk, *keep.nonzero(as_tuple=True))  # (K, d), in the row-major order of keep
     logits = model.get_output_embeddings()(h).float()  # (K, V)
     nll = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
     return nll, keep.sum()
