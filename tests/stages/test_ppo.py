@@ -107,3 +107,28 @@ def test_weight_ema_matches_the_running_average_and_swaps_back():
     with ema.swapped():
         torch.testing.assert_close(model.weight.detach(), expected["weight"])
     torch.testing.assert_close(model.weight.detach(), live)
+
+
+def test_fused_adamw_takes_the_same_ppo_steps_as_the_default_one(tmp_path):
+    """run() uses AdamW's fused kernel on CPU (_fused_adam); one PPO update with it ends at the same
+    weights as with torch's default (foreach) AdamW."""
+    from cherrytop.stages.ppo import _fused_adam
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), V, PAD, EOS, seed=0)
+    policy.save_pretrained(tmp_path / "init")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    value = scalar_model_from(tmp_path / "init", PAD)
+    assert _fused_adam(policy) and _fused_adam(value)
+    p = PPOConfig(batch_size=16, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, lr=1e-2, value_lr=1e-2, max_new_tokens=6)
+    prompts = [[2 + (i % 5), 3 + (i % 7), 4] for i in range(16)]
+    batch, _ = rollout(policy, ref, lambda ids, attn, pos, P: attn[:, P:].sum(1).float(), value, Tok, prompts, 0.1, p,
+                       torch.Generator().manual_seed(0))
+    ends = []
+    for fused in (None, True):
+        pi, v = copy.deepcopy(policy), copy.deepcopy(value)
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-5, weight_decay=0.0, fused=fused) for m in (pi, v)]
+        update(pi, v, *opts, batch, p, None, 0, 0)
+        ends.append([q.detach().clone() for m in (pi, v) for q in m.parameters()])
+    for a, b in zip(*ends):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(ends[0], [q for m in (policy, value) for q in m.parameters()]))

@@ -4,11 +4,12 @@ use the same path."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from cherrytop.data.tokenizer import encode_prompt
 
@@ -60,17 +61,35 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
+def _cache(model: torch.nn.Module, max_len: int):
+    """A KV cache preallocated for `max_len` positions and written in place (HF StaticCache), where the
+    model's layers are all full attention; a cache that grows by concatenation otherwise."""
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    if getattr(model.config, "sliding_window", None) is None and set(layer_types) == {"full_attention"}:
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache()
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (Hugging Face causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> Samples:
     """Sample up to `max_new_tokens` per row; temperature 0 is greedy."""
-    B = prompt_ids.shape[0]
+    B, P = prompt_ids.shape
     device = prompt_ids.device
-    attn = prompt_mask.clone()
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P) positions ignore left padding
-    cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    cache = _cache(model, P + max_new_tokens)
+    static = isinstance(cache, StaticCache)
+    attn = torch.zeros((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # (B, P+N) grows by a column a step
+    attn[:, :P] = prompt_mask
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P) positions ignore left padding
+    keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # the prompt's last position only
+    out = model(input_ids=prompt_ids, attention_mask=attn if static else attn[:, :P], position_ids=pos,
+                past_key_values=cache, use_cache=True, **keep)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, max_new_tokens), device=device)
@@ -99,9 +118,9 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
         if not alive.any() or t == max_new_tokens - 1:
             tokens, logprobs, mask, entropy = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1], entropy[:, : t + 1]
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # finished rows keep decoding pad, ignored
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        attn[:, P + t] = 1  # finished rows keep decoding pad, ignored
+        out = model(input_ids=tok[:, None], attention_mask=attn if static else attn[:, : P + t + 1], position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
         next_pos = next_pos + 1
     return Samples(prompt_ids, prompt_mask, tokens, logprobs, mask, has_eos, entropy)
 

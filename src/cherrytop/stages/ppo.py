@@ -138,6 +138,13 @@ class WeightEMA:
             self.assign(live)
 
 
+def _fused_adam(model: torch.nn.Module) -> bool | None:
+    """AdamW's fused kernel (one pass over all parameters per step) for float parameters on CPU or CUDA;
+    None (torch's default, foreach) elsewhere."""
+    params = list(model.parameters())
+    return True if params and all(q.device.type in ("cpu", "cuda") and q.is_floating_point() for q in params) else None
+
+
 def episode_rewards(head: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor,
                     beta: float, no_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 3: the reward model's score = head (B,) at EOS + Σ_t f_t, f (B, N) its per-token c · log π_ref
@@ -196,8 +203,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     ema = WeightEMA(policy, p.ema) if p.ema > 0 else None  # resuming: the checkpoint's policy is the average
     if ema is not None and state is not None:
         ema.assign(state["live_policy"])
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0)
-    opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0)
+    opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(policy))
+    opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(value))
     prompts = load_prompts(cfg)
     encoded = [encode_prompt(tok, m) for m in prompts]
     windows = ptx_windows(cfg, tok) if p.ptx_coef > 0 else None
@@ -261,11 +268,12 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = s.mask.float()  # (B, N)
     old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
+    pk = _shared_pack(ids, attn, ref, value)  # one padding-free layout for the reference and value passes
     if loglik is not None and loglik.excess and loglik.model is None:  # the term needs π_ref's entropies too
-        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=True)
+        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=True, pk=pk)
     else:
-        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature), None
-    values = response_values(value, ids, attn, pos, P) * mask
+        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, pk=pk), None
+    values = response_values(value, ids, attn, pos, P, pk=pk) * mask
     head = score_fn(ids, attn, pos, P)  # (B,)
     f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
@@ -284,6 +292,12 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
         "rollout/length": float(lengths.mean()), "rollout/eos_rate": float(s.has_eos.float().mean()),
     }
     return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
+
+
+def _shared_pack(ids: torch.Tensor, attn: torch.Tensor, *models) -> packing.Packed | None:
+    """The padding-free layout of a batch of episodes (packing.response_pack), built once for several
+    models' passes; None when none of them runs packed."""
+    return packing.response_pack(ids, attn) if any(packing.supports_packing(m) for m in models) else None
 
 
 def minibatches(p, it: int, seed: int):
@@ -316,9 +330,10 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     acc: dict[str, list[float]] = {}
     for step, mb in minibatches(p, it, seed):
         for part, w in micro_batches(batch, mb, p):
-            logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature)
+            pk = _shared_pack(part.ids, part.attn, policy, value)
+            logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature, pk=pk)
             pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
-            v = response_values(value, part.ids, part.attn, part.pos, P)
+            v = response_values(value, part.ids, part.attn, part.pos, P, pk=pk)
             vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
             (w * (pg + p.vf_coef * vf)).backward()
             for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
