@@ -52,3 +52,29 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(_filter_top_p(logits, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_prefill_equals_the_padded_prompt_pass(arch):
+    """The sampler's padding-free prefill gives the padded pass's last-position logits and the same
+    keys and values at every real prompt column of the cache."""
+    from transformers import DynamicCache
+    from cherrytop.rollout.sampler import _prefill
+    model = build_model(ModelConfig(arch=arch, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64),
+                        vocab_size=50, pad_id=PAD, eos_id=EOS, seed=4).eval()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.mul_(8.0)  # attention far from uniform
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(2, 50, (n,), generator=g).tolist() for n in (3, 11, 1, 7, 9, 2)]
+        ids, mask = left_pad(prompts, PAD)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ours, plain = DynamicCache(), DynamicCache()
+        logits = _prefill(model, ids, mask, mask, pos, ours)
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=plain, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(logits, ref.float(), atol=1e-4, rtol=1e-4)
+        real = mask.bool()
+        for a, b in zip(ours.layers, plain.layers):
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):  # (B, H, P, hd)
+                assert x.shape == y.shape
+                torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-4, rtol=1e-4)

@@ -98,6 +98,14 @@ def _layout(lengths: list[int]) -> tuple[list[tuple[int, int]], list[int], int]:
     return best[1], best[2], best[3]
 
 
+def token_index(length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences of `length` (B,) tokens: the sequence (K,) of each of their K tokens, in order, and
+    the token's position within its sequence (K,)."""
+    seq = torch.repeat_interleave(torch.arange(length.shape[0], device=length.device), length)  # (K,)
+    first = (length.cumsum(0) - length)[seq]  # (K,) index of its sequence's first token
+    return seq, torch.arange(seq.shape[0], device=length.device) - first
+
+
 def pack(ids: torch.Tensor, attn: torch.Tensor, drop_last: bool = False) -> Packed:
     """Pack a padded batch (B, T) whose attended tokens (attn = 1) form one contiguous run per row.
     drop_last: leave out each sequence's last token, for passes that read no output at it (its key
@@ -112,9 +120,7 @@ def pack(ids: torch.Tensor, attn: torch.Tensor, drop_last: bool = False) -> Pack
     R = len(rows_used)
     row = torch.tensor([r for r, _ in place], device=dev)  # (B,)
     offset = torch.tensor([o for _, o in place], device=dev)  # (B,)
-    seq = torch.repeat_interleave(torch.arange(B, device=dev), length)  # (K,) sequence of each real token
-    first = (length.cumsum(0) - length)[seq]  # (K,) index of its sequence's first token
-    j = torch.arange(seq.shape[0], device=dev) - first  # (K,) position within its sequence
+    seq, j = token_index(length)
     dst = (row[seq], offset[seq] + j)  # packed coordinates of each real token
     input_ids = torch.zeros((R, L), dtype=ids.dtype, device=dev)
     input_ids[dst] = ids[seq, starts[seq] + j]

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from cherrytop.data.tokenizer import encode_prompt
+from cherrytop.rollout import packing
 
 
 @dataclass
@@ -75,6 +76,36 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, attn: torch.Tensor,
+             pos: torch.Tensor, cache) -> torch.Tensor:
+    """(B, V) float32 next-token logits after each left-padded prompt, with the prompts' keys and values
+    written to `cache` at their padded columns (zeros at the padding, which the mask hides). Padding-free
+    (rollout.packing) where the model allows: the packed pass's keys and values are scattered to the
+    padded layout; the padded pass otherwise, with the vocabulary head at the last position only."""
+    B, P = prompt_ids.shape
+    if not (packing.supports_packing(model) and bool(prompt_mask.any(1).all())):
+        keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True, **keep)
+        return out.logits[:, -1, :].float()
+    pk = packing.pack(prompt_ids, prompt_mask)
+    packed = DynamicCache()
+    trunk = getattr(model, model.base_model_prefix)
+    h = trunk(input_ids=pk.input_ids, attention_mask=pk.mask, position_ids=pk.position_ids, past_key_values=packed,
+              use_cache=True).last_hidden_state  # (R, L, d)
+    logits = model.get_output_embeddings()(h[pk.row, pk.offset + pk.length - 1]).float()  # (B, V)
+    seq, j = packing.token_index(pk.length)  # every real prompt token
+    src = pk.row[seq], pk.offset[seq] + j  # its packed (row, column)
+    dst = seq, P - pk.length[seq] + j  # its left-padded (row, column)
+    for i, layer in enumerate(packed.layers):
+        kv = []
+        for x in (layer.keys, layer.values):  # (R, H, L, hd)
+            y = x.new_zeros((B, x.shape[1], P, x.shape[3]))  # (B, H, P, hd)
+            y[dst[0], :, dst[1]] = x[src[0], :, src[1]]
+            kv.append(y)
+        cache.update(*kv, i)
+    return logits
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -87,9 +118,7 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
     attn = torch.zeros((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # (B, P+N) grows by a column a step
     attn[:, :P] = prompt_mask
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P) positions ignore left padding
-    keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # the prompt's last position only
-    out = model(input_ids=prompt_ids, attention_mask=attn if static else attn[:, :P], position_ids=pos,
-                past_key_values=cache, use_cache=True, **keep)
+    logits = _prefill(model, prompt_ids, prompt_mask, attn if static else attn[:, :P], pos, cache)  # (B, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, max_new_tokens), device=device)
@@ -98,7 +127,6 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
     has_eos = torch.zeros(B, dtype=torch.bool, device=device)
     entropy = torch.zeros((B, max_new_tokens), device=device)
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()  # (B, V)
         if temperature > 0:
             scaled = logits / temperature
             logp_all = scaled.log_softmax(-1)
@@ -119,8 +147,8 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
             tokens, logprobs, mask, entropy = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1], entropy[:, : t + 1]
             break
         attn[:, P + t] = 1  # finished rows keep decoding pad, ignored
-        out = model(input_ids=tok[:, None], attention_mask=attn if static else attn[:, : P + t + 1], position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+        logits = model(input_ids=tok[:, None], attention_mask=attn if static else attn[:, : P + t + 1], position_ids=next_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1, :].float()  # (B, V)
         next_pos = next_pos + 1
     return Samples(prompt_ids, prompt_mask, tokens, logprobs, mask, has_eos, entropy)
 
