@@ -1,6 +1,7 @@
 """Batched sampling with a KV cache: left-padded prompts, temperature / top-p / greedy, stop at
 EOS, early exit when every row has stopped. Returns tokens and their log-probabilities so PPO can
-use the same path."""
+use the same path. The prompt pass runs padding-free (rollout.packing) and the cache is preallocated
+(written in place, not grown by concatenation) where the model allows."""
 
 from __future__ import annotations
 
