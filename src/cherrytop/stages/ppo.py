@@ -315,7 +315,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         beta, start, metrics = state["beta"], state["iteration"], state["metrics"]
         if d.main:
             console.print(f"[yellow]ppo[/]: resuming at iteration {start} of {iterations}")
-    log = MetricsLog(run_dir, name, start) if d.main else distributed.NoLog()
+    log = MetricsLog(run_dir, name, start * p.batch_size) if d.main else distributed.NoLog()  # logged by episode
     # each rank samples its own episodes: its own stream (rank 0's is the single process's)
     gen = torch.Generator(device=d.device).manual_seed((cfg.run.seed * 1000 + start) * d.world + d.rank)
     if d.main:
