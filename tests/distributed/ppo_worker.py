@@ -31,6 +31,29 @@ class Tok:
     pad_token_id, eos_token_id = PAD, EOS
 
 
+def count_target(ids, attn, pos, P):  # the reward: how often TARGET appears in the response
+    return ((ids[:, P:] == TARGET) & (attn[:, P:] == 1)).sum(1).float()
+
+
+PROMPTS = [[2 + i, 3 + i % 3, 4][: 1 + (i >= 4) + i % 2] for i in range(SETTINGS.batch_size)]  # rank 1's are longer
+
+
+def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO
+                  ) -> tuple[Rollout, dict]:
+    """Rank `rank`'s rollout of its half of PROMPTS with its own generator: in a job under `strategy`
+    (the batch is then every rank's, gathered), or alone in one process (the reference)."""
+    policy = AutoModelForCausalLM.from_pretrained(out / "init")
+    value = scalar_model_from(out / "value_init", PAD)
+    par = None
+    if d.world > 1:
+        cfg = DistConfig(strategy=strategy)
+        par = Parallel(d, distributed.wrap(policy, cfg, d), distributed.wrap(value, cfg, d))
+    ref = AutoModelForCausalLM.from_pretrained(out / "init").eval().requires_grad_(False)
+    share = len(PROMPTS) // 2
+    return rollout(policy, ref, count_target, value, Tok, PROMPTS[rank * share: (rank + 1) * share], SETTINGS.kl_coef,
+                   SETTINGS, torch.Generator().manual_seed(100 + rank), None, par)
+
+
 def make_data(out: Path) -> None:
     """The initial policy and value model, the ptx windows and one global rollout batch (sampled in
     one process), written under `out` for both sides of the comparison."""
@@ -40,11 +63,7 @@ def make_data(out: Path) -> None:
     value = scalar_model_from(out / "init", PAD)  # a new head, kept when loaded again
     value.save_pretrained(out / "value_init")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-
-    def count_target(ids, attn, pos, P):
-        return ((ids[:, P:] == TARGET) & (attn[:, P:] == 1)).sum(1).float()
-    prompts = [[2 + i, 3 + i % 3, 4][: 1 + (i >= 4) + i % 2] for i in range(SETTINGS.batch_size)]  # rank 1's are longer
-    batch, _ = rollout(policy, ref, count_target, value, Tok, prompts, SETTINGS.kl_coef, SETTINGS,
+    batch, _ = rollout(policy, ref, count_target, value, Tok, PROMPTS, SETTINGS.kl_coef, SETTINGS,
                        torch.Generator().manual_seed(0))
     windows = torch.randint(2, V, (12, 10), generator=torch.Generator().manual_seed(1))
     torch.save({"batch": vars(batch), "windows": windows}, out / "data.pt")
@@ -120,6 +139,9 @@ def main() -> None:
     strategy, out = sys.argv[1], Path(sys.argv[2])
     d = distributed.setup(DistConfig(strategy=strategy))
     check_statistics(out, d)
+    batch, stats = rollout_share(out, d.rank, strategy, d)
+    if d.main:
+        torch.save({"batch": vars(batch), "stats": stats}, out / f"rollout_{strategy}.pt")
     for sgd in (False, True):
         result = train_once(out, strategy, d, sgd)
         if d.main:

@@ -5,6 +5,7 @@ DDP and under FSDP2 gives the single process's policy, value model, weight avera
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +52,23 @@ def runs(tmp_path_factory):
     return out, reference
 
 
+def test_batch_sizes_that_do_not_split_over_the_processes_are_refused():
+    from cherrytop.config import load_config
+    from cherrytop.stages.ppo import check_parallel
+    d = distributed.Dist(0, 4, 0, torch.device("cpu"))
+    ok = ["--ppo.batch_size=16", "--ppo.minibatch_size=8", "--ppo.micro_batch_size=2"]
+    check_parallel(load_config("test", [], ok).ppo, load_config("test", [], ok), d)
+    for bad, what in ((["--ppo.batch_size=6", "--ppo.minibatch_size=6", "--ppo.micro_batch_size=1"], "ppo.batch_size (6)"),
+                      (["--ppo.micro_batch_size=4"], "minibatch_size / micro_batch_size (2)"),
+                      (["--ppo.ptx_coef=1", "--ppo.ptx_batch_size=6"], "ptx_batch_size (6)")):
+        cfg = load_config("test", [], ok + bad)
+        with pytest.raises(ValueError, match=re.escape(what)):
+            check_parallel(cfg.ppo, cfg, d)
+    lora = load_config("test", [], ok + ["--lora.r=4", "--dist.strategy=fsdp"])
+    with pytest.raises(ValueError, match="LoRA under FSDP"):
+        check_parallel(lora.ppo, lora, d)
+
+
 def test_statistics_over_two_processes_equal_one_process_on_the_concatenated_batch(runs):
     out, _ = runs
     shards = [worker.statistics_data(r) for r in range(WORLD)]
@@ -73,6 +91,33 @@ def test_statistics_over_two_processes_equal_one_process_on_the_concatenated_bat
     for res in got:
         for f, t in vars(batch).items():
             assert torch.equal(res["gathered"][f], t), f
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_rollout_on_two_processes_is_each_ranks_single_process_rollout(runs, strategy):
+    """Each rank samples its prompts (FSDP: through the sharded policy, as many decoding steps on
+    both ranks) as one process would; the gathered batch holds both, with the advantages whitened
+    over both and the statistics averaged over both."""
+    out, _ = runs
+    got = torch.load(out / f"rollout_{strategy}.pt")
+    batch = got["batch"]
+    halves = [worker.rollout_share(out, r) for r in range(WORLD)]
+    P = batch["ids"].shape[1] - batch["mask"].shape[1]
+    for r, (half, _) in enumerate(halves):
+        rows = slice(4 * r, 4 * r + 4)
+        n = half.mask.shape[1]
+        p = half.ids.shape[1] - n
+        for f in ("ids", "attn", "pos"):  # extra prompt columns on the left, response columns on the right: padding
+            torch.testing.assert_close(batch[f][rows, P - p: P + n], getattr(half, f), rtol=0, atol=0, msg=f)
+        assert not batch["attn"][rows, : P - p].any() and not batch["attn"][rows, P + n:].any()
+        for f in ("mask", "old_logp", "ref_logp", "old_values", "returns"):
+            torch.testing.assert_close(batch[f][rows, :n], getattr(half, f), rtol=1e-5, atol=1e-5, msg=f)
+            assert not batch[f][rows, n:].any(), f
+    assert halves[0][0].ids.shape != halves[1][0].ids.shape  # padded differently on the two ranks
+    raw = (batch["returns"] - batch["old_values"]) * batch["mask"]  # GAE's advantages before whitening
+    torch.testing.assert_close(batch["advantages"], L.masked_whiten(raw, batch["mask"]), rtol=1e-4, atol=1e-5)
+    for k in ("objective/score", "objective/kl", "rollout/length", "rollout/eos_rate"):  # per-episode means
+        assert got["stats"][k] == pytest.approx((halves[0][1][k] + halves[1][1][k]) / 2, rel=1e-5, abs=1e-6), k
 
 
 @pytest.mark.parametrize("sgd", [False, True], ids=["adamw", "sgd"])
