@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     from cherrytop.train.loop import ResumeError
     try:
         cfg = _load(args, extra)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("pretrain", "sft", "rm"):
-            raise ValueError(f"`cherrytop {args.command}` runs in one process; under torchrun use pretrain, sft or rm "
-                             "(PPO scales out with --ray.enabled=true)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.command not in ("pretrain", "sft", "rm", "ppo")
+                                                           or args.command == "ppo" and cfg.ray.enabled):
+            raise ValueError(f"`cherrytop {args.command}` runs in one process; under torchrun use pretrain, sft, rm "
+                             "or ppo (without --ray.enabled: Ray places PPO's models itself)")
         if args.command == "pipeline":
             from cherrytop import pipeline
             pipeline.run(cfg, until=args.until, fresh=args.fresh)

@@ -284,10 +284,11 @@ def ppo_value_loss(
 
 
 @torch.no_grad()
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 − Var(R − V) / Var(R) over valid positions (population variances); 0 when Var(R) = 0. 0-d tensor."""
-    var_r = masked_var(returns, mask)
-    var_res = masked_var(returns - values, mask)
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, var=masked_var) -> Tensor:
+    """1 − Var(R − V) / Var(R) over valid positions (population variances); 0 when Var(R) = 0. 0-d tensor.
+    var(x, mask): the variance to use (data-parallel: over every rank's positions)."""
+    var_r = var(returns, mask)
+    var_res = var(returns - values, mask)
     return torch.where(var_r > 0, 1.0 - var_res / torch.where(var_r > 0, var_r, 1.0), 0.0)
 
 

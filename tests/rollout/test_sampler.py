@@ -78,3 +78,27 @@ def test_packed_prefill_equals_the_padded_prompt_pass(arch):
             for x, y in ((a.keys, b.keys), (a.values, b.values)):  # (B, H, P, hd)
                 assert x.shape == y.shape
                 torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-4, rtol=1e-4)
+
+
+def test_all_stopped_keeps_decoding_padding_until_every_process_has_stopped():
+    """`all_stopped` (FSDP: every process makes as many forward passes): rows that have stopped stay
+    stopped, the samples are those of a plain run, followed by padding up to when all processes stop."""
+    model = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), 40, PAD, EOS, seed=2).eval()
+    with torch.no_grad():  # EOS likely: the rows stop before the budget
+        model.lm_head.weight[EOS] += 3 * model.lm_head.weight.norm(dim=1).max()
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], PAD)
+    kw = dict(max_new_tokens=16, eos_id=EOS, pad_id=PAD, temperature=1.0)
+    plain = sample(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    n = plain.mask.shape[1]
+    assert plain.has_eos.all() and n + 3 < 16
+    calls = []
+
+    def others_stop_later(stopped: bool) -> bool:  # another process still has rows alive until step n + 3
+        calls.append(stopped)
+        return stopped and len(calls) >= n + 3
+    synced = sample(model, ids, mask, generator=torch.Generator().manual_seed(0), all_stopped=others_stop_later, **kw)
+    assert synced.tokens.shape[1] == n + 3 == len(calls) and calls[n - 1:] == [True] * 4 and not any(calls[: n - 1])
+    for f in ("tokens", "logprobs", "mask", "entropy"):
+        torch.testing.assert_close(getattr(synced, f)[:, :n], getattr(plain, f), rtol=0, atol=0)
+    assert (synced.tokens[:, n:] == PAD).all() and not synced.mask[:, n:].any() and not synced.logprobs[:, n:].any()
+    assert torch.equal(synced.has_eos, plain.has_eos)

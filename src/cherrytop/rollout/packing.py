@@ -145,9 +145,17 @@ def hidden_states(model: torch.nn.Module, pk: Packed) -> torch.Tensor:
 
 
 def _lean(trunk: torch.nn.Module) -> bool:
-    """Whether hidden_at can run `trunk` layer by layer itself: a Hugging Face Llama trunk."""
+    """Whether hidden_at can run `trunk` layer by layer itself: a Hugging Face Llama trunk whose last
+    layer is not FSDP-sharded (hidden_at calls that layer's parts directly, which would bypass the
+    hooks FSDP gathers its weights and reduces its gradients in)."""
     from transformers.models.llama.modeling_llama import LlamaModel
-    return type(trunk) is LlamaModel and len(trunk.layers) == trunk.config.num_hidden_layers > 0
+    if not (type(trunk) is LlamaModel and len(trunk.layers) == trunk.config.num_hidden_layers > 0):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return True
+    return not isinstance(trunk.layers[-1], FSDPModule)
 
 
 def hidden_at(model: torch.nn.Module, pk: Packed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

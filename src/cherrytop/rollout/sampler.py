@@ -6,7 +6,7 @@ use the same path. The prompt pass runs padding-free (rollout.packing) and the c
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,8 +110,10 @@ def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> Samples:
-    """Sample up to `max_new_tokens` per row; temperature 0 is greedy."""
+           generator: torch.Generator | None = None, all_stopped: Callable[[bool], bool] | None = None) -> Samples:
+    """Sample up to `max_new_tokens` per row; temperature 0 is greedy. `all_stopped(this process's rows
+    have stopped)` -> whether every process's have: with a sharded model (FSDP) all processes must
+    run as many forward passes, so a process whose rows have stopped decodes padding until then."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
     cache = _cache(model, P + max_new_tokens)
@@ -144,7 +146,7 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
         stopped = alive & (tok == eos_id)
         has_eos |= stopped
         alive &= ~stopped
-        if not alive.any() or t == max_new_tokens - 1:
+        if (not alive.any() if all_stopped is None else all_stopped(not alive.any())) or t == max_new_tokens - 1:
             tokens, logprobs, mask, entropy = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1], entropy[:, : t + 1]
             break
         attn[:, P + t] = 1  # finished rows keep decoding pad, ignored

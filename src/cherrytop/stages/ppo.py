@@ -12,11 +12,22 @@ Each iteration (numbered as in the code):
     weight average ([IG] EMA) moves, and it is what the checkpoint's policy holds;
  6. adaptive β [LHP] when kl_target > 0; log, watch for reward hacking, checkpoint.
 Policy, reference, reward and value models all run with dropout off ([LHP, N+]).
+
+Data-parallel under `torchrun` (--dist.strategy=ddp|fsdp): each rank rolls out its share of the
+iteration's prompts; reward and advantage whitening, the KL that adapts β and the logged statistics
+are over every rank's episodes (`distributed.masked_*`, `mean_over_ranks`); the episodes are then
+gathered so every rank holds the global batch, and each minibatch's micro-batches are shared out
+(`distributed.shard`) with weights from the global minibatch's token count, so each optimizer step
+is the single-process step. The policy and value models are wrapped (DDP / FSDP2); the reference
+and reward models are plain copies. Rank 0 logs and writes; with FSDP checkpoints are sharded.
+Launch: torchrun --nproc_per_node 8 -m cherrytop.cli ppo --dist.strategy=ddp
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -37,6 +48,7 @@ from cherrytop.model.load import CheckpointError, load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample
 from cherrytop.rollout import packing
 from cherrytop.rollout.packing import response_logp, response_values
+from cherrytop.train import distributed
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
 from cherrytop.train.loop import MetricsLog, console
@@ -71,6 +83,74 @@ class Rollout:
 
     def slice(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+@dataclass
+class Parallel:
+    """The trained models of a data-parallel job (`torchrun`), as this process reaches them."""
+    d: distributed.Dist
+    """This process's place in the job."""
+    policy: torch.nn.Module
+    """The policy's DDP / FSDP wrapper (`distributed.Forward`): `policy(fn, batch) = fn(model, batch)`."""
+    value: torch.nn.Module
+    """The value model's wrapper."""
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: every forward pass, with gradients or not, goes through the wrapper (which gathers
+        the weights), and every rank makes as many."""
+        return distributed.is_sharded(self.policy)
+
+
+def gather(batch: Rollout, d: distributed.Dist, pad_id: int) -> Rollout:
+    """Every rank's episodes in rank order as one batch, every rank holding it: prompts left-padded
+    to the longest prompt of any rank, responses right-padded to the longest response."""
+    N = batch.mask.shape[1]
+    P = batch.ids.shape[1] - N
+    P_all, N_all = distributed.all_max(P, d), distributed.all_max(N, d)
+
+    def pad(x: torch.Tensor, fill: int) -> torch.Tensor:  # (B, P+N) -> (B, P_all+N_all)
+        return torch.cat([torch.nn.functional.pad(x[:, :P], (P_all - P, 0), value=fill),
+                          torch.nn.functional.pad(x[:, P:], (0, N_all - N), value=fill)], 1)
+    ids, attn = pad(batch.ids, pad_id), pad(batch.attn, 0)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as `rollout` computes it
+    per_token = [torch.nn.functional.pad(getattr(batch, f), (0, N_all - N))  # (B, N_all), 0 after the response
+                 for f in ("mask", "old_logp", "ref_logp", "old_values", "advantages", "returns")]
+    return Rollout(*(distributed.all_cat(x, d) for x in (ids, attn, pos, *per_token)))
+
+
+def _apply(model: torch.nn.Module, kw: dict):
+    return model(**kw)
+
+
+class Through:
+    """A model called through its FSDP wrapper (which gathers the sharded weights for the pass), in
+    the shape `sample` calls it. It shows the model's `config` (the sampler sizes its preallocated
+    cache from it) and its `forward`'s signature (the sampler asks whether it takes `logits_to_keep`);
+    every call goes through the wrapper."""
+
+    def __init__(self, wrapped: torch.nn.Module):
+        self.wrapped = wrapped
+        model = wrapped.model  # distributed.Forward's
+        self.config = model.config
+
+        @functools.wraps(model.forward)
+        def forward(**kw):
+            return self(**kw)
+        self.forward = forward
+
+    def __call__(self, **kw):
+        return self.wrapped(_apply, kw)
+
+
+def _no_grad_pass(model: torch.nn.Module, wrapped: torch.nn.Module | None, fn: Callable):
+    """fn(model) without gradients: through an FSDP wrapper, resharded after; on the model itself
+    otherwise (a DDP wrapper's forward would sync buffers, and no gradient needs its hooks)."""
+    if wrapped is None or not distributed.is_sharded(wrapped):
+        return fn(model)
+    out = wrapped(lambda m, _: fn(m), None)
+    wrapped.reshard()
+    return out
 
 
 @dataclass
@@ -169,9 +249,26 @@ def ptx_windows(cfg: Config, tok) -> torch.Tensor:
     return pack_windows(tokenize_documents(tok, docs), cfg.pretrain.seq_len, tok.eos_token_id)
 
 
+def check_parallel(p, cfg: Config, d: distributed.Dist) -> None:
+    """The batch sizes a data-parallel job can split evenly, and what it supports."""
+    if d.world == 1:
+        return
+    if lora.enabled(cfg, "ppo") and cfg.dist.strategy == "fsdp":
+        raise ValueError("ppo: LoRA under FSDP is not supported (the reference is the policy with its adapter off, "
+                         "which FSDP shards); use --dist.strategy=ddp")
+    bad = [f"ppo.{k} ({v})" for k, v in (("batch_size", p.batch_size),
+                                         ("minibatch_size / micro_batch_size", p.minibatch_size // p.micro_batch_size),
+                                         ("ptx_batch_size", p.ptx_batch_size if p.ptx_coef > 0 else 0)) if v % d.world]
+    if bad:
+        raise ValueError(f"ppo: {', '.join(bad)} must be a multiple of the number of processes ({d.world}): "
+                         "each process takes an equal share of the episodes, micro-batches and ptx windows")
+
+
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     """Train the policy; checkpoints (policy + `value/`) go to runs/<run>/<name>."""
     p = cfg.ppo
+    d = distributed.setup(cfg.dist)
+    check_parallel(p, cfg, d)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / name
     init = resolve_checkpoint(p.init, cfg)
@@ -181,12 +278,14 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     state = None if fresh else load_state(ckpt)
     iterations = p.episodes // p.batch_size
     if state is not None and state["iteration"] >= iterations:
-        console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
+        if d.main:
+            console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
         return state["metrics"]
+    shards = state is not None and distributed.has_shards(ckpt)  # written under FSDP: loaded after wrapping
     adapters = lora.enabled(cfg, "ppo")  # LoRA: base weights from init/rm, adapters (and heads) from the checkpoint
-    policy = load_model(ckpt if state and not adapters else init)
+    policy = load_model(ckpt if state and not adapters and not shards else init)
     rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
-    value = scalar_model_from(ckpt / "value" if state and not adapters else rm_path, tok.pad_token_id)
+    value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
     if adapters:
         policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
         if state:
@@ -200,49 +299,84 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             return packing.last_reward(rm, packing.pack(ids, attn))
         return reward(rm, ids, attn, pos)
     loglik = ref_loglik(rm, init, p.temperature, ref)
-    ema = WeightEMA(policy, p.ema) if p.ema > 0 else None  # resuming: the checkpoint's policy is the average
-    if ema is not None and state is not None:
-        ema.assign(state["live_policy"])
+    par = None
+    if d.world > 1:  # DDP / FSDP around the trained models (FSDP shards them in place: before the optimizers)
+        par = Parallel(d, distributed.wrap(policy, cfg.dist, d), distributed.wrap(value, cfg.dist, d))
+        for m in (ref, rm, loglik.model if loglik else None):
+            if isinstance(m, torch.nn.Module) and d.device.type != "cpu":
+                m.to(d.device)
+        if state is not None and par.sharded and not shards:
+            raise ValueError(f"ppo: {ckpt} was written without FSDP; resume it with --dist.strategy=ddp (or in one "
+                             "process), or pass --fresh")
+    # fused AdamW (one kernel over all parameters) also on FSDP's DTensor shards (CPU and CUDA)
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(policy))
     opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(value))
+    live = None  # resuming: the checkpoint's policy is the weight average, the live weights are kept apart
+    if shards:  # model and optimizer shards, resharded to this job (live weights with them)
+        live = {n: q.detach().clone() for n, q in policy.named_parameters() if q.requires_grad} if p.ema > 0 else None
+        distributed.load_sharded(ckpt, policy, opt_pi, {"live": live} if live is not None else None)
+        distributed.load_sharded(ckpt / "value", value, opt_v)
+    elif state is not None:
+        live = state.get("live_policy")
+    ema = WeightEMA(policy, p.ema) if p.ema > 0 else None
+    if ema is not None and state is not None:
+        ema.assign(live)
     prompts = load_prompts(cfg)
     encoded = [encode_prompt(tok, m) for m in prompts]
     windows = ptx_windows(cfg, tok) if p.ptx_coef > 0 else None
     beta, start, metrics = p.kl_coef, 0, {}
     if state is not None:
-        opt_pi.load_state_dict(state["opt_policy"])
-        opt_v.load_state_dict(state["opt_value"])
+        if not shards:
+            opt_pi.load_state_dict(state["opt_policy"])
+            opt_v.load_state_dict(state["opt_value"])
         torch.set_rng_state(state["rng"])
         beta, start, metrics = state["beta"], state["iteration"], state["metrics"]
-        console.print(f"[yellow]ppo[/]: resuming at iteration {start} of {iterations}")
-    log = MetricsLog(run_dir, name, start)
-    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + start)
-    console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(prompts)} prompts, β={beta}, "
-                  f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}")
+        if d.main:
+            console.print(f"[yellow]ppo[/]: resuming at iteration {start} of {iterations}")
+    log = MetricsLog(run_dir, name, start * p.batch_size) if d.main else distributed.NoLog()  # logged by episode
+    # each rank samples its own episodes: its own stream (rank 0's is the single process's)
+    gen = torch.Generator(device=d.device).manual_seed((cfg.run.seed * 1000 + start) * d.world + d.rank)
+    if d.main:
+        console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(prompts)} prompts, β={beta}, "
+                      f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}"
+                      + (f"; {d.world} processes ({cfg.dist.strategy})" if par else ""))
 
     def save(iteration: int) -> None:
-        def extra(d: Path) -> None:
-            lora.saveable(value).save_pretrained(d / "value")
-        st = {"stage": name, "iteration": iteration, "beta": beta, "opt_policy": opt_pi.state_dict(),
-              "opt_value": opt_v.state_dict(), "rng": torch.get_rng_state(), "metrics": metrics, "config": to_dict(cfg)}
+        st = {"stage": name, "iteration": iteration, "beta": beta, "rng": torch.get_rng_state(), "metrics": metrics,
+              "config": to_dict(cfg)}
+        if par is not None and par.sharded:  # every rank writes its shards; the value folder goes in with the policy's
+            staged = ckpt.with_name(f".{ckpt.name}.value-staged")
+            full = iteration == iterations  # the final checkpoint is also a plain HF folder (both models)
+            distributed.save_sharded(staged, value, opt_v, None, cfg, None, full, d)
+            tensors = {"live": ema.live()} if ema is not None else None
+            with ema.swapped() if ema is not None else nullcontext():  # the policy folder holds the average
+                distributed.save_sharded(ckpt, policy, opt_pi, tok, cfg, st, full, d, tensors,
+                                         lambda out: os.replace(staged, out / "value"))
+            return
+        st.update({"opt_policy": opt_pi.state_dict(), "opt_value": opt_v.state_dict()})
         if ema is not None:
             st["live_policy"] = ema.live()
-        with ema.swapped() if ema is not None else nullcontext():  # the policy folder holds the average
-            save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, st, extra)
+        if d.main:
+            def extra(out: Path) -> None:
+                lora.saveable(value).save_pretrained(out / "value")
+            with ema.swapped() if ema is not None else nullcontext():  # the policy folder holds the average
+                save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, st, extra)
+        distributed.barrier(d)
 
     from rich.progress import Progress
     t_start = time.perf_counter()
-    with Progress(console=console) as bar:
+    share = p.batch_size // d.world  # episodes per rank
+    with Progress(console=console, disable=not d.main) as bar:
         task = bar.add_task(name, total=iterations, completed=start)
         for it in range(start, iterations):
-            idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)
-            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik)
-            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema))
+            idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
+            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik, par)
+            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par))
             if p.kl_target > 0:
                 beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
             stats["objective/beta"] = beta
             stats["perf/episodes_per_s"] = (it + 1 - start) * p.batch_size / (time.perf_counter() - t_start)
-            _watch(stats, p, it)
+            _watch(stats, p, it, d.main)
             metrics = stats
             log.log((it + 1) * p.batch_size, stats)
             bar.update(task, completed=it + 1,
@@ -250,18 +384,27 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             if (it + 1) % p.save_every == 0 or it + 1 == iterations:
                 save(it + 1)
     log.close()
-    console.print(f"[green]ppo[/]: done; policy {ckpt}")
+    if d.main:
+        console.print(f"[green]ppo[/]: done; policy {ckpt}")
     return metrics
 
 
 @torch.no_grad()
 def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
-            loglik: RefLogLik | None = None) -> tuple[Rollout, dict]:
-    """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, GAE."""
+            loglik: RefLogLik | None = None, par: Parallel | None = None) -> tuple[Rollout, dict]:
+    """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, GAE.
+    Data-parallel (`par`): `prompt_ids` are this rank's; whitening and the returned statistics are
+    over every rank's episodes, and the returned batch holds them all (`gather`)."""
+    d = par.d if par is not None else distributed.SOLO
     policy.eval()
     ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
-    s = sample(policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-               temperature=p.temperature, generator=gen)
+    ids_p, mask_p = ids_p.to(d.device), mask_p.to(d.device)
+    sharded = par is not None and par.sharded
+    s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
+               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=p.temperature, generator=gen,
+               all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None)
+    if sharded:
+        par.policy.reshard()
     P = ids_p.shape[1]
     ids = torch.cat([ids_p, s.tokens], 1)  # (B, P+N)
     attn = torch.cat([mask_p, s.mask], 1)  # (B, P+N)
@@ -273,25 +416,27 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
         ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=True, pk=pk)
     else:
         ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, pk=pk), None
-    values = response_values(value, ids, attn, pos, P, pk=pk) * mask
+    values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
     head = score_fn(ids, attn, pos, P)  # (B,)
     f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
     raw, scores, rewards = episode_rewards(head, f, kl, mask, s.has_eos, beta, p.no_eos_penalty)
     if p.whiten_rewards:
-        rewards = L.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = distributed.masked_whiten(rewards, mask, d, shift_mean=False)
     adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
-    adv = L.masked_whiten(adv, mask)
+    adv = distributed.masked_whiten(adv, mask, d)
     lengths = mask.sum(1)
-    stats = {
+    entropy_mean = float(distributed.masked_mean(entropy, mask, d))  # a token mean: over every rank's tokens
+    stats = distributed.mean_over_ranks({  # means over episodes, as many on every rank
         "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
         "objective/ref_loglik": float(f.sum(1).mean() / loglik.coef) if loglik else 0.0,
         "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
         "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
-        "objective/entropy": float(L.masked_mean(entropy, mask)),
+        "objective/entropy": entropy_mean,
         "rollout/length": float(lengths.mean()), "rollout/eos_rate": float(s.has_eos.float().mean()),
-    }
-    return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
+    }, d)
+    batch = Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns)
+    return (batch if par is None else gather(batch, d, tok.pad_token_id)), stats
 
 
 def _shared_pack(ids: torch.Tensor, attn: torch.Tensor, *models) -> packing.Packed | None:
@@ -321,50 +466,77 @@ def micro_batches(batch: Rollout, mb: torch.Tensor, p):
 
 
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int,
-           ema: WeightEMA | None = None) -> dict:
+           ema: WeightEMA | None = None, par: Parallel | None = None) -> dict:
     """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch
-    (then the policy's weight average, if any, takes the step)."""
+    (then the policy's weight average, if any, takes the step). Data-parallel (`par`): `batch` is the
+    global batch on every rank; each rank runs its share of each minibatch's micro-batches (and of
+    the ptx windows) and back-propagates world · its weighted loss, which DDP / FSDP average into
+    the single-process gradient; the returned statistics are over every rank's micro-batches."""
+    d = par.d if par is not None else distributed.SOLO
+    fwd_pi = par.policy if par is not None else (lambda fn, b: fn(policy, b))
+    fwd_v = par.value if par is not None else (lambda fn, b: fn(value, b))
     policy.train()
     value.train()
     P = batch.ids.shape[1] - batch.mask.shape[1]
+
+    # a micro-batch is (episodes, their packed layout): one padding-free layout (`_shared_pack`) built
+    # once for both models' passes, each of which runs inside its DDP / FSDP wrapper
+    def logp_of(model, b: tuple[Rollout, packing.Packed | None]) -> torch.Tensor:
+        part, pk = b
+        return response_logp(model, part.ids, part.attn, part.pos, P, p.temperature, pk=pk)
+
+    def values_of(model, b: tuple[Rollout, packing.Packed | None]) -> torch.Tensor:
+        part, pk = b
+        return response_values(model, part.ids, part.attn, part.pos, P, pk=pk)
+
+    def lm_of(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return L.lm_loss(model(input_ids=x).logits, x)
     acc: dict[str, list[float]] = {}
     for step, mb in minibatches(p, it, seed):
-        for part, w in micro_batches(batch, mb, p):
+        mine = distributed.shard(list(micro_batches(batch, mb, p)), d)  # all of them in one process
+        for i, (part, w) in enumerate(mine):
+            last = i == len(mine) - 1  # gradients are synced on each model's last backward of the step
             pk = _shared_pack(part.ids, part.attn, policy, value)
-            logp = response_logp(policy, part.ids, part.attn, part.pos, P, p.temperature, pk=pk)
-            pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
-            v = response_values(value, part.ids, part.attn, part.pos, P, pk=pk)
-            vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
-            (w * (pg + p.vf_coef * vf)).backward()
+            with distributed.no_grad_sync(fwd_pi, not last or windows is not None), distributed.no_grad_sync(fwd_v, not last):
+                logp = fwd_pi(logp_of, (part, pk))
+                pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
+                v = fwd_v(values_of, (part, pk))
+                vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
+                (w * d.world * (pg + p.vf_coef * vf)).backward()  # DDP / FSDP average over the d.world ranks
             for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
                 acc.setdefault(k, []).append(float(val.detach()))
         if windows is not None:
             idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
-            x = windows[torch.as_tensor(idx)]
-            s, c = L.lm_loss(policy(input_ids=x).logits, x)
-            (p.ptx_coef * s / c).backward()
-            acc.setdefault("loss/ptx", []).append(float(s.detach() / c))
+            x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(d.device)  # this rank's share (B_ptx / world, T)
+            s, c = fwd_pi(lm_of, x)
+            count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
+            (p.ptx_coef * s / count * d.world).backward()
+            acc.setdefault("loss/ptx", []).append(float(s.detach() / c))  # windows are equally long
         for model, opt in ((policy, opt_pi), (value, opt_v)):
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            if not math.isfinite(float(gn)):
+            gn = distributed.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip))
+            if not math.isfinite(gn):
                 raise FloatingPointError(f"ppo: non-finite gradient at iteration {it + 1}; the last good checkpoint is kept")
             opt.step()
             opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
-    with torch.no_grad():
-        v = response_values(value, batch.ids, batch.attn, batch.pos, P)
-        ev = float(L.explained_variance(v, batch.returns, batch.mask))
+    with torch.no_grad():  # each rank's share of the episodes, variances over all of them
+        own = batch if d.world == 1 else batch.slice(torch.arange(d.rank, batch.ids.shape[0], d.world))
+        v = _no_grad_pass(value, par and par.value, lambda m: response_values(m, own.ids, own.attn, own.pos, P))
+        ev = float(L.explained_variance(v, own.returns, own.mask, var=lambda x, m: distributed.masked_var(x, m, d)))
     out = {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(vals)) for k, vals in acc.items()}
+    out = distributed.mean_over_ranks(out, d)  # every rank ran as many micro-batches
     out["value/explained_variance"] = ev
     return out
 
 
-def _watch(stats: dict, p, it: int) -> None:
-    """Stop on NaN/inf; warn on the signs of reward hacking (KL runaway, length blow-up/collapse)."""
+def _watch(stats: dict, p, it: int, main: bool = True) -> None:
+    """Stop on NaN/inf; warn (rank 0) on the signs of reward hacking (KL runaway, length blow-up/collapse)."""
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"ppo: non-finite {', '.join(bad)} at iteration {it + 1}; the last good checkpoint is kept")
+    if not main:
+        return
     if stats["objective/kl"] > p.kl_warn:
         console.print(f"[red]warning[/]: KL to the SFT model is {stats['objective/kl']:.1f} nats per response "
                       f"(> ppo.kl_warn={p.kl_warn}): the policy may be over-optimising the reward model; raise ppo.kl_coef")

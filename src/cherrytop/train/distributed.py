@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cherrytop import losses as L
 from cherrytop.config import DistConfig
 
 SHARDS = "shards"
@@ -46,6 +48,10 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the one that logs, prints and writes files."""
         return self.rank == 0
+
+
+SOLO = Dist(0, 1, 0, torch.device("cpu"))
+"""One process on the CPU, whatever process group may be running (a single-process reference)."""
 
 
 def current() -> Dist:
@@ -87,6 +93,72 @@ def all_sum(x: float, d: Dist) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return float(t)
+
+
+def all_true(flag: bool, d: Dist) -> bool:
+    """Whether `flag` holds on every rank (`flag` itself in one process)."""
+    return flag if d.world == 1 else all_sum(float(flag), d) == d.world
+
+
+def all_max(x: int, d: Dist) -> int:
+    """The largest of an integer over the ranks."""
+    if d.world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.long, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def all_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's `x` (the same shape on each) concatenated along dim 0 in rank order."""
+    if d.world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(d.world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(stats: dict[str, float], d: Dist) -> dict[str, float]:
+    """Per-rank means over equally many items each -> the means over all of them (unchanged in one process)."""
+    if d.world == 1:
+        return stats
+    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return dict(zip(stats, (t / d.world).tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics over the union of every rank's batch (losses.masked_* in one process).
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Σ mask·x / Σ mask over every rank's valid positions: `losses.masked_mean` of the ranks'
+    batches concatenated (the sum and the count are all-reduced). 0-d tensor."""
+    if d.world == 1:
+        return L.masked_mean(x, mask)
+    m = mask.bool()
+    t = torch.stack([torch.where(m, x, 0.0).sum().double(), m.sum().double()])  # (2,) sum, count
+    dist.all_reduce(t)
+    return (t[0] / t[1].clamp_min(1)).to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Population variance over every rank's valid positions (`losses.masked_var`, two passes)."""
+    if d.world == 1:
+        return L.masked_var(x, mask)
+    centered = x - masked_mean(x, mask, d)
+    return masked_mean(centered * centered, mask, d)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, d: Dist, shift_mean: bool = True) -> torch.Tensor:
+    """`losses.masked_whiten` with the mean and variance of every rank's batch: each rank whitens its
+    own rows as one process would whiten the concatenated batch."""
+    if d.world == 1:
+        return L.masked_whiten(x, mask, shift_mean)
+    mean, var = masked_mean(x, mask, d), masked_var(x, mask, d)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        white = white + mean
+    return torch.where(mask.bool(), white, 0.0)
 
 
 def to_device(batch: dict, d: Dist) -> dict:
@@ -194,10 +266,13 @@ def has_shards(ckpt: Path) -> bool:
 
 
 def save_sharded(final: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, tokenizer: Any, cfg,
-                 state: dict, full: bool, d: Dist) -> None:
-    """Every rank writes its shards of model + optimizer; rank 0 adds the HF config, tokenizer,
-    cherrytop.toml and trainer state, and (when `full`) the gathered weights as a plain HF folder.
-    The folder is swapped in atomically like every checkpoint."""
+                 state: dict | None, full: bool, d: Dist, tensors: dict[str, dict] | None = None,
+                 extra: Callable[[Path], None] | None = None) -> None:
+    """Every rank writes its shards of model + optimizer (+ `tensors`, more named state dicts whose
+    tensors may be sharded, such as PPO's live policy weights); rank 0 adds the HF config, tokenizer,
+    cherrytop.toml and trainer state, and (when `full`) the gathered weights as a plain HF folder,
+    then runs `extra(folder)` (e.g. moving a second model in). The folder is swapped in atomically
+    like every checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
@@ -210,7 +285,7 @@ def save_sharded(final: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
         staging.mkdir(parents=True)
     barrier(d)
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(staging / SHARDS))
+    dcp.save({"model": msd, "optim": osd, **(tensors or {})}, checkpoint_id=str(staging / SHARDS))
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) if full else None
     if weights is not None and getattr(model.config, "tie_word_embeddings", False):  # gathered as two copies
         out_emb = model.get_output_embeddings()
@@ -225,19 +300,21 @@ def save_sharded(final: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
                     if lora.is_lora(model):
                         lora.write_adapter_config(model, out)
                 os.replace(staging / SHARDS, Path(out) / SHARDS)
-        save_checkpoint(final, Writer(), tokenizer, cfg, state)
+        save_checkpoint(final, Writer(), tokenizer, cfg, state, extra)
         shutil.rmtree(staging, ignore_errors=True)
     barrier(d)
 
 
-def load_sharded(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> None:
+def load_sharded(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
+                 tensors: dict[str, dict] | None = None) -> None:
     """Load shards written by `save_sharded` into `model` (sharded or not, on any number of
-    processes: torch.distributed.checkpoint reshards) and, if given, the optimizer."""
+    processes: torch.distributed.checkpoint reshards), if given the optimizer, and the `tensors`
+    saved with them (loaded in place into the given tensors)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt if opt is not None else [])
     state = {"model": msd, "optim": osd} if opt is not None else {"model": msd}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDS))
+    dcp.load({**state, **(tensors or {})}, checkpoint_id=str(Path(ckpt) / SHARDS))
     set_state_dict(model, opt if opt is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
 

@@ -1,0 +1,153 @@
+"""One rank of a 2-process gloo job (started by test_ppo_parallel.py with RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set, as torchrun would): PPO's whitening and statistics over both ranks'
+episodes, the gathering of episodes padded differently on each rank, and one `ppo.update` of a
+global batch under DDP or FSDP2 (policy, value and weight average written by rank 0).
+
+Also imported by the test for the single-process references (same data, models and settings)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from cherrytop.config import DistConfig, ModelConfig, PPOConfig
+from cherrytop.model.heads import scalar_model_from
+from cherrytop.model.load import build_model
+from cherrytop.stages.ppo import Parallel, Rollout, WeightEMA, gather, rollout, update
+from cherrytop.train import distributed
+
+V, PAD, EOS, TARGET = 24, 0, 1, 7
+SETTINGS = PPOConfig(batch_size=8, minibatch_size=4, micro_batch_size=1, ppo_epochs=2, lr=1e-3, value_lr=1e-3,
+                     kl_coef=0.05, max_new_tokens=8, no_eos_penalty=0.0, ptx_coef=0.5, ptx_batch_size=4, ema=0.9)
+"""Two optimizer steps per epoch, each of 4 micro-batches (2 per rank) and 4 ptx windows (2 per rank)."""
+
+
+class Tok:
+    pad_token_id, eos_token_id = PAD, EOS
+
+
+def count_target(ids, attn, pos, P):  # the reward: how often TARGET appears in the response
+    return ((ids[:, P:] == TARGET) & (attn[:, P:] == 1)).sum(1).float()
+
+
+PROMPTS = [[2 + i, 3 + i % 3, 4][: 1 + (i >= 4) + i % 2] for i in range(SETTINGS.batch_size)]  # rank 1's are longer
+
+
+def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO
+                  ) -> tuple[Rollout, dict]:
+    """Rank `rank`'s rollout of its half of PROMPTS with its own generator: in a job under `strategy`
+    (the batch is then every rank's, gathered), or alone in one process (the reference)."""
+    policy = AutoModelForCausalLM.from_pretrained(out / "init")
+    value = scalar_model_from(out / "value_init", PAD)
+    par = None
+    if d.world > 1:
+        cfg = DistConfig(strategy=strategy)
+        par = Parallel(d, distributed.wrap(policy, cfg, d), distributed.wrap(value, cfg, d))
+    ref = AutoModelForCausalLM.from_pretrained(out / "init").eval().requires_grad_(False)
+    share = len(PROMPTS) // 2
+    return rollout(policy, ref, count_target, value, Tok, PROMPTS[rank * share: (rank + 1) * share], SETTINGS.kl_coef,
+                   SETTINGS, torch.Generator().manual_seed(100 + rank), None, par)
+
+
+def make_data(out: Path) -> None:
+    """The initial policy and value model, the ptx windows and one global rollout batch (sampled in
+    one process), written under `out` for both sides of the comparison."""
+    policy = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), V, PAD, EOS, seed=0)
+    policy.save_pretrained(out / "init")
+    torch.manual_seed(0)
+    value = scalar_model_from(out / "init", PAD)  # a new head, kept when loaded again
+    value.save_pretrained(out / "value_init")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    batch, _ = rollout(policy, ref, count_target, value, Tok, PROMPTS, SETTINGS.kl_coef, SETTINGS,
+                       torch.Generator().manual_seed(0))
+    windows = torch.randint(2, V, (12, 10), generator=torch.Generator().manual_seed(1))
+    torch.save({"batch": vars(batch), "windows": windows}, out / "data.pt")
+
+
+def load_data(out: Path) -> tuple[Rollout, torch.Tensor]:
+    data = torch.load(out / "data.pt")
+    return Rollout(**data["batch"]), data["windows"]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient whole (FSDP's are DTensor shards)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False) -> dict:
+    """One `update` of the global batch (iteration 0): the models' weights, the average's and the
+    returned statistics. With AdamW and clipping as the stage runs it, or (`sgd`) with plain SGD
+    and no clipping, where a step moves the weights in proportion to the gradient (Adam would hide
+    a gradient off by a constant factor)."""
+    batch, windows = load_data(out)
+    policy = AutoModelForCausalLM.from_pretrained(out / "init")
+    value = scalar_model_from(out / "value_init", PAD)
+    par = None
+    if d.world > 1:
+        cfg = DistConfig(strategy=strategy)
+        par = Parallel(d, distributed.wrap(policy, cfg, d), distributed.wrap(value, cfg, d))
+    p = replace(SETTINGS, grad_clip=float("inf")) if sgd else SETTINGS
+    opt = torch.optim.SGD if sgd else torch.optim.AdamW
+    kw = {"lr": 0.5} if sgd else {"lr": p.lr, "eps": 1e-5, "weight_decay": 0.0}
+    opt_pi, opt_v = opt(policy.parameters(), **kw), opt(value.parameters(), **kw)
+    ema = WeightEMA(policy, p.ema)
+    stats = update(policy, value, opt_pi, opt_v, batch, p, windows, 0, 0, ema, par)
+    return {"stats": stats,
+            "policy": {n: full(q) for n, q in policy.named_parameters()},
+            "value": {n: full(q) for n, q in value.named_parameters()},
+            "average": {n: full(q) for n, q in ema.avg.items()}}
+
+
+def statistics_data(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s (x, values, mask): 3 rows of a different length on each rank, ragged masks."""
+    g = torch.Generator().manual_seed(10 + rank)
+    n = 5 + 3 * rank
+    x, v = torch.randn(3, n, generator=g) * 2 + 1, torch.randn(3, n, generator=g)
+    mask = (torch.arange(n)[None, :] < torch.tensor([[n], [2], [n - 1]])).float()
+    return x, v, mask
+
+
+def check_statistics(out: Path, d: distributed.Dist) -> None:
+    """Each rank's whitening, masked mean / variance, explained variance and rank-averaged means, and
+    the global batch gathered from rank shares of the rollout batch cut to their own lengths."""
+    from cherrytop import losses as L
+    x, v, mask = statistics_data(d.rank)
+    res = {"white": distributed.masked_whiten(x, mask, d), "white_keep_mean": distributed.masked_whiten(x, mask, d, False),
+           "mean": distributed.masked_mean(x, mask, d), "var": distributed.masked_var(x, mask, d),
+           "ev": L.explained_variance(v, x, mask, var=lambda a, m: distributed.masked_var(a, m, d)),
+           "means": distributed.mean_over_ranks({"a": float(x.mean()), "b": float(d.rank)}, d)}
+    batch, _ = load_data(out)
+    share = batch.ids.shape[0] // d.world
+    mine = batch.slice(torch.arange(d.rank * share, (d.rank + 1) * share))
+    N = int(mine.mask.sum(0).nonzero().max()) + 1  # this rank's longest response
+    P = batch.ids.shape[1] - batch.mask.shape[1]
+    p0 = int(mine.attn[:, :P].sum(0).nonzero().min())  # first prompt column any of its prompts uses
+    cut = Rollout(*(getattr(mine, f)[:, p0: P + N] if f in ("ids", "attn", "pos") else getattr(mine, f)[:, :N]
+                    for f in mine.__dataclass_fields__))
+    cut.pos = (cut.attn.cumsum(-1) - 1).clamp(min=0)
+    res["cut_shape"] = tuple(cut.ids.shape)
+    res["gathered"] = vars(gather(cut, d, PAD))
+    torch.save(res, out / f"statistics_{d.rank}.pt")
+
+
+def main() -> None:
+    strategy, out = sys.argv[1], Path(sys.argv[2])
+    d = distributed.setup(DistConfig(strategy=strategy))
+    check_statistics(out, d)
+    batch, stats = rollout_share(out, d.rank, strategy, d)
+    if d.main:
+        torch.save({"batch": vars(batch), "stats": stats}, out / f"rollout_{strategy}.pt")
+    for sgd in (False, True):
+        result = train_once(out, strategy, d, sgd)
+        if d.main:
+            torch.save(result, out / f"update_{strategy}{'_sgd' * sgd}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
