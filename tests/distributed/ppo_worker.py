@@ -38,16 +38,22 @@ def count_target(ids, attn, pos, P):  # the reward: how often TARGET appears in 
 PROMPTS = [[2 + i, 3 + i % 3, 4][: 1 + (i >= 4) + i % 2] for i in range(SETTINGS.batch_size)]  # rank 1's are longer
 
 
-def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO
-                  ) -> tuple[Rollout, dict]:
-    """Rank `rank`'s rollout of its half of PROMPTS with its own generator: in a job under `strategy`
-    (the batch is then every rank's, gathered), or alone in one process (the reference)."""
+def trained_models(out: Path, strategy: str, d: distributed.Dist):
+    """The initial policy and value model, wrapped (DDP / FSDP) when in a job of several processes."""
     policy = AutoModelForCausalLM.from_pretrained(out / "init")
     value = scalar_model_from(out / "value_init", PAD)
     par = None
     if d.world > 1:
         cfg = DistConfig(strategy=strategy)
         par = Parallel(d, distributed.wrap(policy, cfg, d), distributed.wrap(value, cfg, d))
+    return policy, value, par
+
+
+def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO
+                  ) -> tuple[Rollout, dict]:
+    """Rank `rank`'s rollout of its half of PROMPTS with its own generator: in a job under `strategy`
+    (the batch is then every rank's, gathered), or alone in one process (the reference)."""
+    policy, value, par = trained_models(out, strategy, d)
     ref = AutoModelForCausalLM.from_pretrained(out / "init").eval().requires_grad_(False)
     share = len(PROMPTS) // 2
     return rollout(policy, ref, count_target, value, Tok, PROMPTS[rank * share: (rank + 1) * share], SETTINGS.kl_coef,
@@ -85,12 +91,7 @@ def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False)
     and no clipping, where a step moves the weights in proportion to the gradient (Adam would hide
     a gradient off by a constant factor)."""
     batch, windows = load_data(out)
-    policy = AutoModelForCausalLM.from_pretrained(out / "init")
-    value = scalar_model_from(out / "value_init", PAD)
-    par = None
-    if d.world > 1:
-        cfg = DistConfig(strategy=strategy)
-        par = Parallel(d, distributed.wrap(policy, cfg, d), distributed.wrap(value, cfg, d))
+    policy, value, par = trained_models(out, strategy, d)
     p = replace(SETTINGS, grad_clip=float("inf")) if sgd else SETTINGS
     opt = torch.optim.SGD if sgd else torch.optim.AdamW
     kw = {"lr": 0.5} if sgd else {"lr": p.lr, "eps": 1e-5, "weight_decay": 0.0}
