@@ -146,26 +146,28 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
     return x.sum(dim) / mask.sum(dim).clamp_min(1)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False, mean=masked_mean) -> Tensor:
     """Variance over all valid positions: mean((x − mean)²), population by default  [LHP].
 
-    unbiased=True multiplies by n / (n − 1) (Bessel). Returns a 0-d tensor.
+    unbiased=True multiplies by n / (n − 1) (Bessel). Returns a 0-d tensor. mean(x, mask): the mean
+    to use (data-parallel: over every rank's positions).
     """
-    centered = x - masked_mean(x, mask)
-    var = masked_mean(centered * centered, mask)
+    centered = x - mean(x, mask)
+    var = mean(centered * centered, mask)
     if unbiased:
         n = mask.bool().sum()
         var = var * n / (n - 1).clamp_min(1)
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, mean=masked_mean, var=masked_var) -> Tensor:
     """whiten(x) = (x − mean)·rsqrt(var + 1e-8), population statistics over all valid positions  [LHP].
 
     shift_mean=False adds the mean back (rewards keep their mean; advantages are fully whitened).
-    Shape of x is kept; masked positions are 0.
+    Shape of x is kept; masked positions are 0. mean / var (x, mask): the statistics to use
+    (data-parallel: over every rank's positions).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = mean(x, mask), var(x, mask)
     white = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         white = white + mean

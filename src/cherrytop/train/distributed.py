@@ -143,22 +143,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
     """Population variance over every rank's valid positions (`losses.masked_var`, two passes)."""
-    if d.world == 1:
-        return L.masked_var(x, mask)
-    centered = x - masked_mean(x, mask, d)
-    return masked_mean(centered * centered, mask, d)
+    return L.masked_var(x, mask, mean=lambda y, m: masked_mean(y, m, d))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, d: Dist, shift_mean: bool = True) -> torch.Tensor:
     """`losses.masked_whiten` with the mean and variance of every rank's batch: each rank whitens its
     own rows as one process would whiten the concatenated batch."""
-    if d.world == 1:
-        return L.masked_whiten(x, mask, shift_mean)
-    mean, var = masked_mean(x, mask, d), masked_var(x, mask, d)
-    white = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        white = white + mean
-    return torch.where(mask.bool(), white, 0.0)
+    return L.masked_whiten(x, mask, shift_mean, mean=lambda y, m: masked_mean(y, m, d),
+                           var=lambda y, m: masked_var(y, m, d))
 
 
 def to_device(batch: dict, d: Dist) -> dict:
