@@ -225,6 +225,13 @@ def _fused_adam(model: torch.nn.Module) -> bool | None:
     return True if params and all(q.device.type in ("cpu", "cuda") and q.is_floating_point() for q in params) else None
 
 
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """The policy's or the value model's optimizer (here and on Ray, stages/ppo_ray.py): AdamW, eps 1e-5,
+    no weight decay, with the fused kernel where `_fused_adam` allows it (FSDP's DTensor shards too).
+    Made after the model is on its device and wrapped (FSDP shards the parameters in place)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(model))
+
+
 def episode_rewards(head: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor,
                     beta: float, no_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 3: the reward model's score = head (B,) at EOS + Σ_t f_t, f (B, N) its per-token c · log π_ref
@@ -308,9 +315,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         if state is not None and par.sharded and not shards:
             raise ValueError(f"ppo: {ckpt} was written without FSDP; resume it with --dist.strategy=ddp (or in one "
                              "process), or pass --fresh")
-    # fused AdamW (one kernel over all parameters) also on FSDP's DTensor shards (CPU and CUDA)
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(policy))
-    opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(value))
+    opt_pi, opt_v = adamw(policy, p.lr), adamw(value, p.value_lr)
     live = None  # resuming: the checkpoint's policy is the weight average, the live weights are kept apart
     if shards:  # model and optimizer shards, resharded to this job (live weights with them)
         live = {n: q.detach().clone() for n, q in policy.named_parameters() if q.requires_grad} if p.ema > 0 else None

@@ -31,7 +31,7 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import Rollout, episode_rewards, load_prompts, micro_batches, minibatches
+from cherrytop.stages.ppo import Rollout, adamw, episode_rewards, load_prompts, micro_batches, minibatches
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -75,7 +75,7 @@ class PolicyTrainer:
         self.adapters = lora.enabled(cfg, "ppo")
         self.model = lora.prepare(load_model(init), cfg, "ppo") if self.adapters else load_model(init)
         self.model.to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.lr, eps=1e-5, weight_decay=0.0)
+        self.opt = adamw(self.model, self.p.lr)
 
     @torch.no_grad()
     def logp(self, ids, attn, pos, P: int, reference: bool = False, entropy: bool = False):
@@ -115,7 +115,7 @@ class ValueTrainer:
         model = scalar_model_from(rm_path, pad_id)
         self.model = lora.prepare(model, cfg, "ppo", heads=("score",)) if lora.enabled(cfg, "ppo") else model
         self.model.to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.value_lr, eps=1e-5, weight_decay=0.0)
+        self.opt = adamw(self.model, self.p.value_lr)
 
     @torch.no_grad()
     def values(self, ids, attn, pos, P: int):
