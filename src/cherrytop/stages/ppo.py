@@ -19,7 +19,8 @@ are over every rank's episodes (`distributed.masked_*`, `mean_over_ranks`); the 
 gathered so every rank holds the global batch, and each minibatch's micro-batches are shared out
 (`distributed.shard`) with weights from the global minibatch's token count, so each optimizer step
 is the single-process step. The policy and value models are wrapped (DDP / FSDP2); the reference
-and reward models are plain copies. Rank 0 logs and writes; with FSDP checkpoints are sharded.
+and reward models are plain copies. Every forward pass runs under bf16 autocast on GPU (`dist.bf16`).
+Rank 0 logs and writes; with FSDP checkpoints are sharded.
 Launch: torchrun --nproc_per_node 8 -m cherrytop.cli ppo --dist.strategy=ddp
 """
 
@@ -375,8 +376,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         task = bar.add_task(name, total=iterations, completed=start)
         for it in range(start, iterations):
             idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
-            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik, par)
-            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par))
+            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik, par,
+                                   cfg.dist.bf16)
+            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par, cfg.dist.bf16))
             if p.kl_target > 0:
                 beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
             stats["objective/beta"] = beta
@@ -396,18 +398,21 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 @torch.no_grad()
 def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
-            loglik: RefLogLik | None = None, par: Parallel | None = None) -> tuple[Rollout, dict]:
+            loglik: RefLogLik | None = None, par: Parallel | None = None, bf16: bool = False) -> tuple[Rollout, dict]:
     """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, GAE.
     Data-parallel (`par`): `prompt_ids` are this rank's; whitening and the returned statistics are
-    over every rank's episodes, and the returned batch holds them all (`gather`)."""
+    over every rank's episodes, and the returned batch holds them all (`gather`). `bf16`: the model
+    passes run under bf16 autocast on GPU (`lora.autocast`; nothing changes on CPU)."""
     d = par.d if par is not None else distributed.SOLO
+    amp = functools.partial(lora.autocast, d.device, bf16)
     policy.eval()
     ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
     ids_p, mask_p = ids_p.to(d.device), mask_p.to(d.device)
     sharded = par is not None and par.sharded
-    s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
-               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=p.temperature, generator=gen,
-               all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None)
+    with amp():
+        s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
+                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=p.temperature, generator=gen,
+                   all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None)
     if sharded:
         par.policy.reshard()
     P = ids_p.shape[1]
@@ -417,13 +422,13 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     mask = s.mask.float()  # (B, N)
     old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
     pk = _shared_pack(ids, attn, ref, value)  # one padding-free layout for the reference and value passes
-    if loglik is not None and loglik.excess and loglik.model is None:  # the term needs π_ref's entropies too
-        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=True, pk=pk)
-    else:
-        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, pk=pk), None
-    values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
-    head = score_fn(ids, attn, pos, P)  # (B,)
-    f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
+    entropies = loglik is not None and loglik.excess and loglik.model is None  # the term needs π_ref's entropies too
+    with amp():
+        out = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk)
+        ref_logp, ref_entropy = out if entropies else (out, None)
+        values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
+        head = score_fn(ids, attn, pos, P)  # (B,)
+        f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
     raw, scores, rewards = episode_rewards(head, f, kl, mask, s.has_eos, beta, p.no_eos_penalty)
     if p.whiten_rewards:
@@ -471,13 +476,15 @@ def micro_batches(batch: Rollout, mb: torch.Tensor, p):
 
 
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int,
-           ema: WeightEMA | None = None, par: Parallel | None = None) -> dict:
+           ema: WeightEMA | None = None, par: Parallel | None = None, bf16: bool = False) -> dict:
     """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch
     (then the policy's weight average, if any, takes the step). Data-parallel (`par`): `batch` is the
     global batch on every rank; each rank runs its share of each minibatch's micro-batches (and of
     the ptx windows) and back-propagates world · its weighted loss, which DDP / FSDP average into
-    the single-process gradient; the returned statistics are over every rank's micro-batches."""
+    the single-process gradient; the returned statistics are over every rank's micro-batches.
+    `bf16`: the forward passes run under bf16 autocast on GPU, the backward passes outside it."""
     d = par.d if par is not None else distributed.SOLO
+    amp = functools.partial(lora.autocast, d.device, bf16)
     fwd_pi = par.policy if par is not None else (lambda fn, b: fn(policy, b))
     fwd_v = par.value if par is not None else (lambda fn, b: fn(value, b))
     policy.train()
@@ -503,17 +510,19 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
             last = i == len(mine) - 1  # gradients are synced on each model's last backward of the step
             pk = _shared_pack(part.ids, part.attn, policy, value)
             with distributed.no_grad_sync(fwd_pi, not last or windows is not None), distributed.no_grad_sync(fwd_v, not last):
-                logp = fwd_pi(logp_of, (part, pk))
-                pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
-                v = fwd_v(values_of, (part, pk))
-                vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
+                with amp():
+                    logp = fwd_pi(logp_of, (part, pk))
+                    pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
+                    v = fwd_v(values_of, (part, pk))
+                    vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
                 (w * d.world * (pg + p.vf_coef * vf)).backward()  # DDP / FSDP average over the d.world ranks
             for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
                 acc.setdefault(k, []).append(float(val.detach()))
         if windows is not None:
             idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
             x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(d.device)  # this rank's share (B_ptx / world, T)
-            s, c = fwd_pi(lm_of, x)
+            with amp():
+                s, c = fwd_pi(lm_of, x)
             count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
             (p.ptx_coef * s / count * d.world).backward()
             acc.setdefault("loss/ptx", []).append(float(s.detach() / c))  # windows are equally long
@@ -525,7 +534,7 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
             opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
-    with torch.no_grad():  # each rank's share of the episodes, variances over all of them
+    with torch.no_grad(), amp():  # each rank's share of the episodes, variances over all of them
         own = batch if d.world == 1 else batch.slice(torch.arange(d.rank, batch.ids.shape[0], d.world))
         v = _no_grad_pass(value, par and par.value, lambda m: response_values(m, own.ids, own.attn, own.pos, P))
         ev = float(L.explained_variance(v, own.returns, own.mask, var=lambda x, m: distributed.masked_var(x, m, d)))
