@@ -18,9 +18,10 @@ iteration's prompts; reward and advantage whitening, the KL that adapts β and t
 are over every rank's episodes (`distributed.masked_*`, `mean_over_ranks`); the episodes are then
 gathered so every rank holds the global batch, and each minibatch's micro-batches are shared out
 (`distributed.shard`) with weights from the global minibatch's token count, so each optimizer step
-is the single-process step. The policy and value models are wrapped (DDP / FSDP2); the reference
-and reward models are plain copies. Every forward pass runs under bf16 autocast on GPU (`dist.bf16`).
-Rank 0 logs and writes; with FSDP checkpoints are sharded.
+is the single-process step. The policy and value models are wrapped (DDP / FSDP2); under FSDP the
+frozen reference and reward models are sharded too (`parallel`), under DDP they are full copies.
+Every forward pass runs under bf16 autocast on GPU (`dist.bf16`). Rank 0 logs and writes; with FSDP
+checkpoints are sharded.
 Launch: torchrun --nproc_per_node 8 -m cherrytop.cli ppo --dist.strategy=ddp
 """
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from cherrytop import losses as L
-from cherrytop.config import Config
+from cherrytop.config import Config, DistConfig
 from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import read_prompts
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
@@ -95,6 +96,9 @@ class Parallel:
     """The policy's DDP / FSDP wrapper (`distributed.Forward`): `policy(fn, batch) = fn(model, batch)`."""
     value: torch.nn.Module
     """The value model's wrapper."""
+    ref: torch.nn.Module | None = None
+    """The wrapper the reference model's passes go through: under FSDP its own sharded one, or with
+    LoRA the policy's (the reference is the policy with its adapter off); None: a full copy, called as it is."""
 
     @property
     def sharded(self) -> bool:
@@ -144,14 +148,28 @@ class Through:
         return self.wrapped(_apply, kw)
 
 
-def _no_grad_pass(model: torch.nn.Module, wrapped: torch.nn.Module | None, fn: Callable):
-    """fn(model) without gradients: through an FSDP wrapper, resharded after; on the model itself
-    otherwise (a DDP wrapper's forward would sync buffers, and no gradient needs its hooks)."""
+def _no_grad_pass(model, wrapped: torch.nn.Module | None, fn: Callable):
+    """fn(model) without gradients (the caller's `torch.no_grad`): inside an FSDP wrapper (which gathers
+    the sharded weights of `model`, or of the policy `model` is the adapter-off view of), resharded
+    after; on the model itself otherwise (a DDP wrapper's forward would sync buffers, and no gradient
+    needs its hooks)."""
     if wrapped is None or not distributed.is_sharded(wrapped):
         return fn(model)
-    out = wrapped(lambda m, _: fn(m), None)
+    out = wrapped(lambda _wrapped_model, _: fn(model), None)
     wrapped.reshard()
     return out
+
+
+def reward_score(rm: torch.nn.Module, wrapped: torch.nn.Module | None = None) -> ScoreFn:
+    """The reward model's score at each response's last token (padding-free where the model allows);
+    under FSDP through its sharded wrapper `wrapped`."""
+    def score(ids, attn, pos, P):
+        def fn(m):
+            if packing.supports_packing(m):
+                return packing.last_reward(m, packing.pack(ids, attn))
+            return reward(m, ids, attn, pos)
+        return _no_grad_pass(rm, wrapped, fn)
+    return score
 
 
 @dataclass
@@ -163,13 +181,16 @@ class RefLogLik:
     None: read it off the rollout's reference pass."""
     excess: bool = False
     """The term adds π_ref's entropy at each step (rm.ref_loglik = excess)."""
+    wrapped: torch.nn.Module | None = None
+    """Under FSDP: the sharded wrapper `model`'s passes go through (`parallel`)."""
 
     def __call__(self, ids, attn, pos, P: int, ref_logp: torch.Tensor, ref_entropy: torch.Tensor | None,
                  mask: torch.Tensor) -> torch.Tensor:
         """(B, N) log π_ref(y_t) (+ H_t) at each response token up to and including EOS (0 after);
         ref_logp and ref_entropy (B, N) are the rollout's reference pass, used when `model` is None."""
         if self.model is not None:
-            ref_logp, ref_entropy = response_logp(self.model, ids, attn, pos, P, 1.0, with_entropy=True)
+            ref_logp, ref_entropy = _no_grad_pass(self.model, self.wrapped, lambda m: response_logp(
+                m, ids, attn, pos, P, 1.0, with_entropy=True))
         return (ref_logp + ref_entropy if self.excess else ref_logp) * mask
 
 
@@ -258,18 +279,36 @@ def ptx_windows(cfg: Config, tok) -> torch.Tensor:
 
 
 def check_parallel(p, cfg: Config, d: distributed.Dist) -> None:
-    """The batch sizes a data-parallel job can split evenly, and what it supports."""
+    """The batch sizes a data-parallel job can split evenly."""
     if d.world == 1:
         return
-    if lora.enabled(cfg, "ppo") and cfg.dist.strategy == "fsdp":
-        raise ValueError("ppo: LoRA under FSDP is not supported (the reference is the policy with its adapter off, "
-                         "which FSDP shards); use --dist.strategy=ddp")
     bad = [f"ppo.{k} ({v})" for k, v in (("batch_size", p.batch_size),
                                          ("minibatch_size / micro_batch_size", p.minibatch_size // p.micro_batch_size),
                                          ("ptx_batch_size", p.ptx_batch_size if p.ptx_coef > 0 else 0)) if v % d.world]
     if bad:
         raise ValueError(f"ppo: {', '.join(bad)} must be a multiple of the number of processes ({d.world}): "
                          "each process takes an equal share of the episodes, micro-batches and ptx windows")
+
+
+def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.nn.Module,
+             loglik: RefLogLik | None) -> tuple[Parallel, ScoreFn]:
+    """The models of a data-parallel job. The trained ones are wrapped (DDP / FSDP2, which shards them in
+    place: before their optimizers are made). The frozen ones (the reference, the reward model and the
+    reward model's own π_ref, if any) are sharded the same way under FSDP, with no gradients and no
+    optimizer state (each pass gathers their weights, on every rank alike), and are full copies on this
+    rank's device under DDP. With LoRA the reference is the policy with its adapter off, run through
+    the policy's wrapper. Returns the job and the reward model's score function."""
+    def place(m: torch.nn.Module) -> torch.nn.Module | None:  # a frozen model: its FSDP wrapper, or None
+        if dc.strategy == "fsdp":
+            return distributed.wrap(m, dc, d)
+        m.to(d.device)
+        return None
+    wrapped_policy = distributed.wrap(policy, dc, d)
+    par = Parallel(d, wrapped_policy, distributed.wrap(value, dc, d),
+                   wrapped_policy if isinstance(ref, lora.Reference) else place(ref))
+    if loglik is not None and loglik.model is not None:
+        loglik.wrapped = par.ref if loglik.model is ref else place(loglik.model)
+    return par, reward_score(rm, place(rm))
 
 
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
@@ -291,28 +330,23 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         return state["metrics"]
     shards = state is not None and distributed.has_shards(ckpt)  # written under FSDP: loaded after wrapping
     adapters = lora.enabled(cfg, "ppo")  # LoRA: base weights from init/rm, adapters (and heads) from the checkpoint
+    # (from its plain folder, or with its FSDP shards after wrapping)
     policy = load_model(ckpt if state and not adapters and not shards else init)
     rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
     value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
     if adapters:
         policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
-        if state:
+        if state and not shards:
             lora.load_adapter(policy, ckpt)
             lora.load_adapter(value, ckpt / "value")
     # the reference is the SFT model; with LoRA, the policy with its adapter off (no second copy)
     ref = lora.Reference(policy) if adapters else load_model(init).eval().requires_grad_(False)
 
-    def score_fn(ids, attn, pos, P):  # the reward model's score at the response's last token
-        if packing.supports_packing(rm):
-            return packing.last_reward(rm, packing.pack(ids, attn))
-        return reward(rm, ids, attn, pos)
+    score_fn = reward_score(rm)
     loglik = ref_loglik(rm, init, p.temperature, ref)
     par = None
-    if d.world > 1:  # DDP / FSDP around the trained models (FSDP shards them in place: before the optimizers)
-        par = Parallel(d, distributed.wrap(policy, cfg.dist, d), distributed.wrap(value, cfg.dist, d))
-        for m in (ref, rm, loglik.model if loglik else None):
-            if isinstance(m, torch.nn.Module) and d.device.type != "cpu":
-                m.to(d.device)
+    if d.world > 1:  # DDP / FSDP around the models (FSDP shards them in place: before the optimizers)
+        par, score_fn = parallel(d, cfg.dist, policy, value, ref, rm, loglik)
         if state is not None and par.sharded and not shards:
             raise ValueError(f"ppo: {ckpt} was written without FSDP; resume it with --dist.strategy=ddp (or in one "
                              "process), or pass --fresh")
@@ -424,7 +458,8 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     pk = _shared_pack(ids, attn, ref, value)  # one padding-free layout for the reference and value passes
     entropies = loglik is not None and loglik.excess and loglik.model is None  # the term needs π_ref's entropies too
     with amp():
-        out = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk)
+        out = _no_grad_pass(ref, par and par.ref, lambda m: response_logp(
+            m, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk))
         ref_logp, ref_entropy = out if entropies else (out, None)
         values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
         head = score_fn(ids, attn, pos, P)  # (B,)
