@@ -120,3 +120,20 @@ def test_ppo_weight_average_is_the_saved_policy_and_resumes(run_dir):
         assert not torch.equal(saved[n].detach(), state["live_policy"][n]), n
         assert not torch.equal(saved[n].detach(), sft[n].detach()), n
     assert any(not torch.equal(first["live_policy"][n], state["live_policy"][n]) for n in moved)  # resumed and trained on
+
+
+def test_ppo_recomputes_activations_with_gradient_checkpointing(run_dir, monkeypatch):
+    """--dist.grad_checkpointing=true reaches PPO's policy and value model in full fine-tuning too
+    (not only with LoRA adapters)."""
+    from cherrytop.config import load_config
+    from cherrytop.stages import ppo
+    seen, real = [], ppo.update
+
+    def spy(policy, value, *args, **kw):
+        seen.append((policy.is_gradient_checkpointing, value.is_gradient_checkpointing))
+        return real(policy, value, *args, **kw)
+    monkeypatch.setattr(ppo, "update", spy)
+    ppo.run(load_config("test", [], [f"--run.out_dir={run_dir.parent}", "--dist.grad_checkpointing=true",
+                                     "--ppo.episodes=16", "--ppo.batch_size=16", "--ppo.minibatch_size=8",
+                                     "--ppo.micro_batch_size=8"]), name="ppo_gc")
+    assert seen == [(True, True)]

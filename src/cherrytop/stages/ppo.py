@@ -334,11 +334,11 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     policy = load_model(ckpt if state and not adapters and not shards else init)
     rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
     value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
-    if adapters:
-        policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
-        if state and not shards:
-            lora.load_adapter(policy, ckpt)
-            lora.load_adapter(value, ckpt / "value")
+    # LoRA adapters and gradient checkpointing, as configured
+    policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
+    if adapters and state and not shards:
+        lora.load_adapter(policy, ckpt)
+        lora.load_adapter(value, ckpt / "value")
     # the reference is the SFT model; with LoRA, the policy with its adapter off (no second copy)
     ref = lora.Reference(policy) if adapters else load_model(init).eval().requires_grad_(False)
 

@@ -73,8 +73,7 @@ class PolicyTrainer:
         from cherrytop.model.load import load_model
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
-        self.adapters = lora.enabled(cfg, "ppo")
-        self.model = lora.prepare(load_model(init), cfg, "ppo") if self.adapters else load_model(init)
+        self.model = lora.prepare(load_model(init), cfg, "ppo")  # LoRA, gradient checkpointing, as configured
         self.model.to(self.device)
         self.opt = adamw(self.model, self.p.lr)
 
@@ -115,8 +114,7 @@ class ValueTrainer:
     def __init__(self, cfg: Config, rm_path: str, pad_id: int):
         from cherrytop.model.heads import scalar_model_from
         self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
-        model = scalar_model_from(rm_path, pad_id)
-        self.model = lora.prepare(model, cfg, "ppo", heads=("score",)) if lora.enabled(cfg, "ppo") else model
+        self.model = lora.prepare(scalar_model_from(rm_path, pad_id), cfg, "ppo", heads=("score",))
         self.model.to(self.device)
         self.opt = adamw(self.model, self.p.value_lr)
 
