@@ -89,7 +89,7 @@ class Rollout:
 
 @dataclass
 class Parallel:
-    """The trained models of a data-parallel job (`torchrun`), as this process reaches them."""
+    """The models of a data-parallel job (`torchrun`) as this process reaches them (`parallel`)."""
     d: distributed.Dist
     """This process's place in the job."""
     policy: torch.nn.Module
@@ -350,6 +350,10 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         if state is not None and par.sharded and not shards:
             raise ValueError(f"ppo: {ckpt} was written without FSDP; resume it with --dist.strategy=ddp (or in one "
                              "process), or pass --fresh")
+    else:  # one process: every model on its device (the GPU, if there is one)
+        for m in (policy, value, ref, rm, loglik.model if loglik else None):
+            if isinstance(m, torch.nn.Module):
+                m.to(d.device)
     opt_pi, opt_v = adamw(policy, p.lr), adamw(value, p.value_lr)
     live = None  # resuming: the checkpoint's policy is the weight average, the live weights are kept apart
     if shards:  # model and optimizer shards, resharded to this job (live weights with them)
@@ -438,10 +442,11 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     over every rank's episodes, and the returned batch holds them all (`gather`). `bf16`: the model
     passes run under bf16 autocast on GPU (`lora.autocast`; nothing changes on CPU)."""
     d = par.d if par is not None else distributed.SOLO
-    amp = functools.partial(lora.autocast, d.device, bf16)
+    device = next(policy.parameters()).device  # where this process's models run
+    amp = functools.partial(lora.autocast, device, bf16)
     policy.eval()
     ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
-    ids_p, mask_p = ids_p.to(d.device), mask_p.to(d.device)
+    ids_p, mask_p = ids_p.to(device), mask_p.to(device)
     sharded = par is not None and par.sharded
     with amp():
         s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
@@ -519,7 +524,8 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     the single-process gradient; the returned statistics are over every rank's micro-batches.
     `bf16`: the forward passes run under bf16 autocast on GPU, the backward passes outside it."""
     d = par.d if par is not None else distributed.SOLO
-    amp = functools.partial(lora.autocast, d.device, bf16)
+    device = next(policy.parameters()).device  # where this process's models run
+    amp = functools.partial(lora.autocast, device, bf16)
     fwd_pi = par.policy if par is not None else (lambda fn, b: fn(policy, b))
     fwd_v = par.value if par is not None else (lambda fn, b: fn(value, b))
     policy.train()
@@ -555,7 +561,7 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
                 acc.setdefault(k, []).append(float(val.detach()))
         if windows is not None:
             idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
-            x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(d.device)  # this rank's share (B_ptx / world, T)
+            x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
             with amp():
                 s, c = fwd_pi(lm_of, x)
             count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
