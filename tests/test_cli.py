@@ -151,3 +151,20 @@ def test_a_stage_that_fails_beside_another_stops_the_pipeline_with_its_log(run_d
     with pytest.raises(RuntimeError, match=r"ppo_ptx failed in its own process .*nope: no such checkpoint"):
         _run_beside("pretrain", "ppo_ptx", cfg, False, run_dir)  # pretrain is done; ppo_ptx cannot load its policy
     assert "nope" in (run_dir / "logs" / "ppo_ptx.out").read_text()
+
+
+def test_ppo_recomputes_activations_with_gradient_checkpointing(run_dir, monkeypatch):
+    """--dist.grad_checkpointing=true reaches PPO's policy and value model in full fine-tuning too
+    (not only with LoRA adapters)."""
+    from cherrytop.config import load_config
+    from cherrytop.stages import ppo
+    seen, real = [], ppo.update
+
+    def spy(policy, value, *args, **kw):
+        seen.append((policy.is_gradient_checkpointing, value.is_gradient_checkpointing))
+        return real(policy, value, *args, **kw)
+    monkeypatch.setattr(ppo, "update", spy)
+    ppo.run(load_config("test", [], [f"--run.out_dir={run_dir.parent}", "--dist.grad_checkpointing=true",
+                                     "--ppo.episodes=16", "--ppo.batch_size=16", "--ppo.minibatch_size=8",
+                                     "--ppo.micro_batch_size=8"]), name="ppo_gc")
+    assert seen == [(True, True)]

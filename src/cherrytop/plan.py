@@ -11,8 +11,10 @@ attention (no T² scores stored): 11h attention + 4h norms + the MLP's (3h + 4f,
 bytes, h = hidden size, f = MLP width; logits add 6 bytes per vocabulary entry (bf16 + fp32 copy).
 With gradient checkpointing only each layer's input (2h bytes) is kept, plus one layer recomputed.
 The reward and value models are counted with the policy's trunk (a scalar head, no logits).
-FSDP shards weights, gradients and optimizer state over the GPUs and gathers ~2 blocks at a time;
-CPU offload moves the shards to CPU memory. These are estimates for planning: allow ~10-20 % for
+FSDP shards weights, gradients and optimizer state over the GPUs and gathers ~2 blocks at a time,
+for every model of the stage: PPO's frozen reference and reward model are sharded too (weights
+only), as stages/ppo.py does (`parallel`); with LoRA the reference is the policy with its adapter
+off and costs nothing. CPU offload moves the shards to CPU memory. These are estimates for planning: allow ~10-20 % for
 the CUDA context, allocator fragmentation and communication buffers (`headroom`).
 """
 

@@ -1,7 +1,10 @@
 """One rank of a 2-process gloo job (started by test_ppo_parallel.py with RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT set, as torchrun would): PPO's whitening and statistics over both ranks'
-episodes, the gathering of episodes padded differently on each rank, and one `ppo.update` of a
-global batch under DDP or FSDP2 (policy, value and weight average written by rank 0).
+episodes, the gathering of episodes padded differently on each rank, each rank's rollout scored by
+the reference, reward model and the reward model's own π_ref as `ppo.parallel` places them (FSDP:
+sharded), and one `ppo.update` of a global batch under DDP or FSDP2 (policy, value and weight
+average written by rank 0); then the rollout and update again with LoRA adapters (the reference is
+the policy with its adapter off, run through the policy's wrapper).
 
 Also imported by the test for the single-process references (same data, models and settings)."""
 
@@ -15,10 +18,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from cherrytop.config import DistConfig, ModelConfig, PPOConfig
+from cherrytop.config import DistConfig, ModelConfig, PPOConfig, load_config
+from cherrytop.model import lora
 from cherrytop.model.heads import scalar_model_from
 from cherrytop.model.load import build_model
-from cherrytop.stages.ppo import Parallel, Rollout, WeightEMA, gather, rollout, update
+from cherrytop.stages.ppo import RefLogLik, Rollout, WeightEMA, gather, parallel, reward_score, rollout, update
 from cherrytop.train import distributed
 
 V, PAD, EOS, TARGET = 24, 0, 1, 7
@@ -38,26 +42,55 @@ def count_target(ids, attn, pos, P):  # the reward: how often TARGET appears in 
 PROMPTS = [[2 + i, 3 + i % 3, 4][: 1 + (i >= 4) + i % 2] for i in range(SETTINGS.batch_size)]  # rank 1's are longer
 
 
-def trained_models(out: Path, strategy: str, d: distributed.Dist):
-    """The initial policy and value model, wrapped (DDP / FSDP) when in a job of several processes."""
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+LORA = load_config("test", [], ["--lora.r=4", "--lora.alpha=8"])
+"""The adapter runs' settings: rank-4 LoRA on every linear layer but the output."""
+
+
+def models(out: Path, strategy: str, d: distributed.Dist, adapters: bool = False):
+    """The initial policy and value model (`adapters`: with LoRA adapters, the policy's set to fixed
+    non-zero values as if trained), the reference, the reward model's score function and its
+    c · log π_ref term with a π_ref of its own; in a job of several processes placed by `ppo.parallel`
+    (trained models wrapped; frozen ones sharded under FSDP). Returns them, the job (None alone) and
+    the frozen models by name."""
     policy = AutoModelForCausalLM.from_pretrained(out / "init")
     value = scalar_model_from(out / "value_init", PAD)
-    par = None
+    if adapters:
+        policy, value = lora.attach(policy, LORA), lora.attach(value, LORA, heads=("score",))
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for n, q in policy.named_parameters():
+                if ".lora_B." in n:  # a fresh adapter is zero: the policy would be its reference
+                    q.copy_(torch.randn(q.shape, generator=g) * 0.1)
+    ref = lora.Reference(policy) if adapters else frozen(AutoModelForCausalLM.from_pretrained(out / "init"))
+    rm = frozen(scalar_model_from(out / "rm", PAD))
+    loglik = RefLogLik(0.5, frozen(AutoModelForCausalLM.from_pretrained(out / "init")), excess=True)
+    score, par = reward_score(rm), None
     if d.world > 1:
-        cfg = DistConfig(strategy=strategy)
-        par = Parallel(d, distributed.wrap(policy, cfg, d), distributed.wrap(value, cfg, d))
-    return policy, value, par
+        par, score = parallel(d, DistConfig(strategy=strategy), policy, value, ref, rm, loglik)
+    held_apart = {"reward": rm, "loglik": loglik.model} | ({} if adapters else {"reference": ref})
+    return policy, value, ref, score, loglik, par, held_apart
 
 
-def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO
-                  ) -> tuple[Rollout, dict]:
+def held(model: torch.nn.Module) -> float:
+    """The share of the model's weights this process holds (1: a full copy; FSDP shards: ~1 / world)."""
+    local = sum((q.to_local() if hasattr(q, "to_local") else q).numel() for q in model.parameters())
+    return local / sum(q.numel() for q in model.parameters())
+
+
+def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO,
+                  adapters: bool = False) -> tuple[Rollout, dict, dict[str, float]]:
     """Rank `rank`'s rollout of its half of PROMPTS with its own generator: in a job under `strategy`
-    (the batch is then every rank's, gathered), or alone in one process (the reference)."""
-    policy, value, par = trained_models(out, strategy, d)
-    ref = AutoModelForCausalLM.from_pretrained(out / "init").eval().requires_grad_(False)
+    (the batch is then every rank's, gathered), or alone in one process (the reference). Also the
+    share of each frozen model's weights this process held."""
+    policy, value, ref, score, loglik, par, frozen_models = models(out, strategy, d, adapters)
     share = len(PROMPTS) // 2
-    return rollout(policy, ref, count_target, value, Tok, PROMPTS[rank * share: (rank + 1) * share], SETTINGS.kl_coef,
-                   SETTINGS, torch.Generator().manual_seed(100 + rank), None, par)
+    batch, stats = rollout(policy, ref, score, value, Tok, PROMPTS[rank * share: (rank + 1) * share], SETTINGS.kl_coef,
+                           SETTINGS, torch.Generator().manual_seed(100 + rank), loglik, par)
+    return batch, stats, {k: held(m) for k, m in frozen_models.items()}
 
 
 def make_data(out: Path) -> None:
@@ -68,6 +101,7 @@ def make_data(out: Path) -> None:
     torch.manual_seed(0)
     value = scalar_model_from(out / "init", PAD)  # a new head, kept when loaded again
     value.save_pretrained(out / "value_init")
+    scalar_model_from(out / "init", PAD).save_pretrained(out / "rm")  # another head: the reward model
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     batch, _ = rollout(policy, ref, count_target, value, Tok, PROMPTS, SETTINGS.kl_coef, SETTINGS,
                        torch.Generator().manual_seed(0))
@@ -85,13 +119,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False) -> dict:
+def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False, adapters: bool = False) -> dict:
     """One `update` of the global batch (iteration 0): the models' weights, the average's and the
     returned statistics. With AdamW and clipping as the stage runs it, or (`sgd`) with plain SGD
     and no clipping, where a step moves the weights in proportion to the gradient (Adam would hide
-    a gradient off by a constant factor)."""
+    a gradient off by a constant factor). `adapters`: the models with LoRA (`models`)."""
     batch, windows = load_data(out)
-    policy, value, par = trained_models(out, strategy, d)
+    policy, value, *_, par, _ = models(out, strategy, d, adapters)
     p = replace(SETTINGS, grad_clip=float("inf")) if sgd else SETTINGS
     opt = torch.optim.SGD if sgd else torch.optim.AdamW
     kw = {"lr": 0.5} if sgd else {"lr": p.lr, "eps": 1e-5, "weight_decay": 0.0}
@@ -140,13 +174,14 @@ def main() -> None:
     strategy, out = sys.argv[1], Path(sys.argv[2])
     d = distributed.setup(DistConfig(strategy=strategy))
     check_statistics(out, d)
-    batch, stats = rollout_share(out, d.rank, strategy, d)
-    if d.main:
-        torch.save({"batch": vars(batch), "stats": stats}, out / f"rollout_{strategy}.pt")
-    for sgd in (False, True):
-        result = train_once(out, strategy, d, sgd)
+    for adapters in (False, True):
+        batch, stats, shares = rollout_share(out, d.rank, strategy, d, adapters)
         if d.main:
-            torch.save(result, out / f"update_{strategy}{'_sgd' * sgd}.pt")
+            torch.save({"batch": vars(batch), "stats": stats, "held": shares}, out / f"rollout_{strategy}{'_lora' * adapters}.pt")
+    for variant, sgd, adapters in (("", False, False), ("_sgd", True, False), ("_lora", False, True)):
+        result = train_once(out, strategy, d, sgd, adapters)
+        if d.main:
+            torch.save(result, out / f"update_{strategy}{variant}.pt")
     torch.distributed.destroy_process_group()
 
 

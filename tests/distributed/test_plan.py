@@ -56,6 +56,10 @@ def test_ppo_models_and_kv_cache(small):
     assert value.activations == 2 * PER_LAYER * 16 and value.optimizer == 8 * PARAMS
     lora = plan(small, "ppo", 1, 1.0, Options(lora=True), W)
     assert [m.role for m in lora.models] == ["policy", "reward", "value"]  # reference = adapter off, no copy
+    sharded = plan(small, "ppo", 2, 1.0, Options(fsdp=True), W).models  # FSDP shards the frozen models too
+    for m in sharded:
+        assert m.weights == 4 * PARAMS / 2 + 4 * 2 * BLOCK, m.role
+    assert [m.optimizer for m in sharded] == [8 * PARAMS / 2, 0, 0, 8 * PARAMS / 2]
 
 
 def test_plan_cli(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """PPO data-parallel on CPU (gloo, 2 processes) against one process: the whitening and statistics
 over both ranks' episodes equal the single-process ones on the concatenated batch, episodes padded
-differently on each rank gather into the global batch, and one `ppo.update` of a global batch under
-DDP and under FSDP2 gives the single process's policy, value model, weight average and losses."""
+differently on each rank gather into the global batch, each rank's rollout (scored under FSDP by
+sharded reference and reward models) is its single-process rollout, and one `ppo.update` of a global
+batch under DDP and under FSDP2 gives the single process's policy, value model, weight average and
+losses; with LoRA adapters too (the reference = the policy with its adapter off)."""
 
 import importlib.util
 import os
@@ -13,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from cherrytop import losses as L
 from cherrytop.train import distributed
@@ -46,7 +47,8 @@ def runs(tmp_path_factory):
     """The data, the single-process update of it, and a 2-process job per strategy."""
     out = tmp_path_factory.mktemp("ppo_parallel")
     worker.make_data(out)
-    reference = {sgd: worker.train_once(out, "none", distributed.SOLO, sgd) for sgd in (False, True)}
+    reference = {variant: worker.train_once(out, "none", distributed.SOLO, variant == "sgd", variant == "lora")
+                 for variant in ("adamw", "sgd", "lora")}
     for strategy in ("ddp", "fsdp"):
         launch(strategy, out)
     return out, reference
@@ -64,9 +66,6 @@ def test_batch_sizes_that_do_not_split_over_the_processes_are_refused():
         cfg = load_config("test", [], ok + bad)
         with pytest.raises(ValueError, match=re.escape(what)):
             check_parallel(cfg.ppo, cfg, d)
-    lora = load_config("test", [], ok + ["--lora.r=4", "--dist.strategy=fsdp"])
-    with pytest.raises(ValueError, match="LoRA under FSDP"):
-        check_parallel(lora.ppo, lora, d)
 
 
 def test_statistics_over_two_processes_equal_one_process_on_the_concatenated_batch(runs):
@@ -93,17 +92,23 @@ def test_statistics_over_two_processes_equal_one_process_on_the_concatenated_bat
             assert torch.equal(res["gathered"][f], t), f
 
 
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ppo_rollout_on_two_processes_is_each_ranks_single_process_rollout(runs, strategy):
+def test_ppo_rollout_on_two_processes_is_each_ranks_single_process_rollout(runs, strategy, adapters):
     """Each rank samples its prompts (FSDP: through the sharded policy, as many decoding steps on
-    both ranks) as one process would; the gathered batch holds both, with the advantages whitened
-    over both and the statistics averaged over both."""
+    both ranks) and scores them with the reference, the reward model and the reward model's own
+    π_ref (FSDP: each sharded over the ranks, DDP: full copies) as one process would; the gathered
+    batch holds both, with the advantages whitened over both and the statistics averaged over both.
+    With LoRA the reference is the policy with its adapter off (FSDP: through the sharded policy)."""
     out, _ = runs
-    got = torch.load(out / f"rollout_{strategy}.pt")
+    got = torch.load(out / f"rollout_{strategy}{'_lora' * adapters}.pt")
     batch = got["batch"]
-    halves = [worker.rollout_share(out, r) for r in range(WORLD)]
+    halves = [worker.rollout_share(out, r, adapters=adapters) for r in range(WORLD)]
+    assert set(got["held"]) == {"reward", "loglik"} | ({"reference"} if not adapters else set())
+    for name, share in got["held"].items():  # the frozen models: half of each on rank 0 under FSDP
+        assert share == (pytest.approx(1 / WORLD, abs=0.05) if strategy == "fsdp" else 1.0), name
     P = batch["ids"].shape[1] - batch["mask"].shape[1]
-    for r, (half, _) in enumerate(halves):
+    for r, (half, _, _) in enumerate(halves):
         rows = slice(4 * r, 4 * r + 4)
         n = half.mask.shape[1]
         p = half.ids.shape[1] - n
@@ -116,19 +121,26 @@ def test_ppo_rollout_on_two_processes_is_each_ranks_single_process_rollout(runs,
     assert halves[0][0].ids.shape != halves[1][0].ids.shape  # padded differently on the two ranks
     raw = (batch["returns"] - batch["old_values"]) * batch["mask"]  # GAE's advantages before whitening
     torch.testing.assert_close(batch["advantages"], L.masked_whiten(raw, batch["mask"]), rtol=1e-4, atol=1e-5)
-    for k in ("objective/score", "objective/kl", "rollout/length", "rollout/eos_rate"):  # per-episode means
+    assert got["stats"]["objective/ref_loglik"] != 0 and got["stats"]["objective/rm_score"] != 0  # scored by both
+    if adapters:  # the reference is the policy with its adapter off, not the policy
+        assert got["stats"]["objective/kl"] != 0
+    for k in ("objective/score", "objective/rm_score", "objective/ref_loglik", "objective/kl", "rollout/length",
+              "rollout/eos_rate"):  # per-episode means
         assert got["stats"][k] == pytest.approx((halves[0][1][k] + halves[1][1][k]) / 2, rel=1e-5, abs=1e-6), k
 
 
-@pytest.mark.parametrize("sgd", [False, True], ids=["adamw", "sgd"])
+@pytest.mark.parametrize("variant", ["adamw", "sgd", "lora"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ppo_update_on_two_processes_equals_one(runs, strategy, sgd):
+def test_ppo_update_on_two_processes_equals_one(runs, strategy, variant):
+    """adamw: AdamW and clipping as the stage runs them; sgd: plain SGD, no clipping (a step moves the
+    weights in proportion to the gradient); lora: AdamW on LoRA adapters (and the value head)."""
     out, reference = runs
-    want = reference[sgd]
-    got = torch.load(out / f"update_{strategy}{'_sgd' * sgd}.pt")
-    init = AutoModelForCausalLM.from_pretrained(out / "init")
-    moved = [n for n, q in init.named_parameters() if not torch.equal(q.detach(), want["policy"][n])]
-    assert len(moved) == len(want["policy"])  # every policy weight trained (so the comparison means something)
+    want = reference[variant]
+    got = torch.load(out / f"update_{strategy}{'' if variant == 'adamw' else '_' + variant}.pt")
+    start = dict(worker.models(out, "none", distributed.SOLO, variant == "lora")[0].named_parameters())
+    moved = {n for n, q in start.items() if not torch.equal(q.detach(), want["policy"][n])}
+    # every policy weight trained, with LoRA every adapter weight and nothing else (so the comparison means something)
+    assert moved == {n for n in start if ".lora_" in n or variant != "lora"}
     for model in ("policy", "value", "average"):
         assert got[model].keys() == want[model].keys()
         for n, w in want[model].items():

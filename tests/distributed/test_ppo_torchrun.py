@@ -1,8 +1,8 @@
 """The real entry point under torchrun: `cherrytop ppo` on 2 CPU processes (gloo) with DDP and with
-FSDP2, on a local GPT-2-style model with its own chat template and a reward model made from it:
-it finishes with finite metrics, writes a checkpoint (policy = the weight average, and `value/`)
-that plain transformers loads, and a second launch with more episodes resumes from it. Slow (four
-torchrun launches)."""
+FSDP2 (and FSDP2 with LoRA), on a local GPT-2-style model with its own chat template and a reward
+model made from it: it finishes with finite metrics, writes a checkpoint (policy = the weight
+average, and `value/`) that plain transformers loads, and a second launch with more episodes resumes
+from it. Slow (six torchrun launches)."""
 
 import importlib.util
 import json
@@ -25,23 +25,24 @@ torchrun_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(torchrun_cli)
 
 
-def ppo(tmp_path: Path, strategy: str, episodes: int) -> str:
-    """Run `cherrytop ppo` under torchrun; its stderr (rank 0's console)."""
+def ppo(tmp_path: Path, strategy: str, episodes: int, name: str, *flags: str) -> str:
+    """Run `cherrytop ppo` under torchrun as run `name`; its stderr (rank 0's console)."""
     base, rm = tmp_path / "base", tmp_path / "rm"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cherrytop.cli",
-           "ppo", "--preset", "test", f"--run.out_dir={tmp_path}", f"--run.name={strategy}", f"--ppo.init={base}",
+           "ppo", "--preset", "test", f"--run.out_dir={tmp_path}", f"--run.name={name}", f"--ppo.init={base}",
            f"--ppo.reward_model={rm}", f"--ppo.prompts={tmp_path / 'prompts.jsonl'}", f"--ppo.episodes={episodes}",
            "--ppo.batch_size=4", "--ppo.minibatch_size=4", "--ppo.micro_batch_size=1", "--ppo.ppo_epochs=2",
            "--ppo.max_new_tokens=6", "--ppo.save_every=1", "--ppo.ema=0.9", "--ppo.lr=1e-3",
-           f"--dist.strategy={strategy}"]
+           f"--dist.strategy={strategy}", *flags]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, adapters", [("ddp", False), ("fsdp", False), ("fsdp", True)],
+                         ids=["ddp", "fsdp", "fsdp-lora"])
+def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy, adapters):
     base = torchrun_cli.chatml_gpt2(tmp_path)
     from cherrytop.model.heads import scalar_model_from
     torch.manual_seed(0)
@@ -49,12 +50,13 @@ def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy):
     questions = ["what is 12 plus 3 ?", "what is 3 plus 12 ?", "is it 15 ?", "what is 12 ?"]
     (tmp_path / "prompts.jsonl").write_text(
         "".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions * 2))
-    log = tmp_path / strategy / "logs/ppo.jsonl"
-    assert "resuming" not in ppo(tmp_path, strategy, 8)  # 2 iterations of 4 episodes, 2 per process
-    ckpt = tmp_path / strategy / "ppo"
+    name, flags = strategy + "-lora" * adapters, ["--lora.r=4", "--lora.alpha=8"] if adapters else []
+    log = tmp_path / name / "logs/ppo.jsonl"
+    assert "resuming" not in ppo(tmp_path, strategy, 8, name, *flags)  # 2 iterations of 4 episodes, 2 per process
+    ckpt = tmp_path / name / "ppo"
     first, first_rows = load_state(ckpt), log.read_text().splitlines()
     assert first["iteration"] == 2 and len(first_rows) == 2
-    assert "resuming at iteration 2 of 3" in ppo(tmp_path, strategy, 12)
+    assert "resuming at iteration 2 of 3" in ppo(tmp_path, strategy, 12, name, *flags)
     state = load_state(ckpt)
     assert state["iteration"] == 3
     rows = log.read_text().splitlines()
@@ -69,6 +71,8 @@ def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy):
     AutoModelForSequenceClassification.from_pretrained(ckpt / "value")
     sft = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
     moved = [n for n, q in policy.named_parameters() if not torch.equal(q.detach(), sft[n].detach())]
-    assert moved  # trained
+    assert moved  # trained (with LoRA: the adapters, merged)
+    if adapters:
+        assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     if strategy == "ddp":  # the live weights sit in the trainer state, trained on after the resume
         assert any(not torch.equal(first["live_policy"][n], state["live_policy"][n]) for n in first["live_policy"])

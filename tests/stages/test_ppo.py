@@ -1,6 +1,7 @@
 """PPO on a programmatic reward: the reward rises while the KL to the reference stays bounded."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -132,3 +133,48 @@ def test_fused_adamw_takes_the_same_ppo_steps_as_the_default_one(tmp_path):
     for a, b in zip(*ends):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(ends[0], [q for m in (policy, value) for q in m.parameters()]))
+
+
+def test_bf16_runs_every_ppo_forward_pass_under_autocast(tmp_path, monkeypatch):
+    """With `bf16` every model pass of a rollout (sampling, reference, value, reward model, the reward
+    model's π_ref) and of an update (policy, value, ptx, the explained-variance pass) runs inside
+    `lora.autocast`, here made to autocast on CPU (the real one acts on GPU only): their linear layers
+    compute in bf16, the batch and losses stay float32 and the models still train. Without it no pass
+    is autocast."""
+    import contextlib
+
+    from cherrytop.model import lora
+    from cherrytop.stages.ppo import reward_score
+
+    @contextlib.contextmanager
+    def on_cpu(device, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            yield
+    monkeypatch.setattr(lora, "autocast", on_cpu)
+    policy = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), V, PAD, EOS, seed=0)
+    policy.save_pretrained(tmp_path / "init")
+    ref, pi_ref = (copy.deepcopy(policy).eval().requires_grad_(False) for _ in range(2))
+    value = scalar_model_from(tmp_path / "init", PAD)
+    rm = scalar_model_from(tmp_path / "init", PAD).eval().requires_grad_(False)
+    models = {"policy": policy, "reference": ref, "value": value, "reward": rm, "pi_ref": pi_ref}
+    seen: dict[str, set] = {}
+    for name, m in models.items():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, set()).add(out.dtype))
+    p = PPOConfig(batch_size=8, minibatch_size=4, micro_batch_size=2, ppo_epochs=1, lr=1e-2, value_lr=1e-2,
+                  max_new_tokens=6, ptx_coef=0.5, ptx_batch_size=2)
+    prompts = [[2 + (i % 5), 3 + (i % 7), 4] for i in range(8)]
+    windows = torch.randint(2, V, (4, 10), generator=torch.Generator().manual_seed(1))
+    for bf16 in (False, True):
+        seen.clear()
+        start = [q.detach().clone() for m in (policy, value) for q in m.parameters()]
+        batch, stats = rollout(policy, ref, reward_score(rm), value, Tok, prompts, 0.1, p, torch.Generator().manual_seed(0),
+                               RefLogLik(0.5, pi_ref), bf16=bf16)
+        assert all(t.dtype in (torch.float32, torch.long) for t in vars(batch).values())
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (policy, value)]
+        stats.update(update(policy, value, *opts, batch, p, windows, 0, 0, bf16=bf16))
+        assert seen == {name: {torch.bfloat16 if bf16 else torch.float32} for name in models}
+        assert all(math.isfinite(v) for v in stats.values()) and "loss/ptx" in stats
+        moved = [not torch.equal(a, q) for a, q in zip(start, (q for m in (policy, value) for q in m.parameters()))]
+        assert all(moved)

@@ -65,9 +65,11 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _cache(model: torch.nn.Module, max_len: int):
     """A KV cache preallocated for `max_len` positions and written in place (HF StaticCache), where the
-    model's layers are all full attention; a cache that grows by concatenation otherwise."""
+    model's layers are all full attention; a cache that grows by concatenation otherwise, and under
+    autocast (bf16 values but rotated float32 keys: StaticCache keeps one dtype for both)."""
     layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
-    if getattr(model.config, "sliding_window", None) is None and set(layer_types) == {"full_attention"}:
+    autocast = any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
+    if not autocast and getattr(model.config, "sliding_window", None) is None and set(layer_types) == {"full_attention"}:
         return StaticCache(config=model.config, max_cache_len=max_len)
     return DynamicCache()
 

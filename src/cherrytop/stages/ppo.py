@@ -18,8 +18,10 @@ iteration's prompts; reward and advantage whitening, the KL that adapts β and t
 are over every rank's episodes (`distributed.masked_*`, `mean_over_ranks`); the episodes are then
 gathered so every rank holds the global batch, and each minibatch's micro-batches are shared out
 (`distributed.shard`) with weights from the global minibatch's token count, so each optimizer step
-is the single-process step. The policy and value models are wrapped (DDP / FSDP2); the reference
-and reward models are plain copies. Rank 0 logs and writes; with FSDP checkpoints are sharded.
+is the single-process step. The policy and value models are wrapped (DDP / FSDP2); under FSDP the
+frozen reference and reward models are sharded too (`parallel`), under DDP they are full copies.
+Every forward pass runs under bf16 autocast on GPU (`dist.bf16`). Rank 0 logs and writes; with FSDP
+checkpoints are sharded.
 Launch: torchrun --nproc_per_node 8 -m cherrytop.cli ppo --dist.strategy=ddp
 """
 
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from cherrytop import losses as L
-from cherrytop.config import Config
+from cherrytop.config import Config, DistConfig
 from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import read_prompts
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
@@ -87,13 +89,16 @@ class Rollout:
 
 @dataclass
 class Parallel:
-    """The trained models of a data-parallel job (`torchrun`), as this process reaches them."""
+    """The models of a data-parallel job (`torchrun`) as this process reaches them (`parallel`)."""
     d: distributed.Dist
     """This process's place in the job."""
     policy: torch.nn.Module
     """The policy's DDP / FSDP wrapper (`distributed.Forward`): `policy(fn, batch) = fn(model, batch)`."""
     value: torch.nn.Module
     """The value model's wrapper."""
+    ref: torch.nn.Module | None = None
+    """The wrapper the reference model's passes go through: under FSDP its own sharded one, or with
+    LoRA the policy's (the reference is the policy with its adapter off); None: a full copy, called as it is."""
 
     @property
     def sharded(self) -> bool:
@@ -143,14 +148,28 @@ class Through:
         return self.wrapped(_apply, kw)
 
 
-def _no_grad_pass(model: torch.nn.Module, wrapped: torch.nn.Module | None, fn: Callable):
-    """fn(model) without gradients: through an FSDP wrapper, resharded after; on the model itself
-    otherwise (a DDP wrapper's forward would sync buffers, and no gradient needs its hooks)."""
+def _no_grad_pass(model, wrapped: torch.nn.Module | None, fn: Callable):
+    """fn(model) without gradients (the caller's `torch.no_grad`): inside an FSDP wrapper (which gathers
+    the sharded weights of `model`, or of the policy `model` is the adapter-off view of), resharded
+    after; on the model itself otherwise (a DDP wrapper's forward would sync buffers, and no gradient
+    needs its hooks)."""
     if wrapped is None or not distributed.is_sharded(wrapped):
         return fn(model)
-    out = wrapped(lambda m, _: fn(m), None)
+    out = wrapped(lambda _wrapped_model, _: fn(model), None)
     wrapped.reshard()
     return out
+
+
+def reward_score(rm: torch.nn.Module, wrapped: torch.nn.Module | None = None) -> ScoreFn:
+    """The reward model's score at each response's last token (padding-free where the model allows);
+    under FSDP through its sharded wrapper `wrapped`."""
+    def score(ids, attn, pos, P):
+        def fn(m):
+            if packing.supports_packing(m):
+                return packing.last_reward(m, packing.pack(ids, attn))
+            return reward(m, ids, attn, pos)
+        return _no_grad_pass(rm, wrapped, fn)
+    return score
 
 
 @dataclass
@@ -162,13 +181,16 @@ class RefLogLik:
     None: read it off the rollout's reference pass."""
     excess: bool = False
     """The term adds π_ref's entropy at each step (rm.ref_loglik = excess)."""
+    wrapped: torch.nn.Module | None = None
+    """Under FSDP: the sharded wrapper `model`'s passes go through (`parallel`)."""
 
     def __call__(self, ids, attn, pos, P: int, ref_logp: torch.Tensor, ref_entropy: torch.Tensor | None,
                  mask: torch.Tensor) -> torch.Tensor:
         """(B, N) log π_ref(y_t) (+ H_t) at each response token up to and including EOS (0 after);
         ref_logp and ref_entropy (B, N) are the rollout's reference pass, used when `model` is None."""
         if self.model is not None:
-            ref_logp, ref_entropy = response_logp(self.model, ids, attn, pos, P, 1.0, with_entropy=True)
+            ref_logp, ref_entropy = _no_grad_pass(self.model, self.wrapped, lambda m: response_logp(
+                m, ids, attn, pos, P, 1.0, with_entropy=True))
         return (ref_logp + ref_entropy if self.excess else ref_logp) * mask
 
 
@@ -225,6 +247,13 @@ def _fused_adam(model: torch.nn.Module) -> bool | None:
     return True if params and all(q.device.type in ("cpu", "cuda") and q.is_floating_point() for q in params) else None
 
 
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """The policy's or the value model's optimizer (here and on Ray, stages/ppo_ray.py): AdamW, eps 1e-5,
+    no weight decay, with the fused kernel where `_fused_adam` allows it (FSDP's DTensor shards too).
+    Made after the model is on its device and wrapped (FSDP shards the parameters in place)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(model))
+
+
 def episode_rewards(head: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor,
                     beta: float, no_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 3: the reward model's score = head (B,) at EOS + Σ_t f_t, f (B, N) its per-token c · log π_ref
@@ -250,18 +279,36 @@ def ptx_windows(cfg: Config, tok) -> torch.Tensor:
 
 
 def check_parallel(p, cfg: Config, d: distributed.Dist) -> None:
-    """The batch sizes a data-parallel job can split evenly, and what it supports."""
+    """The batch sizes a data-parallel job can split evenly."""
     if d.world == 1:
         return
-    if lora.enabled(cfg, "ppo") and cfg.dist.strategy == "fsdp":
-        raise ValueError("ppo: LoRA under FSDP is not supported (the reference is the policy with its adapter off, "
-                         "which FSDP shards); use --dist.strategy=ddp")
     bad = [f"ppo.{k} ({v})" for k, v in (("batch_size", p.batch_size),
                                          ("minibatch_size / micro_batch_size", p.minibatch_size // p.micro_batch_size),
                                          ("ptx_batch_size", p.ptx_batch_size if p.ptx_coef > 0 else 0)) if v % d.world]
     if bad:
         raise ValueError(f"ppo: {', '.join(bad)} must be a multiple of the number of processes ({d.world}): "
                          "each process takes an equal share of the episodes, micro-batches and ptx windows")
+
+
+def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.nn.Module,
+             loglik: RefLogLik | None) -> tuple[Parallel, ScoreFn]:
+    """The models of a data-parallel job. The trained ones are wrapped (DDP / FSDP2, which shards them in
+    place: before their optimizers are made). The frozen ones (the reference, the reward model and the
+    reward model's own π_ref, if any) are sharded the same way under FSDP, with no gradients and no
+    optimizer state (each pass gathers their weights, on every rank alike), and are full copies on this
+    rank's device under DDP. With LoRA the reference is the policy with its adapter off, run through
+    the policy's wrapper. Returns the job and the reward model's score function."""
+    def place(m: torch.nn.Module) -> torch.nn.Module | None:  # a frozen model: its FSDP wrapper, or None
+        if dc.strategy == "fsdp":
+            return distributed.wrap(m, dc, d)
+        m.to(d.device)
+        return None
+    wrapped_policy = distributed.wrap(policy, dc, d)
+    par = Parallel(d, wrapped_policy, distributed.wrap(value, dc, d),
+                   wrapped_policy if isinstance(ref, lora.Reference) else place(ref))
+    if loglik is not None and loglik.model is not None:
+        loglik.wrapped = par.ref if loglik.model is ref else place(loglik.model)
+    return par, reward_score(rm, place(rm))
 
 
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
@@ -283,34 +330,31 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         return state["metrics"]
     shards = state is not None and distributed.has_shards(ckpt)  # written under FSDP: loaded after wrapping
     adapters = lora.enabled(cfg, "ppo")  # LoRA: base weights from init/rm, adapters (and heads) from the checkpoint
+    # (from its plain folder, or with its FSDP shards after wrapping)
     policy = load_model(ckpt if state and not adapters and not shards else init)
     rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
     value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
-    if adapters:
-        policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
-        if state:
-            lora.load_adapter(policy, ckpt)
-            lora.load_adapter(value, ckpt / "value")
+    # LoRA adapters and gradient checkpointing, as configured
+    policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
+    if adapters and state and not shards:
+        lora.load_adapter(policy, ckpt)
+        lora.load_adapter(value, ckpt / "value")
     # the reference is the SFT model; with LoRA, the policy with its adapter off (no second copy)
     ref = lora.Reference(policy) if adapters else load_model(init).eval().requires_grad_(False)
 
-    def score_fn(ids, attn, pos, P):  # the reward model's score at the response's last token
-        if packing.supports_packing(rm):
-            return packing.last_reward(rm, packing.pack(ids, attn))
-        return reward(rm, ids, attn, pos)
+    score_fn = reward_score(rm)
     loglik = ref_loglik(rm, init, p.temperature, ref)
     par = None
-    if d.world > 1:  # DDP / FSDP around the trained models (FSDP shards them in place: before the optimizers)
-        par = Parallel(d, distributed.wrap(policy, cfg.dist, d), distributed.wrap(value, cfg.dist, d))
-        for m in (ref, rm, loglik.model if loglik else None):
-            if isinstance(m, torch.nn.Module) and d.device.type != "cpu":
-                m.to(d.device)
+    if d.world > 1:  # DDP / FSDP around the models (FSDP shards them in place: before the optimizers)
+        par, score_fn = parallel(d, cfg.dist, policy, value, ref, rm, loglik)
         if state is not None and par.sharded and not shards:
             raise ValueError(f"ppo: {ckpt} was written without FSDP; resume it with --dist.strategy=ddp (or in one "
                              "process), or pass --fresh")
-    # fused AdamW (one kernel over all parameters) also on FSDP's DTensor shards (CPU and CUDA)
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=p.lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(policy))
-    opt_v = torch.optim.AdamW(value.parameters(), lr=p.value_lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(value))
+    else:  # one process: every model on its device (the GPU, if there is one)
+        for m in (policy, value, ref, rm, loglik.model if loglik else None):
+            if isinstance(m, torch.nn.Module):
+                m.to(d.device)
+    opt_pi, opt_v = adamw(policy, p.lr), adamw(value, p.value_lr)
     live = None  # resuming: the checkpoint's policy is the weight average, the live weights are kept apart
     if shards:  # model and optimizer shards, resharded to this job (live weights with them)
         live = {n: q.detach().clone() for n, q in policy.named_parameters() if q.requires_grad} if p.ema > 0 else None
@@ -370,8 +414,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         task = bar.add_task(name, total=iterations, completed=start)
         for it in range(start, iterations):
             idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
-            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik, par)
-            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par))
+            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik, par,
+                                   cfg.dist.bf16)
+            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par, cfg.dist.bf16))
             if p.kl_target > 0:
                 beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
             stats["objective/beta"] = beta
@@ -391,18 +436,22 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 @torch.no_grad()
 def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
-            loglik: RefLogLik | None = None, par: Parallel | None = None) -> tuple[Rollout, dict]:
+            loglik: RefLogLik | None = None, par: Parallel | None = None, bf16: bool = False) -> tuple[Rollout, dict]:
     """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, GAE.
     Data-parallel (`par`): `prompt_ids` are this rank's; whitening and the returned statistics are
-    over every rank's episodes, and the returned batch holds them all (`gather`)."""
+    over every rank's episodes, and the returned batch holds them all (`gather`). `bf16`: the model
+    passes run under bf16 autocast on GPU (`lora.autocast`; nothing changes on CPU)."""
     d = par.d if par is not None else distributed.SOLO
+    device = next(policy.parameters()).device  # where this process's models run
+    amp = functools.partial(lora.autocast, device, bf16)
     policy.eval()
     ids_p, mask_p = left_pad(prompt_ids, tok.pad_token_id)
-    ids_p, mask_p = ids_p.to(d.device), mask_p.to(d.device)
+    ids_p, mask_p = ids_p.to(device), mask_p.to(device)
     sharded = par is not None and par.sharded
-    s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
-               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=p.temperature, generator=gen,
-               all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None)
+    with amp():
+        s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
+                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=p.temperature, generator=gen,
+                   all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None)
     if sharded:
         par.policy.reshard()
     P = ids_p.shape[1]
@@ -412,13 +461,14 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     mask = s.mask.float()  # (B, N)
     old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
     pk = _shared_pack(ids, attn, ref, value)  # one padding-free layout for the reference and value passes
-    if loglik is not None and loglik.excess and loglik.model is None:  # the term needs π_ref's entropies too
-        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, with_entropy=True, pk=pk)
-    else:
-        ref_logp, ref_entropy = response_logp(ref, ids, attn, pos, P, p.temperature, pk=pk), None
-    values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
-    head = score_fn(ids, attn, pos, P)  # (B,)
-    f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
+    entropies = loglik is not None and loglik.excess and loglik.model is None  # the term needs π_ref's entropies too
+    with amp():
+        out = _no_grad_pass(ref, par and par.ref, lambda m: response_logp(
+            m, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk))
+        ref_logp, ref_entropy = out if entropies else (out, None)
+        values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
+        head = score_fn(ids, attn, pos, P)  # (B,)
+        f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
     raw, scores, rewards = episode_rewards(head, f, kl, mask, s.has_eos, beta, p.no_eos_penalty)
     if p.whiten_rewards:
@@ -466,13 +516,16 @@ def micro_batches(batch: Rollout, mb: torch.Tensor, p):
 
 
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int,
-           ema: WeightEMA | None = None, par: Parallel | None = None) -> dict:
+           ema: WeightEMA | None = None, par: Parallel | None = None, bf16: bool = False) -> dict:
     """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch
     (then the policy's weight average, if any, takes the step). Data-parallel (`par`): `batch` is the
     global batch on every rank; each rank runs its share of each minibatch's micro-batches (and of
     the ptx windows) and back-propagates world · its weighted loss, which DDP / FSDP average into
-    the single-process gradient; the returned statistics are over every rank's micro-batches."""
+    the single-process gradient; the returned statistics are over every rank's micro-batches.
+    `bf16`: the forward passes run under bf16 autocast on GPU, the backward passes outside it."""
     d = par.d if par is not None else distributed.SOLO
+    device = next(policy.parameters()).device  # where this process's models run
+    amp = functools.partial(lora.autocast, device, bf16)
     fwd_pi = par.policy if par is not None else (lambda fn, b: fn(policy, b))
     fwd_v = par.value if par is not None else (lambda fn, b: fn(value, b))
     policy.train()
@@ -498,17 +551,19 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
             last = i == len(mine) - 1  # gradients are synced on each model's last backward of the step
             pk = _shared_pack(part.ids, part.attn, policy, value)
             with distributed.no_grad_sync(fwd_pi, not last or windows is not None), distributed.no_grad_sync(fwd_v, not last):
-                logp = fwd_pi(logp_of, (part, pk))
-                pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
-                v = fwd_v(values_of, (part, pk))
-                vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
+                with amp():
+                    logp = fwd_pi(logp_of, (part, pk))
+                    pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
+                    v = fwd_v(values_of, (part, pk))
+                    vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
                 (w * d.world * (pg + p.vf_coef * vf)).backward()  # DDP / FSDP average over the d.world ranks
             for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
                 acc.setdefault(k, []).append(float(val.detach()))
         if windows is not None:
             idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
-            x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(d.device)  # this rank's share (B_ptx / world, T)
-            s, c = fwd_pi(lm_of, x)
+            x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
+            with amp():
+                s, c = fwd_pi(lm_of, x)
             count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
             (p.ptx_coef * s / count * d.world).backward()
             acc.setdefault("loss/ptx", []).append(float(s.detach() / c))  # windows are equally long
@@ -520,7 +575,7 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
             opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
-    with torch.no_grad():  # each rank's share of the episodes, variances over all of them
+    with torch.no_grad(), amp():  # each rank's share of the episodes, variances over all of them
         own = batch if d.world == 1 else batch.slice(torch.arange(d.rank, batch.ids.shape[0], d.world))
         v = _no_grad_pass(value, par and par.value, lambda m: response_values(m, own.ids, own.attn, own.pos, P))
         ev = float(L.explained_variance(v, own.returns, own.mask, var=lambda x, m: distributed.masked_var(x, m, d)))

@@ -7,7 +7,8 @@ The maths is stage 6's (`ppo.py`): the same rollout scoring, reward shaping, GAE
 losses, with the policy and value updates (separate parameters, optimizers and clipping) run by
 their own actors at the same time, on the same minibatch order. Overlap: the next rollout is
 generated while the value model is still training; the policy's old log-probs, the reference's,
-the values and the reward are computed in parallel.
+the values and the reward are computed in parallel. On GPU every actor's forward passes run under
+bf16 autocast (`dist.bf16`), as stage 6's do.
 
 One machine: `cherrytop ppo --ray.enabled=true` starts Ray here (CPU actors unless
 `--ray.gpus_per_model` > 0). A cluster: `ray start --head` on one node, `ray start
@@ -31,7 +32,7 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import Rollout, episode_rewards, load_prompts, micro_batches, minibatches
+from cherrytop.stages.ppo import Rollout, adamw, episode_rewards, load_prompts, micro_batches, minibatches
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -72,20 +73,20 @@ class PolicyTrainer:
         from cherrytop.model.load import load_model
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
-        self.adapters = lora.enabled(cfg, "ppo")
-        self.model = lora.prepare(load_model(init), cfg, "ppo") if self.adapters else load_model(init)
+        self.model = lora.prepare(load_model(init), cfg, "ppo")  # LoRA, gradient checkpointing, as configured
         self.model.to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.lr, eps=1e-5, weight_decay=0.0)
+        self.opt = adamw(self.model, self.p.lr)
 
     @torch.no_grad()
     def logp(self, ids, attn, pos, P: int, reference: bool = False, entropy: bool = False):
         """(B, N) log π_old and entropy, or log π_ref when `reference` (LoRA only; with its entropy if asked)."""
         self.model.eval()
         args = [_on(x, self.device) for x in (ids, attn, pos)]
-        if reference:
-            out = response_logp(lora.Reference(self.model), *args, P, self.p.temperature, with_entropy=entropy)
-            return tuple(x.cpu() for x in out) if entropy else out.cpu()
-        logp, ent = response_logp(self.model, *args, P, self.p.temperature, with_entropy=True)
+        with lora.autocast(self.device, self.cfg.dist.bf16):
+            if reference:
+                out = response_logp(lora.Reference(self.model), *args, P, self.p.temperature, with_entropy=entropy)
+                return tuple(x.cpu() for x in out) if entropy else out.cpu()
+            logp, ent = response_logp(self.model, *args, P, self.p.temperature, with_entropy=True)
         return logp.cpu(), ent.cpu()
 
     def train(self, batch: Rollout, it: int) -> dict:
@@ -93,8 +94,9 @@ class PolicyTrainer:
         p, dev = self.p, self.device
 
         def loss(part, P):
-            logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
-            pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
+            with lora.autocast(dev, self.cfg.dist.bf16):
+                logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
+                pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
             return pg, {"loss/policy": pg, **st}
         return _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy")
 
@@ -112,23 +114,24 @@ class ValueTrainer:
     def __init__(self, cfg: Config, rm_path: str, pad_id: int):
         from cherrytop.model.heads import scalar_model_from
         self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
-        model = scalar_model_from(rm_path, pad_id)
-        self.model = lora.prepare(model, cfg, "ppo", heads=("score",)) if lora.enabled(cfg, "ppo") else model
+        self.model = lora.prepare(scalar_model_from(rm_path, pad_id), cfg, "ppo", heads=("score",))
         self.model.to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.p.value_lr, eps=1e-5, weight_decay=0.0)
+        self.opt = adamw(self.model, self.p.value_lr)
 
     @torch.no_grad()
     def values(self, ids, attn, pos, P: int):
         self.model.eval()
-        return response_values(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P).cpu()
+        with lora.autocast(self.device, self.cfg.dist.bf16):
+            return response_values(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P).cpu()
 
     def train(self, batch: Rollout, it: int) -> dict:
         """The value half of `ppo.update`: clipped value loss · vf_coef, then explained variance."""
         p, dev = self.p, self.device
 
         def loss(part, P):
-            v = response_values(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P)
-            vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
+            with lora.autocast(dev, self.cfg.dist.bf16):
+                v = response_values(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P)
+                vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
             return p.vf_coef * vf, {"loss/value": vf, **st}
         out = _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "value")
         P = batch.ids.shape[1] - batch.mask.shape[1]
@@ -143,22 +146,24 @@ class ValueTrainer:
 class Scorer:
     """A frozen model: the reward model (`score`) or the reference policy (`logp`)."""
 
-    def __init__(self, kind: str, path: str, pad_id: int, temperature: float):
+    def __init__(self, kind: str, path: str, pad_id: int, temperature: float, bf16: bool):
         from cherrytop.model.heads import scalar_model_from
         from cherrytop.model.load import load_model
-        self.device, self.temperature = _device(), temperature
+        self.device, self.temperature, self.bf16 = _device(), temperature, bf16
         model = scalar_model_from(path, pad_id) if kind == "reward" else load_model(path)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @torch.no_grad()
     def score(self, ids, attn, pos):
         from cherrytop.model.heads import reward
-        return reward(self.model, *(_on(x, self.device) for x in (ids, attn, pos))).cpu()
+        with lora.autocast(self.device, self.bf16):
+            return reward(self.model, *(_on(x, self.device) for x in (ids, attn, pos))).cpu()
 
     @torch.no_grad()
     def logp(self, ids, attn, pos, P: int, entropy: bool = False):
-        out = response_logp(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P, self.temperature,
-                            with_entropy=entropy)
+        with lora.autocast(self.device, self.bf16):
+            out = response_logp(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P, self.temperature,
+                                with_entropy=entropy)
         return tuple(x.cpu() for x in out) if entropy else out.cpu()
 
 
@@ -187,8 +192,9 @@ class RolloutWorker:
         from cherrytop.rollout.sampler import left_pad, sample
         p = self.cfg.ppo
         ids_p, mask_p = left_pad(prompt_ids, pad_id)
-        s = sample(self.model, _on(ids_p, self.device), _on(mask_p, self.device), max_new_tokens=p.max_new_tokens,
-                   eos_id=eos_id, pad_id=pad_id, temperature=p.temperature, generator=self.gen)
+        with lora.autocast(self.device, self.cfg.dist.bf16):
+            s = sample(self.model, _on(ids_p, self.device), _on(mask_p, self.device), max_new_tokens=p.max_new_tokens,
+                       eos_id=eos_id, pad_id=pad_id, temperature=p.temperature, generator=self.gen)
         own = getattr(s, "logprobs", None) is not None and getattr(s, "entropy", None) is not None  # saves a policy pass
         return (ids_p, mask_p, s.tokens.cpu(), s.mask.cpu(), s.has_eos.cpu(),
                 (s.logprobs.cpu(), s.entropy.cpu()) if own else None)
@@ -233,8 +239,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     adapters = lora.enabled(cfg, "ppo")
     policy = ray.remote(PolicyTrainer).options(**res).remote(cfg, init)
     value = ray.remote(ValueTrainer).options(**res).remote(cfg, rm_path, tok.pad_token_id)
-    rm = ray.remote(Scorer).options(**res).remote("reward", rm_path, tok.pad_token_id, p.temperature)
-    ref = None if adapters else ray.remote(Scorer).options(**res).remote("reference", init, tok.pad_token_id, p.temperature)
+    rm = ray.remote(Scorer).options(**res).remote("reward", rm_path, tok.pad_token_id, p.temperature, cfg.dist.bf16)
+    ref = None if adapters else ray.remote(Scorer).options(**res).remote("reference", init, tok.pad_token_id, p.temperature,
+                                                                         cfg.dist.bf16)
     workers = [ray.remote(RolloutWorker).options(**res).remote(cfg, init, cfg.run.seed * 1000 + k)
                for k in range(rc.rollout_workers)]
     encoded = [encode_prompt(tok, m) for m in load_prompts(cfg)]

@@ -110,7 +110,7 @@ def group_rewards(model, b: Batch) -> torch.Tensor:
     r = reward(model, b["input_ids"], b["attention_mask"], normalised=False)  # (R,)
     r = r + loglik_term(model.config)[0] * b["loglik"]
     M, K = b["pref"].shape[:2]
-    out = torch.zeros(M * K, dtype=r.dtype)
+    out = torch.zeros(M * K, dtype=r.dtype, device=r.device)
     return out.index_put((b["slot"],), r).view(M, K)
 
 
@@ -135,7 +135,7 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
     true = [0, 0]
     for i in range(0, len(groups), 16):
         chunk = groups[i: i + 16]
-        b = collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None)
+        b = distributed.to_device(collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None), distributed.current())
         rewards = group_rewards(model, b)  # (M, K)
         c_ok, c_n = L.ranking_accuracy(rewards, b["pref"])
         lab[0] += int(c_ok)
@@ -160,11 +160,12 @@ def demonstration_bias(model, tok, convs, loglik: list[float] | None) -> float:
     scores = []
     for i in range(0, len(convs), 32):
         texts = [render(tok, [{"role": m.role, "content": m.content} for m in c.messages]) for c in convs[i: i + 32]]
-        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        enc = distributed.to_device(dict(tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")),
+                                    distributed.current())
         scores.append(reward(model, enc["input_ids"], enc["attention_mask"], normalised=False))
     r = torch.cat(scores)
     if loglik is not None:
-        r = r + loglik_term(model.config)[0] * torch.tensor(loglik)
+        r = r + loglik_term(model.config)[0] * torch.tensor(loglik, device=r.device)
     return -float(r.mean())
 
 
@@ -249,7 +250,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     if d.world > 1:  # data-parallel run: rank 0 finishes on the whole trained model, read back from its checkpoint
         if not d.main:
             return metrics
-        model = scalar_model_from(ckpt, tok.pad_token_id)
+        model = scalar_model_from(ckpt, tok.pad_token_id).to(d.device)
     state = load_state(ckpt)
     if "accuracy_labelers" not in state["metrics"]:
         setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, demos, ll_demo) if demos else 0.0)

@@ -42,7 +42,7 @@ class Dist:
     local_rank: int
     """Rank on this node: the GPU index."""
     device: torch.device
-    """Where this rank's model lives (cuda:local_rank, or cpu)."""
+    """Where this rank's models live: cuda:local_rank when there is a GPU (one process included), else cpu."""
 
     @property
     def main(self) -> bool:
@@ -59,7 +59,7 @@ def current() -> Dist:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() and world > 1 else torch.device("cpu")
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     return Dist(rank, world, local, device)
 
 

@@ -85,6 +85,7 @@ def evaluate(stage: Stage, fwd: torch.nn.Module | None = None) -> dict[str, floa
     model.eval()
     total, count, extra = 0.0, 0, {}
     for b in stage.eval_batches or []:
+        b = distributed.to_device(b, distributed.current())
         s, c = call(stage.loss, b)
         total += float(s)
         count += int(c)
