@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cherrytop.cli import main
@@ -43,7 +44,8 @@ def setup(tmp_path, kind: str = "sum") -> list[str]:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["what is 12 plus 3 ?", "no idea ?"] * 8))
     common = ["--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--ppo.init={base}",
-              f"--ppo.reward_model={tmp_path / 'rm'}", f"--ppo.prompts={prompts}", "--ppo.lr=0.01", "--ppo.value_lr=0.01"]
+              f"--ppo.reward_model={tmp_path / 'rm'}", f"--ppo.prompts={prompts}", "--ppo.lr=0.01", "--ppo.value_lr=0.01",
+              "--ppo.temperature=1"]  # Ray takes the c · log π_ref term from π_ref at T = 1 only
     return common
 
 
@@ -60,7 +62,12 @@ def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     assert b[1]["objective/kl"] != 0.0  # iteration 2 sampled with the synced, trained weights
     assert a[0]["objective/ref_loglik"] < 0  # both added the reward model's log π_ref term
-    AutoModelForCausalLM.from_pretrained(tmp_path / "runs/ray/ppo")
+    ray_policy = AutoModelForCausalLM.from_pretrained(tmp_path / "runs/ray/ppo")
+    single = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "runs/single/ppo").named_parameters())
+    for n, q in ray_policy.named_parameters():  # both saved the weight average (ppo.ema, on by default)
+        assert torch.allclose(q, single[n], atol=1e-5), n
+    base = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "base").named_parameters())
+    assert any(not torch.equal(q, base[n]) for n, q in ray_policy.named_parameters())
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "runs/ray/ppo/value")
 
 

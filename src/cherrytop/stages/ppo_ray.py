@@ -19,6 +19,7 @@ One machine: `cherrytop ppo --ray.enabled=true` starts Ray here (CPU actors unle
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import Rollout, adamw, episode_rewards, load_prompts, micro_batches, minibatches
+from cherrytop.stages.ppo import Rollout, WeightEMA, adamw, episode_rewards, load_prompts, micro_batches, minibatches
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -46,9 +47,9 @@ def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device) if device.type != "cpu" else x
 
 
-def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what: str) -> dict:
+def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what: str, ema: WeightEMA | None = None) -> dict:
     """One model's half of `ppo.update` (same minibatch order, token-weighted micro-batches, clipping):
-    `loss_fn(part, P)` -> (loss, stats) of the micro-batch `part`."""
+    `loss_fn(part, P)` -> (loss, stats) of the micro-batch `part`; `ema` (if any) moves after every step."""
     model.train()
     P = batch.ids.shape[1] - batch.mask.shape[1]
     acc: dict[str, list[float]] = {}
@@ -63,6 +64,8 @@ def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what
             raise FloatingPointError(f"ppo: non-finite {what} gradient at iteration {it + 1}")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
     return {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
 
 
@@ -76,6 +79,7 @@ class PolicyTrainer:
         self.model = lora.prepare(load_model(init), cfg, "ppo")  # LoRA, gradient checkpointing, as configured
         self.model.to(self.device)
         self.opt = adamw(self.model, self.p.lr)
+        self.ema = WeightEMA(self.model, self.p.ema) if self.p.ema > 0 else None  # [IG] weight average: what is saved
 
     @torch.no_grad()
     def logp(self, ids, attn, pos, P: int, reference: bool = False, entropy: bool = False):
@@ -98,14 +102,16 @@ class PolicyTrainer:
                 logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
                 pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
             return pg, {"loss/policy": pg, **st}
-        return _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy")
+        return _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy", self.ema)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """What the rollout workers need: the trainable tensors (all weights, or only the adapters)."""
         return {n: q.detach().cpu().clone() for n, q in self.model.named_parameters() if q.requires_grad}
 
     def save(self, out: str) -> None:
-        lora.save_merged(self.model, Path(out))
+        """The policy folder holds the weight average (when `ppo.ema` > 0); rollouts use the live weights."""
+        with self.ema.swapped() if self.ema is not None else nullcontext():
+            lora.save_merged(self.model, Path(out))
 
 
 class ValueTrainer:
@@ -217,8 +223,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     """PPO with Ray actors; the checkpoint (policy + `value/`) is stage 6's."""
     import ray
     p, rc = cfg.ppo, cfg.ray
-    if p.ptx_coef > 0 or p.ema > 0:
-        raise ValueError("ppo.ptx_coef > 0 and ppo.ema > 0 are not supported with ray.enabled yet; run them without Ray")
+    if p.ptx_coef > 0:
+        raise ValueError("ppo.ptx_coef > 0 is not supported with ray.enabled yet; run PPO-ptx without Ray")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / name
     init, rm_path = str(resolve_checkpoint(p.init, cfg)), str(resolve_checkpoint(p.reward_model, cfg))
