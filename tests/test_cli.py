@@ -14,7 +14,7 @@ from cherrytop.model.heads import loglik_term
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    assert main(["pipeline", "--preset", "test", f"--run.out_dir={out}"]) == 0
+    assert main(["pipeline", "--preset", "test", f"--run.out_dir={out}", "--pipeline.overlap=true"]) == 0
     return out / "test"
 
 

@@ -11,9 +11,8 @@ again resumes.
 PPO and PPO-ptx need nothing from each other, so in a single process with two or more CPU threads
 (`pipeline.overlap`) PPO-ptx trains in a second process beside PPO, the threads split between them.
 The thread count changes only float rounding (the tiny preset: the same sampled tokens, scores and
-report, KL equal to 6 digits), so this changes the wall time: on two cores one thread each took 184 s
-for both, against 75 + 135 s with two threads one after the other (tiny-model matmuls do not keep
-two threads busy).
+report). Off by default: on 2 cores it saved no reliable time (184-224 s side by side, 195-210 s one
+after the other).
 """
 
 from __future__ import annotations
