@@ -14,7 +14,7 @@ from cherrytop.model.heads import loglik_term
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    assert main(["pipeline", "--preset", "test", f"--run.out_dir={out}", "--pipeline.overlap=true"]) == 0
+    assert main(["pipeline", "--preset", "test", f"--run.out_dir={out}"]) == 0
     return out / "test"
 
 
@@ -33,8 +33,6 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
     assert 0 <= report["versus_sft"]["ppo"]["win_rate"] <= 1
     assert report["pretrain_loss"]["pretrain"] < report["pretrain"]["uniform_loss"]
     assert {"pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx", "eval", "total"} <= set(report["wall_time_s"])
-    import torch
-    assert ("overlapped" in report) == (torch.get_num_threads() >= 2)  # ppo_ptx trains beside ppo on 2+ threads
     assert (run_dir / "ppo_curves.png").stat().st_size > 1000
     comps = [json.loads(line) for line in (run_dir / "data" / "comparisons.jsonl").read_text().splitlines()]
     assert all(len(c["responses"]) == 4 and sorted(c["ranking"]) == [0, 1, 2, 3] for c in comps)
@@ -122,35 +120,6 @@ def test_ppo_weight_average_is_the_saved_policy_and_resumes(run_dir):
         assert not torch.equal(saved[n].detach(), state["live_policy"][n]), n
         assert not torch.equal(saved[n].detach(), sft[n].detach()), n
     assert any(not torch.equal(first["live_policy"][n], state["live_policy"][n]) for n in moved)  # resumed and trained on
-
-
-def test_ppo_ptx_beside_ppo_gives_the_numbers_of_a_run_on_its_own(run_dir):
-    """pipeline.overlap: the ppo_ptx the pipeline trained in a second process (half the threads) has the
-    metrics of ppo_ptx trained again here, alone, on every thread."""
-    import dataclasses
-
-    from cherrytop.config import load_config
-    from cherrytop.stages import ppo
-    from cherrytop.train.checkpoint import load_state
-    beside, plain = load_state(run_dir / "ppo_ptx")["metrics"], load_state(run_dir / "ppo")["metrics"]
-    cfg = load_config("test", [], [f"--run.out_dir={run_dir.parent}"])
-    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=cfg.pipeline.ptx_coef))
-    alone = ppo.run(cfg, fresh=True, name="ppo_ptx_alone")
-    assert set(alone) == set(beside)
-    for key, value in beside.items():
-        if key.startswith("perf/"):  # speed, not a result
-            continue
-        assert alone[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key  # float rounding differs with the threads
-    assert beside["objective/score"] != plain["objective/score"]  # a different run from ppo
-
-
-def test_a_stage_that_fails_beside_another_stops_the_pipeline_with_its_log(run_dir):
-    from cherrytop.config import load_config
-    from cherrytop.pipeline import _run_beside
-    cfg = load_config("test", [], [f"--run.out_dir={run_dir.parent}", f"--ppo.init={run_dir / 'nope'}"])
-    with pytest.raises(RuntimeError, match=r"ppo_ptx failed in its own process .*nope: no such checkpoint"):
-        _run_beside("pretrain", "ppo_ptx", cfg, False, run_dir)  # pretrain is done; ppo_ptx cannot load its policy
-    assert "nope" in (run_dir / "logs" / "ppo_ptx.out").read_text()
 
 
 def test_ppo_recomputes_activations_with_gradient_checkpointing(run_dir, monkeypatch):

@@ -336,11 +336,6 @@ class PipelineConfig:
     ptx_coef: float = 1.0
     """γ of the extra PPO-ptx run the pipeline makes to compare the alignment tax with plain PPO
     (used when ppo.ptx_coef is 0); 0 skips that run."""
-    overlap: bool = False
-    """Train PPO-ptx in a second process beside PPO, the CPU threads split between them (one process,
-    no Ray, two threads or more). The numbers are those of one run after the other up to float
-    rounding. Off by default: on 2 Zen 4 cores the tiny preset's two PPO runs took 184, 217 and 224 s
-    side by side against 210 and 195 s one after the other (no reliable gain)."""
 
 
 @dataclass(frozen=True)

@@ -7,25 +7,14 @@ reward-model accuracy; PPO's win rate against SFT (noise-free grader, ties half)
 the held-out pretraining loss of each model (the alignment tax, with and without PPO-ptx); reward
 and KL curves as PNG. A stage whose checkpoint is complete is skipped, so a killed pipeline started
 again resumes.
-
-PPO and PPO-ptx need nothing from each other, so in a single process with two or more CPU threads
-(`pipeline.overlap`) PPO-ptx trains in a second process beside PPO, the threads split between them.
-The thread count changes only float rounding (the tiny preset: the same sampled tokens, scores and
-report). Off by default: on 2 cores it saved no reliable time (184-224 s side by side, 195-210 s one
-after the other).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
-import os
-import queue
 import time
 from pathlib import Path
-
-import torch
 
 from rich.table import Table
 
@@ -51,67 +40,6 @@ def _run_stage(name: str, cfg: Config, fresh: bool) -> dict:
         return ppo.run(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=coef)), fresh, name="ppo_ptx")
     module = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}[name]
     return module.run(cfg, fresh=fresh)
-
-
-def _child_stage(name: str, cfg: Config, fresh: bool, threads: int, log: str, out) -> None:
-    """Entry of the process that runs a stage beside the pipeline: its output goes to `log`."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    try:
-        out.put(("ok", _run_stage(name, cfg, fresh), time.perf_counter() - t0))
-    except BaseException as e:  # reported to the parent, which stops the pipeline with it
-        out.put(("error", f"{type(e).__name__}: {e}", 0.0))
-        raise
-
-
-def _run_beside(first: str, second: str, cfg: Config, fresh: bool, run_dir: Path) -> dict[str, tuple[dict, float]]:
-    """Run stage `second` in a spawned process while this one runs `first`, the threads split."""
-    threads = torch.get_num_threads()
-    mine, theirs = threads - threads // 2, threads // 2
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    log = run_dir / "logs" / f"{second}.out"
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    child = ctx.Process(target=_child_stage, args=(second, cfg, fresh, theirs, str(log), out), daemon=True)
-    child.start()
-    console.print(f"{second}: training beside {first} in process {child.pid} ({theirs} of {threads} threads); "
-                  f"its output: {log}")
-    torch.set_num_threads(mine)
-    try:
-        t0 = time.perf_counter()
-        results = {first: (_run_stage(first, cfg, fresh), time.perf_counter() - t0)}
-    except BaseException:
-        child.terminate()
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    console.print(f"{first}: done; waiting for {second} (process {child.pid})")
-    status, metrics, seconds = "error", "(it ended without a result)", 0.0
-    while True:
-        try:
-            status, metrics, seconds = out.get(timeout=2)
-            break
-        except queue.Empty:
-            if not child.is_alive() and out.empty():
-                break
-    child.join()
-    if status != "ok" or child.exitcode != 0:
-        tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
-        raise RuntimeError(f"{second} failed in its own process (exit code {child.exitcode}) {metrics}; "
-                           f"the end of {log}:\n{tail}")
-    results[second] = (metrics, seconds)
-    return results
-
-
-def _overlap(cfg: Config, names: list[str]) -> bool:
-    """Whether PPO-ptx can train beside PPO: both due, one process, no Ray, two threads or more."""
-    from cherrytop.train import distributed
-    ptx = cfg.ppo.ptx_coef != 0 or cfg.pipeline.ptx_coef != 0  # as _run_stage decides
-    return (cfg.pipeline.overlap and ptx and "ppo" in names and "ppo_ptx" in names and not cfg.ray.enabled
-            and cfg.dist.strategy == "none" and distributed.current().world == 1 and torch.get_num_threads() >= 2)
 
 
 def plot_curves(run_dir: Path, out: Path) -> bool:
@@ -173,9 +101,6 @@ def report_markdown(r: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# cherrytop run `{r['run']}`", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["wall_time_s"].items()]
-    if r.get("overlapped"):
-        lines += ["", f"ppo_ptx trained beside ppo in a second process (the CPU threads split between them): "
-                      f"{r['overlapped']['wall_s']:.1f} s of wall time for both."]
     lines += ["", "## Held-out tasks (greedy answers, graded)", "",
               "| model | " + " | ".join(AXES) + " | quality | held-out pretraining loss |", "|---|---|---|---|---|---|"]
     for name, e in r["eval"].items():
@@ -228,23 +153,14 @@ def run(cfg: Config, until: str = STAGES[-1], fresh: bool = False) -> dict:
     report: dict = {"run": cfg.run.name, "config": to_dict(cfg), "wall_time_s": {}}
     t_start = time.perf_counter()
     done = []
-    names = list(STAGES[: STAGES.index(until) + 1])
-    overlap = _overlap(cfg, names)
-    for name in names:
-        if overlap and name == "ppo_ptx":
-            continue  # trained beside ppo
+    for name in STAGES[: STAGES.index(until) + 1]:
         t0 = time.perf_counter()
-        console.rule(f"[bold]{name}" + (" and ppo_ptx, side by side" if overlap and name == "ppo" else ""))
-        if overlap and name == "ppo":
-            results = _run_beside("ppo", "ppo_ptx", cfg, fresh, run_dir)
-            report["overlapped"] = {"ppo_ptx": "ppo", "wall_s": time.perf_counter() - t0}
-        else:
-            results = {name: (_run_stage(name, cfg, fresh), time.perf_counter() - t0)}
-        for n, (metrics, seconds) in results.items():
-            if metrics:
-                report[n] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                report["wall_time_s"][n] = seconds
-                done.append(n)
+        console.rule(f"[bold]{name}")
+        metrics = _run_stage(name, cfg, fresh)
+        if metrics:
+            report[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            report["wall_time_s"][name] = time.perf_counter() - t0
+            done.append(name)
     t0 = time.perf_counter()
     console.rule("[bold]eval")
     report.update(evaluate_all(cfg, run_dir, [m for m in MODELS if m in done]))
