@@ -301,6 +301,14 @@ class DistConfig:
     """bf16 autocast for forward passes on GPU (ignored on CPU, where everything stays fp32)."""
     cpu_offload: bool = False
     """FSDP only: keep sharded parameters, gradients and optimizer state in CPU memory."""
+    frozen_dtype: str = "auto"
+    """Weight dtype of the models PPO runs but never trains (the reference policy, the reward model
+    and the reward model's own π_ref; on Ray too): `bf16` (half their memory), `fp32`, or `auto` =
+    bf16 on GPU, fp32 on CPU (where bf16 is slow and would change the numbers). They never get
+    gradients or optimizer state. The trained policy and value model stay fp32 (with LoRA the
+    reference is the policy with its adapter off, so it stays fp32 too). Under `bf16` autocast on
+    GPU the matrix products run in bf16 either way; bf16 weights add the rounding of the norms'
+    and embeddings' weights and of the residual stream."""
 
 
 @dataclass(frozen=True)
@@ -618,6 +626,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ppo.ema: expected a decay in [0, 1), got {cfg.ppo.ema}")
     if cfg.rm.ref_loglik not in ("off", "sum", "excess"):
         raise ConfigError(f"rm.ref_loglik: expected 'off', 'sum' or 'excess', got '{cfg.rm.ref_loglik}'")
+    if cfg.dist.frozen_dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"dist.frozen_dtype: expected 'auto', 'bf16' or 'fp32', got '{cfg.dist.frozen_dtype}'")
     if cfg.dist.strategy not in ("none", "ddp", "fsdp"):
         raise ConfigError(f"dist.strategy: expected 'none', 'ddp' or 'fsdp', got '{cfg.dist.strategy}'")
     if cfg.lora.r < 0 or set(cfg.lora.stages) - {"sft", "rm", "ppo"}:

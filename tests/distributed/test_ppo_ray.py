@@ -79,3 +79,29 @@ def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session):
     assert c[0]["objective/ref_loglik"] != 0
     assert abs(c[0]["objective/kl"]) < 1e-4 < abs(c[1]["objective/kl"])
     assert (tmp_path / "runs/ray_lora/ppo/adapter/adapter_model.safetensors").is_file()
+
+
+def test_ray_scorers_hold_the_frozen_models_in_frozen_dtype(tmp_path):
+    """The reward and reference actors' class (called here without Ray, which it does not start):
+    with `dist.frozen_dtype=bf16` their weights are bf16 without gradients, and their scores and
+    log-probs are the fp32 ones up to bf16 rounding (2 eps, as tests/stages/test_ppo.py argues)."""
+    from cherrytop.config import DistConfig
+    from cherrytop.stages.ppo_ray import Scorer
+    setup(tmp_path)
+    tok = load_tokenizer(tmp_path / "base")
+    enc = tok(["what is 12 plus 3 ? it is 15 .", "what is 12 plus 3 ? no idea ."], padding=True, return_tensors="pt")
+    ids, attn = enc["input_ids"], enc["attention_mask"]  # (2, T) right-padded
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        rm, ref = (Scorer(kind, str(tmp_path / folder), tok.pad_token_id, 1.0, DistConfig(frozen_dtype=dtype))
+                   for kind, folder in (("reward", "rm"), ("reference", "base")))
+        want = torch.bfloat16 if dtype == "bf16" else torch.float32
+        assert all(q.dtype == want and not q.requires_grad for s in (rm, ref) for q in s.model.parameters())
+        out[dtype] = (rm.score(ids, attn, pos), ref.logp(ids, attn, pos, 4))
+    import ray
+    assert not ray.is_initialized()
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, b in zip(out["fp32"], out["bf16"]):
+        assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=2 * eps, atol=2 * eps)

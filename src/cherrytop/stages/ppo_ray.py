@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cherrytop import losses as L
-from cherrytop.config import Config, to_dict
+from cherrytop.config import Config, DistConfig, to_dict
 from cherrytop.data.collate import step_indices
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
@@ -39,8 +39,10 @@ from cherrytop.train.loop import MetricsLog, console
 
 
 def _device() -> torch.device:
+    """The actor's GPU if Ray gave it one, else the CPU (also outside Ray: asking Ray would start it)."""
     import ray
-    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -150,13 +152,15 @@ class ValueTrainer:
 
 
 class Scorer:
-    """A frozen model: the reward model (`score`) or the reference policy (`logp`)."""
+    """A frozen model: the reward model (`score`) or the reference policy (`logp`), with weights in
+    `dist.frozen_dtype` (bf16 on GPU by default), no gradients and no optimizer."""
 
-    def __init__(self, kind: str, path: str, pad_id: int, temperature: float, bf16: bool):
+    def __init__(self, kind: str, path: str, pad_id: int, temperature: float, dist: DistConfig):
         from cherrytop.model.heads import scalar_model_from
-        from cherrytop.model.load import load_model
-        self.device, self.temperature, self.bf16 = _device(), temperature, bf16
-        model = scalar_model_from(path, pad_id) if kind == "reward" else load_model(path)
+        from cherrytop.model.load import frozen_dtype, load_model
+        self.device, self.temperature, self.bf16 = _device(), temperature, dist.bf16
+        dtype = frozen_dtype(dist.frozen_dtype, self.device)
+        model = scalar_model_from(path, pad_id, dtype) if kind == "reward" else load_model(path, dtype)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @torch.no_grad()
@@ -245,9 +249,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     adapters = lora.enabled(cfg, "ppo")
     policy = ray.remote(PolicyTrainer).options(**res).remote(cfg, init)
     value = ray.remote(ValueTrainer).options(**res).remote(cfg, rm_path, tok.pad_token_id)
-    rm = ray.remote(Scorer).options(**res).remote("reward", rm_path, tok.pad_token_id, p.temperature, cfg.dist.bf16)
+    rm = ray.remote(Scorer).options(**res).remote("reward", rm_path, tok.pad_token_id, p.temperature, cfg.dist)
     ref = None if adapters else ray.remote(Scorer).options(**res).remote("reference", init, tok.pad_token_id, p.temperature,
-                                                                         cfg.dist.bf16)
+                                                                         cfg.dist)
     workers = [ray.remote(RolloutWorker).options(**res).remote(cfg, init, cfg.run.seed * 1000 + k)
                for k in range(rc.rollout_workers)]
     encoded = [encode_prompt(tok, m) for m in load_prompts(cfg)]
