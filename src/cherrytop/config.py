@@ -301,6 +301,14 @@ class DistConfig:
     """bf16 autocast for forward passes on GPU (ignored on CPU, where everything stays fp32)."""
     cpu_offload: bool = False
     """FSDP only: keep sharded parameters, gradients and optimizer state in CPU memory."""
+    frozen_dtype: str = "auto"
+    """Weight dtype of the models PPO runs but never trains (the reference policy, the reward model
+    and the reward model's own π_ref; on Ray too): `bf16` (half their memory), `fp32`, or `auto` =
+    bf16 on GPU, fp32 on CPU (where bf16 is slow and would change the numbers). They never get
+    gradients or optimizer state. The trained policy and value model stay fp32 (with LoRA the
+    reference is the policy with its adapter off, so it stays fp32 too). Under `bf16` autocast on
+    GPU the matrix products run in bf16 either way; bf16 weights add the rounding of the norms'
+    and embeddings' weights and of the residual stream."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +337,16 @@ class RayConfig:
     fractions share a GPU; 0 = CPU."""
     rollout_workers: int = 1
     """Actors that sample rollouts, each with a copy of the policy synced after every update."""
+    resources: tuple[str, ...] = ()
+    """Pin actor roles to Ray custom resources, as `ROLE=NAME` entries (roles: policy, value, reward,
+    reference, rollout): each actor of ROLE also asks for one unit of NAME, so it runs only on a node
+    started with it (`ray start --resources='{"NAME": n}'`, n = how many such actors the node takes).
+    Checked against the cluster before any actor starts: a resource no node has, or too few units,
+    is an error (Ray itself would wait forever)."""
+    nodes: tuple[str, ...] = ()
+    """Pin actor roles to nodes, as `ROLE=NODE` entries, NODE a node's IP address, host name or node
+    id as `ray list nodes` shows them: the role's actors run on that node only (Ray's
+    NodeAffinitySchedulingStrategy, not soft). An unknown or ambiguous NODE is an error."""
 
 
 @dataclass(frozen=True)
@@ -411,6 +429,28 @@ class Config:
     """The whole pipeline."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`cherrytop serve`: the OpenAI-compatible API, dynamic batching, moderation, web chat."""
+
+
+RAY_ROLES = ("policy", "value", "reward", "reference", "rollout")
+"""PPO's actor roles on Ray: the policy trainer, the value trainer, the reward model, the reference
+model and the rollout workers (`ray.resources`, `ray.nodes`)."""
+
+
+def role_map(entries: tuple[str, ...], where: str) -> dict[str, str]:
+    """`ROLE=VALUE` entries (`ray.resources`, `ray.nodes`) as {role: value}; a ConfigError names a
+    malformed entry, an unknown role or a role given twice."""
+    out: dict[str, str] = {}
+    for e in entries:
+        role, sep, value = e.partition("=")
+        role, value = role.strip(), value.strip()
+        if not sep or not role or not value:
+            raise ConfigError(f"{where}: expected ROLE=VALUE entries, got '{e}'")
+        if role not in RAY_ROLES:
+            raise ConfigError(f"{where}: unknown role '{role}'{_suggest(role, list(RAY_ROLES))}")
+        if role in out:
+            raise ConfigError(f"{where}: role '{role}' given twice ('{out[role]}' and '{value}')")
+        out[role] = value
+    return out
 
 
 # Presets: overrides applied on top of the defaults. `tiny` is the embedded default (the demo);
@@ -618,6 +658,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ppo.ema: expected a decay in [0, 1), got {cfg.ppo.ema}")
     if cfg.rm.ref_loglik not in ("off", "sum", "excess"):
         raise ConfigError(f"rm.ref_loglik: expected 'off', 'sum' or 'excess', got '{cfg.rm.ref_loglik}'")
+    role_map(cfg.ray.resources, "ray.resources")
+    role_map(cfg.ray.nodes, "ray.nodes")
+    if cfg.dist.frozen_dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"dist.frozen_dtype: expected 'auto', 'bf16' or 'fp32', got '{cfg.dist.frozen_dtype}'")
     if cfg.dist.strategy not in ("none", "ddp", "fsdp"):
         raise ConfigError(f"dist.strategy: expected 'none', 'ddp' or 'fsdp', got '{cfg.dist.strategy}'")
     if cfg.lora.r < 0 or set(cfg.lora.stages) - {"sft", "rm", "ppo"}:

@@ -79,3 +79,140 @@ def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session):
     assert c[0]["objective/ref_loglik"] != 0
     assert abs(c[0]["objective/kl"]) < 1e-4 < abs(c[1]["objective/kl"])
     assert (tmp_path / "runs/ray_lora/ppo/adapter/adapter_model.safetensors").is_file()
+
+
+def test_ray_scorers_hold_the_frozen_models_in_frozen_dtype(tmp_path):
+    """The reward and reference actors' class (called here without Ray, which it does not start):
+    with `dist.frozen_dtype=bf16` their weights are bf16 without gradients, and their scores and
+    log-probs are the fp32 ones up to bf16 rounding (2 eps, as tests/stages/test_ppo.py argues)."""
+    from cherrytop.config import DistConfig
+    from cherrytop.stages.ppo_ray import Scorer
+    import ray
+    ray_before = ray.is_initialized()
+    setup(tmp_path)
+    tok = load_tokenizer(tmp_path / "base")
+    enc = tok(["what is 12 plus 3 ? it is 15 .", "what is 12 plus 3 ? no idea ."], padding=True, return_tensors="pt")
+    ids, attn = enc["input_ids"], enc["attention_mask"]  # (2, T) right-padded
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        rm, ref = (Scorer(kind, str(tmp_path / folder), tok.pad_token_id, 1.0, DistConfig(frozen_dtype=dtype))
+                   for kind, folder in (("reward", "rm"), ("reference", "base")))
+        want = torch.bfloat16 if dtype == "bf16" else torch.float32
+        assert all(q.dtype == want and not q.requires_grad for s in (rm, ref) for q in s.model.parameters())
+        out[dtype] = (rm.score(ids, attn, pos), ref.logp(ids, attn, pos, 4))
+    assert ray.is_initialized() == ray_before  # the Scorers did not start Ray
+    eps = torch.finfo(torch.bfloat16).eps
+    for a, b in zip(out["fp32"], out["bf16"]):
+        assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=2 * eps, atol=2 * eps)
+
+
+HEAD = {"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeManagerHostname": "head",
+        "Resources": {"CPU": 8.0, "trainer": 2.0, "memory": 1e10, "node:10.0.0.1": 1.0}}
+GPUS = {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2", "NodeManagerHostname": "gpus",
+        "Resources": {"CPU": 8.0, "GPU": 2.0, "sampler": 4.0}}
+DEAD = {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 64.0, "sampler": 64.0}}
+
+
+def ray_cfg(*overrides: str):
+    from cherrytop.config import load_config
+    return load_config("test", [], ["--ray.resources=['policy=trainer', 'value=trainer', 'rollout=sampler']",
+                                    "--ray.nodes=['reward=10.0.0.1', 'reference=gpus']", "--ray.rollout_workers=4",
+                                    *overrides]).ray
+
+
+def roles(rc) -> list[str]:
+    """The actors of a full fine-tuning run, by role (what `ppo_ray.start_actors` places)."""
+    return ["policy", "value", "reward", "reference"] + ["rollout"] * rc.rollout_workers
+
+
+def test_placement_gives_each_role_its_resource_and_node():
+    from cherrytop.stages.ppo_ray import placement
+    rc = ray_cfg()
+    opts = placement(rc, roles(rc), [HEAD, GPUS, DEAD])
+    assert set(opts) == {"policy", "value", "reward", "reference", "rollout"}
+    assert opts["policy"]["resources"] == opts["value"]["resources"] == {"trainer": 1.0}
+    assert opts["rollout"]["resources"] == {"sampler": 1.0} and "scheduling_strategy" not in opts["rollout"]
+    for role, node in (("reward", HEAD), ("reference", GPUS)):  # by IP address and by host name
+        s = opts[role]["scheduling_strategy"]
+        assert (s.node_id, s.soft) == (node["NodeID"], False) and "resources" not in opts[role]
+    assert all(o["num_cpus"] == 1 and o["num_gpus"] == 0.0 for o in opts.values())
+    rc = ray_cfg("--ray.resources=[]", "--ray.nodes=[]")
+    assert "resources" not in placement(rc, roles(rc), [HEAD])["policy"]
+
+
+@pytest.mark.parametrize("overrides,nodes,message", [
+    (["--ray.resources=['rollout=gpu_box']"], [HEAD, GPUS], "no node has 'gpu_box'"),
+    (["--ray.rollout_workers=5"], [HEAD, GPUS, DEAD], r"rollout ×5\) need 5 sampler in all and the cluster has 4"),
+    (["--ray.nodes=['reward=10.0.0.9']"], [HEAD, GPUS], "no alive node of the Ray cluster is '10.0.0.9'"),
+    (["--ray.nodes=['reward=10.0.0.3']"], [HEAD, GPUS, DEAD], "no alive node of the Ray cluster is '10.0.0.3'"),
+    (["--ray.nodes=['reward=10.0.0.1']"], [HEAD, {**HEAD, "NodeID": "d" * 56}], "2 nodes answer to '10.0.0.1'"),
+    (["--ray.gpus_per_model=1", "--ray.resources=[]"], [HEAD, GPUS], "a reward actor needs CPU 1, GPU 1 on node 10.0.0.1"),
+    (["--ray.gpus_per_model=1", "--ray.resources=[]", "--ray.nodes=[]"], [HEAD, GPUS], "need 8 GPU in all and the cluster has 2"),
+    (["--ray.resources=['policy=trainer', 'value=trainer', 'reward=trainer']"], [HEAD, GPUS],
+     r"\(policy ×1, value ×1, reward ×1\) need 3 trainer in all and the cluster has 2"),
+    (["--ray.resources=[]", "--ray.nodes=['reward=10.0.0.1', 'reference=head']"], [{**HEAD, "Resources": {"CPU": 1.0}}, GPUS],
+     r"\(reward ×1, reference ×1\) need 2 CPU in all and node 10.0.0.1 has 1"),
+])
+def test_placement_refuses_what_ray_would_wait_for_forever(overrides, nodes, message):
+    from cherrytop.stages.ppo_ray import PlacementError, placement
+    with pytest.raises(PlacementError, match=message):
+        rc = ray_cfg(*overrides)
+        placement(rc, roles(rc), nodes)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--ray.resources=['critic=trainer']", "ray.resources: unknown role 'critic'"),
+    ("--ray.nodes=['policy']", "ray.nodes: expected ROLE=VALUE entries, got 'policy'"),
+    ("--ray.nodes=['policy=a', 'policy=b']", "ray.nodes: role 'policy' given twice"),
+])
+def test_bad_pinning_settings_are_config_errors(override, message):
+    from cherrytop.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=message):
+        load_config("test", [], [override])
+
+
+@pytest.mark.slow  # ~40 s on the shared 2 cores (a two-node Ray cluster and five actor processes); run with -m slow
+def test_ray_actors_run_where_they_are_pinned(tmp_path, monkeypatch):
+    """A two-node Ray cluster on this machine (ray.cluster_utils: a head with 2 units of `trainer`, a
+    second node with 2 of `sampler`): the trainers run on the head with a `trainer` unit each, the
+    rollout workers on the second node with a `sampler` unit each, the reward model on the node named
+    by its id (the head), the reference on the other; with `dist.frozen_dtype=bf16` the frozen models'
+    actors hold bf16 weights, the trained ones fp32. A resource the cluster lacks fails at once."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from cherrytop.config import load_config
+    from cherrytop.stages.ppo_ray import PlacementError, start_actors
+    monkeypatch.setenv("RAY_worker_niceness", "0")
+    setup(tmp_path)
+    pad = load_tokenizer(tmp_path / "base").pad_token_id
+    ray.shutdown()  # a local Ray left by the tests above (ray_session): this test joins its own cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"trainer": 2}})
+    second = cluster.add_node(num_cpus=4, resources={"sampler": 2})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    try:
+        head, other = cluster.head_node.node_id, second.node_id
+        cfg = load_config("test", [], ["--ray.resources=['policy=trainer', 'value=trainer', 'rollout=sampler']",
+                                       f"--ray.nodes=['reward={head}', 'reference={other}']", "--ray.rollout_workers=2",
+                                       "--dist.frozen_dtype=bf16"])
+        actors = start_actors(cfg, str(tmp_path / "base"), str(tmp_path / "rm"), pad)
+        placed = {name: ray.get(a.where.remote()) for name, a in actors.named().items()}
+        assert set(placed) == {"policy", "value", "reward", "reference", "rollout 0", "rollout 1"}
+        want = {"policy": (head, {"CPU": 1.0, "trainer": 1.0}), "value": (head, {"CPU": 1.0, "trainer": 1.0}),
+                "reward": (head, {"CPU": 1.0}), "reference": (other, {"CPU": 1.0}),
+                "rollout 0": (other, {"CPU": 1.0, "sampler": 1.0}), "rollout 1": (other, {"CPU": 1.0, "sampler": 1.0})}
+        for name, (node, resources) in want.items():
+            assert (placed[name]["node"], placed[name]["resources"]) == (node, resources), name
+            frozen = name in ("reward", "reference")
+            assert placed[name]["dtypes"] == (["bfloat16"] if frozen else ["float32"]), name
+        for a in actors.named().values():
+            ray.kill(a)
+        bad = load_config("test", [], ["--ray.resources=['rollout=gpu_box']"])
+        with pytest.raises(PlacementError, match="no node has 'gpu_box'"):
+            start_actors(bad, str(tmp_path / "base"), str(tmp_path / "rm"), pad)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -178,3 +178,106 @@ def test_bf16_runs_every_ppo_forward_pass_under_autocast(tmp_path, monkeypatch):
         assert all(math.isfinite(v) for v in stats.values()) and "loss/ptx" in stats
         moved = [not torch.equal(a, q) for a, q in zip(start, (q for m in (policy, value) for q in m.parameters()))]
         assert all(moved)
+
+
+def test_frozen_dtype_is_bf16_on_gpu_and_fp32_on_cpu_by_default():
+    from cherrytop.model.load import frozen_dtype
+    assert frozen_dtype("auto", torch.device("cpu")) == torch.float32  # CPU numbers unchanged
+    assert frozen_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert frozen_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert frozen_dtype("fp32", torch.device("cuda", 0)) == torch.float32
+    from cherrytop.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        load_config("test", [], ["--dist.frozen_dtype=fp16"])
+
+
+def _frozen_setup(tmp_path):
+    """A policy folder `init`, another causal LM `piref` and a reward model whose c · log π_ref term
+    (excess) reads `piref`: three frozen models for `frozen_models` to load."""
+    for seed, name in ((0, "init"), (1, "piref")):
+        build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), V, PAD, EOS,
+                    seed=seed).save_pretrained(tmp_path / name)
+    torch.manual_seed(0)
+    rm = scalar_model_from(tmp_path / "init", PAD)
+    rm.config.update({LOGLIK_KEY: 0.5, REFERENCE_KEY: str(tmp_path / "piref"), KIND_KEY: "excess"})
+    rm.save_pretrained(tmp_path / "rm")
+
+
+def test_frozen_models_in_bf16_score_the_rollout_like_fp32(tmp_path):
+    """`dist.frozen_dtype=bf16` (forced here on CPU): the reference, the reward model and the reward
+    model's own π_ref hold bf16 weights and no gradients, the policy and value model stay fp32, and
+    the rollout's reference log-probs, reward scores and log π_ref term are those of fp32 models up
+    to bf16 rounding. bf16 keeps 8 significant bits (torch.finfo(bfloat16).eps = 2^-7), so after a
+    few roundings per layer we allow 2 eps relative + 2 eps absolute (~0.07 on log-probs of ~-3.6,
+    ~0.045 on scores of ~1.8; measured: 0.002 and 0.012), and require a difference (bf16 really ran).
+    `auto` on CPU is fp32, bit for bit."""
+    from cherrytop.config import load_config
+    from cherrytop.model.load import load_model
+    from cherrytop.stages.ppo import frozen_models, reward_score
+    _frozen_setup(tmp_path)
+    policy, value = load_model(tmp_path / "init"), scalar_model_from(tmp_path / "rm", PAD)
+    p = PPOConfig(batch_size=16, minibatch_size=8, micro_batch_size=8, max_new_tokens=8, temperature=0.7)
+    prompts = [[2 + (i % 5), 3 + (i % 7), 4] for i in range(16)]
+    out = {}
+    for setting in ("fp32", "auto", "bf16"):
+        cfg = load_config("test", [], [f"--dist.frozen_dtype={setting}", "--ppo.temperature=0.7"])
+        ref, rm, loglik = frozen_models(cfg, tmp_path / "init", tmp_path / "rm", PAD, policy, torch.device("cpu"))
+        assert loglik.model is not None and loglik.model is not ref  # π_ref of its own: the third frozen model
+        want = torch.bfloat16 if setting == "bf16" else torch.float32
+        for m in (ref, rm, loglik.model):
+            assert all(q.dtype == want and not q.requires_grad for q in m.parameters())
+            assert not m.training
+        batch, stats = rollout(policy, ref, reward_score(rm), value, Tok, prompts, 0.1, p,
+                               torch.Generator().manual_seed(0), loglik)
+        P = batch.ids.shape[1] - batch.mask.shape[1]
+        with torch.no_grad():
+            scores = reward_score(rm)(batch.ids, batch.attn, batch.pos, P)  # (B,)
+            term = loglik(batch.ids, batch.attn, batch.pos, P, None, None, batch.mask)  # (B, N)
+        out[setting] = (batch, scores, term)
+        assert all(q.dtype == torch.float32 for m in (policy, value) for q in m.parameters())
+        assert all(t.dtype in (torch.float32, torch.long) for t in vars(batch).values())
+    (a, sa, fa), (b, sb, fb) = out["fp32"], out["bf16"]
+    assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(out["auto"][0]).values()))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.old_logp, b.old_logp)  # the fp32 policy sampled both
+    tol = dict(rtol=2 * torch.finfo(torch.bfloat16).eps, atol=2 * torch.finfo(torch.bfloat16).eps)
+    torch.testing.assert_close(b.ref_logp, a.ref_logp, **tol)
+    torch.testing.assert_close(sb, sa, **tol)
+    torch.testing.assert_close(fb, fa, **tol)
+    assert not torch.equal(b.ref_logp, a.ref_logp) and not torch.equal(sb, sa) and not torch.equal(fb, fa)
+
+
+def test_ppo_run_gives_frozen_models_no_optimizer_state(tmp_path, monkeypatch):
+    """`cherrytop ppo --dist.frozen_dtype=bf16` end to end: the two optimizers it makes hold the fp32
+    policy and value model only; the frozen models' bf16 weights are in neither, never get a gradient
+    nor optimizer state; the checkpoint's policy and value model are fp32."""
+    import json
+
+    from safetensors import safe_open
+
+    from cherrytop.cli import main
+    from cherrytop.data.tokenizer import train_tokenizer
+    from cherrytop.stages import ppo
+    tok = train_tokenizer(["what is 12 plus 3 ?", "12 plus 3 is 15 .", "no idea ."] * 20, 300)
+    build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=96), len(tok), tok.pad_token_id,
+                tok.eos_token_id).save_pretrained(tmp_path / "init")
+    tok.save_pretrained(tmp_path / "init")
+    torch.manual_seed(0)
+    scalar_model_from(tmp_path / "init", tok.pad_token_id).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["what is 12 plus 3 ?"] * 16))
+    made, frozen = [], []
+    monkeypatch.setattr(ppo, "adamw", lambda model, lr, f=ppo.adamw: made.append(f(model, lr)) or made[-1])
+    monkeypatch.setattr(ppo, "frozen_models", lambda *a, f=ppo.frozen_models: frozen.append(f(*a)) or frozen[-1])
+    assert main(["ppo", "--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--ppo.init={tmp_path / 'init'}",
+                 f"--ppo.reward_model={tmp_path / 'rm'}", f"--ppo.prompts={tmp_path / 'prompts.jsonl'}",
+                 "--dist.frozen_dtype=bf16"]) == 0
+    ref, rm, _ = frozen[0]
+    held = {id(q) for m in (ref, rm) for q in m.parameters()}
+    assert all(q.dtype == torch.bfloat16 and q.grad is None for m in (ref, rm) for q in m.parameters())
+    assert len(made) == 2
+    for opt in made:
+        params = [q for g in opt.param_groups for q in g["params"]]
+        assert params and all(q.dtype == torch.float32 for q in params) and not held & {id(q) for q in params}
+        assert opt.state and all(id(q) not in held for q in opt.state)  # state only for the trained weights
+    for f in ("runs/test/ppo/model.safetensors", "runs/test/ppo/value/model.safetensors"):
+        with safe_open(tmp_path / f, "pt") as st:
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F32"}

@@ -28,10 +28,11 @@ REFERENCE_KEY = "cherrytop_reward_reference"
 KIND_KEY = "cherrytop_reward_loglik_kind"
 
 
-def scalar_model_from(path: str | Path, pad_id: int) -> PreTrainedModel:
-    """A one-output sequence-classification model whose trunk comes from `path`; a new head is
-    initialised N(0, 1/sqrt(d+1)) [LHP] (an existing head, e.g. a reward model's, is kept)."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+def scalar_model_from(path: str | Path, pad_id: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A one-output sequence-classification model whose trunk comes from `path`, with weights in
+    `dtype`; a new head is initialised N(0, 1/sqrt(d+1)) [LHP] (an existing head, e.g. a reward
+    model's, is kept)."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
     model.config.pad_token_id = pad_id
     if not hasattr(model.config, BIAS_KEY):
         d = model.score.weight.shape[1]

@@ -63,5 +63,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return model
 
 
+def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The weight dtype of a model that is run but never trained (`dist.frozen_dtype`): bf16 or fp32;
+    `auto` = bf16 on a GPU, fp32 elsewhere."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -11,7 +11,9 @@ Each iteration (numbered as in the code):
     [LHP], plus ptx_coef · pretraining LM loss for PPO-ptx [IG eq. 2]; after each optimizer step the
     weight average ([IG] EMA) moves, and it is what the checkpoint's policy holds;
  6. adaptive β [LHP] when kl_target > 0; log, watch for reward hacking, checkpoint.
-Policy, reference, reward and value models all run with dropout off ([LHP, N+]).
+Policy, reference, reward and value models all run with dropout off ([LHP, N+]). The models that
+are not trained (reference, reward model, its π_ref) hold their weights in `dist.frozen_dtype` (bf16
+on GPU, fp32 on CPU by default) and never get gradients or optimizer state (`frozen_models`).
 
 Data-parallel under `torchrun` (--dist.strategy=ddp|fsdp): each rank rolls out its share of the
 iteration's prompts; reward and advantage whitening, the KL that adapts β and the logged statistics
@@ -46,7 +48,7 @@ from cherrytop.data.records import read_prompts
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term, reward, scalar_model_from
-from cherrytop.model.load import CheckpointError, load_model, resolve_checkpoint
+from cherrytop.model.load import CheckpointError, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample
 from cherrytop.rollout import packing
 from cherrytop.rollout.packing import response_logp, response_values
@@ -194,8 +196,9 @@ class RefLogLik:
         return (ref_logp + ref_entropy if self.excess else ref_logp) * mask
 
 
-def ref_loglik(rm, init: Path, temperature: float, ref) -> RefLogLik | None:
-    """The reward model's log-likelihood term, sharing PPO's reference model when π_ref is the same checkpoint."""
+def ref_loglik(rm, init: Path, temperature: float, ref, dtype: torch.dtype = torch.float32) -> RefLogLik | None:
+    """The reward model's log-likelihood term, sharing PPO's reference model when π_ref is the same
+    checkpoint; another π_ref is loaded frozen, with weights in `dtype`."""
     c, path, excess = loglik_term(rm.config)
     if not c:
         return None
@@ -204,7 +207,19 @@ def ref_loglik(rm, init: Path, temperature: float, ref) -> RefLogLik | None:
     if not path or not (Path(path) / "config.json").is_file():
         raise CheckpointError(f"the reward model adds c · log π_ref(response) with π_ref = {path}, which is not a "
                               "model folder any more; train the reward model again (or with --rm.ref_loglik=off)")
-    return RefLogLik(c, load_model(path).eval().requires_grad_(False), excess)
+    return RefLogLik(c, load_model(path, dtype).eval().requires_grad_(False), excess)
+
+
+def frozen_models(cfg: Config, init: Path, rm_path: Path, pad_id: int, policy: torch.nn.Module,
+                  device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, RefLogLik | None]:
+    """The models PPO runs but never trains: the reference (the SFT model `init`; with LoRA the policy
+    with its adapter off, no second copy), the reward model and its c · log π_ref term (with its own
+    π_ref when that is another model). Loaded with weights in `dist.frozen_dtype` (bf16 on GPU by
+    default), in eval mode and without gradients: no optimizer is ever made over them."""
+    dtype = frozen_dtype(cfg.dist.frozen_dtype, device)
+    rm = scalar_model_from(rm_path, pad_id, dtype).eval().requires_grad_(False)
+    ref = lora.Reference(policy) if lora.enabled(cfg, "ppo") else load_model(init, dtype).eval().requires_grad_(False)
+    return ref, rm, ref_loglik(rm, init, cfg.ppo.temperature, ref, dtype)
 
 
 class WeightEMA:
@@ -332,18 +347,14 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     adapters = lora.enabled(cfg, "ppo")  # LoRA: base weights from init/rm, adapters (and heads) from the checkpoint
     # (from its plain folder, or with its FSDP shards after wrapping)
     policy = load_model(ckpt if state and not adapters and not shards else init)
-    rm = scalar_model_from(rm_path, tok.pad_token_id).eval().requires_grad_(False)
     value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
     # LoRA adapters and gradient checkpointing, as configured
     policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
     if adapters and state and not shards:
         lora.load_adapter(policy, ckpt)
         lora.load_adapter(value, ckpt / "value")
-    # the reference is the SFT model; with LoRA, the policy with its adapter off (no second copy)
-    ref = lora.Reference(policy) if adapters else load_model(init).eval().requires_grad_(False)
-
+    ref, rm, loglik = frozen_models(cfg, init, rm_path, tok.pad_token_id, policy, d.device)
     score_fn = reward_score(rm)
-    loglik = ref_loglik(rm, init, p.temperature, ref)
     par = None
     if d.world > 1:  # DDP / FSDP around the models (FSDP shards them in place: before the optimizers)
         par, score_fn = parallel(d, cfg.dist, policy, value, ref, rm, loglik)

@@ -14,19 +14,23 @@ One machine: `cherrytop ppo --ray.enabled=true` starts Ray here (CPU actors unle
 `--ray.gpus_per_model` > 0). A cluster: `ray start --head` on one node, `ray start
 --address=HEAD:6379` on the others (same venv, a shared filesystem for runs/), then on the head
 `cherrytop ppo --ray.enabled=true --ray.address=auto --ray.gpus_per_model=1 --ray.rollout_workers=4`.
+Placement: `ray.resources` pins a role's actors to a Ray custom resource, `ray.nodes` to a node;
+`placement` checks the plan against the cluster before any actor starts (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cherrytop import losses as L
-from cherrytop.config import Config, to_dict
+from cherrytop.config import Config, DistConfig, RayConfig, role_map, to_dict
 from cherrytop.data.collate import step_indices
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
@@ -39,12 +43,93 @@ from cherrytop.train.loop import MetricsLog, console
 
 
 def _device() -> torch.device:
+    """The actor's GPU if Ray gave it one, else the CPU (also outside Ray: asking Ray would start it)."""
     import ray
-    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device) if device.type != "cpu" else x
+
+
+class PlacementError(ValueError):
+    """Actors the Ray cluster could never place (Ray itself would wait for them forever)."""
+
+
+def _show(res: dict[str, float]) -> str:
+    """Resources as `CPU 8, GPU 1, trainer 2` (Ray's memory and per-node entries left out)."""
+    keep = {k: v for k, v in res.items() if k not in ("memory", "object_store_memory") and not k.startswith("node:")}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(keep.items())) or "nothing"
+
+
+def _nodes_text(nodes: list[dict]) -> str:
+    return "; ".join(f"{n['NodeManagerAddress']} (id {n['NodeID'][:12]}): {_show(n['Resources'])}" for n in nodes)
+
+
+def _node(name: str, alive: list[dict]) -> dict:
+    """The alive node `name` is the IP address, host name or id of (`ray.nodes`)."""
+    hits = [n for n in alive if name in (n["NodeID"], n["NodeManagerAddress"], n.get("NodeManagerHostname"))]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise PlacementError(f"ray.nodes: no alive node of the Ray cluster is '{name}'; its nodes: {_nodes_text(alive)}")
+    raise PlacementError(f"ray.nodes: {len(hits)} nodes answer to '{name}' (several Ray nodes on one machine); "
+                         f"give a node id: {', '.join(n['NodeID'] for n in hits)}")
+
+
+def placement(rc: RayConfig, roles: list[str], nodes: list[dict]) -> dict[str, dict]:
+    """{role: Ray actor options} for the actors of `roles` (a role once per actor: `rollout` once per
+    worker): 1 CPU, `ray.gpus_per_model` GPUs, one unit of the role's custom resource
+    (`ray.resources`), the role's node (`ray.nodes`: NodeAffinitySchedulingStrategy, not soft).
+    Checked against the cluster's `nodes` (`ray.nodes()`) first, since Ray waits forever for an actor
+    it cannot place: every actor must fit on one node (its own, when pinned), and all of them
+    together in the cluster's (and each pinned node's) totals. Raises PlacementError naming the
+    actor, what it asks for and what the cluster has."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    custom, pinned = role_map(rc.resources, "ray.resources"), role_map(rc.nodes, "ray.nodes")
+    alive = [n for n in nodes if n.get("Alive", True)]
+    target = {role: _node(pinned[role], alive) for role in dict.fromkeys(roles) if role in pinned}
+    need = {role: {"CPU": 1.0, **({"GPU": rc.gpus_per_model} if rc.gpus_per_model else {}),
+                   **({custom[role]: 1.0} if role in custom else {})} for role in roles}
+    for role in dict.fromkeys(roles):  # each actor on one node
+        where = [target[role]] if role in target else alive
+        if not any(all(n["Resources"].get(k, 0.0) >= v for k, v in need[role].items()) for n in where):
+            absent = [k for k in need[role] if not any(k in n["Resources"] for n in alive)]
+            hint = (f"; no node has '{absent[0]}': start one with `ray start --resources='{{\"{absent[0]}\": N}}'`"
+                    if absent and absent[0] != "GPU" else "; set ray.resources, ray.nodes or ray.gpus_per_model to fit")
+            on = f" on node {pinned[role]}" if role in target else " on one node"
+            raise PlacementError(f"ray: a {role} actor needs {_show(need[role])}{on}, which the Ray cluster cannot give "
+                                 f"(nodes: {_nodes_text(where)}){hint}")
+    on_node = {n["NodeID"]: (f"node {n['NodeManagerAddress']}", n) for n in target.values()}
+    groups = [("the cluster", roles, alive)] + [(name, [r for r in roles if r in target and target[r] is n], [n])
+                                                 for name, n in on_node.values()]
+    for name, members, where in groups:  # all of them together
+        for k in {k for r in members for k in need[r]}:
+            want, have = sum(need[r].get(k, 0.0) for r in members), sum(n["Resources"].get(k, 0.0) for n in where)
+            if want > have + 1e-9:
+                counts = ", ".join(f"{r} ×{members.count(r)}" for r in dict.fromkeys(members) if k in need[r])
+                fix = "start fewer actors" if name == "the cluster" else "pin fewer actors to it"
+                raise PlacementError(f"ray: the actors ({counts}) need {want:g} {k} in all and {name} has {have:g}; give it "
+                                     f"more (`ray start --resources=...`, --num-cpus, --num-gpus) or {fix}")
+    return {role: {"num_cpus": 1, "num_gpus": rc.gpus_per_model,
+                   **({"resources": {custom[role]: 1.0}} if role in custom else {}),
+                   **({"scheduling_strategy": NodeAffinitySchedulingStrategy(target[role]["NodeID"], soft=False)}
+                      if role in target else {})}
+            for role in dict.fromkeys(roles)}
+
+
+class Actor:
+    """What every PPO actor says about itself: where Ray placed it (logged, and kept in the checkpoint)."""
+    device: torch.device
+    model: torch.nn.Module
+
+    def where(self) -> dict:
+        """{node: Ray node id, resources: what Ray assigned it, device, dtypes: of its weights}."""
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "resources": dict(ctx.get_assigned_resources()), "device": str(self.device),
+                "dtypes": sorted({str(q.dtype).removeprefix("torch.") for q in self.model.parameters()})}
 
 
 def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what: str, ema: WeightEMA | None = None) -> dict:
@@ -69,7 +154,7 @@ def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what
     return {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
 
 
-class PolicyTrainer:
+class PolicyTrainer(Actor):
     """The policy, its optimizer and (with LoRA) the reference = the policy with its adapter off."""
 
     def __init__(self, cfg: Config, init: str):
@@ -114,7 +199,7 @@ class PolicyTrainer:
             lora.save_merged(self.model, Path(out))
 
 
-class ValueTrainer:
+class ValueTrainer(Actor):
     """The value model (initialised from the reward model [IG]) and its optimizer."""
 
     def __init__(self, cfg: Config, rm_path: str, pad_id: int):
@@ -149,14 +234,16 @@ class ValueTrainer:
         lora.save_merged(self.model, Path(out))
 
 
-class Scorer:
-    """A frozen model: the reward model (`score`) or the reference policy (`logp`)."""
+class Scorer(Actor):
+    """A frozen model: the reward model (`score`) or the reference policy (`logp`), with weights in
+    `dist.frozen_dtype` (bf16 on GPU by default), no gradients and no optimizer."""
 
-    def __init__(self, kind: str, path: str, pad_id: int, temperature: float, bf16: bool):
+    def __init__(self, kind: str, path: str, pad_id: int, temperature: float, dist: DistConfig):
         from cherrytop.model.heads import scalar_model_from
-        from cherrytop.model.load import load_model
-        self.device, self.temperature, self.bf16 = _device(), temperature, bf16
-        model = scalar_model_from(path, pad_id) if kind == "reward" else load_model(path)
+        from cherrytop.model.load import frozen_dtype, load_model
+        self.device, self.temperature, self.bf16 = _device(), temperature, dist.bf16
+        dtype = frozen_dtype(dist.frozen_dtype, self.device)
+        model = scalar_model_from(path, pad_id, dtype) if kind == "reward" else load_model(path, dtype)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @torch.no_grad()
@@ -173,7 +260,7 @@ class Scorer:
         return tuple(x.cpu() for x in out) if entropy else out.cpu()
 
 
-class RolloutWorker:
+class RolloutWorker(Actor):
     """Samples responses with a copy of the policy; `set_weights` receives the trainer's update."""
 
     def __init__(self, cfg: Config, init: str, seed: int):
@@ -219,6 +306,43 @@ def start_ray(cfg: Config) -> None:
                  configure_logging=False)
 
 
+@dataclass
+class Actors:
+    """The actors of a PPO run on Ray (handles)."""
+    policy: Any
+    """PolicyTrainer."""
+    value: Any
+    """ValueTrainer."""
+    reward: Any
+    """Scorer of the reward model."""
+    reference: Any | None
+    """Scorer of the reference model; None with LoRA (the policy trainer runs its policy with the adapter off)."""
+    rollout: list
+    """RolloutWorkers."""
+
+    def named(self) -> dict[str, Any]:
+        """Every actor by name: policy, value, reward, reference, rollout 0, rollout 1, ..."""
+        one = {"policy": self.policy, "value": self.value, "reward": self.reward, "reference": self.reference}
+        return {k: a for k, a in one.items() if a is not None} | {f"rollout {i}": w for i, w in enumerate(self.rollout)}
+
+
+def start_actors(cfg: Config, init: str, rm_path: str, pad_id: int) -> Actors:
+    """The PPO actors, each placed as `placement` says (checked against the running cluster first)."""
+    import ray
+    p, rc = cfg.ppo, cfg.ray
+    adapters = lora.enabled(cfg, "ppo")
+    roles = ["policy", "value", "reward"] + ([] if adapters else ["reference"]) + ["rollout"] * rc.rollout_workers
+    opts = placement(rc, roles, ray.nodes())
+    return Actors(
+        policy=ray.remote(PolicyTrainer).options(**opts["policy"]).remote(cfg, init),
+        value=ray.remote(ValueTrainer).options(**opts["value"]).remote(cfg, rm_path, pad_id),
+        reward=ray.remote(Scorer).options(**opts["reward"]).remote("reward", rm_path, pad_id, p.temperature, cfg.dist),
+        reference=None if adapters else ray.remote(Scorer).options(**opts["reference"]).remote(
+            "reference", init, pad_id, p.temperature, cfg.dist),
+        rollout=[ray.remote(RolloutWorker).options(**opts["rollout"]).remote(cfg, init, cfg.run.seed * 1000 + k)
+                 for k in range(rc.rollout_workers)])
+
+
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     """PPO with Ray actors; the checkpoint (policy + `value/`) is stage 6's."""
     import ray
@@ -241,20 +365,18 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
                          f"ray.enabled (π_ref is {rm_ref}); run PPO without Ray, or a reward model trained with "
                          "--rm.ref_loglik=off")
     start_ray(cfg)
-    res = {"num_gpus": rc.gpus_per_model, "num_cpus": 1}
-    adapters = lora.enabled(cfg, "ppo")
-    policy = ray.remote(PolicyTrainer).options(**res).remote(cfg, init)
-    value = ray.remote(ValueTrainer).options(**res).remote(cfg, rm_path, tok.pad_token_id)
-    rm = ray.remote(Scorer).options(**res).remote("reward", rm_path, tok.pad_token_id, p.temperature, cfg.dist.bf16)
-    ref = None if adapters else ray.remote(Scorer).options(**res).remote("reference", init, tok.pad_token_id, p.temperature,
-                                                                         cfg.dist.bf16)
-    workers = [ray.remote(RolloutWorker).options(**res).remote(cfg, init, cfg.run.seed * 1000 + k)
-               for k in range(rc.rollout_workers)]
+    actors = start_actors(cfg, init, rm_path, tok.pad_token_id)
+    policy, value, rm, ref, workers = actors.policy, actors.value, actors.reward, actors.reference, actors.rollout
+    placed = dict(zip(actors.named(), ray.get([a.where.remote() for a in actors.named().values()])))
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    for who, at in placed.items():
+        console.print(f"ppo (ray): {who} on node {address.get(at['node'], '?')} ({at['node'][:12]}) with "
+                      f"{_show(at['resources'])}; {at['device']}, {'/'.join(at['dtypes'])} weights")
     encoded = [encode_prompt(tok, m) for m in load_prompts(cfg)]
     log = MetricsLog(run_dir, name, 0)
     beta, metrics, t0 = p.kl_coef, {}, time.perf_counter()
     console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes; {len(workers)} rollout worker(s), "
-                  f"{'LoRA policy (reference = adapter off)' if adapters else 'full policy + reference actor'}; "
+                  f"{'full policy + reference actor' if ref is not None else 'LoRA policy (reference = adapter off)'}; "
                   f"{rc.gpus_per_model} GPU per actor")
 
     def launch(it: int):  # 1. rollout: every worker samples its share of the iteration's prompts
@@ -281,7 +403,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         console.print(f"ppo (ray) {it + 1}/{iterations}: score {stats['objective/score']:.3f} kl {stats['objective/kl']:.3f}")
         if (it + 1) % p.save_every == 0 or it + 1 == iterations:
             _save(ckpt, policy, value, tok, cfg, {"stage": name, "iteration": it + 1, "beta": beta, "metrics": metrics,
-                                                  "config": to_dict(cfg), "ray": True})
+                                                  "config": to_dict(cfg), "ray": placed})
     log.close()
     console.print(f"[green]ppo (ray)[/]: done; policy {ckpt}")
     return metrics

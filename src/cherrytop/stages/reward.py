@@ -121,6 +121,11 @@ def rm_step(model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return loss * n, n
 
 
+def rm_count(b: Batch) -> int:
+    """Prompts in a micro-batch: what `rm_step` sums its per-prompt losses over."""
+    return int(b["n_prompts"])
+
+
 def rm_accuracy(model, b: Batch) -> dict[str, float]:
     correct, total = L.ranking_accuracy(group_rewards(model, b), b["pref"])
     return {"eval/accuracy": float(correct) / max(int(total), 1)}
@@ -244,7 +249,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     evals = [collate_groups(held_groups[i: i + t.micro_batch_size], tok.pad_token_id, rc.tie_weight,
                             ll_held[i: i + t.micro_batch_size] if ll_held else None)
              for i in range(0, min(len(held_groups), t.eval_batches * t.micro_batch_size), t.micro_batch_size)]
-    stage = loop.Stage("rm", model, tok, t, micro_batches, rm_step, lambda b: int(b["n_prompts"]), evals, rm_accuracy)
+    stage = loop.Stage("rm", model, tok, t, micro_batches, rm_step, rm_count, evals, rm_accuracy)
     metrics = loop.run(stage, _with_train(cfg, t), fresh)
     d = distributed.current()
     if d.world > 1:  # data-parallel run: rank 0 finishes on the whole trained model, read back from its checkpoint
