@@ -127,14 +127,12 @@ def by_flaw(comps, r):
 tr_f, he_f = features(per_token(train), heads(train)), features(per_token(held), heads(held))
 pref, tie, k_tr = pairs(train)
 variants = {
-    "excess": (["excess"], False), "excess+min_excess": (["excess", "min_excess"], False),
-    "excess+min_logp": (["excess", "min_logp"], False), "excess_neg": (["excess_neg"], False),
-    "head+excess (fit c with the head)": (["head", "excess"], False),
-    "head + excess + min_excess": (["head", "excess", "min_excess"], False),
-    "head + excess + min_logp": (["head", "excess", "min_logp"], False),
+    "excess": ["excess"], "excess+min_excess": ["excess", "min_excess"], "excess+min_logp": ["excess", "min_logp"],
+    "excess_neg": ["excess_neg"], "head+excess (fit c with the head)": ["head", "excess"],
+    "head + excess + min_excess": ["head", "excess", "min_excess"], "head + excess + min_logp": ["head", "excess", "min_logp"],
 }
 rows = {}
-for name, (cols, _) in variants.items():
+for name, cols in variants.items():
     X = torch.stack([stack(tr_f[c], k_tr) for c in cols], -1)
     w = fit(X, pref, tie)
     Xh = torch.stack([stack(he_f[c], max(c.k for c in held)) for c in cols], -1)
