@@ -202,7 +202,9 @@ def cmd_convert(args, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
+    from cherrytop.train import distributed
     from cherrytop.train.loop import ResumeError
+    clean = False
     try:
         cfg = _load(args, extra)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.command not in ("pretrain", "sft", "rm", "ppo")
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             stages[args.command].run(cfg, fresh=args.fresh)
         else:
             globals()[f"cmd_{args.command}"](args, cfg)
+        clean = True
     except (ValueError, FileNotFoundError, ResumeError, FloatingPointError) as e:  # config, data, checkpoint errors
         if os.environ.get("CHERRYTOP_DEBUG"):
             raise
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the next run resumes from it", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown(clean)  # under torchrun: leave the process group before the interpreter ends
     return 0
 
 

@@ -78,6 +78,17 @@ def setup(cfg: DistConfig) -> Dist:
     return current()
 
 
+
+def teardown(clean: bool = True) -> None:
+    """Leave the process group, if one is running: after a clean run (`clean`) every rank first waits
+    for the others, so none closes its gloo / NCCL connections under a rank still at work; then the
+    group is destroyed while the interpreter is whole. A process that reaches interpreter shutdown
+    still holding a gloo group can abort there ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
 def shard(items: list, d: Dist) -> list:
     """This rank's share of a step's micro-batches (every rank gets as many; rank r takes r, r+W, ...)."""
     if len(items) % d.world:
