@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--rollout-batch", type=int, default=16, help="PPO: sequences generated together per GPU")
             s.add_argument("--lora-r", type=int, default=16, help="LoRA rank when LoRA is an option")
             s.add_argument("--cpu-mem", type=float, default=1024.0, help="GiB of CPU memory per node (for offload)")
+            s.add_argument("--frozen-dtype", default="bf16", choices=["bf16", "fp32"],
+                           help="PPO: weights of the frozen reference and reward model (--dist.frozen_dtype; auto = bf16 on GPU)")
         if name == "convert":
             s.add_argument("checkpoint", help="checkpoint folder with shards/ (written under --dist.strategy=fsdp)")
             s.add_argument("--out", required=True, help="folder to write the plain Hugging Face model to")
@@ -192,7 +194,8 @@ def cmd_config(args, cfg) -> None:
 def cmd_plan(args, cfg) -> None:
     from cherrytop.plan import Workload, report
     print(report(args.model, args.stage, args.gpus, args.gpu_mem,
-                 Workload(args.micro_batch, args.seq_len, args.rollout_batch, args.lora_r), cpu_node_gib=args.cpu_mem))
+                 Workload(args.micro_batch, args.seq_len, args.rollout_batch, args.lora_r), cpu_node_gib=args.cpu_mem,
+                 frozen_bytes=2 if args.frozen_dtype == "bf16" else 4))
 
 
 def cmd_convert(args, cfg) -> None:

@@ -5,7 +5,8 @@ options — LoRA, FSDP, CPU offload, gradient checkpointing — make it fit.
 The model is built on the `meta` device from its config.json (no weights read, nothing downloaded),
 so parameter counts are exact for any Hugging Face architecture. Bytes per element follow what
 cherrytop does on GPU: fp32 weights, fp32 gradients and AdamW moments (4 + 4 + 8 = 16 bytes per
-trained parameter, 4 per frozen one), bf16 autocast activations. Activations per token and layer
+trained parameter), the frozen models' weights in `dist.frozen_dtype` (bf16 on GPU by default: 2 bytes
+per parameter; `frozen_bytes=4` for fp32), bf16 autocast activations. Activations per token and layer
 follow Korthikanti et al. 2022 ("Reducing activation recomputation", §4.1) with SDPA/flash
 attention (no T² scores stored): 11h attention + 4h norms + the MLP's (3h + 4f, or 2h + 6f gated)
 bytes, h = hidden size, f = MLP width; logits add 6 bytes per vocabulary entry (bf16 + fp32 copy).
@@ -183,7 +184,9 @@ def roles(stage: str) -> list[tuple[str, bool, bool]]:
 
 
 def plan(s: Shape, stage: str, gpus: int, gpu_gib: float, opts: Options, w: Workload = Workload(),
-         cpu_node_gib: float = float("inf"), gpus_per_node: int = 8) -> Plan:
+         cpu_node_gib: float = float("inf"), gpus_per_node: int = 8, frozen_bytes: int = 2) -> Plan:
+    """Bytes per GPU of each model of `stage` with options `opts`; `frozen_bytes` per weight of the
+    models that are not trained (PPO's reference and reward model: 2 in bf16, 4 in fp32)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
     if gpus < 1:
@@ -197,14 +200,15 @@ def plan(s: Shape, stage: str, gpus: int, gpu_gib: float, opts: Options, w: Work
             continue  # the policy with its adapter off: no memory of its own
         m = ModelMemory(role, trained, s.params)
         trainable = s.lora_params * w.lora_r if lora_here else (s.params if trained else 0)
-        m.weights = 4 * s.params / shard + (4 * 2 * s.block_params if opts.fsdp else 0)  # + ~2 gathered blocks
+        wb = 4 if trained else frozen_bytes  # bytes per weight
+        m.weights = wb * s.params / shard + (wb * 2 * s.block_params if opts.fsdp else 0)  # + ~2 gathered blocks
         if lora_here:
             m.weights += 4 * trainable / shard
         m.grads = 4 * trainable / shard
         m.optimizer = 8 * trainable / shard
         if opts.offload and opts.fsdp:
-            m.cpu = m.weights - 4 * 2 * s.block_params + m.grads + m.optimizer
-            m.weights, m.grads, m.optimizer = 4 * 2 * s.block_params, 0.0, 0.0
+            m.cpu = m.weights - wb * 2 * s.block_params + m.grads + m.optimizer
+            m.weights, m.grads, m.optimizer = wb * 2 * s.block_params, 0.0, 0.0
         lm = role in ("model", "policy", "reference")
         m.activations = activation_bytes_per_token(s, trained, opts.grad_checkpointing, lm) * tokens
         if generates:  # k and v, bf16, every layer, the whole rollout batch at full length
@@ -229,17 +233,19 @@ def gib(x: float) -> str:
 
 
 def report(path: str | Path, stage: str, gpus: int, gpu_gib: float = 80.0, w: Workload = Workload(),
-           headroom: float = 0.9, cpu_node_gib: float = 1024.0, gpus_per_node: int = 8) -> str:
+           headroom: float = 0.9, cpu_node_gib: float = 1024.0, gpus_per_node: int = 8, frozen_bytes: int = 2) -> str:
     """The printed plan: the model, the first option set that fits (with its breakdown per model),
     and every option set with its per-GPU total."""
     s = shape(read_config(path))
     usable = gpu_gib * headroom
-    plans = [plan(s, stage, gpus, usable, o, w, cpu_node_gib * headroom, gpus_per_node) for o in all_options(stage)]
+    plans = [plan(s, stage, gpus, usable, o, w, cpu_node_gib * headroom, gpus_per_node, frozen_bytes)
+             for o in all_options(stage)]
     lines = [f"model {path}: {s.params / 1e9:.3f}B parameters, {s.layers} layers, hidden {s.hidden}, "
              f"vocab {s.vocab}; LoRA r={w.lora_r}: {s.lora_params * w.lora_r / 1e6:.1f}M trainable",
              f"stage {stage} on {gpus} GPU(s) of {gpu_gib:g} GiB ({headroom:.0%} usable = {usable:.1f} GiB); "
              f"micro-batch {w.micro_batch} x {w.seq_len} tokens" + (f", rollout batch {w.rollout_batch}" if stage == "ppo" else "")
-             + f"; offload may use {cpu_node_gib * headroom:.0f} GiB of CPU memory per node of {min(gpus, gpus_per_node)} GPUs",
+             + f"; offload may use {cpu_node_gib * headroom:.0f} GiB of CPU memory per node of {min(gpus, gpus_per_node)} GPUs"
+             + (f"; frozen models in {'bf16' if frozen_bytes == 2 else 'fp32'}" if stage == "ppo" else ""),
              ""]
     best = next((p for p in plans if p.fits), None)
     shown = best or min(plans, key=lambda p: p.total)

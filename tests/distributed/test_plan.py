@@ -51,14 +51,18 @@ def test_ppo_models_and_kv_cache(small):
     assert [m.role for m in p.models] == ["policy", "reference", "reward", "value"]
     policy, ref, rm, value = p.models
     assert policy.kv_cache == 2 * 2 * 2 * 2 * 8 * 8 * 3  # k,v · bf16 · layers · kv heads · head dim · tokens · batch
-    assert ref.grads == rm.grads == ref.optimizer == 0 and ref.weights == rm.weights == 4 * PARAMS
+    assert ref.grads == rm.grads == ref.optimizer == 0 and ref.weights == rm.weights == 2 * PARAMS  # bf16
+    assert policy.weights == value.weights == 4 * PARAMS  # trained: fp32
+    fp32 = plan(small, "ppo", 1, 1.0, Options(), W, frozen_bytes=4).models  # --dist.frozen_dtype=fp32
+    assert [m.weights for m in fp32] == [4 * PARAMS] * 4 and fp32[1].total - ref.total == 2 * PARAMS
     assert ref.activations == (PER_LAYER + LOGITS) * 16 and rm.activations == PER_LAYER * 16
     assert value.activations == 2 * PER_LAYER * 16 and value.optimizer == 8 * PARAMS
     lora = plan(small, "ppo", 1, 1.0, Options(lora=True), W)
     assert [m.role for m in lora.models] == ["policy", "reward", "value"]  # reference = adapter off, no copy
     sharded = plan(small, "ppo", 2, 1.0, Options(fsdp=True), W).models  # FSDP shards the frozen models too
     for m in sharded:
-        assert m.weights == 4 * PARAMS / 2 + 4 * 2 * BLOCK, m.role
+        wb = 4 if m.trained else 2
+        assert m.weights == wb * PARAMS / 2 + wb * 2 * BLOCK, m.role
     assert [m.optimizer for m in sharded] == [8 * PARAMS / 2, 0, 0, 8 * PARAMS / 2]
 
 
@@ -68,6 +72,8 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--stage", "sft", "--gpus", "1", "--gpu-mem", "1"]) == 0
     out = capsys.readouterr().out
     assert "0.000B parameters" in out and "fits with: plain DDP" in out
+    assert main(["plan", "--model", str(tmp_path), "--stage", "ppo", "--gpus", "1", "--frozen-dtype", "fp32"]) == 0
+    assert "frozen models in fp32" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
