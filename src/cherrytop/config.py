@@ -334,7 +334,11 @@ class RayConfig:
     """Ray cluster to join (`auto` on a node of a running cluster); empty = start Ray on this machine."""
     gpus_per_model: float = 0.0
     """GPUs per actor (policy trainer, value trainer, reward, reference, each rollout worker);
-    fractions share a GPU; 0 = CPU."""
+    fractions share a GPU; 0 = CPU. `ray.gpus` sets it per role."""
+    gpus: tuple[str, ...] = ()
+    """GPUs per actor of a role, as `ROLE=N` entries that override `ray.gpus_per_model` for that role:
+    e.g. `['policy=1', 'value=1', 'reward=0.5', 'reference=0.5', 'rollout=0.25']` gives each trainer a
+    GPU, puts the two frozen models on one and four rollout workers on another; 0 keeps a role on CPU."""
     rollout_workers: int = 1
     """Actors that sample rollouts, each with a copy of the policy synced after every update."""
     resources: tuple[str, ...] = ()
@@ -450,6 +454,21 @@ def role_map(entries: tuple[str, ...], where: str) -> dict[str, str]:
         if role in out:
             raise ConfigError(f"{where}: role '{role}' given twice ('{out[role]}' and '{value}')")
         out[role] = value
+    return out
+
+
+def role_gpus(rc: RayConfig) -> dict[str, float]:
+    """GPUs per actor of every role: `ray.gpus` entries, else `ray.gpus_per_model`; a ConfigError names
+    an entry that is not a number of GPUs ≥ 0."""
+    out = dict.fromkeys(RAY_ROLES, float(rc.gpus_per_model))
+    for role, value in role_map(rc.gpus, "ray.gpus").items():
+        try:
+            n = float(value)
+        except ValueError:
+            n = -1.0
+        if not n >= 0.0:
+            raise ConfigError(f"ray.gpus: expected a number of GPUs ≥ 0 for {role}, got '{value}'")
+        out[role] = n
     return out
 
 
@@ -660,6 +679,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rm.ref_loglik: expected 'off', 'sum' or 'excess', got '{cfg.rm.ref_loglik}'")
     role_map(cfg.ray.resources, "ray.resources")
     role_map(cfg.ray.nodes, "ray.nodes")
+    role_gpus(cfg.ray)
     if cfg.dist.frozen_dtype not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"dist.frozen_dtype: expected 'auto', 'bf16' or 'fp32', got '{cfg.dist.frozen_dtype}'")
     if cfg.dist.strategy not in ("none", "ddp", "fsdp"):

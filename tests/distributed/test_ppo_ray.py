@@ -142,6 +142,21 @@ def test_placement_gives_each_role_its_resource_and_node():
     assert "resources" not in placement(rc, roles(rc), [HEAD])["policy"]
 
 
+def test_placement_gives_each_role_its_gpus():
+    """`ray.gpus` sets a role's GPUs; the others keep `ray.gpus_per_model`; the GPU totals are checked."""
+    from cherrytop.stages.ppo_ray import PlacementError, placement
+    rc = ray_cfg("--ray.resources=[]", "--ray.nodes=[]", "--ray.gpus_per_model=0.25",
+                 "--ray.gpus=['policy=1', 'value=0.5', 'reward=0']")
+    gpus = {**GPUS, "Resources": {**GPUS["Resources"], "GPU": 4.0}}
+    opts = placement(rc, roles(rc), [HEAD, gpus])
+    assert {r: o["num_gpus"] for r, o in opts.items()} == {"policy": 1.0, "value": 0.5, "reward": 0.0,
+                                                           "reference": 0.25, "rollout": 0.25}
+    # 1 + 0.5 + 0.25 + 4 × 0.25 = 2.75 GPUs: too many for 2, and the message counts the GPU actors only
+    with pytest.raises(PlacementError, match=r"\(policy ×1, value ×1, reference ×1, rollout ×4\) need 2.75 GPU in all "
+                                             "and the cluster has 2"):
+        placement(rc, roles(rc), [HEAD, GPUS])
+
+
 @pytest.mark.parametrize("overrides,nodes,message", [
     (["--ray.resources=['rollout=gpu_box']"], [HEAD, GPUS], "no node has 'gpu_box'"),
     (["--ray.rollout_workers=5"], [HEAD, GPUS, DEAD], r"rollout ×5\) need 5 sampler in all and the cluster has 4"),
@@ -166,6 +181,9 @@ def test_placement_refuses_what_ray_would_wait_for_forever(overrides, nodes, mes
     ("--ray.resources=['critic=trainer']", "ray.resources: unknown role 'critic'"),
     ("--ray.nodes=['policy']", "ray.nodes: expected ROLE=VALUE entries, got 'policy'"),
     ("--ray.nodes=['policy=a', 'policy=b']", "ray.nodes: role 'policy' given twice"),
+    ("--ray.gpus=['policy=one']", "ray.gpus: expected a number of GPUs ≥ 0 for policy, got 'one'"),
+    ("--ray.gpus=['rollout=-1']", "ray.gpus: expected a number of GPUs ≥ 0 for rollout, got '-1'"),
+    ("--ray.gpus=['critic=1']", "ray.gpus: unknown role 'critic'"),
 ])
 def test_bad_pinning_settings_are_config_errors(override, message):
     from cherrytop.config import ConfigError, load_config

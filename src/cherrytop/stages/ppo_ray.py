@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cherrytop import losses as L
-from cherrytop.config import Config, DistConfig, RayConfig, role_map, to_dict
+from cherrytop.config import Config, DistConfig, RayConfig, role_gpus, role_map, to_dict
 from cherrytop.data.collate import step_indices
 from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
@@ -80,24 +80,24 @@ def _node(name: str, alive: list[dict]) -> dict:
 
 def placement(rc: RayConfig, roles: list[str], nodes: list[dict]) -> dict[str, dict]:
     """{role: Ray actor options} for the actors of `roles` (a role once per actor: `rollout` once per
-    worker): 1 CPU, `ray.gpus_per_model` GPUs, one unit of the role's custom resource
-    (`ray.resources`), the role's node (`ray.nodes`: NodeAffinitySchedulingStrategy, not soft).
+    worker): 1 CPU, the role's GPUs (`ray.gpus`, else `ray.gpus_per_model`), one unit of the role's
+    custom resource (`ray.resources`), the role's node (`ray.nodes`: NodeAffinitySchedulingStrategy, not soft).
     Checked against the cluster's `nodes` (`ray.nodes()`) first, since Ray waits forever for an actor
     it cannot place: every actor must fit on one node (its own, when pinned), and all of them
     together in the cluster's (and each pinned node's) totals. Raises PlacementError naming the
     actor, what it asks for and what the cluster has."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    custom, pinned = role_map(rc.resources, "ray.resources"), role_map(rc.nodes, "ray.nodes")
+    custom, pinned, gpus = role_map(rc.resources, "ray.resources"), role_map(rc.nodes, "ray.nodes"), role_gpus(rc)
     alive = [n for n in nodes if n.get("Alive", True)]
     target = {role: _node(pinned[role], alive) for role in dict.fromkeys(roles) if role in pinned}
-    need = {role: {"CPU": 1.0, **({"GPU": rc.gpus_per_model} if rc.gpus_per_model else {}),
+    need = {role: {"CPU": 1.0, **({"GPU": gpus[role]} if gpus[role] else {}),
                    **({custom[role]: 1.0} if role in custom else {})} for role in roles}
     for role in dict.fromkeys(roles):  # each actor on one node
         where = [target[role]] if role in target else alive
         if not any(all(n["Resources"].get(k, 0.0) >= v for k, v in need[role].items()) for n in where):
             absent = [k for k in need[role] if not any(k in n["Resources"] for n in alive)]
             hint = (f"; no node has '{absent[0]}': start one with `ray start --resources='{{\"{absent[0]}\": N}}'`"
-                    if absent and absent[0] != "GPU" else "; set ray.resources, ray.nodes or ray.gpus_per_model to fit")
+                    if absent and absent[0] != "GPU" else "; set ray.resources, ray.nodes, ray.gpus or ray.gpus_per_model to fit")
             on = f" on node {pinned[role]}" if role in target else " on one node"
             raise PlacementError(f"ray: a {role} actor needs {_show(need[role])}{on}, which the Ray cluster cannot give "
                                  f"(nodes: {_nodes_text(where)}){hint}")
@@ -112,7 +112,7 @@ def placement(rc: RayConfig, roles: list[str], nodes: list[dict]) -> dict[str, d
                 fix = "start fewer actors" if name == "the cluster" else "pin fewer actors to it"
                 raise PlacementError(f"ray: the actors ({counts}) need {want:g} {k} in all and {name} has {have:g}; give it "
                                      f"more (`ray start --resources=...`, --num-cpus, --num-gpus) or {fix}")
-    return {role: {"num_cpus": 1, "num_gpus": rc.gpus_per_model,
+    return {role: {"num_cpus": 1, "num_gpus": gpus[role],
                    **({"resources": {custom[role]: 1.0}} if role in custom else {}),
                    **({"scheduling_strategy": NodeAffinitySchedulingStrategy(target[role]["NodeID"], soft=False)}
                       if role in target else {})}
@@ -377,7 +377,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     beta, metrics, t0 = p.kl_coef, {}, time.perf_counter()
     console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes; {len(workers)} rollout worker(s), "
                   f"{'full policy + reference actor' if ref is not None else 'LoRA policy (reference = adapter off)'}; "
-                  f"{rc.gpus_per_model} GPU per actor")
+                  "GPUs per actor: " + ", ".join(f"{r} {g:g}" for r, g in role_gpus(rc).items()))
 
     def launch(it: int):  # 1. rollout: every worker samples its share of the iteration's prompts
         prompts = [encoded[i] for i in step_indices(len(encoded), p.batch_size, it, cfg.run.seed)]
