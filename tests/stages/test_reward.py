@@ -123,3 +123,21 @@ def test_group_rewards_add_the_loglik_term(tmp_path):
     setattr(rm.config, LOGLIK_KEY, 0.5)
     with_term = group_rewards(rm, collate_groups([(encode_group(tok, comp, 64), comp)], tok.pad_token_id, 1.0, ll))
     assert torch.allclose(with_term - plain, 0.5 * torch.tensor(ll), atol=1e-5)
+
+
+def test_reference_lm_is_frozen_in_the_frozen_dtype(tmp_path):
+    """The π_ref of `rm.ref_loglik` is loaded frozen in `dist.frozen_dtype` (bf16 forced here on CPU; auto
+    = fp32 on CPU): no gradients, and its log-likelihoods stay within bf16 rounding of the fp32 ones."""
+    from cherrytop.config import load_config
+    from cherrytop.stages.reward import _reference_lm
+    tok, _ = _tiny_lm(tmp_path)
+    pairs = [split_response(tok, [{"role": "user", "content": q}], a, 64)
+             for q in ("what color is the cat ?", "hi") for a in ("the cat is red .", "i do not know .")]
+    got = {}
+    for setting, dtype in (("auto", torch.float32), ("bf16", torch.bfloat16)):
+        lm = _reference_lm(tmp_path / "llama", load_config("test", [], [f"--dist.frozen_dtype={setting}"]))
+        assert all(q.dtype == dtype and not q.requires_grad for q in lm.parameters()) and not lm.training
+        got[setting] = response_loglik(lm, [h for h, _ in pairs], [r for _, r in pairs], tok.pad_token_id, excess=True)
+    assert got["bf16"].dtype == torch.float32 and not torch.equal(got["auto"], got["bf16"])
+    eps = torch.finfo(torch.bfloat16).eps  # measured: 0.0024 at most
+    torch.testing.assert_close(got["bf16"], got["auto"], rtol=0, atol=2 * eps)

@@ -81,9 +81,10 @@ def response_loglik(lm: PreTrainedModel, prompts: list[list[int]], responses: li
     """(n,) Σ_t log p(response_t | prompt, response_<t) under the causal LM `lm` at temperature 1 (with
     `excess`, Σ_t (log p(response_t | ...) + H_t), H_t the entropy of p at step t), one row per
     (prompt, response) pair of token ids; batched like PPO's episodes (prompts left-padded, responses
-    right-padded, padding-free where the model allows)."""
+    right-padded, padding-free where the model allows), on the model's device; returned on the CPU in fp32."""
     from cherrytop.rollout.packing import response_logp
     from cherrytop.rollout.sampler import left_pad
+    dev = next(lm.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
         ids_p, mask_p = left_pad(prompts[i: i + batch_size], pad_id)  # (B, P)
@@ -94,8 +95,8 @@ def response_loglik(lm: PreTrainedModel, prompts: list[list[int]], responses: li
         for b, r in enumerate(rs):
             ids_r[b, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask_r[b, : len(r)] = 1
-        ids, attn = torch.cat([ids_p, ids_r], 1), torch.cat([mask_p, mask_r], 1)  # (B, P+N)
+        ids, attn = torch.cat([ids_p, ids_r], 1).to(dev), torch.cat([mask_p, mask_r], 1).to(dev)  # (B, P+N)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         f = response_logp(lm, ids, attn, pos, ids_p.shape[1], 1.0, with_entropy=excess)  # (B, N), + entropy
-        out.append(((f[0] + f[1] if excess else f) * mask_r).sum(1))
+        out.append(((f[0] + f[1] if excess else f) * mask_r.to(dev)).sum(1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)

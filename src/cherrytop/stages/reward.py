@@ -31,7 +31,7 @@ from cherrytop.data.records import Comparison, DataError, read_comparisons, read
 from cherrytop.data.tokenizer import load_tokenizer, render, split_response
 from cherrytop.model import lora
 from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, loglik_term, reward, response_loglik, scalar_model_from
-from cherrytop.model.load import CheckpointError, load_model, resolve_checkpoint
+from cherrytop.model.load import CheckpointError, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.stages import compare, sft
 from cherrytop.train import distributed, loop
 from cherrytop.train.checkpoint import load_state, save_checkpoint
@@ -174,10 +174,12 @@ def demonstration_bias(model, tok, convs, loglik: list[float] | None) -> float:
     return -float(r.mean())
 
 
-def _reference_lm(init: Path):
-    """The causal LM whose log-likelihood `rm.ref_loglik` adds (the reward model's starting point)."""
+def _reference_lm(init: Path, cfg: Config):
+    """The causal LM whose log-likelihood `rm.ref_loglik` adds (the reward model's starting point), frozen,
+    on this process's device with weights in `dist.frozen_dtype` (bf16 on GPU by default)."""
+    device = distributed.setup(cfg.dist).device
     try:
-        return load_model(init).eval().requires_grad_(False)
+        return load_model(init, frozen_dtype(cfg.dist.frozen_dtype, device)).to(device).eval().requires_grad_(False)
     except (CheckpointError, ValueError, OSError) as e:
         raise DataError(f"rm.ref_loglik needs a causal LM as rm.train.init ({init}): {e}; "
                         "set --rm.ref_loglik=off to train the head alone") from e
@@ -211,7 +213,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     done = done is not None and done["step"] >= t.max_steps and "accuracy_labelers" in done["metrics"]
     use = rc.ref_loglik != "off"
     if use and not done:  # log π_ref of every response, once; c fitted on the training rankings only
-        lm = _reference_lm(init)
+        lm = _reference_lm(init, cfg)
         excess = rc.ref_loglik == "excess"
 
         def per_group(cs: list[Comparison]) -> list[list[float]]:
