@@ -128,7 +128,8 @@ def merge_state_dict(sd: dict[str, torch.Tensor], meta: dict | Path) -> dict[str
                 a = sd[f"{mod}.lora_A.default.weight"].float()  # (r, in)
                 b = sd[f"{mod}.lora_B.default.weight"].float()  # (out, r)
                 delta = (b @ a) * meta[mod]["scaling"]  # (out, in)
-                v = v + (delta.T if meta[mod]["fan_in_fan_out"] else delta).to(v.dtype)
+                # merged on the weights' device, kept on the CPU: saving a GPU model does not hold a second copy there
+                v = (v + (delta.T if meta[mod]["fan_in_fan_out"] else delta).to(v.dtype)).cpu()
         out[k] = v
     return out
 
