@@ -88,16 +88,20 @@ def gqa_llama(seed=5):
 
 @pytest.mark.parametrize("make", [lambda: tiny("llama"), gqa_llama, lambda: tiny("gpt2")])
 def test_hidden_at_equals_the_full_trunk_at_those_positions_with_gradients(make):
-    """hidden_at runs a Llama's last layer only at the asked positions: same states and gradients as
-    the full packed trunk indexed there (any positions, repeated ones included)."""
+    """hidden_at runs a Llama's last layer only at the asked positions (and, on a Llama, every other
+    layer on the real tokens alone): same states and gradients as the full packed trunk indexed there
+    (any real-token positions, repeated ones included; a pad's output is no token's and is never asked
+    for — through the RMSNorm of its all-zero state its gradient is ~1e9 on the padded path)."""
     model = make().train()
     ids, attn, pos, P, _ = episodes(model.eval(), seed=6)
     model.train()
     pk = packing.pack(ids, attn)
     R, L = pk.input_ids.shape
     g = torch.Generator().manual_seed(0)
-    rows, cols = torch.randint(0, R, (7, 5), generator=g), torch.randint(0, L, (7, 5), generator=g)
-    rows[0, :2], cols[0, :2] = 1, 3  # a repeated position
+    real = packing.real_index(pk)
+    flat = real[torch.randint(0, real.shape[0], (7, 5), generator=g)]  # real tokens' positions
+    flat[0, :2] = real[3]  # a repeated position
+    rows, cols = flat // L, flat % L
     w = torch.randn(7, 5, model.config.hidden_size, generator=g)
     out = []
     for fn in (lambda: packing.hidden_states(model, pk)[rows, cols], lambda: packing.hidden_at(model, pk, rows, cols)):

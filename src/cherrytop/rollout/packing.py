@@ -88,14 +88,17 @@ def _first_fit(lengths: list[int], L: int) -> tuple[list[tuple[int, int]], list[
     return place, rows_used
 
 
-def _layout(lengths: list[int]) -> tuple[list[tuple[int, int]], list[int], int]:
+def _layout(lengths: list[int], keys_per_position: int = 1024) -> tuple[list[tuple[int, int]], list[int], int]:
     """The row length (1x..4x the longest episode) whose packing costs least: positions R·L, plus the
-    attention's share that grows with L (a quarter of a position per 256 keys, as at d_model ~128)."""
+    attention's share that grows with L (one position per `keys_per_position` keys: 1024 when every
+    position pays for the whole layer, as at d_model ~128; 46 when only the attention sees the rows,
+    as `hidden_at`'s layers on the real tokens do — the CPU flash kernel's time, forward + backward,
+    fits R·L·(L + 46) within 5 % from 1x to 8x the longest of 32 PPO episodes)."""
     longest = max(max(lengths), 1)
     best = None
     for L in sorted({longest, longest * 3 // 2, longest * 2, longest * 3, longest * 4}):
         place, rows_used = _first_fit(lengths, L)
-        cost = len(rows_used) * L * (1 + L / 1024)
+        cost = len(rows_used) * L * (1 + L / keys_per_position)
         if best is None or cost < best[0]:
             best = (cost, place, rows_used, L)
     return best[1], best[2], best[3]
@@ -129,12 +132,17 @@ def pack(ids: torch.Tensor, attn: torch.Tensor, drop_last: bool = False) -> Pack
     input_ids[dst] = ids[seq, starts[seq] + j]
     position_ids = torch.zeros((R, L), dtype=torch.long, device=dev)
     position_ids[dst] = j
-    # a query sees the keys from its sequence's first token up to itself (a pad: only itself)
-    cols = torch.arange(L, device=dev)
+    return Packed(input_ids, position_ids, _block_mask(dst, offset[seq], R, L), row, offset, starts, length)
+
+
+def _block_mask(dst: tuple[torch.Tensor, torch.Tensor], first: torch.Tensor, R: int, L: int) -> torch.Tensor:
+    """(R, 1, L, L) bool: a query sees the keys from its sequence's first token (`first`, the packed
+    column of the first token of each real token's sequence, at packed coordinates `dst`) up to
+    itself; a pad only itself."""
+    cols = torch.arange(L, device=first.device)
     lo = cols.expand(R, L).clone()  # (R, L) first visible key per query
-    lo[dst] = offset[seq]
-    mask = ((cols[None, None, :] >= lo[:, :, None]) & (cols[None, None, :] <= cols[None, :, None]))[:, None]  # (R, 1, L, L)
-    return Packed(input_ids, position_ids, mask, row, offset, starts, length)
+    lo[dst] = first
+    return ((cols[None, None, :] >= lo[:, :, None]) & (cols[None, None, :] <= cols[None, :, None]))[:, None]
 
 
 def hidden_states(model: torch.nn.Module, pk: Packed) -> torch.Tensor:
@@ -159,18 +167,35 @@ def _lean(trunk: torch.nn.Module) -> bool:
 
 
 def hidden_at(model: torch.nn.Module, pk: Packed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(*rows.shape, d) last hidden states of the trunk at packed positions (rows, cols). For a Llama
-    trunk the last layer computes its queries, attention output and MLP only at these positions
-    (every layer before it needs all positions: their keys and values feed the next layer); the
-    numbers are those of `hidden_states(model, pk)[rows, cols]`."""
+    """(*rows.shape, d) last hidden states of the trunk at packed positions (rows, cols) of real
+    tokens. For a Llama trunk the last layer computes its queries, attention output and MLP only at
+    these positions (every layer before it needs all real tokens: their keys and values feed the next
+    layer), and the layers before it run their norms, projections and MLP on the real tokens alone
+    (the padding of the packed rows enters only the attention, as zeros it never attends to); the
+    numbers are those of `hidden_states(model, pk)[rows, cols]` up to float rounding."""
     trunk = getattr(model, model.base_model_prefix)
     if not _lean(trunk):
         return hidden_states(model, pk)[rows, cols]
     R, L = pk.input_ids.shape
-    h = trunk.embed_tokens(pk.input_ids)  # (R, L, d)
-    cos, sin = trunk.rotary_emb(h, position_ids=pk.position_ids)  # (R, L, hd) each
-    for layer in trunk.layers[:-1]:
-        h = layer(h, attention_mask=pk.mask, position_ids=pk.position_ids, position_embeddings=(cos, sin))
+    if _flat(trunk):  # every layer but the last on the real tokens alone
+        real = real_index(pk)  # (K,)
+        x = trunk.embed_tokens(pk.input_ids.reshape(-1)[real])  # (K, d)
+        cos, sin = trunk.rotary_emb(x[None], position_ids=pk.position_ids.reshape(-1)[real][None])  # (1, K, hd) each
+        place, rows_used, La = _layout(pk.length.tolist(), keys_per_position=46)  # rows for the attention alone
+        Ra = len(rows_used)
+        row, offset = (torch.tensor(v, device=x.device) for v in zip(*place))  # (B,) each
+        seq, j = token_index(pk.length)
+        dst = (row[seq], offset[seq] + j)
+        at, mask = dst[0] * La + dst[1], _block_mask(dst, offset[seq], Ra, La)  # (K,), (Ra, 1, La, La)
+        for layer in trunk.layers[:-1]:
+            x = _flat_layer(layer, x, cos[0], sin[0], at, mask)
+        h = x.new_zeros(R * L, x.shape[-1]).index_copy(0, real, x).view(R, L, -1)  # (R, L, d), pads 0
+        cos, sin = trunk.rotary_emb(h, position_ids=pk.position_ids)  # (R, L, hd) each
+    else:
+        h = trunk.embed_tokens(pk.input_ids)  # (R, L, d)
+        cos, sin = trunk.rotary_emb(h, position_ids=pk.position_ids)  # (R, L, hd) each
+        for layer in trunk.layers[:-1]:
+            h = layer(h, attention_mask=pk.mask, position_ids=pk.position_ids, position_embeddings=(cos, sin))
     uniq, inv = torch.unique(rows * L + cols, return_inverse=True)  # distinct positions, sorted by row
     qr, qc = uniq // L, uniq % L  # (Q,)
     count = torch.bincount(qr, minlength=R)  # (R,) queries per packed row
@@ -179,6 +204,49 @@ def hidden_at(model: torch.nn.Module, pk: Packed, rows: torch.Tensor, cols: torc
     grid[qr, slot] = qc  # unused slots query column 0, which is always valid, and are dropped
     out = trunk.norm(_last_layer_at(trunk.layers[-1], h, cos, sin, pk.mask, grid))  # (R, M, d)
     return out[qr, slot][inv]
+
+
+def real_index(pk: Packed) -> torch.Tensor:
+    """(K,) flat indices into the (R·L) grid of the packed real tokens, sequence by sequence."""
+    seq, j = token_index(pk.length)
+    return pk.row[seq] * pk.input_ids.shape[1] + pk.offset[seq] + j
+
+
+def _flat(trunk: torch.nn.Module) -> bool:
+    """Whether hidden_at may call the parts of every layer itself (no layer is FSDP-sharded, which
+    gathers weights in the layer's hooks, and no gradient checkpointing, which lives in its call)."""
+    if trunk.training and getattr(trunk, "gradient_checkpointing", False):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return True
+    return not any(isinstance(layer, FSDPModule) for layer in trunk.layers)
+
+
+def _flat_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                at: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(K, d) a Llama decoder layer's output on the real tokens x (K, d): LlamaDecoderLayer.forward
+    with the norms, projections, rotary and MLP on the K real tokens only (no work on padding), and the
+    attention on packed rows (R, L) whose block-diagonal causal `mask` is (R, 1, L, L), token i at flat
+    index at[i] of the (R·L) grid. cos, sin: (K, hd)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+    attn = layer.self_attn
+    R, L = mask.shape[0], mask.shape[-1]
+    K, hd = x.shape[0], attn.head_dim
+    y = layer.input_layernorm(x)  # (K, d)
+    q, k, v = (proj(y).view(K, -1, hd) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (K, H or Hkv, hd)
+    q = q * cos[:, None] + rotate_half(q) * sin[:, None]  # apply_rotary_pos_emb
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+
+    def grid(t: torch.Tensor) -> torch.Tensor:  # (K, h, hd) -> (R, h, L, hd), zeros at the pads
+        return t.new_zeros(R * L, *t.shape[1:]).index_copy(0, at, t).view(R, L, *t.shape[1:]).transpose(1, 2)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    o, _ = interface(attn, grid(q), grid(k), grid(v), mask, dropout=attn.attention_dropout if attn.training else 0.0,
+                     scaling=attn.scaling)  # (R, L, H, hd)
+    x = x + attn.o_proj(o.reshape(R * L, -1).index_select(0, at))  # (K, d)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def _last_layer_at(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
