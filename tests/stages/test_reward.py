@@ -15,7 +15,12 @@ from cherrytop.stages.reward import (collate_groups, encode_group, fit_loglik_co
                                      rm_step)
 
 
-def test_k_responses_go_through_one_forward_and_loss_matches_pairs(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_k_responses_go_through_one_forward_and_loss_matches_pairs(tmp_path, monkeypatch, packed):
+    """Every response of a batch in one pass (padded, or padding-free as a well-padded batch goes) and
+    the loss of the explicit mean over every pair of each ranking."""
+    from cherrytop.rollout import packing
+    monkeypatch.setattr(packing, "worth_packing", lambda attn: packed)
     tok = train_tokenizer(["the cat is red .", "i do not know .", "sorry , no ."] * 10, vocab_size=300)
     lm = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), len(tok),
                      tok.pad_token_id, tok.eos_token_id)
@@ -25,12 +30,13 @@ def test_k_responses_go_through_one_forward_and_loss_matches_pairs(tmp_path):
     comps = [Comparison(prompt, ("red .", "i do not know .", "the cat is red .", "sorry , no ."), (2, 0, 1, 3)),
              Comparison(prompt, ("no .", "red ."), (1, 0))]
     batch = collate_groups([(encode_group(tok, c, 64), c) for c in comps], tok.pad_token_id, 1.0)
-    calls = []
-    trunk = rm.model
-    hook = trunk.register_forward_hook(lambda mod, args, out: calls.append(out.last_hidden_state.shape[0]))
+    calls = []  # the tokens each pass embeds
+    hook = rm.model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: calls.append(args[0].numel() if packed else args[0].shape[0]))
     loss_sum, n = rm_step(rm, batch)
     hook.remove()
-    assert calls == [6]  # one pass over all 4 + 2 responses, not one per pair
+    # one pass over all 4 + 2 responses, not one per pair: the padded batch's 6 rows, or all their real tokens
+    assert calls == [int(batch["attention_mask"].sum()) if packed else 6]
     # reference: score each response alone, then average log σ(r_w − r_l) over every pair
     expected = 0.0
     for c in comps:

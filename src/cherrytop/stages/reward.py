@@ -32,6 +32,7 @@ from cherrytop.data.tokenizer import load_tokenizer, render, split_response
 from cherrytop.model import lora
 from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, loglik_term, reward, response_loglik, scalar_model_from
 from cherrytop.model.load import CheckpointError, frozen_dtype, load_model, resolve_checkpoint
+from cherrytop.rollout import packing
 from cherrytop.stages import compare, sft
 from cherrytop.train import distributed, loop
 from cherrytop.train.checkpoint import load_state, save_checkpoint
@@ -106,8 +107,13 @@ def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int
 
 
 def group_rewards(model, b: Batch) -> torch.Tensor:
-    """(M, Kmax) rewards: one forward pass over every response of the batch (+ c · log π_ref)."""
-    r = reward(model, b["input_ids"], b["attention_mask"], normalised=False)  # (R,)
+    """(M, Kmax) rewards: one forward pass over every response of the batch (+ c · log π_ref),
+    padding-free where the batch is padded enough and the model allows it (rollout.packing)."""
+    ids, attn = b["input_ids"], b["attention_mask"]
+    if packing.worth_packing(attn) and packing.supports_packing(model):
+        r = packing.last_reward(model, packing.pack(ids, attn), normalised=False)  # (R,)
+    else:
+        r = reward(model, ids, attn, normalised=False)  # (R,)
     r = r + loglik_term(model.config)[0] * b["loglik"]
     M, K = b["pref"].shape[:2]
     out = torch.zeros(M * K, dtype=r.dtype, device=r.device)
