@@ -3,9 +3,10 @@ prompt without its left padding + response up to EOS; an SFT row without its rig
 packed first-fit into a few rows, with a block-diagonal causal mask and per-sequence position ids,
 so no compute goes to padding; the vocabulary head runs only at the positions whose prediction is
 used (response tokens, labelled tokens), and the scalar heads only where they are read. For a Llama
-trunk the last decoder layer, too, runs its queries, attention output and MLP only at those positions
-(`hidden_at`), and PPO's log-prob / value passes leave out each episode's last token (`response_pack`),
-whose output nothing reads.
+trunk the last decoder layer, too, runs its queries, attention output and MLP only at those positions,
+and the layers before it work on the real tokens as one (K, d) tensor, only their attention on rows
+laid out for its own cost (`hidden_at`); PPO's log-prob / value passes leave out each episode's last
+token (`response_pack`), whose output nothing reads.
 
 Same numbers as the padded pass (a sequence attends to exactly its own tokens at the same positions)
 up to float rounding; tests/rollout/test_packing.py checks it. Works with any Hugging Face causal LM
