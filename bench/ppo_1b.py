@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +47,7 @@ def make_model(folder: Path) -> tuple[Path, Path]:
     policy, rm = folder / "policy", folder / "rm"
     if (rm / "config.json").is_file():
         return policy, rm
-    subprocess_data()
+    ensure_data()
     tok = load_tokenizer(OUT / "model")
     cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, **SHAPE)
@@ -60,10 +61,9 @@ def make_model(folder: Path) -> tuple[Path, Path]:
     return policy, rm
 
 
-def subprocess_data() -> None:
-    """The benchmark's shared inputs (tokenizer, prompts), as compare.py builds them."""
+def ensure_data() -> None:
+    """The benchmark's shared inputs (tokenizer, prompts), built by make_data.py as compare.py does."""
     if not (OUT / "prompts.jsonl").is_file():
-        import subprocess
         subprocess.run([sys.executable, str(HERE / "make_data.py")], check=True)
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from cherrytop.config import load_config
-    from cherrytop.plan import Workload, plan, read_config, shape, Options
+    from cherrytop.plan import Options, Workload, plan, read_config, shape
     from cherrytop.stages import ppo
     policy_dir, rm_dir = make_model(OUT / "llama-1b")
     run_dir = tempfile.mkdtemp(prefix="ppo1b-")

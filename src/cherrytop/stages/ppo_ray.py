@@ -376,8 +376,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     log = MetricsLog(run_dir, name, 0)
     beta, metrics, t0 = p.kl_coef, {}, time.perf_counter()
     console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes; {len(workers)} rollout worker(s), "
-                  f"{'full policy + reference actor' if ref is not None else 'LoRA policy (reference = adapter off)'}; "
-                  "GPUs per actor: " + ", ".join(f"{r} {g:g}" for r, g in role_gpus(rc).items()))
+                  f"{'full policy + reference actor' if ref is not None else 'LoRA policy (reference = adapter off)'}")
 
     def launch(it: int):  # 1. rollout: every worker samples its share of the iteration's prompts
         prompts = [encoded[i] for i in step_indices(len(encoded), p.batch_size, it, cfg.run.seed)]
