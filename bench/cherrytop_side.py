@@ -23,6 +23,7 @@ from harness import Meter, Spec, report  # noqa: E402
 import torch  # noqa: E402
 
 from cherrytop.config import load_config  # noqa: E402
+from cherrytop.train import host  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
     args = ap.parse_args(argv)
     spec = Spec.from_json(args.spec)
-    torch.set_num_threads(spec.threads)
+    host.configure(load_config("tiny", overrides=[f"--run.threads={spec.threads}"]).run)  # as every `cherrytop` command
     with tempfile.TemporaryDirectory(prefix="cherrytop-bench-") as run_dir:
         if args.task == "sft":
             bench_sft(spec, run_dir)

@@ -37,6 +37,24 @@ def test_token_logprobs_with_temperature():
         assert_close(got, torch.log_softmax(logits / temp, -1).gather(-1, tokens[..., None])[..., 0])
 
 
+def test_token_logprobs_gradient_matches_autograd_through_the_plain_formula():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (3, 4))
+    for temp in (1.0, 0.7):
+        logits = torch.randn(3, 4, 11, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda z: L.token_logprobs(z, tokens, temp), (logits,))
+        g = torch.randn(3, 4, dtype=torch.float64)
+        (L.token_logprobs(logits, tokens, temp) * g).sum().backward()
+        ref = logits.detach().clone().requires_grad_()
+        z = ref / temp
+        ((z.gather(-1, tokens[..., None])[..., 0] - torch.logsumexp(z, -1)) * g).sum().backward()
+        assert_close(logits.grad, ref.grad)
+    half = torch.randn(3, 4, 11).bfloat16().requires_grad_()  # bf16 logits (GPU autocast): float32 math, bf16 grad
+    L.token_logprobs(half, tokens).sum().backward()
+    assert half.grad.dtype == torch.bfloat16
+    assert_close(half.grad.float(), F.one_hot(tokens, 11) - torch.softmax(half.detach().float(), -1), atol=1e-2, rtol=0)
+
+
 def test_lm_loss_matches_loop_and_sum_count_split_is_batch_invariant():
     torch.manual_seed(0)
     B, T, V = 8, 6, 11

@@ -82,12 +82,11 @@ def _load(args, extra):
     from transformers.utils import logging as hf_logging
 
     from cherrytop.config import load_config
+    from cherrytop.train import host
     hf_logging.disable_progress_bar()  # our own bars report progress
     hf_logging.set_verbosity_error()  # e.g. "score.weight newly initialised" is expected for a new reward head
     cfg = load_config(args.preset, args.config, extra)
-    if cfg.run.threads:
-        import torch
-        torch.set_num_threads(cfg.run.threads)
+    host.configure(cfg.run)
     return cfg
 
 

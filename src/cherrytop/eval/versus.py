@@ -38,8 +38,8 @@ def kl_to_reference(policy, ref, tok, prompts: list[list[dict]], max_new_tokens:
         ids = torch.cat([ids_p, s.tokens], 1)
         attn = torch.cat([mask_p, s.mask], 1)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        ref_logits = ref(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1: -1].float() / temperature
-        ref_logp = L.token_logprobs(ref_logits, s.tokens)
+        ref_logits = ref(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1: -1]
+        ref_logp = L.token_logprobs(ref_logits, s.tokens, temperature)
         total += float(L.per_token_kl(s.logprobs, ref_logp, s.mask).sum())
         n += ids.shape[0]
     return total / max(n, 1)

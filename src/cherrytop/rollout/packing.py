@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 
@@ -236,15 +237,17 @@ def _flat_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin:
     attn = layer.self_attn
     R, L = mask.shape[0], mask.shape[-1]
     K, hd = x.shape[0], attn.head_dim
+    H, Hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
     y = layer.input_layernorm(x)  # (K, d)
-    q, k, v = (proj(y).view(K, -1, hd) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (K, H or Hkv, hd)
-    q = q * cos[:, None] + rotate_half(q) * sin[:, None]  # apply_rotary_pos_emb
-    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-
-    def grid(t: torch.Tensor) -> torch.Tensor:  # (K, h, hd) -> (R, h, L, hd), zeros at the pads
-        return t.new_zeros(R * L, *t.shape[1:]).index_copy(0, at, t).view(R, L, *t.shape[1:]).transpose(1, 2)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)  # one matmul for the three, one rotary for q and k together:
+    bias = None if attn.q_proj.bias is None else torch.cat([m.bias for m in projs])
+    qkv = F.linear(y, torch.cat([m.weight for m in projs]), bias).view(K, H + 2 * Hkv, hd)  # (K, H+2Hkv, hd)
+    qk = qkv[:, :H + Hkv]
+    qkv = torch.cat([qk * cos[:, None] + rotate_half(qk) * sin[:, None], qkv[:, H + Hkv:]], 1)  # apply_rotary_pos_emb
+    grid = qkv.new_zeros(R * L, H + 2 * Hkv, hd).index_copy(0, at, qkv).view(R, L, -1, hd).transpose(1, 2)  # (R, H+2Hkv, L, hd), pads 0
+    q, k, v = grid.split([H, Hkv, Hkv], dim=1)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-    o, _ = interface(attn, grid(q), grid(k), grid(v), mask, dropout=attn.attention_dropout if attn.training else 0.0,
+    o, _ = interface(attn, q, k, v, mask, dropout=attn.attention_dropout if attn.training else 0.0,
                      scaling=attn.scaling)  # (R, L, H, hd)
     x = x + attn.o_proj(o.reshape(R * L, -1).index_select(0, at))  # (K, d)
     return x + layer.mlp(layer.post_attention_layernorm(x))
@@ -310,9 +313,8 @@ def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entrop
         logits = response_logits(model, pk or response_pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
     else:
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
-    logits = logits / temperature
-    logp = L.token_logprobs(logits, ids[:, P:])
-    return (logp, L.entropy_from_logits(logits)) if with_entropy else logp
+    logp = L.token_logprobs(logits, ids[:, P:], temperature)
+    return (logp, L.entropy_from_logits(logits / temperature)) if with_entropy else logp
 
 
 def response_pack(ids: torch.Tensor, attn: torch.Tensor) -> Packed:
