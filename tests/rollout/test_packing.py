@@ -86,7 +86,21 @@ def gqa_llama(seed=5):
     return LlamaForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("make", [lambda: tiny("llama"), gqa_llama, lambda: tiny("gpt2")])
+def lora_llama():
+    """The tiny Llama with LoRA adapters on every projection (transformers' add_adapter, as lora.attach
+    does), their B matrices made non-zero so the adapters change every layer's output."""
+    from peft import LoraConfig
+    model = tiny("llama")
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["lm_head"]))
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+        if ".lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: tiny("llama"), gqa_llama, lora_llama, lambda: tiny("gpt2")])
 def test_hidden_at_equals_the_full_trunk_at_those_positions_with_gradients(make):
     """hidden_at runs a Llama's last layer only at the asked positions (and, on a Llama, every other
     layer on the real tokens alone): same states and gradients as the full packed trunk indexed there
@@ -114,6 +128,7 @@ def test_hidden_at_equals_the_full_trunk_at_those_positions_with_gradients(make)
     torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("make", [lambda: tiny("llama"), gqa_llama])

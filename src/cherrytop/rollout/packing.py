@@ -239,9 +239,12 @@ def _flat_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin:
     K, hd = x.shape[0], attn.head_dim
     H, Hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
     y = layer.input_layernorm(x)  # (K, d)
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)  # one matmul for the three, one rotary for q and k together:
-    bias = None if attn.q_proj.bias is None else torch.cat([m.bias for m in projs])
-    qkv = F.linear(y, torch.cat([m.weight for m in projs]), bias).view(K, H + 2 * Hkv, hd)  # (K, H+2Hkv, hd)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)  # one matmul for the three, one rotary for q and k together
+    if all(type(m) is torch.nn.Linear for m in projs):  # (a LoRA layer adds its adapters in its own call)
+        bias = None if attn.q_proj.bias is None else torch.cat([m.bias for m in projs])
+        qkv = F.linear(y, torch.cat([m.weight for m in projs]), bias).view(K, H + 2 * Hkv, hd)  # (K, H+2Hkv, hd)
+    else:
+        qkv = torch.cat([m(y) for m in projs], 1).view(K, H + 2 * Hkv, hd)
     qk = qkv[:, :H + Hkv]
     qkv = torch.cat([qk * cos[:, None] + rotate_half(qk) * sin[:, None], qkv[:, H + Hkv:]], 1)  # apply_rotary_pos_emb
     grid = qkv.new_zeros(R * L, H + 2 * Hkv, hd).index_copy(0, at, qkv).view(R, L, -1, hd).transpose(1, 2)  # (R, H+2Hkv, L, hd), pads 0

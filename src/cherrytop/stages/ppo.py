@@ -586,10 +586,9 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
             opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
-    with torch.no_grad(), amp():  # each rank's share of the episodes, variances over all of them
-        own = batch if d.world == 1 else batch.slice(torch.arange(d.rank, batch.ids.shape[0], d.world))
-        v = _no_grad_pass(value, par and par.value, lambda m: response_values(m, own.ids, own.attn, own.pos, P))
-        ev = float(L.explained_variance(v, own.returns, own.mask, var=lambda x, m: distributed.masked_var(x, m, d)))
+    # how well the rollout's values V_old predicted the returns (as cleanRL / Stable-Baselines log it): no
+    # extra value pass; `batch` is the global batch on every rank, so every rank gets the same number
+    ev = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))
     out = {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(vals)) for k, vals in acc.items()}
     out = distributed.mean_over_ranks(out, d)  # every rank ran as many micro-batches
     out["value/explained_variance"] = ev

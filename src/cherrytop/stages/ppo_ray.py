@@ -216,7 +216,7 @@ class ValueTrainer(Actor):
             return response_values(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P).cpu()
 
     def train(self, batch: Rollout, it: int) -> dict:
-        """The value half of `ppo.update`: clipped value loss · vf_coef, then explained variance."""
+        """The value half of `ppo.update`: clipped value loss · vf_coef, and the rollout values' explained variance."""
         p, dev = self.p, self.device
 
         def loss(part, P):
@@ -225,9 +225,7 @@ class ValueTrainer(Actor):
                 vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
             return p.vf_coef * vf, {"loss/value": vf, **st}
         out = _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "value")
-        P = batch.ids.shape[1] - batch.mask.shape[1]
-        v = self.values(batch.ids, batch.attn, batch.pos, P)
-        out["value/explained_variance"] = float(L.explained_variance(v, batch.returns, batch.mask))
+        out["value/explained_variance"] = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))  # as ppo.update
         return out
 
     def save(self, out: str) -> None:
