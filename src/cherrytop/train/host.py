@@ -6,9 +6,10 @@ kernel on every free and trims the top of its heap, so a training step that allo
 activations, gradients and vocabulary-sized logits again and again page-faults them in again, one
 4 KiB page at a time. `keep_freed_memory` raises the mmap threshold to 1 GiB and stops trimming, so
 freed blocks are reused: the process's resident memory stays at its peak instead of falling back
-between steps. On the 2-core CPU this took a PPO iteration of the benchmark (bench/RESULTS.md) from
-~5.1 to ~4.7 CPU-s; PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc, which would
-be an extra native dependency.
+between steps. On the 2-core CPU (Zen 3) it halved the minor page faults of a 5-iteration run of the
+PPO benchmark (314k -> 158k; user CPU 26.8 -> 24.1 s in that pair of runs), though the benchmark's
+PPO rate moved less than its ±10 % run-to-run noise (bench/RESULTS.md, Table 7). PyTorch's CPU
+tuning guide gets the same from jemalloc or tcmalloc, which would be an extra native dependency.
 """
 
 from __future__ import annotations
