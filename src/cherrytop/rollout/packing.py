@@ -124,17 +124,25 @@ def pack(ids: torch.Tensor, attn: torch.Tensor, drop_last: bool = False) -> Pack
     if drop_last:
         length = (length - 1).clamp(min=0)
     starts = torch.where(attn.bool().any(1), attn.long().argmax(1), 0)  # (B,) first attended column
-    place, rows_used, L = _layout(length.tolist())
-    R = len(rows_used)
-    row = torch.tensor([r for r, _ in place], device=dev)  # (B,)
-    offset = torch.tensor([o for _, o in place], device=dev)  # (B,)
-    seq, j = token_index(length)
-    dst = (row[seq], offset[seq] + j)  # packed coordinates of each real token
+    row, offset, seq, j, dst, mask = _rows(length)
+    R, L = mask.shape[0], mask.shape[-1]
     input_ids = torch.zeros((R, L), dtype=ids.dtype, device=dev)
     input_ids[dst] = ids[seq, starts[seq] + j]
     position_ids = torch.zeros((R, L), dtype=torch.long, device=dev)
     position_ids[dst] = j
-    return Packed(input_ids, position_ids, _block_mask(dst, offset[seq], R, L), row, offset, starts, length)
+    return Packed(input_ids, position_ids, mask, row, offset, starts, length)
+
+
+def _rows(length: torch.Tensor, keys_per_position: int = 1024):
+    """The packed layout (`_layout`) of sequences of `length` (B,) tokens: each sequence's row and offset
+    (B,), each real token's sequence and index within it (K,), its packed coordinates `dst` (rows, cols),
+    and the (R, 1, L, L) block-diagonal causal mask."""
+    place, rows_used, L = _layout(length.tolist(), keys_per_position)
+    row = torch.tensor([r for r, _ in place], device=length.device)  # (B,)
+    offset = torch.tensor([o for _, o in place], device=length.device)  # (B,)
+    seq, j = token_index(length)
+    dst = (row[seq], offset[seq] + j)  # packed coordinates of each real token
+    return row, offset, seq, j, dst, _block_mask(dst, offset[seq], len(rows_used), L)
 
 
 def _block_mask(dst: tuple[torch.Tensor, torch.Tensor], first: torch.Tensor, R: int, L: int) -> torch.Tensor:
@@ -183,12 +191,8 @@ def hidden_at(model: torch.nn.Module, pk: Packed, rows: torch.Tensor, cols: torc
         real = real_index(pk)  # (K,)
         x = trunk.embed_tokens(pk.input_ids.reshape(-1)[real])  # (K, d)
         cos, sin = trunk.rotary_emb(x[None], position_ids=pk.position_ids.reshape(-1)[real][None])  # (1, K, hd) each
-        place, rows_used, La = _layout(pk.length.tolist(), keys_per_position=46)  # rows for the attention alone
-        Ra = len(rows_used)
-        row, offset = (torch.tensor(v, device=x.device) for v in zip(*place))  # (B,) each
-        seq, j = token_index(pk.length)
-        dst = (row[seq], offset[seq] + j)
-        at, mask = dst[0] * La + dst[1], _block_mask(dst, offset[seq], Ra, La)  # (K,), (Ra, 1, La, La)
+        *_, dst, mask = _rows(pk.length, keys_per_position=46)  # rows laid out for the attention alone
+        at = dst[0] * mask.shape[-1] + dst[1]  # (K,) flat index of each real token in those rows
         for layer in trunk.layers[:-1]:
             x = _flat_layer(layer, x, cos[0], sin[0], at, mask)
         h = x.new_zeros(R * L, x.shape[-1]).index_copy(0, real, x).view(R, L, -1)  # (R, L, d), pads 0
