@@ -21,6 +21,10 @@ from typing import Any
 import tomli_w
 
 
+EDIT_KINDS = ("repeat", "drop", "number", "typo", "swap", "abstain")
+"""The edits `compare.edit_kinds` can name (see `stages.compare.edit`)."""
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names where and what."""
 
@@ -193,6 +197,17 @@ class CompareConfig:
     (to measure inter-labeler agreement)."""
     heldout_share: float = 0.1
     """Share of the prompts held out for reward-model accuracy (ranked by every labeler)."""
+    edits: int = 0
+    """How many of the K answers are small edits of a sampled one instead of samples (labelled like any
+    other answer; the record's `edits` says which and how): the policy's own slips are too rare next to
+    its right answer for the reward model to learn that one wrong word makes an answer wrong. The
+    edited answer is the most frequent of the prompt's samples (the policy's likely greedy answer)."""
+    edit_kinds: tuple[str, ...] = ("repeat", "drop", "number", "typo", "swap", "abstain")
+    """Edits drawn from (uniformly, among those that apply): `repeat` a word, `drop` a word, a `number`
+    ±1, a `typo` (a letter doubled or dropped in a word), `swap` in another prompt's answer, `abstain`
+    (the `abstention` text)."""
+    abstention: str = "i do not know ."
+    """The answer `abstain` puts in (the built-in world's way of saying it does not know)."""
 
 
 def _rm_defaults() -> TrainConfig:
@@ -674,6 +689,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ppo.episodes ({p.episodes}) must be at least ppo.batch_size ({p.batch_size})")
     if not 2 <= cfg.compare.k <= 9:
         raise ConfigError(f"compare.k must be in 2..9 (InstructGPT ranks 4..9 answers), got {cfg.compare.k}")
+    if not 0 <= cfg.compare.edits < cfg.compare.k:
+        raise ConfigError(f"compare.edits must be in 0..k-1 (at least one sampled answer to edit), got "
+                          f"{cfg.compare.edits} with compare.k = {cfg.compare.k}")
+    bad = [e for e in cfg.compare.edit_kinds if e not in EDIT_KINDS]
+    if bad or (cfg.compare.edits and not cfg.compare.edit_kinds):
+        raise ConfigError(f"compare.edit_kinds: expected some of {list(EDIT_KINDS)}, got {list(cfg.compare.edit_kinds)}")
     if cfg.model.arch not in ("llama", "gpt2"):
         raise ConfigError(f"model.arch: expected 'llama' or 'gpt2', got '{cfg.model.arch}'")
     if cfg.model.d_model % cfg.model.n_heads:

@@ -13,6 +13,7 @@ from cherrytop.model.heads import LOGLIK_KEY, response_loglik, reward, scalar_mo
 from cherrytop.model.load import build_model
 from cherrytop.stages.reward import (collate_groups, encode_group, fit_loglik_coef, group_rewards, loglik_features,
                                      rm_step)
+from cherrytop.world import grade
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -147,3 +148,42 @@ def test_reference_lm_is_frozen_in_the_frozen_dtype(tmp_path):
     assert got["bf16"].dtype == torch.float32 and not torch.equal(got["auto"], got["bf16"])
     eps = torch.finfo(torch.bfloat16).eps  # measured: 0.0024 at most
     torch.testing.assert_close(got["bf16"], got["auto"], rtol=0, atol=2 * eps)
+
+
+def test_accuracy_counts_pairs_with_an_edited_answer_apart(tmp_path):
+    """Held-out accuracy: the headline over pairs of sampled answers, `*_edits` over pairs with an
+    edited answer, each equal to counting the rewards of `group_rewards` by hand, against the labeler
+    and against the world's grader."""
+    from cherrytop.stages.reward import accuracy
+    from cherrytop.world import Task
+    tok, _ = _tiny_lm(tmp_path)
+    rm = scalar_model_from(tmp_path / "llama", tok.pad_token_id)
+    task = Task(id="t", kind="fact", split="heldout", messages=({"role": "user", "content": "what color is the cat ?"},),
+                meta={"answer": "the cat is red .", "facts": [], "world": {}})
+    prompt = (Message("user", task.messages[0]["content"]),)
+    responses = ("the cat is red .", "red .", "i do not know .", "the cat is is red .")
+    comps = [Comparison(prompt, responses, (0, 3, 1, 2), meta={"task": task.to_record(),
+                                                               "edits": [{"index": 3, "of": 0, "kind": "repeat"}]}),
+             Comparison(prompt, responses[:3], (2, 1, 0), meta={"task": task.to_record()})]
+    groups = [(encode_group(tok, c, 64), c) for c in comps]
+    got = accuracy(rm, groups, None, tok.pad_token_id)
+    r = group_rewards(rm, collate_groups(groups, tok.pad_token_id, 1.0))
+    lab, lab_e, true, true_e = [0, 0], [0, 0], [0, 0], [0, 0]
+    for m, c in enumerate(comps):
+        q = [grade(task, x).quality for x in c.responses]
+        for a in range(c.k):
+            for b in range(a + 1, c.k):
+                w, l_ = c.ranking[a], c.ranking[b]
+                (lab_e if 3 in (w, l_) and m == 0 else lab)[0] += int(r[m, w] > r[m, l_])
+                (lab_e if 3 in (w, l_) and m == 0 else lab)[1] += 1
+        for x in range(c.k):
+            for y in range(c.k):
+                if q[x] > q[y]:
+                    (true_e if 3 in (x, y) and m == 0 else true)[0] += int(r[m, x] > r[m, y])
+                    (true_e if 3 in (x, y) and m == 0 else true)[1] += 1
+    assert (got["pairs_labelers"], got["pairs_labelers_edits"]) == (lab[1], lab_e[1]) == (6, 3)
+    assert (got["pairs_grader"], got["pairs_grader_edits"]) == (true[1], true_e[1])
+    assert got["accuracy_labelers"] == pytest.approx(lab[0] / lab[1])
+    assert got["accuracy_labelers_edits"] == pytest.approx(lab_e[0] / lab_e[1])
+    assert got["accuracy_grader"] == pytest.approx(true[0] / true[1])
+    assert got["accuracy_grader_edits"] == pytest.approx(true_e[0] / true_e[1])

@@ -6,11 +6,19 @@ prompts they are people, in the feedback app. Output, JSONL, one prompt per line
 "labeler": "...", "ratings": {...}, "task": {...}, "policy": "...", "temperature": T}`.
 `comparisons.jsonl` trains the reward model; `comparisons_heldout.jsonl` (every held-out prompt ranked
 by every labeler) measures its accuracy and the labelers' agreement.
+
+Edited answers (`compare.edits`): a small policy rarely makes a one-word slip next to its own right
+answer, so rankings seldom show the reward model that a doubled word, a dropped list item, a sum off
+by one or a needless "i do not know" makes an answer worse. `edits` of the K answers are replaced by an
+edit of the prompt's most frequent sample (`edit`); the labelers rank them like any other answer (an
+edit can be harmless, and then ties), and the record's `edits` lists them: `[{"index", "of", "kind"}]`.
 """
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
@@ -43,12 +51,13 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     tasks = World(cfg.world).prompts(c.n_prompts)
     answers = generate(model, tok, [list(t.messages) for t in tasks for _ in range(c.k)], max_new_tokens=c.max_new_tokens,
                        temperature=c.temperature, batch_size=cfg.sample.batch_size, seed=cfg.run.seed, progress=True)
+    answers = with_edits(answers, c.k, c.edits, c.edit_kinds, c.abstention, [t.id for t in tasks], cfg.run.seed)
     labelers = [SimulatedLabeler(cfg.world, f"sim-{i}", seed=cfg.run.seed * 100 + i) for i in range(c.labelers)]
     n_held = max(1, int(round(len(tasks) * c.heldout_share)))
     train_rows, held_rows = [], []
     agree = comparable = 0
     for n, task in enumerate(tasks):
-        responses = answers[n * c.k: (n + 1) * c.k]
+        responses, edits = answers[n]
         held = n < n_held
         rankings = [lab.rank(task, responses) for lab in (labelers if held else [labelers[n % len(labelers)]])]
         for a, b in combinations(rankings, 2):
@@ -58,6 +67,8 @@ def run(cfg: Config, fresh: bool = False) -> dict:
             row = {"prompt": {"messages": list(task.messages)}, "responses": responses, "ranking": list(r.ranking),
                    "ties": [list(t) for t in r.ties], "labeler": r.labeler, "ratings": r.ratings,
                    "task": task.to_record(), "policy": str(policy), "temperature": c.temperature}
+            if edits:
+                row["edits"] = edits
             (held_rows if held else train_rows).append(row)
     write_jsonl(train_path, train_rows)
     write_jsonl(held_path, held_rows)
@@ -67,3 +78,60 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     console.print(f"compare: {len(train_rows)} + {len(held_rows)} held-out rankings of K={c.k}; "
                   f"labeler agreement {stats['labeler_agreement']:.3f} on {comparable} pairs")
     return stats
+
+
+_PUNCT = frozenset(".,!?:;")
+
+
+def edit(answer: str, kind: str, others: list[str], abstention: str, rng: random.Random) -> str | None:
+    """One small edit of `answer` (space-separated tokens), or None where `kind` does not apply:
+    `repeat` a word, `drop` a word (with its list comma), a `number` ±1, a `typo` (a letter doubled or
+    dropped), `swap` in one of `others` (answers to other prompts), `abstain` (answer `abstention`)."""
+    toks = answer.split()
+    words = [i for i, t in enumerate(toks) if t not in _PUNCT]
+    if kind == "repeat" and words:
+        i = rng.choice(words)
+        toks.insert(i, toks[i])
+    elif kind == "drop" and len(words) > 1:
+        i = rng.choice(words)
+        j = i + 1 if i + 1 < len(toks) and toks[i + 1] == "," else i - 1 if i > 0 and toks[i - 1] == "," else i
+        del toks[min(i, j): max(i, j) + 1]
+    elif kind == "number" and (nums := [i for i, t in enumerate(toks) if t.isdigit()]):
+        i = rng.choice(nums)
+        n = int(toks[i])
+        toks[i] = str(n + 1 if n == 0 or rng.random() < 0.5 else n - 1)
+    elif kind == "typo" and (long := [i for i, t in enumerate(toks) if t.isalpha() and len(t) >= 3]):
+        i = rng.choice(long)
+        w, j = toks[i], rng.randrange(1, len(toks[i]))
+        toks[i] = w[:j] + w[j - 1:] if rng.random() < 0.5 else w[:j] + w[j + 1:]
+    elif kind == "swap" and (pool := [o for o in others if o.split() != toks]):
+        return rng.choice(pool)
+    elif kind == "abstain" and abstention.split() != toks:
+        return abstention
+    else:
+        return None
+    return " ".join(toks)
+
+
+def with_edits(answers: list[str], k: int, n_edits: int, kinds: tuple[str, ...], abstention: str, keys: list[str],
+               seed: int) -> list[tuple[list[str], list[dict]]]:
+    """Per prompt (`answers` holds K samples per prompt, in order): its K responses with the last
+    `n_edits` samples replaced by edits of the most frequent one, and the edits made. A slot keeps its
+    sample where no edit gives a new answer."""
+    groups = [answers[i: i + k] for i in range(0, len(answers), k)]
+    modes = [Counter(g[: k - n_edits]).most_common(1)[0][0] for g in groups]
+    out = []
+    for n, g in enumerate(groups):
+        rng = random.Random(f"edit|{seed}|{keys[n]}")
+        responses, edits = list(g), []
+        source = responses.index(modes[n])
+        for slot in range(k - n_edits, k):
+            for kind in rng.sample(list(kinds), len(kinds)):
+                others = [modes[rng.randrange(len(modes))] for _ in range(3)] if kind == "swap" else []
+                new = edit(modes[n], kind, [o for o in others if o != modes[n]], abstention, rng)
+                if new is not None and new not in responses[:slot]:
+                    responses[slot] = new
+                    edits.append({"index": slot, "of": source, "kind": kind})
+                    break
+        out.append((responses, edits))
+    return out

@@ -140,29 +140,38 @@ def rm_accuracy(model, b: Batch) -> dict[str, float]:
 @torch.no_grad()
 def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: list[list[float]] | None,
              pad_id: int) -> dict[str, float]:
-    """Held-out pairwise accuracy against the labelers and (for world tasks) the noise-free grader."""
+    """Held-out pairwise accuracy against the labelers and (for world tasks) the noise-free grader, on
+    pairs of sampled answers; pairs with an edited answer (`compare.edits`) are counted apart
+    (`*_edits`), so the headline numbers measure the policy's own answers, what PPO is scored on."""
     model.eval()
-    lab = [0, 0]
-    true = [0, 0]
+    lab, true, lab_e, true_e = [0, 0], [0, 0], [0, 0], [0, 0]
     for i in range(0, len(groups), 16):
         chunk = groups[i: i + 16]
         b = distributed.to_device(collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None), distributed.current())
-        rewards = group_rewards(model, b)  # (M, K)
-        c_ok, c_n = L.ranking_accuracy(rewards, b["pref"])
-        lab[0] += int(c_ok)
-        lab[1] += int(c_n)
+        rewards = group_rewards(model, b).cpu()  # (M, K)
+        pref = b["pref"].cpu()  # (M, K, K)
         for m, (_, c) in enumerate(chunk):
-            if "task" not in c.meta:
-                continue
-            task = Task.from_record(c.meta["task"])
-            q = [grade(task, r).quality for r in c.responses]
+            edited = {e["index"] for e in c.meta.get("edits", [])}
+            q = [grade(Task.from_record(c.meta["task"]), r).quality for r in c.responses] if "task" in c.meta else None
             for x in range(c.k):
                 for y in range(c.k):
-                    if q[x] > q[y]:
-                        true[1] += 1
-                        true[0] += int(rewards[m, x] > rewards[m, y])
-    return {"accuracy_labelers": lab[0] / max(lab[1], 1), "accuracy_grader": true[0] / true[1] if true[1] else float("nan"),
-            "pairs_labelers": lab[1], "pairs_grader": true[1]}
+                    acc_lab, acc_true = (lab_e, true_e) if x in edited or y in edited else (lab, true)
+                    right = int(rewards[m, x] > rewards[m, y])
+                    if pref[m, x, y]:
+                        acc_lab[0] += right
+                        acc_lab[1] += 1
+                    if q is not None and q[x] > q[y]:
+                        acc_true[0] += right
+                        acc_true[1] += 1
+    out = {"accuracy_labelers": _share(lab), "accuracy_grader": _share(true), "pairs_labelers": lab[1], "pairs_grader": true[1]}
+    if lab_e[1]:
+        out.update({"accuracy_labelers_edits": _share(lab_e), "accuracy_grader_edits": _share(true_e),
+                    "pairs_labelers_edits": lab_e[1], "pairs_grader_edits": true_e[1]})
+    return out
+
+
+def _share(counts: list[int]) -> float:
+    return counts[0] / counts[1] if counts[1] else float("nan")
 
 
 @torch.no_grad()
@@ -274,7 +283,9 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         save_checkpoint(ckpt, lora.saveable(model), tok, _with_train(cfg, t), state)
     metrics = state["metrics"]
     loop.console.print(f"rm: held-out accuracy {metrics['accuracy_labelers']:.3f} vs labelers, "
-                       f"{metrics['accuracy_grader']:.3f} vs the noise-free grader; bias {metrics['reward_bias']:+.3f}")
+                       f"{metrics['accuracy_grader']:.3f} vs the noise-free grader; bias {metrics['reward_bias']:+.3f}"
+                       + (f"; on edited answers {metrics['accuracy_labelers_edits']:.3f} / {metrics['accuracy_grader_edits']:.3f}"
+                          if "accuracy_grader_edits" in metrics else ""))
     return metrics
 
 
