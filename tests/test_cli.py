@@ -36,6 +36,11 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
     assert (run_dir / "ppo_curves.png").stat().st_size > 1000
     comps = [json.loads(line) for line in (run_dir / "data" / "comparisons.jsonl").read_text().splitlines()]
     assert all(len(c["responses"]) == 4 and sorted(c["ranking"]) == [0, 1, 2, 3] for c in comps)
+    # compare.edits = 1 in the test preset: the last answer is an edit of the most frequent sample
+    assert sum(c.get("edits", [{}])[0].get("index") == 3 for c in comps) >= 0.9 * len(comps)
+    held = [json.loads(line) for line in (run_dir / "data" / "comparisons_heldout.jsonl").read_text().splitlines()]
+    assert report["rm"]["pairs_labelers"] + report["rm"]["pairs_labelers_edits"] == sum(  # every strict pair, once
+        4 * 3 // 2 - len(c["ties"]) for c in held)
     logs = [json.loads(line) for line in (run_dir / "logs" / "ppo.jsonl").read_text().splitlines()]
     assert logs[-1]["objective/ref_loglik"] != 0  # PPO adds the reward model's log π_ref term
     for key in ("objective/score", "objective/kl", "objective/beta", "objective/entropy", "rollout/length",

@@ -113,7 +113,9 @@ def report_markdown(r: dict) -> str:
                       "held-out pairs (InstructGPT: 72.6 ± 1.5 %)."]
     if r.get("rm"):
         lines += [f"Reward model held-out pairwise accuracy: {r['rm']['accuracy_labelers']:.3f} vs labelers, "
-                  f"{r['rm']['accuracy_grader']:.3f} vs the noise-free grader order."]
+                  f"{r['rm']['accuracy_grader']:.3f} vs the noise-free grader order"
+                  + (f" (pairs of sampled answers; pairs with an edited answer: {r['rm']['accuracy_labelers_edits']:.3f} / "
+                     f"{r['rm']['accuracy_grader_edits']:.3f})." if "accuracy_grader_edits" in r["rm"] else ".")]
     for name, v in r.get("versus_sft", {}).items():
         lines += ["", f"**{name} vs SFT**: win rate {v['win_rate']:.3f} (n={v['n']}, ties half), "
                       f"KL to SFT {v['kl_to_sft']:.2f} nats per response.", "",

@@ -187,3 +187,24 @@ def test_accuracy_counts_pairs_with_an_edited_answer_apart(tmp_path):
     assert got["accuracy_labelers_edits"] == pytest.approx(lab_e[0] / lab_e[1])
     assert got["accuracy_grader"] == pytest.approx(true[0] / true[1])
     assert got["accuracy_grader_edits"] == pytest.approx(true_e[0] / true_e[1])
+
+
+def test_loglik_coefficient_is_fitted_on_sampled_answers_only():
+    """An edited answer (`compare.edits`) is in no pair of the c fit: adding one per ranking, with a
+    log-likelihood that contradicts its rank, leaves c as fitted without it."""
+    g = torch.Generator().manual_seed(1)
+    prompt = (Message("user", "q"),)
+    plain, with_edit, ll, ll_edit = [], [], [], []
+    for i in range(100):
+        x = (torch.rand(4, generator=g) * -20).tolist()
+        ranking = tuple(sorted(range(4), key=lambda j: -x[j] + 8 * float(torch.rand(1, generator=g))))
+        plain.append(([[0]] * 4, Comparison(prompt, tuple("abcd"), ranking)))
+        with_edit.append(([[0]] * 5, Comparison(prompt, tuple("abcde"), ranking + (4,),
+                                                meta={"edits": [{"index": 4, "of": ranking[0], "kind": "drop"}]})))
+        ll.append(x)
+        ll_edit.append(x + [50.0])  # ranked last, yet the likeliest answer by far
+    c = fit_loglik_coef(plain, ll, tie_weight=1.0)
+    assert c > 0.05
+    assert fit_loglik_coef(with_edit, ll_edit, tie_weight=1.0) == pytest.approx(c, rel=1e-6)
+    unmarked = [(ids, Comparison(comp.prompt, comp.responses, comp.ranking)) for ids, comp in with_edit]
+    assert fit_loglik_coef(unmarked, ll_edit, tie_weight=1.0) < c / 2  # counted as a sample, it would pull c down

@@ -60,13 +60,17 @@ def loglik_features(lm, tok, items: list[tuple[list[dict], str]], seq_len: int, 
 
 
 def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: list[list[float]], tie_weight: float) -> float:
-    """c minimising the ranking loss of rewards c · log π_ref over the training rankings (convex in c)."""
+    """c minimising the ranking loss of rewards c · log π_ref over the training rankings (convex in c),
+    on pairs of sampled answers: edited answers (`compare.edits`) are left to the head, since how
+    unlikely π_ref finds an edit says nothing about how much worse it is than the answers PPO samples."""
     k_max = max(c.k for _, c in groups)
     ll = torch.zeros(len(groups), k_max, dtype=torch.float64)  # (M, Kmax)
     prefs, ties = [], []
     for m, ((_, comp), row) in enumerate(zip(groups, loglik)):
         ll[m, : comp.k] = torch.tensor(row, dtype=torch.float64)
         pref, tie = L.ranking_pairs(list(comp.ranking), [tuple(t) for t in comp.ties], k_max)
+        edited = [e["index"] for e in comp.meta.get("edits", [])]
+        pref[edited, :] = pref[:, edited] = tie[edited, :] = tie[:, edited] = False
         prefs.append(pref)
         ties.append(tie)
     pref, tie = torch.stack(prefs), torch.stack(ties)
@@ -145,6 +149,7 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
     (`*_edits`), so the headline numbers measure the policy's own answers, what PPO is scored on."""
     model.eval()
     lab, true, lab_e, true_e = [0, 0], [0, 0], [0, 0], [0, 0]
+    any_edits = any(c.meta.get("edits") for _, c in groups)
     for i in range(0, len(groups), 16):
         chunk = groups[i: i + 16]
         b = distributed.to_device(collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None), distributed.current())
@@ -164,7 +169,7 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
                         acc_true[0] += right
                         acc_true[1] += 1
     out = {"accuracy_labelers": _share(lab), "accuracy_grader": _share(true), "pairs_labelers": lab[1], "pairs_grader": true[1]}
-    if lab_e[1]:
+    if any_edits:
         out.update({"accuracy_labelers_edits": _share(lab_e), "accuracy_grader_edits": _share(true_e),
                     "pairs_labelers_edits": lab_e[1], "pairs_grader_edits": true_e[1]})
     return out
