@@ -15,7 +15,7 @@ def test_tiny_pipeline_reaches_its_numbers(tmp_path):
     assert ev["sft"]["helpful"] >= 0.60
     for axis in ("helpful", "truthful", "harmless"):
         assert ev["sft"][axis] > ev["pretrain"][axis], axis
-        assert ev["ppo"][axis] >= ev["sft"][axis], axis  # issue 3: at or above SFT's (machine-dependent: seed 0 met it on Zen 4, missed it on Zen 1 and Zen 3)
+        assert ev["ppo"][axis] >= ev["sft"][axis], axis  # issue 3: at or above SFT's (met on seed 0 since the compare.edits default, session 10)
     assert report["rm"]["accuracy_labelers"] >= 0.70
     assert report["rm"]["accuracy_grader"] >= 0.85
-    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65
+    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65  # seed 0 with compare.edits: 0.636 (session 10), open

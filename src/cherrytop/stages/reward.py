@@ -69,7 +69,7 @@ def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: li
     for m, ((_, comp), row) in enumerate(zip(groups, loglik)):
         ll[m, : comp.k] = torch.tensor(row, dtype=torch.float64)
         pref, tie = L.ranking_pairs(list(comp.ranking), [tuple(t) for t in comp.ties], k_max)
-        edited = [e["index"] for e in comp.meta.get("edits", [])]
+        edited = sorted(edited_answers(comp))
         pref[edited, :] = pref[:, edited] = tie[edited, :] = tie[:, edited] = False
         prefs.append(pref)
         ties.append(tie)
@@ -149,14 +149,14 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
     (`*_edits`), so the headline numbers measure the policy's own answers, what PPO is scored on."""
     model.eval()
     lab, true, lab_e, true_e = [0, 0], [0, 0], [0, 0], [0, 0]
-    any_edits = any(c.meta.get("edits") for _, c in groups)
+    any_edits = any(edited_answers(c) for _, c in groups)
     for i in range(0, len(groups), 16):
         chunk = groups[i: i + 16]
         b = distributed.to_device(collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None), distributed.current())
         rewards = group_rewards(model, b).cpu()  # (M, K)
         pref = b["pref"].cpu()  # (M, K, K)
         for m, (_, c) in enumerate(chunk):
-            edited = {e["index"] for e in c.meta.get("edits", [])}
+            edited = edited_answers(c)
             q = [grade(Task.from_record(c.meta["task"]), r).quality for r in c.responses] if "task" in c.meta else None
             for x in range(c.k):
                 for y in range(c.k):
@@ -173,6 +173,14 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
         out.update({"accuracy_labelers_edits": _share(lab_e), "accuracy_grader_edits": _share(true_e),
                     "pairs_labelers_edits": lab_e[1], "pairs_grader_edits": true_e[1]})
     return out
+
+
+def edited_answers(c: Comparison) -> set[int]:
+    """Indices of a comparison's edited answers (its `edits` record key, written by `compare`)."""
+    edits = c.meta.get("edits")
+    if not isinstance(edits, list):
+        return set()
+    return {e["index"] for e in edits if isinstance(e, dict) and isinstance(e.get("index"), int) and 0 <= e["index"] < c.k}
 
 
 def _share(counts: list[int]) -> float:
