@@ -205,7 +205,7 @@ class CompareConfig:
     edited answer is the most frequent of the prompt's samples (the policy's likely greedy answer).
     Tiny preset, two seeds (K = 6 + 2 against 6 + 0): PPO helpful minus SFT's +0.011 / 0.000 against
     -0.014 / -0.025; win rate 0.636 / 0.662 against 0.657 / 0.652 (docs/results, session 10)."""
-    edit_kinds: tuple[str, ...] = ("repeat", "drop", "number", "typo", "swap", "abstain")
+    edit_kinds: tuple[str, ...] = EDIT_KINDS
     """Edits drawn from (uniformly, among those that apply): `repeat` a word, `drop` a word, a `number`
     ±1, a `typo` (a letter doubled or dropped in a word), `swap` in another prompt's answer, `abstain`
     (the `abstention` text)."""

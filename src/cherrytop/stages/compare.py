@@ -128,7 +128,7 @@ def with_edits(answers: list[str], k: int, n_edits: int, kinds: tuple[str, ...],
         for slot in range(k - n_edits, k):
             for kind in rng.sample(list(kinds), len(kinds)):
                 others = [modes[rng.randrange(len(modes))] for _ in range(3)] if kind == "swap" else []
-                new = edit(modes[n], kind, [o for o in others if o != modes[n]], abstention, rng)
+                new = edit(modes[n], kind, others, abstention, rng)
                 if new is not None and new not in responses[:slot]:
                     responses[slot] = new
                     edits.append({"index": slot, "of": source, "kind": kind})

@@ -69,7 +69,7 @@ def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: li
     for m, ((_, comp), row) in enumerate(zip(groups, loglik)):
         ll[m, : comp.k] = torch.tensor(row, dtype=torch.float64)
         pref, tie = L.ranking_pairs(list(comp.ranking), [tuple(t) for t in comp.ties], k_max)
-        edited = sorted(edited_answers(comp))
+        edited = list(edited_answers(comp))
         pref[edited, :] = pref[:, edited] = tie[edited, :] = tie[:, edited] = False
         prefs.append(pref)
         ties.append(tie)
@@ -153,16 +153,16 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
     for i in range(0, len(groups), 16):
         chunk = groups[i: i + 16]
         b = distributed.to_device(collate_groups(chunk, pad_id, 1.0, loglik[i: i + 16] if loglik else None), distributed.current())
-        rewards = group_rewards(model, b).cpu()  # (M, K)
-        pref = b["pref"].cpu()  # (M, K, K)
+        rewards = group_rewards(model, b).tolist()  # (M, K), read pair by pair below
+        pref = b["pref"].tolist()  # (M, K, K)
         for m, (_, c) in enumerate(chunk):
             edited = edited_answers(c)
             q = [grade(Task.from_record(c.meta["task"]), r).quality for r in c.responses] if "task" in c.meta else None
             for x in range(c.k):
                 for y in range(c.k):
                     acc_lab, acc_true = (lab_e, true_e) if x in edited or y in edited else (lab, true)
-                    right = int(rewards[m, x] > rewards[m, y])
-                    if pref[m, x, y]:
+                    right = int(rewards[m][x] > rewards[m][y])
+                    if pref[m][x][y]:
                         acc_lab[0] += right
                         acc_lab[1] += 1
                     if q is not None and q[x] > q[y]:
