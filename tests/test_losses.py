@@ -130,28 +130,42 @@ def _ranking_batch(with_ties):
     return rewards, pref, tie, rankings, ties
 
 
-@pytest.mark.parametrize("with_ties", [False, True])
-def test_ranking_loss_is_mean_over_every_pair_of_each_prompt(with_ties):
+@pytest.mark.parametrize("with_ties, weighted", [(False, False), (True, False), (True, True)])
+def test_ranking_loss_is_mean_over_every_pair_of_each_prompt(with_ties, weighted):
     rewards, pref, tie, rankings, ties = _ranking_batch(with_ties)
     tie_weight = 0.5
+    # per-response weights; a pair weighs the product (as rm.edit_weight makes them: 1, or w for an edit)
+    resp_w = torch.rand(rewards.shape) + 0.1 if weighted else torch.ones(rewards.shape)  # (B, K)
     per_prompt = []
     for b, (rank, tp) in enumerate(zip(rankings, ties)):
         tied = {frozenset(p) for p in tp or []}
-        r = rewards[b].tolist()
-        terms = []
+        r, rw = rewards[b].tolist(), resp_w[b].tolist()
+        terms, total = [], 0.0
         for a in range(len(rank)):
             for c in range(a + 1, len(rank)):
                 i, j = rank[a], rank[c]
+                w = rw[i] * rw[j]
                 if frozenset((i, j)) in tied:
-                    terms.append(tie_weight * 0.5 * (logsig(r[i] - r[j]) + logsig(r[j] - r[i])))
+                    terms.append(w * tie_weight * 0.5 * (logsig(r[i] - r[j]) + logsig(r[j] - r[i])))
                 else:
-                    terms.append(logsig(r[i] - r[j]))
+                    terms.append(w * logsig(r[i] - r[j]))
+                total += w
         assert len(terms) == math.comb(len(rank), 2)
         if terms:
-            per_prompt.append(-sum(terms) / len(terms))
+            per_prompt.append(-sum(terms) / total)
     assert len(per_prompt) == 3  # the K=1 prompt has no pair and is left out of the mean
-    got = L.ranking_loss(rewards, pref, tie if with_ties else None, tie_weight=tie_weight)
+    weight = resp_w.unsqueeze(2) * resp_w.unsqueeze(1) if weighted else None  # (B, K, K)
+    got = L.ranking_loss(rewards, pref, tie if with_ties else None, tie_weight=tie_weight, weight=weight)
     assert_close(got, torch.tensor(sum(per_prompt) / len(per_prompt)))
+
+
+def test_ranking_loss_leaves_out_a_prompt_whose_pairs_all_weigh_zero():
+    rewards, pref, tie, _, _ = _ranking_batch(True)
+    weight = torch.ones(pref.shape)
+    weight[1] = 0.0
+    kept = [0, 3]  # prompt 2 (K = 1) has no pair either
+    want = L.ranking_loss(rewards[kept], pref[kept], tie[kept])
+    assert_close(L.ranking_loss(rewards, pref, tie, weight=weight), want)
 
 
 def test_ranking_loss_gradients_reach_every_real_response_and_no_padding():

@@ -115,7 +115,8 @@ def ranking_pairs(ranking: list[int], ties: list[tuple[int, int]] | None, k_max:
     return pref, tie
 
 
-def ranking_loss(rewards: Tensor, pref: Tensor, tie: Tensor | None = None, tie_weight: float = 1.0) -> Tensor:
+def ranking_loss(rewards: Tensor, pref: Tensor, tie: Tensor | None = None, tie_weight: float = 1.0,
+                 weight: Tensor | None = None) -> Tensor:
     """Reward-model loss over K-way rankings  [IG eq. 1], all C(K, 2) pairs of a prompt in one batch element.
 
     Per prompt b:
@@ -125,7 +126,9 @@ def ranking_loss(rewards: Tensor, pref: Tensor, tie: Tensor | None = None, tie_w
     ties but does not say how they enter the loss; our choice: Bradley–Terry with a tie counted as
     half a win each way (as Chatbot Arena counts them), which pulls the two rewards together and is
     minimal at r_i = r_j. Returns the mean of loss_b over prompts with at least one pair (0, still
-    attached to the graph, if none has any).
+    attached to the graph, if none has any). With `weight` (B, K, K), symmetric and ≥ 0, each pair's
+    term and its count in n_b are scaled by w_ij: a weighted mean over the prompt's pairs (all ones =
+    the plain loss; a prompt whose pairs all weigh 0 is left out like one without pairs).
 
     rewards (B, K) with K padded to the batch maximum; pref (B, K, K) bool, pref[b, i, j] iff i is
     ranked above j; tie (B, K, K) bool symmetric or None. Padded slots must be in no pair; their
@@ -135,14 +138,15 @@ def ranking_loss(rewards: Tensor, pref: Tensor, tie: Tensor | None = None, tie_w
     rewards = rewards.float()  # (B, K)
     pref = pref.bool()  # (B, K, K)
     tie = torch.zeros_like(pref) if tie is None else tie.bool()  # (B, K, K)
+    w = torch.ones_like(rewards).unsqueeze(2).expand_as(pref) if weight is None else weight.to(rewards)  # (B, K, K)
     used = pref | tie  # (B, K, K)
     diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K) r_i − r_j
-    logsig = F.logsigmoid(torch.where(used, diff, 0.0))  # (B, K, K)
+    logsig = w * F.logsigmoid(torch.where(used, diff, 0.0))  # (B, K, K)
     strict = torch.where(pref, logsig, 0.0).sum((1, 2))  # (B,)
     tied = 0.5 * torch.where(tie, logsig, 0.0).sum((1, 2))  # (B,) each unordered pair appears as (i,j) and (j,i)
-    n_pairs = pref.sum((1, 2)) + tie.sum((1, 2)) / 2  # (B,)
+    n_pairs = torch.where(pref, w, 0.0).sum((1, 2)) + torch.where(tie, w, 0.0).sum((1, 2)) / 2  # (B,)
     has = n_pairs > 0  # (B,)
-    per_prompt = -(strict + tie_weight * tied) / n_pairs.clamp_min(1)  # (B,)
+    per_prompt = -(strict + tie_weight * tied) / torch.where(has, n_pairs, 1.0)  # (B,)
     return torch.where(has, per_prompt, 0.0).sum() / has.sum().clamp_min(1)
 
 

@@ -66,6 +66,30 @@ def test_with_edits_replaces_the_last_slots_with_new_edits_of_the_most_frequent_
     assert responses == ["ok ."] * 4 and edits == []
 
 
+def test_abstain_puts_in_the_policys_own_abstentions():
+    padded = IDK + " i hope this helps ."
+    answers = ["the cat is red ."] * 3 + ["-"] + [padded] * 3 + ["-"]
+    keys = [f"t{i}" for i in range(100)]
+    out = with_edits(answers * 50, 4, 1, ("abstain",), IDK, keys, seed=0, own_abstentions=True)
+    assert all(responses[3] == padded for responses, _ in out[0::2])  # the policy's own abstention
+    assert all(responses[3] == IDK for responses, _ in out[1::2])  # none but the edited one: the text itself
+    (responses, _), = with_edits(["the cat is red ."] * 4, 4, 1, ("abstain",), IDK, ["t"], seed=0, own_abstentions=True)
+    assert responses[3] == IDK  # a policy that never abstains: the text itself
+    # off (the default): always the text
+    assert {r[3] for r, _ in with_edits(answers * 50, 4, 1, ("abstain",), IDK, keys, seed=0)[0::2]} == {IDK}
+
+
+def test_a_kind_named_twice_is_drawn_twice_as_often():
+    keys = [f"t{i}" for i in range(3000)]
+    answers = [x for _ in keys for x in ["the cat is red ."] * 3 + ["-"]]
+    def share(kinds):
+        kinds_made = [e["kind"] for _, edits in with_edits(answers, 4, 1, kinds, IDK, keys, seed=0) for e in edits]
+        assert len(kinds_made) == len(keys)  # both kinds always apply
+        return kinds_made.count("abstain") / len(kinds_made)
+    assert share(("repeat", "abstain")) == pytest.approx(1 / 2, abs=0.03)
+    assert share(("repeat", "repeat", "abstain")) == pytest.approx(1 / 3, abs=0.03)
+
+
 def test_the_grader_ranks_an_edit_of_the_right_answer_below_it():
     """Why the edits teach the reward model something: on the world's helpful tasks an edit of the
     ideal answer scores lower (a repeat or drop of a word inside a longer answer can be harmless,

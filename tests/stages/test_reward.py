@@ -189,6 +189,25 @@ def test_accuracy_counts_pairs_with_an_edited_answer_apart(tmp_path):
     assert got["accuracy_grader_edits"] == pytest.approx(true_e[0] / true_e[1])
 
 
+def test_edit_weight_scales_the_pairs_with_an_edited_answer(tmp_path):
+    """`rm.edit_weight` w: the collated loss equals the weighted mean over the prompt's pairs, counted
+    by hand (a pair with the edited answer weighs w, the others 1); w = 1 is the plain loss."""
+    tok, _ = _tiny_lm(tmp_path)
+    rm = scalar_model_from(tmp_path / "llama", tok.pad_token_id)
+    prompt = (Message("user", "what color is the cat ?"),)
+    comp = Comparison(prompt, ("the cat is red .", "red .", "i do not know .", "the cat is is red ."), (0, 3, 1, 2),
+                      meta={"edits": [{"index": 3, "of": 0, "kind": "repeat"}]})
+    groups = [(encode_group(tok, comp, 64), comp)]
+    r = group_rewards(rm, collate_groups(groups, tok.pad_token_id, 1.0))[0].tolist()
+    for w in (1.0, 0.25, 0.0):
+        b = collate_groups(groups, tok.pad_token_id, 1.0, edit_weight=w)
+        got, n = rm_step(rm, b)
+        terms = [((w if 3 in (i, j) else 1.0), math.log(1 / (1 + math.exp(r[j] - r[i]))))
+                 for a, i in enumerate(comp.ranking) for j in comp.ranking[a + 1:]]
+        want = -sum(x * t for x, t in terms) / sum(x for x, _ in terms)
+        assert n == 1 and float(got) == pytest.approx(want, rel=1e-5)
+
+
 def test_loglik_coefficient_is_fitted_on_sampled_answers_only():
     """An edited answer (`compare.edits`) is in no pair of the c fit: adding one per ranking, with a
     log-likelihood that contradicts its rank, leaves c as fitted without it."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cherrytop.config import load_config
+from cherrytop.config import Config, load_config
 from cherrytop.data.collate import pad_batch, step_indices
 from cherrytop.model.load import build_model
 from cherrytop.train.lm import lm_count, lm_step
@@ -91,6 +91,16 @@ def test_resume_after_kill_continues_the_same_curve(tmp_path):
     other = make_cfg(tmp_path / "killed", max_steps=8, save_every=4, lr=0.5)
     with pytest.raises(loop.ResumeError, match="sft.lr"):
         loop.run(make_stage(other, data), other)
+    # a setting newer than the checkpoint resumes at its default (what older code did), not at another value
+    state_path = tmp_path / "killed/t/sft/trainer_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert killed.sft.grad_clip == Config().sft.grad_clip
+    del state["config"]["sft"]["grad_clip"]
+    torch.save(state, state_path)
+    assert loop.run(make_stage(killed, data), killed)["train/loss"] == pytest.approx(b[8])
+    later = make_cfg(tmp_path / "killed", max_steps=8, save_every=4, grad_clip=0.5)
+    with pytest.raises(loop.ResumeError, match="sft.grad_clip: None -> 0.5"):
+        loop.run(make_stage(later, data), later)
 
 
 def test_atomic_directory_write_keeps_the_old_one_on_failure(tmp_path):

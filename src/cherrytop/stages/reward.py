@@ -87,9 +87,10 @@ def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: li
 
 
 def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int, tie_weight: float,
-                   loglik: list[list[float]] | None = None) -> Batch:
-    """All responses of the batch's prompts as rows (right-padded), with (M, Kmax, Kmax) pairs and
-    each row's log π_ref(response) (`loglik`, zeros if not given)."""
+                   loglik: list[list[float]] | None = None, edit_weight: float = 1.0) -> Batch:
+    """All responses of the batch's prompts as rows (right-padded), with (M, Kmax, Kmax) pairs, their
+    weights in the loss (`edit_weight` for a pair with an edited answer, else 1) and each row's
+    log π_ref(response) (`loglik`, zeros if not given)."""
     rows = [ids for g, _ in groups for ids in g]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
@@ -98,16 +99,20 @@ def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
     k_max = max(c.k for _, c in groups)
-    prefs, ties, slot = [], [], []
+    prefs, ties, weights, slot = [], [], [], []
     for m, (_, c) in enumerate(groups):
         pref, tie = L.ranking_pairs(list(c.ranking), [tuple(t) for t in c.ties], k_max)
         prefs.append(pref)
         ties.append(tie)
+        w = torch.ones(k_max, k_max)  # (Kmax, Kmax)
+        edited = list(edited_answers(c))
+        w[edited, :] = w[:, edited] = edit_weight
+        weights.append(w)
         slot += [m * k_max + j for j in range(c.k)]
     ll = torch.tensor([x for row in loglik for x in row] if loglik else [0.0] * len(rows))  # (R,)
     return {"input_ids": ids, "attention_mask": attn, "pref": torch.stack(prefs), "tie": torch.stack(ties),
-            "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)), "tie_weight": torch.tensor(tie_weight),
-            "loglik": ll}
+            "weight": torch.stack(weights), "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)),
+            "tie_weight": torch.tensor(tie_weight), "loglik": ll}
 
 
 def group_rewards(model, b: Batch) -> torch.Tensor:
@@ -126,7 +131,7 @@ def group_rewards(model, b: Batch) -> torch.Tensor:
 
 def rm_step(model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     rewards = group_rewards(model, b)
-    loss = L.ranking_loss(rewards, b["pref"], b["tie"], float(b["tie_weight"]))
+    loss = L.ranking_loss(rewards, b["pref"], b["tie"], float(b["tie_weight"]), b["weight"])
     n = b["n_prompts"]
     return loss * n, n
 
@@ -273,11 +278,11 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         for j in range(0, t.batch_size, t.micro_batch_size):
             part = idx[j: j + t.micro_batch_size]
             out.append(collate_groups([groups[i] for i in part], tok.pad_token_id, rc.tie_weight,
-                                      [ll[i] for i in part] if ll else None))
+                                      [ll[i] for i in part] if ll else None, rc.edit_weight))
         return out
 
     evals = [collate_groups(held_groups[i: i + t.micro_batch_size], tok.pad_token_id, rc.tie_weight,
-                            ll_held[i: i + t.micro_batch_size] if ll_held else None)
+                            ll_held[i: i + t.micro_batch_size] if ll_held else None, rc.edit_weight)
              for i in range(0, min(len(held_groups), t.eval_batches * t.micro_batch_size), t.micro_batch_size)]
     stage = loop.Stage("rm", model, tok, t, micro_batches, rm_step, rm_count, evals, rm_accuracy)
     metrics = loop.run(stage, _with_train(cfg, t), fresh)

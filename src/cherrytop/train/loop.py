@@ -121,12 +121,12 @@ class MetricsLog:
 
 
 def _check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
-    now = to_dict(cfg)
+    now, default = to_dict(cfg), to_dict(Config())
     diffs = []
     for section in (stage, "model", "lora"):
         for k, v in now[section].items():
-            if k not in saved.get(section, {}) and (section == "lora" or section not in saved):
-                continue  # a setting newer than the checkpoint
+            if k not in saved.get(section, {}) and (section == "lora" or section not in saved or v == default[section][k]):
+                continue  # a setting newer than the checkpoint (at its default: what the older code did)
             old = saved.get(section, {}).get(k)
             if old != v:
                 diffs.append(f"{section}.{k}: {old!r} -> {v!r}")
