@@ -124,7 +124,7 @@ def with_edits(answers: list[str], k: int, n_edits: int, kinds: tuple[str, ...],
     groups = [answers[i: i + k] for i in range(0, len(answers), k)]
     modes = [Counter(g[: k - n_edits]).most_common(1)[0][0] for g in groups]
     head = abstention.split()
-    abstentions = [a for g in groups for a in g[: k - n_edits] if a.split()[: len(head)] == head]
+    abstentions = [a for g in groups for a in g[: k - n_edits] if a.split()[: len(head)] == head] if own_abstentions else []
     out = []
     for n, g in enumerate(groups):
         rng = random.Random(f"edit|{seed}|{keys[n]}")

@@ -69,17 +69,16 @@ def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: li
     for m, ((_, comp), row) in enumerate(zip(groups, loglik)):
         ll[m, : comp.k] = torch.tensor(row, dtype=torch.float64)
         pref, tie = L.ranking_pairs(list(comp.ranking), [tuple(t) for t in comp.ties], k_max)
-        edited = list(edited_answers(comp))
-        pref[edited, :] = pref[:, edited] = tie[edited, :] = tie[:, edited] = False
         prefs.append(pref)
         ties.append(tie)
     pref, tie = torch.stack(prefs), torch.stack(ties)
+    weight = torch.stack([pair_weights(comp, k_max, 0.0) for _, comp in groups])  # (M, Kmax, Kmax)
     c = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([c], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = L.ranking_loss(c * ll, pref, tie, tie_weight)
+        loss = L.ranking_loss(c * ll, pref, tie, tie_weight, weight)
         loss.backward()
         return loss
     opt.step(closure)
@@ -104,10 +103,7 @@ def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int
         pref, tie = L.ranking_pairs(list(c.ranking), [tuple(t) for t in c.ties], k_max)
         prefs.append(pref)
         ties.append(tie)
-        w = torch.ones(k_max, k_max)  # (Kmax, Kmax)
-        edited = list(edited_answers(c))
-        w[edited, :] = w[:, edited] = edit_weight
-        weights.append(w)
+        weights.append(pair_weights(c, k_max, edit_weight))
         slot += [m * k_max + j for j in range(c.k)]
     ll = torch.tensor([x for row in loglik for x in row] if loglik else [0.0] * len(rows))  # (R,)
     return {"input_ids": ids, "attention_mask": attn, "pref": torch.stack(prefs), "tie": torch.stack(ties),
@@ -178,6 +174,15 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
         out.update({"accuracy_labelers_edits": _share(lab_e), "accuracy_grader_edits": _share(true_e),
                     "pairs_labelers_edits": lab_e[1], "pairs_grader_edits": true_e[1]})
     return out
+
+
+def pair_weights(c: Comparison, k_max: int, edit_weight: float) -> torch.Tensor:
+    """(Kmax, Kmax) weights of a comparison's pairs in the ranking loss: `edit_weight` for a pair with an
+    edited answer, 1 for the others."""
+    w = torch.ones(k_max, k_max)  # (Kmax, Kmax)
+    edited = list(edited_answers(c))
+    w[edited, :] = w[:, edited] = edit_weight
+    return w
 
 
 def edited_answers(c: Comparison) -> set[int]:
