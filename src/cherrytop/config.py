@@ -311,8 +311,10 @@ class PPOConfig:
     """Whiten the per-token rewards (keeping their mean) before GAE ([LHP] option)."""
     ptx_coef: float = 0.0
     """PPO-ptx γ: weight of the pretraining LM loss mixed into each policy step (0 = plain PPO)."""
-    ptx_batch_size: int = 16
-    """Pretraining windows per optimizer step when ptx_coef > 0."""
+    ptx_batch_size: int = 8
+    """Pretraining windows per optimizer step when ptx_coef > 0 (their LM loss is a mean, so γ weighs
+    it the same whatever the count). Tiny preset: 8 windows of 128 tokens; 16 made PPO-ptx take twice
+    as long as PPO (137 s against 65 s on Zen 3)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm of each model."""
     save_every: int = 8

@@ -48,32 +48,32 @@ def test_an_edit_that_does_not_apply_gives_none():
     assert edit("", "repeat", [], IDK, rng) is None
 
 
-def test_with_edits_replaces_the_last_slots_with_new_edits_of_the_most_frequent_sample():
-    answers = ["a cat .", "a dog .", "a cat .", "the cat .", "x y .", "z ."] + ["1 plus 2 is 3 ."] * 6
-    out = with_edits(answers, 6, 2, ("repeat", "drop", "number", "abstain"), IDK, ["t0", "t1"], seed=0)
+def test_with_edits_appends_new_edits_of_the_most_frequent_sample():
+    samples = ["a cat .", "a dog .", "a cat .", "the cat ."] + ["1 plus 2 is 3 ."] * 4
+    out = with_edits(samples, 6, 2, ("repeat", "drop", "number", "abstain"), IDK, ["t0", "t1"], seed=0)
     assert len(out) == 2
-    for (responses, edits), samples in zip(out, (answers[:6], answers[6:])):
-        assert responses[:4] == samples[:4] and len(responses) == 6
+    for (responses, edits), own in zip(out, (samples[:4], samples[4:])):
+        assert responses[:4] == own and len(responses) == 6
         assert [e["index"] for e in edits] == [4, 5]
-        assert len(set(responses[:6])) >= len(set(samples[:4])) + 2  # each edit is an answer not there before
+        assert len(set(responses)) == len(set(own)) + 2  # each edit is an answer not there before
         for e in edits:
-            assert responses[e["of"]] == max(samples[:4], key=samples[:4].count)
+            assert responses[e["of"]] == max(own, key=own.count)
             assert edit(responses[e["of"]], e["kind"], ["q ."], IDK, random.Random(0)) is not None  # the kind applies
     # deterministic per (seed, prompt)
-    assert with_edits(answers, 6, 2, ("repeat", "drop", "number", "abstain"), IDK, ["t0", "t1"], seed=0) == out
-    # nothing applies: the slot keeps its sample
-    (responses, edits), = with_edits(["ok ."] * 4, 4, 1, ("number",), IDK, ["t"], seed=0)
-    assert responses == ["ok ."] * 4 and edits == []
+    assert with_edits(samples, 6, 2, ("repeat", "drop", "number", "abstain"), IDK, ["t0", "t1"], seed=0) == out
+    # nothing applies: the slot is left out
+    (responses, edits), = with_edits(["ok ."] * 3, 4, 1, ("number",), IDK, ["t"], seed=0)
+    assert responses == ["ok ."] * 3 and edits == []
 
 
 def test_abstain_puts_in_the_policys_own_abstentions():
     padded = IDK + " i hope this helps ."
-    answers = ["the cat is red ."] * 3 + ["-"] + [padded] * 3 + ["-"]
+    answers = ["the cat is red ."] * 3 + [padded] * 3
     keys = [f"t{i}" for i in range(100)]
     out = with_edits(answers * 50, 4, 1, ("abstain",), IDK, keys, seed=0, own_abstentions=True)
     assert all(responses[3] == padded for responses, _ in out[0::2])  # the policy's own abstention
     assert all(responses[3] == IDK for responses, _ in out[1::2])  # none but the edited one: the text itself
-    (responses, _), = with_edits(["the cat is red ."] * 4, 4, 1, ("abstain",), IDK, ["t"], seed=0, own_abstentions=True)
+    (responses, _), = with_edits(["the cat is red ."] * 3, 4, 1, ("abstain",), IDK, ["t"], seed=0, own_abstentions=True)
     assert responses[3] == IDK  # a policy that never abstains: the text itself
     # off (the default): always the text
     assert {r[3] for r, _ in with_edits(answers * 50, 4, 1, ("abstain",), IDK, keys, seed=0)[0::2]} == {IDK}
@@ -81,7 +81,7 @@ def test_abstain_puts_in_the_policys_own_abstentions():
 
 def test_a_kind_named_twice_is_drawn_twice_as_often():
     keys = [f"t{i}" for i in range(3000)]
-    answers = [x for _ in keys for x in ["the cat is red ."] * 3 + ["-"]]
+    answers = [x for _ in keys for x in ["the cat is red ."] * 3]
     def share(kinds):
         kinds_made = [e["kind"] for _, edits in with_edits(answers, 4, 1, kinds, IDK, keys, seed=0) for e in edits]
         assert len(kinds_made) == len(keys)  # both kinds always apply

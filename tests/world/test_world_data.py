@@ -127,3 +127,20 @@ def test_corpus_has_the_configured_size():
 def test_bad_flawed_kind_is_named():
     with pytest.raises(ValueError, match="flawed_kinds.*'facts'"):
         World(dataclasses.replace(SMALL, flawed_kinds=("facts",)))
+
+
+def test_a_stream_repeats_prompts_only_once_its_set_is_exhausted(world, monkeypatch):
+    # `add` has ~80 x 9 x 3 train prompts, of which a share fall in the demo bucket: 2,000 draws exhaust it.
+    from cherrytop.world import tasks as T
+    calls = []
+    real = T.GENERATORS["add"]
+    monkeypatch.setitem(T.GENERATORS, "add", lambda *a: calls.append(1) or real(*a))
+    stream = T.kind_stream(world.lang, 0, "add", "train", "demo")
+    texts = [T.prompt_text(next(stream)[0]) for _ in range(2000)]
+    n_unique = len(set(texts))
+    assert 100 < n_unique < 2000
+    assert len(set(texts[:n_unique])) == n_unique  # every prompt of the set once before any repeat
+    draws_at_exhaustion = len(calls)
+    for _ in range(500):  # from then on every draw that falls in the set is yielded, no 1000 rejections each
+        next(stream)
+    assert len(calls) - draws_at_exhaustion < 500 * 40

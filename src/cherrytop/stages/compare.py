@@ -49,8 +49,10 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     policy = resolve_checkpoint(c.policy, cfg)
     model, tok = load_model(policy), load_tokenizer(policy)
     tasks = World(cfg.world).prompts(c.n_prompts)
-    answers = generate(model, tok, [list(t.messages) for t in tasks for _ in range(c.k)], max_new_tokens=c.max_new_tokens,
-                       temperature=c.temperature, batch_size=cfg.sample.batch_size, seed=cfg.run.seed, progress=True)
+    # K - edits samples per prompt; with_edits appends the edited answers
+    answers = generate(model, tok, [list(t.messages) for t in tasks for _ in range(c.k - c.edits)],
+                       max_new_tokens=c.max_new_tokens, temperature=c.temperature, batch_size=cfg.sample.batch_size,
+                       seed=cfg.run.seed, progress=True)
     answers = with_edits(answers, c.k, c.edits, c.edit_kinds, c.abstention, [t.id for t in tasks], cfg.run.seed,
                          c.abstain_own)
     labelers = [SimulatedLabeler(cfg.world, f"sim-{i}", seed=cfg.run.seed * 100 + i) for i in range(c.labelers)]
@@ -114,32 +116,34 @@ def edit(answer: str, kind: str, others: list[str], abstention: str, rng: random
     return " ".join(toks)
 
 
-def with_edits(answers: list[str], k: int, n_edits: int, kinds: tuple[str, ...], abstention: str, keys: list[str],
+def with_edits(samples: list[str], k: int, n_edits: int, kinds: tuple[str, ...], abstention: str, keys: list[str],
                seed: int, own_abstentions: bool = False) -> list[tuple[list[str], list[dict]]]:
-    """Per prompt (`answers` holds K samples per prompt, in order): its K responses with the last
-    `n_edits` samples replaced by edits of the most frequent one, and the edits made. A slot keeps its
-    sample where no edit gives a new answer. `abstain` puts in `abstention`, or with `own_abstentions`
-    one of the policy's own abstentions: a sample of any prompt that begins with `abstention` and is
-    not the edited answer, drawn by frequency (`abstention` itself if there is none)."""
-    groups = [answers[i: i + k] for i in range(0, len(answers), k)]
-    modes = [Counter(g[: k - n_edits]).most_common(1)[0][0] for g in groups]
+    """Per prompt (`samples` holds K - n_edits samples per prompt, in order): its responses, the samples
+    followed by `n_edits` edits of the most frequent sample, and the edits made. Each edit is an answer
+    not there before; a slot for which no kind gives one is left out (that prompt has fewer answers).
+    `abstain` puts in `abstention`, or with `own_abstentions` one of the policy's own abstentions: a
+    sample of any prompt that begins with `abstention` and is not the edited answer, drawn by frequency
+    (`abstention` itself if there is none)."""
+    s = k - n_edits
+    groups = [samples[i: i + s] for i in range(0, len(samples), s)]
+    modes = [Counter(g).most_common(1)[0][0] for g in groups]
     head = abstention.split()
-    abstentions = [a for g in groups for a in g[: k - n_edits] if a.split()[: len(head)] == head] if own_abstentions else []
+    abstentions = [a for g in groups for a in g if a.split()[: len(head)] == head] if own_abstentions else []
     out = []
     for n, g in enumerate(groups):
         rng = random.Random(f"edit|{seed}|{keys[n]}")
         responses, edits = list(g), []
         source = responses.index(modes[n])
-        for slot in range(k - n_edits, k):
+        for _ in range(n_edits):
             for kind in dict.fromkeys(rng.sample(list(kinds), len(kinds))):  # a kind named twice comes first twice as often
                 others = [modes[rng.randrange(len(modes))] for _ in range(3)] if kind == "swap" else []
                 said = abstention
                 if kind == "abstain" and own_abstentions:
                     said = rng.choice([a for a in abstentions if a != modes[n]] or [abstention])
                 new = edit(modes[n], kind, others, said, rng)
-                if new is not None and new not in responses[:slot]:
-                    responses[slot] = new
-                    edits.append({"index": slot, "of": source, "kind": kind})
+                if new is not None and new not in responses:
+                    edits.append({"index": len(responses), "of": source, "kind": kind})
+                    responses.append(new)
                     break
         out.append((responses, edits))
     return out
