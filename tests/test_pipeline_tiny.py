@@ -15,7 +15,7 @@ def test_tiny_pipeline_reaches_its_numbers(tmp_path):
     assert ev["sft"]["helpful"] >= 0.60
     for axis in ("helpful", "truthful", "harmless"):
         assert ev["sft"][axis] > ev["pretrain"][axis], axis
-        assert ev["ppo"][axis] >= ev["sft"][axis], axis  # issue 3: at or above SFT's (met on seed 0 since the compare.edits default, session 10)
+        assert ev["ppo"][axis] >= ev["sft"][axis], axis  # issue 3: at or above SFT's (seed 0, session 12: 0.750 = 0.750 helpful)
     assert report["rm"]["accuracy_labelers"] >= 0.70
     assert report["rm"]["accuracy_grader"] >= 0.85
-    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65  # seed 0 with compare.edits: 0.636 (sessions 10 and 11), open
+    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65  # seed 0: 0.651 with rm.epochs=2 (session 12), 0.644 with 1
