@@ -50,6 +50,19 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
     assert main(["pipeline", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--until", "sft"]) == 0
 
 
+def test_sample_is_another_name_for_compare(run_dir, tmp_path):
+    # issue 3 names the stage `cherrytop sample`: it samples and ranks into the same files as `compare`
+    out = tmp_path / "runs" / "test"
+    out.mkdir(parents=True)
+    for part in ("sft", "tokenizer"):
+        (out / part).symlink_to(run_dir / part)
+    assert main(["sample", "--preset", "test", f"--run.out_dir={out.parent}"]) == 0
+    def read(run):  # the records without the policy's path, which names the run folder
+        return [{k: v for k, v in json.loads(line).items() if k != "policy"}
+                for line in (run / "data" / "comparisons.jsonl").read_text().splitlines()]
+    assert read(out) == read(run_dir)
+
+
 def test_generate_eval_and_world_commands(run_dir, tmp_path, capsys):
     out_dir = f"--run.out_dir={run_dir.parent}"
     assert main(["generate", "--preset", "test", out_dir, "--checkpoint", "sft", "--prompt", "add 12 and 3 .",

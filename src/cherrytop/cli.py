@@ -27,13 +27,16 @@ COMMANDS = {
     "serve": "serve a checkpoint: OpenAI-compatible API, web chat, moderation, feedback (--serve.* settings)",
 }
 
+ALIASES = {"compare": ["sample"]}
+"""Other names of a command (`cherrytop sample` is `cherrytop compare`)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cherrytop", description="The InstructGPT recipe end to end.", allow_abbrev=False,
                                 epilog="Settings: --section.key=value after the command; `cherrytop config` lists them.")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_text in COMMANDS.items():
-        s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False, aliases=ALIASES.get(name, []))
         s.add_argument("--preset", default="tiny", help="named preset: tiny (default) or test")
         s.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config file(s)")
         if name in ("pipeline", "pretrain", "sft", "compare", "rm", "ppo"):
@@ -204,6 +207,7 @@ def cmd_convert(args, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
+    args.command = next((name for name, other in ALIASES.items() if args.command in other), args.command)
     from cherrytop.train import distributed
     from cherrytop.train.loop import ResumeError
     clean = False
