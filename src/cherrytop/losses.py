@@ -138,7 +138,7 @@ def ranking_loss(rewards: Tensor, pref: Tensor, tie: Tensor | None = None, tie_w
     rewards = rewards.float()  # (B, K)
     pref = pref.bool()  # (B, K, K)
     tie = torch.zeros_like(pref) if tie is None else tie.bool()  # (B, K, K)
-    w = torch.ones_like(rewards).unsqueeze(2).expand_as(pref) if weight is None else weight.to(rewards)  # (B, K, K)
+    w = torch.ones_like(pref, dtype=rewards.dtype) if weight is None else weight.to(rewards)  # (B, K, K)
     used = pref | tie  # (B, K, K)
     diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K) r_i − r_j
     logsig = w * F.logsigmoid(torch.where(used, diff, 0.0))  # (B, K, K)

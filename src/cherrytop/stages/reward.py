@@ -65,14 +65,9 @@ def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: li
     unlikely π_ref finds an edit says nothing about how much worse it is than the answers PPO samples."""
     k_max = max(c.k for _, c in groups)
     ll = torch.zeros(len(groups), k_max, dtype=torch.float64)  # (M, Kmax)
-    prefs, ties = [], []
     for m, ((_, comp), row) in enumerate(zip(groups, loglik)):
         ll[m, : comp.k] = torch.tensor(row, dtype=torch.float64)
-        pref, tie = L.ranking_pairs(list(comp.ranking), [tuple(t) for t in comp.ties], k_max)
-        prefs.append(pref)
-        ties.append(tie)
-    pref, tie = torch.stack(prefs), torch.stack(ties)
-    weight = torch.stack([pair_weights(comp, k_max, 0.0) for _, comp in groups])  # (M, Kmax, Kmax)
+    pref, tie, weight = pair_tensors([comp for _, comp in groups], k_max, 0.0)  # (M, Kmax, Kmax) each
     c = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([c], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -98,17 +93,12 @@ def collate_groups(groups: list[tuple[list[list[int]], Comparison]], pad_id: int
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
     k_max = max(c.k for _, c in groups)
-    prefs, ties, weights, slot = [], [], [], []
-    for m, (_, c) in enumerate(groups):
-        pref, tie = L.ranking_pairs(list(c.ranking), [tuple(t) for t in c.ties], k_max)
-        prefs.append(pref)
-        ties.append(tie)
-        weights.append(pair_weights(c, k_max, edit_weight))
-        slot += [m * k_max + j for j in range(c.k)]
+    pref, tie, weight = pair_tensors([c for _, c in groups], k_max, edit_weight)  # (M, Kmax, Kmax) each
+    slot = [m * k_max + j for m, (_, c) in enumerate(groups) for j in range(c.k)]
     ll = torch.tensor([x for row in loglik for x in row] if loglik else [0.0] * len(rows))  # (R,)
-    return {"input_ids": ids, "attention_mask": attn, "pref": torch.stack(prefs), "tie": torch.stack(ties),
-            "weight": torch.stack(weights), "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)),
-            "tie_weight": torch.tensor(tie_weight), "loglik": ll}
+    return {"input_ids": ids, "attention_mask": attn, "pref": pref, "tie": tie, "weight": weight,
+            "slot": torch.tensor(slot), "n_prompts": torch.tensor(len(groups)), "tie_weight": torch.tensor(tie_weight),
+            "loglik": ll}
 
 
 def group_rewards(model, b: Batch) -> torch.Tensor:
@@ -176,13 +166,19 @@ def accuracy(model, groups: list[tuple[list[list[int]], Comparison]], loglik: li
     return out
 
 
-def pair_weights(c: Comparison, k_max: int, edit_weight: float) -> torch.Tensor:
-    """(Kmax, Kmax) weights of a comparison's pairs in the ranking loss: `edit_weight` for a pair with an
-    edited answer, 1 for the others."""
-    w = torch.ones(k_max, k_max)  # (Kmax, Kmax)
-    edited = list(edited_answers(c))
-    w[edited, :] = w[:, edited] = edit_weight
-    return w
+def pair_tensors(comps: list[Comparison], k_max: int, edit_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pref, tie, weight), each (M, Kmax, Kmax), of the comparisons' pairs for `losses.ranking_loss`; a pair
+    with an edited answer weighs `edit_weight`, the others 1."""
+    prefs, ties, weights = [], [], []
+    for c in comps:
+        pref, tie = L.ranking_pairs(list(c.ranking), [tuple(t) for t in c.ties], k_max)
+        w = torch.ones(k_max, k_max)  # (Kmax, Kmax)
+        edited = list(edited_answers(c))
+        w[edited, :] = w[:, edited] = edit_weight
+        prefs.append(pref)
+        ties.append(tie)
+        weights.append(w)
+    return torch.stack(prefs), torch.stack(ties), torch.stack(weights)
 
 
 def edited_answers(c: Comparison) -> set[int]:
