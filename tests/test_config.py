@@ -27,6 +27,7 @@ def test_layers_and_round_trip(tmp_path):
     ([], ["--pretrain.batch_size=10", "--pretrain.micro_batch_size=4"], "must be a multiple"),
     ([], ["--model.arch=rnn"], "model.arch: expected 'llama' or 'gpt2'"),
     ([], ["--rm.edit_weight=-0.5"], "rm.edit_weight: expected a weight >= 0, got -0.5"),
+    ([], ["--ppo.compile_decode=yes"], "ppo.compile_decode: expected 'auto', 'on' or 'off', got 'yes'"),
     ([], ["lr=3"], "expected --section.key=value"),
     (["missing.toml"], [], "missing.toml: config file not found"),
 ])

@@ -298,6 +298,12 @@ class PPOConfig:
     minus SFT's on two seeds: 0.7 gave -0.010 / +0.007, 1.0 gave 0.000 / -0.011, 0.5 +0.004 / -0.007."""
     max_new_tokens: int = 24
     """Most tokens per response."""
+    compile_decode: str = "auto"
+    """Run the rollout's one-token decoding steps compiled (transformers' `torch.compile`d call of the
+    policy on its preallocated cache: CUDA graphs on a GPU), with prompts left-padded to a multiple of
+    64 tokens so that one compiled graph serves every batch: `on`, `off`, or `auto` = on a GPU only.
+    Compiling takes ~10-25 s once per run; on the 2-core CPU it did not pay (64 × 24 tokens of the
+    tiny model: 0.39 s compiled, 0.43 s eager). Same tokens; log-probs equal up to float rounding."""
     no_eos_penalty: float = -1.0
     """Score given instead of the reward model's to a response that does not end with EOS ([LHP])."""
     gamma: float = 1.0
@@ -728,6 +734,8 @@ def validate(cfg: Config) -> None:
     role_map(cfg.ray.resources, "ray.resources")
     role_map(cfg.ray.nodes, "ray.nodes")
     role_gpus(cfg.ray)
+    if cfg.ppo.compile_decode not in ("auto", "on", "off"):
+        raise ConfigError(f"ppo.compile_decode: expected 'auto', 'on' or 'off', got '{cfg.ppo.compile_decode}'")
     if cfg.dist.frozen_dtype not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"dist.frozen_dtype: expected 'auto', 'bf16' or 'fp32', got '{cfg.dist.frozen_dtype}'")
     if cfg.dist.strategy not in ("none", "ddp", "fsdp"):

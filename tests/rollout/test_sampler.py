@@ -102,3 +102,79 @@ def test_all_stopped_keeps_decoding_padding_until_every_process_has_stopped():
         torch.testing.assert_close(getattr(synced, f)[:, :n], getattr(plain, f), rtol=0, atol=0)
     assert (synced.tokens[:, n:] == PAD).all() and not synced.mask[:, n:].any() and not synced.logprobs[:, n:].any()
     assert torch.equal(synced.has_eos, plain.has_eos)
+
+
+def _stopping_model():
+    """A model over 6 tokens: EOS is drawn often enough that every row stops well before the budget."""
+    return build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), 6, PAD, EOS, seed=4).eval()
+
+
+def test_a_deferred_stop_check_gives_the_same_samples(monkeypatch):
+    """On a GPU the sampler reads "every row has stopped" one step late (no host stall per token); it
+    runs one all-padding step more and drops it. Forced on CPU, the samples are the immediate check's."""
+    import cherrytop.rollout.sampler as S
+    model = _stopping_model()
+    ids, mask = left_pad([[2, 3, 4], [5, 2], [3, 3, 3, 4], [4]], PAD)
+
+    def draw():
+        return sample(model, ids, mask, max_new_tokens=40, eos_id=EOS, pad_id=PAD, temperature=1.0,
+                      generator=torch.Generator().manual_seed(5))
+    now = draw()
+    assert now.has_eos.all() and now.tokens.shape[1] < 40  # every row stopped early: the exit is tested
+    steps = []
+
+    class Deferred(S.StopCheck):
+        def __init__(self, device, deferred=None):
+            super().__init__(device, deferred=True)
+
+        def __call__(self, alive):
+            steps.append(bool(alive.any()))
+            return super().__call__(alive)
+    monkeypatch.setattr(S, "StopCheck", Deferred)
+    late = draw()
+    assert len(steps) == now.tokens.shape[1] + 1  # one decoding step more than the immediate check
+    for f in ("tokens", "logprobs", "mask", "has_eos", "entropy"):
+        assert torch.equal(getattr(now, f), getattr(late, f)), f
+
+
+def test_under_autocast_the_cache_is_preallocated_in_the_autocast_dtype(monkeypatch):
+    """bf16 autocast: keys (float32 after the rotary) and values (bf16) are stored in one bf16
+    preallocated cache; the samples are those of the cache that keeps the float32 keys (a DynamicCache),
+    up to the rounding of a different attention length in bf16."""
+    import cherrytop.rollout.sampler as S
+    from transformers import DynamicCache
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), 40, PAD, EOS, seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    ids, mask = left_pad([torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 7, 5, 9)], PAD)
+    made = []
+
+    def draw():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sample(model, ids, mask, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.8,
+                          generator=torch.Generator().manual_seed(1))
+    cache = S._cache
+    monkeypatch.setattr(S, "_cache", lambda *a: made.append(cache(*a)) or made[-1])
+    static = draw()
+    assert all(layer.keys.dtype == layer.values.dtype == torch.bfloat16 for layer in made[0].layers)
+    monkeypatch.setattr(S, "_cache", lambda *a: DynamicCache())
+    dynamic = draw()
+    assert torch.equal(static.tokens, dynamic.tokens)
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=2e-3, rtol=0)
+
+
+def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once():
+    """`compiled=True` (transformers' torch.compile'd call; inductor on CPU, CUDA graphs on a GPU): the
+    greedy tokens of the eager path and its log-probs up to rounding; prompts of another length reuse
+    the compiled step (they are padded to a multiple of 64), so nothing compiles again."""
+    import torch._dynamo
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=160), 40, PAD, EOS, seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [left_pad([torch.randint(2, 40, (n,), generator=g).tolist() for n in lengths], PAD)
+               for lengths in ((3, 7, 5), (11, 2, 6))]
+    torch._dynamo.reset()
+    for i, (ids, mask) in enumerate(batches):
+        eager = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            fast = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0, compiled=True)
+        assert torch.equal(fast.prompt_ids, ids) and torch.equal(fast.tokens, eager.tokens)
+        torch.testing.assert_close(fast.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)

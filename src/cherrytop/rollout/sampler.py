@@ -1,7 +1,10 @@
 """Batched sampling with a KV cache: left-padded prompts, temperature / top-p / greedy, stop at
 EOS, early exit when every row has stopped. Returns tokens and their log-probabilities so PPO can
 use the same path. The prompt pass runs padding-free (rollout.packing) and the cache is preallocated
-(written in place, not grown by concatenation) where the model allows."""
+(written in place, not grown by concatenation) where the model allows. On a GPU the host never waits
+for the device inside the loop (`StopCheck`), and the one-token decoding step can run compiled
+(`compiled=True`: transformers' own `torch.compile`d call, CUDA graphs with its default
+"reduce-overhead" mode) on the preallocated cache."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from cherrytop.data.tokenizer import encode_prompt
 from cherrytop.rollout import packing
@@ -63,15 +67,85 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
-def _cache(model: torch.nn.Module, max_len: int):
+class _OneDtypeLayer(StaticLayer):
+    """A preallocated cache layer (HF StaticLayer) that stores keys and values in one dtype, cast on the
+    way in. Under bf16 autocast the rotated keys arrive as float32 and the values as bf16, and
+    StaticLayer keeps the first one's dtype for both; attention rounds both to bf16 anyway, so storing
+    them in bf16 gives the same numbers as keeping the float32 keys (in a DynamicCache), in half the memory."""
+
+    def __init__(self, max_cache_len: int, dtype: torch.dtype):
+        super().__init__(max_cache_len)
+        self.store = dtype
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return super().update(key_states.to(self.store), value_states.to(self.store), *args, **kwargs)
+
+
+def _cache(model: torch.nn.Module, max_len: int, device: torch.device):
     """A KV cache preallocated for `max_len` positions and written in place (HF StaticCache), where the
-    model's layers are all full attention; a cache that grows by concatenation otherwise, and under
-    autocast (bf16 values but rotated float32 keys: StaticCache keeps one dtype for both)."""
+    model's layers are all full attention, storing keys and values in the autocast dtype under autocast;
+    a cache that grows by concatenation otherwise."""
     layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
-    autocast = any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
-    if not autocast and getattr(model.config, "sliding_window", None) is None and set(layer_types) == {"full_attention"}:
-        return StaticCache(config=model.config, max_cache_len=max_len)
-    return DynamicCache()
+    if getattr(model.config, "sliding_window", None) is not None or set(layer_types) != {"full_attention"}:
+        return DynamicCache()
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    if torch.is_autocast_enabled(device.type):
+        cache.layers = [_OneDtypeLayer(max_len, torch.get_autocast_dtype(device.type)) for _ in cache.layers]
+    return cache
+
+
+class StopCheck:
+    """Whether every row has stopped. On CPU it is read at once. On a GPU reading it would stall the host
+    until the device catches up, every token, so the flag is copied to pinned host memory without
+    waiting and read one step later (as transformers' DeferredStopCheck does on MPS): the loop runs at
+    most one decoding step more, whose all-padding column the caller drops."""
+
+    def __init__(self, device: torch.device, deferred: bool | None = None):
+        self.cuda = device.type == "cuda"
+        self.deferred = self.cuda if deferred is None else deferred
+        """Read one step late (the default on a GPU; on CPU only to test it)."""
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # the last step's flag, in flight
+
+    def __call__(self, alive: torch.Tensor) -> bool:
+        """Whether every row had stopped, by this step (on CPU) or by the step before (deferred)."""
+        if not self.deferred:
+            return not bool(alive.any())
+        flag = torch.empty((), dtype=torch.bool, pin_memory=self.cuda)
+        flag.copy_(~alive.any(), non_blocking=True)
+        done = torch.cuda.Event() if self.cuda else None
+        if done is not None:
+            done.record()
+        last, self.pending = self.pending, (flag, done)
+        if last is None:
+            return False
+        if last[1] is not None:
+            last[1].synchronize()  # recorded a step ago: the device is a step ahead, the host does not stall
+        return bool(last[0])
+
+
+COMPILED_PROMPT_MULTIPLE = 64
+"""With a compiled decoding step, prompts are left-padded to a multiple of this many tokens: the cache
+and mask sizes (P + max_new_tokens) then repeat across batches, and so does the compiled graph (every
+new size compiles again, ~10 s)."""
+
+
+def wants_compile(setting: str, device: torch.device) -> bool:
+    """`ppo.compile_decode` ("auto" | "on" | "off") on `device`: auto compiles on a GPU only."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def decoder(model: torch.nn.Module, compiled: bool, static: bool) -> Callable:
+    """The callable the one-token decoding steps go through: with `compiled` and a preallocated cache,
+    transformers' compiled call of the model (`get_compiled_call`: torch.compile, mode "reduce-overhead",
+    which captures CUDA graphs on a GPU; compiled once per model and shape), else the model itself."""
+    if compiled and static and hasattr(model, "get_compiled_call"):
+        step = model.get_compiled_call(None)
+
+        def call(**kw):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten now
+            return step(**kw)
+        return call
+    return model
 
 
 def _keeps_logits(model: torch.nn.Module) -> bool:
@@ -112,14 +186,23 @@ def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, all_stopped: Callable[[bool], bool] | None = None) -> Samples:
+           generator: torch.Generator | None = None, all_stopped: Callable[[bool], bool] | None = None,
+           compiled: bool = False) -> Samples:
     """Sample up to `max_new_tokens` per row; temperature 0 is greedy. `all_stopped(this process's rows
     have stopped)` -> whether every process's have: with a sharded model (FSDP) all processes must
-    run as many forward passes, so a process whose rows have stopped decodes padding until then."""
+    run as many forward passes, so a process whose rows have stopped decodes padding until then.
+    `compiled`: the decoding steps run through `decoder` (same tokens and log-probs up to rounding),
+    on prompts left-padded to a multiple of COMPILED_PROMPT_MULTIPLE (the returned prompts are not)."""
+    given = prompt_ids, prompt_mask
+    if compiled and (extra := -prompt_ids.shape[1] % COMPILED_PROMPT_MULTIPLE):
+        prompt_ids = torch.nn.functional.pad(prompt_ids, (extra, 0), value=pad_id)
+        prompt_mask = torch.nn.functional.pad(prompt_mask, (extra, 0))
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    cache = _cache(model, P + max_new_tokens)
+    cache = _cache(model, P + max_new_tokens, device)
     static = isinstance(cache, StaticCache)
+    step = decoder(model, compiled, static)
+    stop = StopCheck(device, deferred=None if all_stopped is None else False)
     attn = torch.zeros((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # (B, P+N) grows by a column a step
     attn[:, :P] = prompt_mask
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P) positions ignore left padding
@@ -148,14 +231,17 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
         stopped = alive & (tok == eos_id)
         has_eos |= stopped
         alive &= ~stopped
-        if (not alive.any() if all_stopped is None else all_stopped(not alive.any())) or t == max_new_tokens - 1:
-            tokens, logprobs, mask, entropy = tokens[:, : t + 1], logprobs[:, : t + 1], mask[:, : t + 1], entropy[:, : t + 1]
+        if (stop(alive) if all_stopped is None else all_stopped(not alive.any())) or t == max_new_tokens - 1:
+            n = int(mask.any(0).sum()) if stop.deferred else t + 1  # deferred: not the all-padding step after
+            tokens, logprobs, mask, entropy = tokens[:, :n], logprobs[:, :n], mask[:, :n], entropy[:, :n]
             break
         attn[:, P + t] = 1  # finished rows keep decoding pad, ignored
-        logits = model(input_ids=tok[:, None], attention_mask=attn if static else attn[:, : P + t + 1], position_ids=next_pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1, :].float()  # (B, V)
+        out = step(input_ids=tok[:, None], attention_mask=attn if static else attn[:, : P + t + 1], position_ids=next_pos,
+                   past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # (B, V), not a view of a CUDA graph's output
+        del out
         next_pos = next_pos + 1
-    return Samples(prompt_ids, prompt_mask, tokens, logprobs, mask, has_eos, entropy)
+    return Samples(*given, tokens, logprobs, mask, has_eos, entropy)
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 48,

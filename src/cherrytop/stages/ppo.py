@@ -49,7 +49,7 @@ from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term, reward, scalar_model_from
 from cherrytop.model.load import CheckpointError, frozen_dtype, load_model, resolve_checkpoint
-from cherrytop.rollout.sampler import left_pad, sample
+from cherrytop.rollout.sampler import left_pad, sample, wants_compile
 from cherrytop.rollout import packing
 from cherrytop.rollout.packing import response_logp, response_values
 from cherrytop.train import distributed
@@ -462,7 +462,8 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     with amp():
         s = sample(Through(par.policy) if sharded else policy, ids_p, mask_p, max_new_tokens=p.max_new_tokens,
                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=p.temperature, generator=gen,
-                   all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None)
+                   all_stopped=(lambda stopped: distributed.all_true(stopped, d)) if sharded else None,
+                   compiled=wants_compile(p.compile_decode, device) and not sharded)
     if sharded:
         par.policy.reshard()
     P = ids_p.shape[1]

@@ -280,12 +280,13 @@ class RolloutWorker(Actor):
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], pad_id: int, eos_id: int):
-        from cherrytop.rollout.sampler import left_pad, sample
+        from cherrytop.rollout.sampler import left_pad, sample, wants_compile
         p = self.cfg.ppo
         ids_p, mask_p = left_pad(prompt_ids, pad_id)
         with lora.autocast(self.device, self.cfg.dist.bf16):
             s = sample(self.model, _on(ids_p, self.device), _on(mask_p, self.device), max_new_tokens=p.max_new_tokens,
-                       eos_id=eos_id, pad_id=pad_id, temperature=p.temperature, generator=self.gen)
+                       eos_id=eos_id, pad_id=pad_id, temperature=p.temperature, generator=self.gen,
+                       compiled=wants_compile(p.compile_decode, self.device))
         own = getattr(s, "logprobs", None) is not None and getattr(s, "entropy", None) is not None  # saves a policy pass
         return (ids_p, mask_p, s.tokens.cpu(), s.mask.cpu(), s.has_eos.cpu(),
                 (s.logprobs.cpu(), s.entropy.cpu()) if own else None)
