@@ -29,14 +29,19 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 def _common(spec: Spec, run_dir: str) -> list[str]:
-    return [f"--run.out_dir={run_dir}", "--run.name=bench", f"--run.threads={spec.threads}"]
+    return [f"--run.out_dir={run_dir}", "--run.name=bench", f"--run.threads={spec.threads}",
+            f"--dist.bf16={str(spec.bf16).lower()}"]
+
+
+def _model(spec: Spec) -> Path:
+    return OUT / spec.data
 
 
 def bench_sft(spec: Spec, run_dir: str) -> None:
     from cherrytop.stages import sft
     from cherrytop.train import loop
     cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
-        f"--sft.data={OUT / 'sft.jsonl'}", f"--sft.init={OUT / 'model'}", f"--sft.max_steps={spec.sft_steps}",
+        f"--sft.data={OUT / 'sft.jsonl'}", f"--sft.init={_model(spec)}", f"--sft.max_steps={spec.sft_steps}",
         f"--sft.batch_size={spec.sft_batch}", f"--sft.micro_batch_size={spec.sft_batch}",
         f"--sft.seq_len={spec.sft_seq_len}", f"--sft.lr={spec.sft_lr}", "--sft.warmup_steps=2",
         "--sft.eval_every=100000", "--sft.save_every=100000", "--sft.log_every=10", "--sft.eval_batches=1"])
@@ -52,7 +57,7 @@ def bench_rm(spec: Spec, run_dir: str, rankings: bool) -> None:
     data = OUT / ("rankings.jsonl" if rankings else "pairs.jsonl")
     batch = spec.rm_rankings_batch if rankings else spec.rm_pairs_batch
     cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
-        f"--rm.train.data={data}", f"--rm.train.init={OUT / 'model'}", "--rm.epochs=0",
+        f"--rm.train.data={data}", f"--rm.train.init={_model(spec)}", "--rm.epochs=0",
         f"--rm.train.max_steps={spec.rm_steps}", f"--rm.train.batch_size={batch}",
         f"--rm.train.micro_batch_size={batch}", f"--rm.train.seq_len={spec.rm_seq_len}", f"--rm.train.lr={spec.rm_lr}",
         "--rm.train.eval_every=100000", "--rm.train.save_every=100000", "--rm.train.eval_batches=1"])
@@ -82,7 +87,7 @@ def _time_loop(loop, meter: Meter, work) -> None:
 def bench_ppo(spec: Spec, run_dir: str) -> None:
     from cherrytop.stages import ppo
     cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
-        f"--ppo.init={OUT / 'model'}", f"--ppo.reward_model={OUT / 'model'}", f"--ppo.prompts={OUT / 'prompts.jsonl'}",
+        f"--ppo.init={_model(spec)}", f"--ppo.reward_model={_model(spec)}", f"--ppo.prompts={OUT / spec.prompts}",
         f"--ppo.episodes={spec.ppo_iterations * spec.ppo_batch}", f"--ppo.batch_size={spec.ppo_batch}",
         f"--ppo.minibatch_size={spec.ppo_minibatch}", f"--ppo.micro_batch_size={spec.ppo_minibatch}",
         f"--ppo.ppo_epochs={spec.ppo_epochs}", f"--ppo.max_new_tokens={spec.response_len}",
@@ -110,23 +115,28 @@ def bench_ppo(spec: Spec, run_dir: str) -> None:
 
 
 def bench_gen(spec: Spec) -> None:
+    """`rollout.sampler.sample` as PPO's rollout calls it (compiled decoding steps on a GPU, ppo.compile_decode
+    = auto); bf16 weights with `spec.bf16`, as on TRL's side."""
     from cherrytop.data.records import read_prompts
     from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
     from cherrytop.model.load import load_model
-    from cherrytop.rollout.sampler import left_pad, sample
-    tok = load_tokenizer(OUT / "model")
-    model = load_model(OUT / "model").eval()
-    prompts = [encode_prompt(tok, [m.to_json() for m in p.messages]) for p in read_prompts(OUT / "prompts.jsonl")]
-    gen = torch.Generator().manual_seed(0)
-    meter = Meter(spec.warmup)
+    from cherrytop.rollout.sampler import left_pad, sample, wants_compile
+    device = torch.device(spec.device)
+    tok = load_tokenizer(_model(spec))
+    model = load_model(_model(spec), torch.bfloat16 if spec.bf16 else torch.float32).to(device).eval()
+    prompts = [encode_prompt(tok, [m.to_json() for m in p.messages]) for p in read_prompts(OUT / spec.prompts)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    meter, steps = Meter(spec.warmup), []
     for i in range(spec.gen_batches):
         ids, mask = left_pad(prompts[i * spec.ppo_batch: (i + 1) * spec.ppo_batch], tok.pad_token_id)
         t0 = time.perf_counter()
-        s = sample(model, ids, mask, max_new_tokens=spec.response_len, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                   temperature=spec.temperature, generator=gen)
+        s = sample(model, ids.to(device), mask.to(device), max_new_tokens=spec.response_len, eos_id=tok.eos_token_id,
+                   pad_id=tok.pad_token_id, temperature=spec.temperature, generator=gen,
+                   compiled=wants_compile("auto", device))
         meter.step(int(s.mask.sum()), at=t0)
+        steps.append(s.tokens.shape[1])
     meter.step(0)
-    report("gen", "cherrytop", meter, "tokens")
+    report("gen", "cherrytop", meter, "tokens", decode_steps=sum(steps[spec.warmup:]))
 
 
 def main(argv: list[str] | None = None) -> None:

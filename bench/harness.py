@@ -8,7 +8,7 @@ import json
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,41 @@ class Spec:
     """KL penalty β (tiny: ppo.kl_coef)."""
     gen_batches: int = 6
     """Generation benchmark: batches of `ppo_batch` prompts (warm-up included)."""
+    scale: str = "tiny"
+    """The model: `tiny` (the tiny preset's, vocabulary 1,536), or a random-weight Llama of issue 7's GPU
+    table (make_data.SCALES: `125m`, `1b`; vocabulary 32,000) in bench/out/<scale>/model."""
+    device: str = "cpu"
+    """`cpu` or `cuda` (both sides; each process has the one GPU)."""
+    bf16: bool = False
+    """bf16 on both sides: TRL `bf16=True` and cherrytop `dist.bf16` (autocast) for training and PPO,
+    bf16 weights for the generation rows. Off on CPU (TRL's bf16 is very slow there)."""
+    prompt_len: int = 0
+    """0: the world's prompts as they come (~30-60 tokens); n > 0: every prompt exactly n tokens
+    (make_data's prompts-<n>.jsonl)."""
     extra: dict = field(default_factory=dict)
     """Free-form notes carried into the results."""
+
+    @classmethod
+    def gpu(cls, scale: str, **changes) -> "Spec":
+        """Issue 7's GPU settings: a random-weight Llama of `scale`, bf16, batch 64 of 64-token prompts,
+        128 sampled tokens, PPO with 4 minibatches and 1 epoch (as TRL's PPO defaults)."""
+        return cls(**{**dict(scale=scale, device="cuda", bf16=True, prompt_len=64, ppo_batch=64, ppo_minibatch=16,
+                             ppo_epochs=1, response_len=128, ppo_iterations=4, gen_batches=4), **changes})
+
+    def smoke(self) -> "Spec":
+        """The same code paths at a size a CPU runs in minutes (to check a GPU run will work, not to time)."""
+        return replace(self, sft_steps=4, sft_batch=4, rm_steps=4, rm_pairs_batch=4, rm_rankings_batch=2, ppo_iterations=3,
+                       ppo_batch=8, ppo_minibatch=4, response_len=8, gen_batches=3, warmup=1)
+
+    @property
+    def data(self) -> str:
+        """The benchmark's folder of inputs (relative to bench/out) holding this scale's model."""
+        return "model" if self.scale == "tiny" else f"{self.scale}/model"
+
+    @property
+    def prompts(self) -> str:
+        """The prompts file (in bench/out) for this spec's prompt length."""
+        return "prompts.jsonl" if self.prompt_len == 0 else f"prompts-{self.prompt_len}.jsonl"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -83,7 +116,11 @@ class Meter:
 
     def step(self, work: float, at: float | None = None) -> None:
         """Mark the start (now, or `at`, a perf_counter time) of a step that does `work` units
-        (tokens, pairs, episodes)."""
+        (tokens, pairs, episodes). On a GPU the device is synchronised first, so that queued work is
+        counted in the step that queued it."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         self.marks.append(time.perf_counter() if at is None else at)
         self.cpu.append(time.process_time())
         self.work.append(work)
@@ -103,8 +140,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by this process's tensors in MiB (None without a GPU in use)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def report(task: str, side: str, meter: Meter, unit: str, **extra) -> None:
     """The one JSON line a side prints last: what compare.py reads."""
-    out = {"task": task, "side": side, **meter.result(unit), "peak_rss_mb": peak_rss_mb(), **extra}
+    out = {"task": task, "side": side, **meter.result(unit), "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), **extra}
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
     sys.stdout.flush()

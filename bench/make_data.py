@@ -8,8 +8,14 @@
     pairs.jsonl     the same rankings as TRL-style pairwise rows `{"prompt", "chosen", "rejected"}`
                     (the C(4,2) = 6 pairs of each ranking, ties left out)
     prompts.jsonl   PPO prompts `{"messages": [...]}` ending with a user turn
+    <scale>/model   with `--scale 125m|1b`: a random-weight Llama of issue 7's GPU table (SCALES),
+                    vocabulary 32,000, the same tokenizer (its 1,536 ids are a subset; nothing the
+                    benchmark samples is decoded)
+    prompts-<n>.jsonl  with `--prompt-len n`: the prompts, each exactly n tokens once chat-encoded
+                    (the user's text cut or filled with words of the world)
 
-Run with cherrytop's venv: `.venv/bin/python bench/make_data.py` (idempotent; `--fresh` rebuilds).
+Run with cherrytop's venv: `.venv/bin/python bench/make_data.py [--scale 125m] [--prompt-len 64]`
+(idempotent; `--fresh` rebuilds).
 """
 
 from __future__ import annotations
@@ -26,20 +32,104 @@ from cherrytop.model.load import build_model
 from cherrytop.world import SimulatedLabeler, SimulatedTrainer, World
 
 OUT = Path(__file__).resolve().parent / "out"
+GPU_VOCAB = 32000
+"""The vocabulary of the GPU-scale models (issue 7: vocab 32k)."""
+SCALES = {
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12),  # 134M parameters with the untied 32k embeddings
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),  # TinyLlama's shape: 1.10B parameters
+}
+"""Random-weight Llama shapes for the GPU benchmark (issue 7's ~125M and ~1.1B)."""
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def scaled_model(out: Path, scale: str) -> Path:
+    """bench/out/<scale>/model: a random-weight Llama of SCALES[scale] with the benchmark's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cherrytop.data.tokenizer import load_tokenizer
+    folder = out / scale / "model"
+    if (folder / "config.json").is_file():
+        return folder
+    tok = load_tokenizer(out / "model")
+    cfg = LlamaConfig(vocab_size=GPU_VOCAB, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=False, **SCALES[scale])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    print(f"{folder}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    return folder
+
+
+def fixed_length_prompts(out: Path, n: int) -> Path:
+    """prompts-<n>.jsonl: each prompt of prompts.jsonl with its (last) user text cut, word by word, or
+    filled with words of earlier prompts until the chat-encoded prompt is exactly n tokens, as both
+    cherrytop's `encode_prompt` and the tokenizer's own chat template (TRL's) encode it."""
+    from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+    path = out / f"prompts-{n}.jsonl"
+    if path.is_file():
+        return path
+    tok = load_tokenizer(out / "model")
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    filler = " ".join(r["messages"][-1]["content"] for r in rows).split()
+
+    def length(msgs: list[dict]) -> int:
+        a = len(encode_prompt(tok, msgs))
+        b = len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+        if a != b:
+            raise SystemExit(f"error: encode_prompt and the chat template disagree ({a} vs {b} tokens)")
+        return a
+    result = []
+    for i, r in enumerate(rows):
+        msgs = [dict(m) for m in r["messages"]]
+        words = msgs[-1]["content"].split()
+        for k in range(len(words), 0, -1):  # cut to fit
+            msgs[-1]["content"] = " ".join(words[:k])
+            if length(msgs) <= n:
+                break
+        j = i * 7
+        while (m := length(msgs)) < n:  # fill word by word; a word that overshoots is skipped
+            word = filler[j % len(filler)]
+            j += 1
+            trial = [*msgs[:-1], {**msgs[-1], "content": msgs[-1]["content"] + " " + word}]
+            if length(trial) <= n:
+                msgs = trial
+            elif j > i * 7 + 5000:
+                break
+        if length(msgs) == n:
+            result.append({"messages": msgs})
+    write_jsonl(path, result)
+    print(f"{path}: {len(result)} prompts of {n} tokens")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fresh", action="store_true", help="rebuild everything")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--scale", choices=["tiny", *SCALES], default="tiny", help="also build this GPU-scale model")
+    ap.add_argument("--prompt-len", type=int, default=0, help="also write prompts of exactly this many tokens")
     args = ap.parse_args(argv)
     out: Path = args.out
     if args.fresh and out.exists():
         shutil.rmtree(out)
+    build(out)
+    if args.scale != "tiny":
+        scaled_model(out, args.scale)
+    if args.prompt_len:
+        fixed_length_prompts(out, args.prompt_len)
+
+
+def build(out: Path) -> None:
+    """The tiny model, the tokenizer and the data files."""
     if (out / "prompts.jsonl").is_file():
         print(f"{out}: already built")
         return

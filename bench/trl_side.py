@@ -29,17 +29,18 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           TrainerCallback)
 
 OUT = Path(__file__).resolve().parent / "out"
-MODEL = str(OUT / "model")
+MODEL = str(OUT / "model")  # the spec's model folder (main sets it: bench/out/<scale>/model for a GPU scale)
+PROMPTS = "prompts.jsonl"  # the spec's prompts file
 
 
 def read_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (OUT / name).read_text().splitlines() if line.strip()]
 
 
-def common_args(out_dir: str) -> dict:
-    return dict(output_dir=out_dir, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+def common_args(out_dir: str, spec: Spec) -> dict:
+    return dict(output_dir=out_dir, bf16=spec.bf16, fp16=False, gradient_checkpointing=False, report_to="none",
                 save_strategy="no", eval_strategy="no", logging_steps=10, seed=0, dataloader_num_workers=0,
-                disable_tqdm=True, use_cpu=True)
+                disable_tqdm=True, use_cpu=spec.device == "cpu")
 
 
 class StepClock(TrainerCallback):
@@ -65,7 +66,7 @@ def bench_sft(spec: Spec, out_dir: str) -> None:
     from trl import SFTConfig, SFTTrainer
     tok = AutoTokenizer.from_pretrained(MODEL)
     rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in read_jsonl("sft.jsonl")]
-    args = SFTConfig(**common_args(out_dir), max_steps=spec.sft_steps, per_device_train_batch_size=spec.sft_batch,
+    args = SFTConfig(**common_args(out_dir, spec), max_steps=spec.sft_steps, per_device_train_batch_size=spec.sft_batch,
                      gradient_accumulation_steps=1, learning_rate=spec.sft_lr, warmup_steps=2, max_length=spec.sft_seq_len,
                      packing=False, padding_free=False)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
@@ -81,7 +82,7 @@ def bench_rm(spec: Spec, out_dir: str) -> None:
     from trl import RewardConfig, RewardTrainer
     tok = AutoTokenizer.from_pretrained(MODEL)
     rows = read_jsonl("pairs.jsonl")
-    args = RewardConfig(**common_args(out_dir), max_steps=spec.rm_steps, per_device_train_batch_size=spec.rm_pairs_batch,
+    args = RewardConfig(**common_args(out_dir, spec), max_steps=spec.rm_steps, per_device_train_batch_size=spec.rm_pairs_batch,
                         gradient_accumulation_steps=1, learning_rate=spec.rm_lr, warmup_steps=2, max_length=spec.rm_seq_len)
     model = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
@@ -95,7 +96,7 @@ def bench_rm(spec: Spec, out_dir: str) -> None:
 
 def prompt_ids(tok) -> list[list[int]]:
     return [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
-            for r in read_jsonl("prompts.jsonl")]
+            for r in read_jsonl(PROMPTS)]
 
 
 def bench_ppo(spec: Spec, out_dir: str) -> None:
@@ -107,7 +108,7 @@ def bench_ppo(spec: Spec, out_dir: str) -> None:
     # (accelerate then steps the optimizer every 2 micro-batches: 4 AdamW steps per iteration, not 8;
     # the forward/backward work is the same, and an AdamW step on 2.5M parameters is negligible.)
     n_mb = spec.ppo_batch // spec.ppo_minibatch
-    args = PPOConfig(**common_args(out_dir), per_device_train_batch_size=spec.ppo_minibatch, gradient_accumulation_steps=n_mb,
+    args = PPOConfig(**common_args(out_dir, spec), per_device_train_batch_size=spec.ppo_minibatch, gradient_accumulation_steps=n_mb,
                      num_mini_batches=n_mb, total_episodes=spec.ppo_iterations * spec.ppo_batch,
                      num_ppo_epochs=spec.ppo_epochs, response_length=spec.response_len, temperature=spec.temperature,
                      learning_rate=spec.ppo_lr, kl_coef=spec.kl_coef, missing_eos_penalty=1.0, stop_token="eos",
@@ -130,19 +131,23 @@ def bench_ppo(spec: Spec, out_dir: str) -> None:
     report("ppo", "trl", meter, "episodes", trl_version=_version())
 
 
-def bench_gen(spec: Spec) -> None:
-    """transformers' `generate` (dynamic KV cache) exactly as TRL's PPO calls it for rollouts."""
+def bench_gen(spec: Spec, static: bool = False) -> None:
+    """transformers' `generate` (dynamic KV cache) exactly as TRL's PPO calls it for rollouts; `static`:
+    with `cache_implementation="static"`, which transformers compiles on a GPU (its fast path).
+    bf16 weights with `spec.bf16`."""
     from transformers import GenerationConfig
     tok = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16 if spec.bf16 else torch.float32)
+    model = model.to(spec.device).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     gc = GenerationConfig(max_new_tokens=spec.response_len, temperature=spec.temperature + 1e-7, top_k=0, top_p=1.0,
-                          do_sample=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                          do_sample=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          **({"cache_implementation": "static"} if static else {}))
     ids = prompt_ids(tok)
     torch.manual_seed(0)
-    meter = Meter(spec.warmup)
+    meter, steps = Meter(spec.warmup), []
     for i in range(spec.gen_batches):
-        enc = tok.pad({"input_ids": ids[i * spec.ppo_batch: (i + 1) * spec.ppo_batch]}, return_tensors="pt")
+        enc = tok.pad({"input_ids": ids[i * spec.ppo_batch: (i + 1) * spec.ppo_batch]}, return_tensors="pt").to(spec.device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gc)
@@ -150,8 +155,10 @@ def bench_gen(spec: Spec) -> None:
         is_eos = (resp == tok.eos_token_id).int()
         after = is_eos.cumsum(1) - is_eos  # EOS seen before this position
         meter.step(int((after == 0).sum()), at=t0)
+        steps.append(resp.shape[1])
     meter.step(0)
-    report("gen", "trl", meter, "tokens", trl_version=_version())
+    report("gen_static" if static else "gen", "trl", meter, "tokens", trl_version=_version(),
+           decode_steps=sum(steps[spec.warmup:]))
 
 
 def _version() -> str:
@@ -162,14 +169,17 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="TRL side of the cherrytop comparison")
-    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "gen"])
+    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "gen", "gen_static"])
     ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
     args = ap.parse_args(argv)
     spec = Spec.from_json(args.spec)
     torch.set_num_threads(spec.threads)
+    global MODEL, PROMPTS
+    MODEL, PROMPTS = str(OUT / spec.data), spec.prompts
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
         {"sft": lambda: bench_sft(spec, out_dir), "rm": lambda: bench_rm(spec, out_dir),
-         "ppo": lambda: bench_ppo(spec, out_dir), "gen": lambda: bench_gen(spec)}[args.task]()
+         "ppo": lambda: bench_ppo(spec, out_dir), "gen": lambda: bench_gen(spec),
+         "gen_static": lambda: bench_gen(spec, static=True)}[args.task]()
 
 
 if __name__ == "__main__":

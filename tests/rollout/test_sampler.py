@@ -153,10 +153,10 @@ def test_under_autocast_the_cache_is_preallocated_in_the_autocast_dtype(monkeypa
             return sample(model, ids, mask, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.8,
                           generator=torch.Generator().manual_seed(1))
     cache = S._cache
-    monkeypatch.setattr(S, "_cache", lambda *a: made.append(cache(*a)) or made[-1])
+    monkeypatch.setattr(S, "_cache", lambda *a, **k: made.append(cache(*a, **k)) or made[-1])
     static = draw()
     assert all(layer.keys.dtype == layer.values.dtype == torch.bfloat16 for layer in made[0].layers)
-    monkeypatch.setattr(S, "_cache", lambda *a: DynamicCache())
+    monkeypatch.setattr(S, "_cache", lambda *a, **k: DynamicCache())
     dynamic = draw()
     assert torch.equal(static.tokens, dynamic.tokens)
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=2e-3, rtol=0)
@@ -172,9 +172,12 @@ def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once():
     batches = [left_pad([torch.randint(2, 40, (n,), generator=g).tolist() for n in lengths], PAD)
                for lengths in ((3, 7, 5), (11, 2, 6))]
     torch._dynamo.reset()
+    caches = []
     for i, (ids, mask) in enumerate(batches):
         eager = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             fast = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0, compiled=True)
+        caches.append(model._decode_cache[1])
         assert torch.equal(fast.prompt_ids, ids) and torch.equal(fast.tokens, eager.tokens)
         torch.testing.assert_close(fast.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    assert caches[0] is caches[1]  # the second batch decoded on the first one's cache, zeroed

@@ -81,16 +81,26 @@ class _OneDtypeLayer(StaticLayer):
         return super().update(key_states.to(self.store), value_states.to(self.store), *args, **kwargs)
 
 
-def _cache(model: torch.nn.Module, max_len: int, device: torch.device):
+def _cache(model: torch.nn.Module, max_len: int, device: torch.device, reuse_for: int | None = None):
     """A KV cache preallocated for `max_len` positions and written in place (HF StaticCache), where the
     model's layers are all full attention, storing keys and values in the autocast dtype under autocast;
-    a cache that grows by concatenation otherwise."""
+    a cache that grows by concatenation otherwise. `reuse_for` (a batch size; for the compiled step):
+    the model's last preallocated cache of the same size, zeroed, as transformers' generate keeps its
+    own: CUDA graphs are recorded on the cache's memory, which a new cache would make them record again."""
     layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
     if getattr(model.config, "sliding_window", None) is not None or set(layer_types) != {"full_attention"}:
         return DynamicCache()
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (reuse_for, max_len, dtype, device)
+    kept = getattr(model, "_decode_cache", None)
+    if reuse_for is not None and kept is not None and kept[0] == key:
+        kept[1].reset()
+        return kept[1]
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    if torch.is_autocast_enabled(device.type):
-        cache.layers = [_OneDtypeLayer(max_len, torch.get_autocast_dtype(device.type)) for _ in cache.layers]
+    if dtype is not None:
+        cache.layers = [_OneDtypeLayer(max_len, dtype) for _ in cache.layers]
+    if reuse_for is not None:
+        model._decode_cache = (key, cache)
     return cache
 
 
@@ -199,7 +209,7 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
         prompt_mask = torch.nn.functional.pad(prompt_mask, (extra, 0))
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    cache = _cache(model, P + max_new_tokens, device)
+    cache = _cache(model, P + max_new_tokens, device, reuse_for=B if compiled else None)
     static = isinstance(cache, StaticCache)
     step = decoder(model, compiled, static)
     stop = StopCheck(device, deferred=None if all_stopped is None else False)
