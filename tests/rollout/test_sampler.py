@@ -162,10 +162,15 @@ def test_under_autocast_the_cache_is_preallocated_in_the_autocast_dtype(monkeypa
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=2e-3, rtol=0)
 
 
-def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once(bf16):
     """`compiled=True` (transformers' torch.compile'd call; inductor on CPU, CUDA graphs on a GPU): the
     greedy tokens of the eager path and its log-probs up to rounding; prompts of another length reuse
-    the compiled step (they are padded to a multiple of 64), so nothing compiles again."""
+    the compiled step (they are padded to a multiple of 64), so nothing compiles again. `bf16`: under
+    bf16 autocast, as PPO's rollout runs on a GPU (the one-dtype cache; log-probs up to bf16 rounding
+    of attention over another number of padded keys)."""
+    import contextlib
+
     import torch._dynamo
     model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=160), 40, PAD, EOS, seed=2).eval()
     g = torch.Generator().manual_seed(0)
@@ -174,10 +179,12 @@ def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once():
     torch._dynamo.reset()
     caches = []
     for i, (ids, mask) in enumerate(batches):
-        eager = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0)
-        with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            fast = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0, compiled=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            eager = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                fast = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0, compiled=True)
         caches.append(model._decode_cache[1])
         assert torch.equal(fast.prompt_ids, ids) and torch.equal(fast.tokens, eager.tokens)
-        torch.testing.assert_close(fast.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.logprobs, eager.logprobs, atol=1e-2 if bf16 else 1e-5, rtol=1e-5)
     assert caches[0] is caches[1]  # the second batch decoded on the first one's cache, zeroed
+    assert all(layer.keys.dtype == (torch.bfloat16 if bf16 else torch.float32) for layer in caches[0].layers)
