@@ -44,3 +44,35 @@ def test_configure_applies_the_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+KERNELS = """
+import sys, torch
+from cherrytop.config import load_config
+from cherrytop.train import host
+run = load_config("test", overrides=["--run.cpu_kernels=" + sys.argv[1], "--run.keep_freed_memory=false"]).run
+host.configure(run)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86 Linux CI machines")
+def test_cpu_kernels_pins_the_avx2_kernels_unless_told_otherwise():
+    """`run.cpu_kernels=avx2` (the default) runs PyTorch's AVX2 kernels on any x86 CPU with AVX2, an
+    AVX-512 one too (where `native` would pick AVX512); a user's own ATEN_CPU_CAPABILITY wins."""
+    import os
+    import platform
+
+    import torch
+    if platform.machine() != "x86_64" or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("needs an x86 CPU with AVX2")
+
+    def capability(setting: str, **env) -> str:
+        return subprocess.run([sys.executable, "-c", KERNELS, setting], capture_output=True, text=True, check=True,
+                              env={**{k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}, **env}).stdout.strip()
+    native = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                            capture_output=True, text=True, check=True,
+                            env={k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}).stdout.strip()
+    assert capability("avx2") == "AVX2"
+    assert capability("native") == native  # AVX512 on a Zen 4 or a Xeon, AVX2 on Zen 1-3
+    assert capability("avx2", ATEN_CPU_CAPABILITY="default") == "DEFAULT"

@@ -1,5 +1,11 @@
-"""The host process every command runs in: torch's CPU threads, and how the C allocator treats freed
-memory.
+"""The host process every command runs in: PyTorch's CPU kernel set, torch's CPU threads, and how the
+C allocator treats freed memory.
+
+PyTorch picks the widest vectorised kernels the CPU has (AVX-512 on a Zen 4 or a Xeon, AVX2 on Zen 1-3)
+once, at the first op that needs them; the two sets round differently (reductions, softmax, norms), and
+the tiny recipe is sensitive enough that the same seed then trains other models. `run.cpu_kernels=avx2`
+(the default) sets ATEN_CPU_CAPABILITY before that first op, so every x86 machine with AVX2 computes
+the same numbers.
 
 glibc's malloc hands blocks above its mmap threshold (128 KiB to 32 MiB, adjusted as it goes) to the
 kernel on every free and trims the top of its heap, so a training step that allocates the same
@@ -15,7 +21,10 @@ tuning guide gets the same from jemalloc or tcmalloc, which would be an extra na
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import sys
+import warnings
 
 from cherrytop.config import RunConfig
 
@@ -28,12 +37,28 @@ MMAP_THRESHOLD = 1 << 30
 
 
 def configure(run: RunConfig) -> None:
-    """Apply `run.threads` and `run.keep_freed_memory` to this process."""
+    """Apply `run.cpu_kernels`, `run.threads` and `run.keep_freed_memory` to this process."""
+    cpu_kernels(run.cpu_kernels)
     if run.threads:
         import torch  # here, so commands that never touch torch do not pay for importing it
         torch.set_num_threads(run.threads)
     if run.keep_freed_memory:
         keep_freed_memory()
+
+
+def cpu_kernels(setting: str) -> str | None:
+    """Ask for PyTorch's AVX2 kernels (`avx2`, on x86 only) or leave its choice (`native`), unless the
+    user set ATEN_CPU_CAPABILITY. Returns the kernel set in use once asked for (None when nothing was
+    asked); warns when PyTorch had already chosen another (an op ran before this call)."""
+    if setting != "avx2" or "ATEN_CPU_CAPABILITY" in os.environ or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+    import torch
+    got = torch.backends.cpu.get_cpu_capability()
+    if got not in ("AVX2", "DEFAULT"):  # DEFAULT: a CPU without AVX2, nothing to match
+        warnings.warn(f"run.cpu_kernels=avx2 came too late: PyTorch already runs its {got} kernels in this process",
+                      stacklevel=2)
+    return got
 
 
 def keep_freed_memory() -> bool:
