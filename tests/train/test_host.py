@@ -52,14 +52,16 @@ from cherrytop.config import load_config
 from cherrytop.train import host
 run = load_config("test", overrides=["--run.cpu_kernels=" + sys.argv[1], "--run.keep_freed_memory=false"]).run
 host.configure(run)
-print(torch.backends.cpu.get_cpu_capability())
+import os
+print(torch.backends.cpu.get_cpu_capability(), os.environ.get("TORCHINDUCTOR_CACHE_DIR", "-"))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86 Linux CI machines")
 def test_cpu_kernels_pins_the_avx2_kernels_unless_told_otherwise():
     """`run.cpu_kernels=avx2` (the default) runs PyTorch's AVX2 kernels on any x86 CPU with AVX2, an
-    AVX-512 one too (where `native` would pick AVX512); a user's own ATEN_CPU_CAPABILITY wins."""
+    AVX-512 one too (where `native` would pick AVX512), with torch.compile's cache in a folder of its
+    own; a user's own ATEN_CPU_CAPABILITY wins."""
     import os
     import platform
 
@@ -68,8 +70,11 @@ def test_cpu_kernels_pins_the_avx2_kernels_unless_told_otherwise():
         pytest.skip("needs an x86 CPU with AVX2")
 
     def capability(setting: str, **env) -> str:
-        return subprocess.run([sys.executable, "-c", KERNELS, setting], capture_output=True, text=True, check=True,
-                              env={**{k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}, **env}).stdout.strip()
+        clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CACHE_DIR")}
+        got, cache = subprocess.run([sys.executable, "-c", KERNELS, setting], capture_output=True, text=True, check=True,
+                                    env={**clean, **env}).stdout.split()
+        assert cache.endswith("_avx2") if setting == "avx2" and not env else cache == "-"  # asked for by cherrytop
+        return got
     native = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                             capture_output=True, text=True, check=True,
                             env={k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}).stdout.strip()

@@ -5,7 +5,9 @@ PyTorch picks the widest vectorised kernels the CPU has (AVX-512 on a Zen 4 or a
 once, at the first op that needs them; the two sets round differently (reductions, softmax, norms), and
 the tiny recipe is sensitive enough that the same seed then trains other models. `run.cpu_kernels=avx2`
 (the default) sets ATEN_CPU_CAPABILITY before that first op, so every x86 machine with AVX2 computes
-the same numbers.
+the same numbers. It also gives torch.compile's on-disk cache a folder of its own: that cache does not
+tell the kernel sets apart, and code cached under AVX-512 gave NaN log-probs when read under AVX2
+(torch 2.13, `ppo.compile_decode=on` on a Zen 4).
 
 glibc's malloc hands blocks above its mmap threshold (128 KiB to 32 MiB, adjusted as it goes) to the
 kernel on every free and trims the top of its heap, so a training step that allocates the same
@@ -21,9 +23,11 @@ tuning guide gets the same from jemalloc or tcmalloc, which would be an extra na
 from __future__ import annotations
 
 import ctypes
+import getpass
 import os
 import platform
 import sys
+import tempfile
 import warnings
 
 from cherrytop.config import RunConfig
@@ -53,6 +57,9 @@ def cpu_kernels(setting: str) -> str | None:
     if setting != "avx2" or "ATEN_CPU_CAPABILITY" in os.environ or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # inductor's default folder, one per kernel set
+        user = "".join(c if c.isalnum() else "_" for c in getpass.getuser())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_avx2")
     import torch
     got = torch.backends.cpu.get_cpu_capability()
     if got not in ("AVX2", "DEFAULT"):  # DEFAULT: a CPU without AVX2, nothing to match
