@@ -96,7 +96,7 @@ def fixed_length_prompts(out: Path, n: int) -> Path:
             if length(msgs) <= n:
                 break
         j = i * 7
-        while (m := length(msgs)) < n:  # fill word by word; a word that overshoots is skipped
+        while length(msgs) < n:  # fill word by word; a word that overshoots is skipped
             word = filler[j % len(filler)]
             j += 1
             trial = [*msgs[:-1], {**msgs[-1], "content": msgs[-1]["content"] + " " + word}]

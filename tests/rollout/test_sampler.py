@@ -163,7 +163,7 @@ def test_under_autocast_the_cache_is_preallocated_in_the_autocast_dtype(monkeypa
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once(bf16, tmp_path, monkeypatch):
+def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once(bf16):
     """`compiled=True` (transformers' torch.compile'd call; inductor on CPU, CUDA graphs on a GPU): the
     greedy tokens of the eager path and its log-probs up to rounding; prompts of another length reuse
     the compiled step (they are padded to a multiple of 64), so nothing compiles again. `bf16`: under
@@ -172,10 +172,6 @@ def test_a_compiled_decoding_step_gives_the_same_tokens_and_compiles_once(bf16, 
     import contextlib
 
     import torch._dynamo
-    # inductor's own cache directory: its on-disk cache (shared by every process of the machine) does not
-    # tell apart code compiled under PyTorch's AVX-512 and AVX2 kernel sets (run.cpu_kernels), and an entry
-    # written under one gave NaN log-probs under the other (torch 2.13, Zen 4)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=160), 40, PAD, EOS, seed=2).eval()
     g = torch.Generator().manual_seed(0)
     batches = [left_pad([torch.randint(2, 40, (n,), generator=g).tolist() for n in lengths], PAD)

@@ -52,15 +52,17 @@ def configure(run: RunConfig) -> None:
 
 def cpu_kernels(setting: str) -> str | None:
     """Ask for PyTorch's AVX2 kernels (`avx2`, on x86 only) or leave its choice (`native`), unless the
-    user set ATEN_CPU_CAPABILITY. Returns the kernel set in use once asked for (None when nothing was
-    asked); warns when PyTorch had already chosen another (an op ran before this call)."""
+    user set ATEN_CPU_CAPABILITY. Returns the kernel set asked for or in use (None when nothing was
+    asked); warns when an imported PyTorch had already chosen another (an op ran before this call)."""
     if setting != "avx2" or "ATEN_CPU_CAPABILITY" in os.environ or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # inductor's default folder, one per kernel set
         user = "".join(c if c.isalnum() else "_" for c in getpass.getuser())
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_avx2")
-    import torch
+    torch = sys.modules.get("torch")  # not imported yet: no op has run, PyTorch will choose as asked
+    if torch is None:  # (and commands that never touch torch do not pay for importing it)
+        return "AVX2"
     got = torch.backends.cpu.get_cpu_capability()
     if got not in ("AVX2", "DEFAULT"):  # DEFAULT: a CPU without AVX2, nothing to match
         warnings.warn(f"run.cpu_kernels=avx2 came too late: PyTorch already runs its {got} kernels in this process",
