@@ -155,3 +155,91 @@ def test_ppo_recomputes_activations_with_gradient_checkpointing(run_dir, monkeyp
                                      "--ppo.episodes=16", "--ppo.batch_size=16", "--ppo.minibatch_size=8",
                                      "--ppo.micro_batch_size=8"]), name="ppo_gc")
     assert seen == [(True, True)]
+
+
+def _reference_reward(rm_dir: Path, prompt: list[dict], answer: str) -> float:
+    """The reward of one answer with plain transformers, one row, no padding: the head at the
+    answer's EOS + the normalising bias + c · Σ_t (log π_ref(y_t) + H_t) over the answer's tokens."""
+    import torch
+    from cherrytop.data.tokenizer import load_tokenizer, render
+    tok = load_tokenizer(rm_dir)
+    head = tok(render(tok, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    full = tok(render(tok, [*prompt, {"role": "assistant", "content": answer}]), add_special_tokens=False)["input_ids"]
+    ids = full[: full.index(tok.eos_token_id, len(head)) + 1]
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    coef, ref_dir, excess = loglik_term(rm.config)
+    with torch.no_grad():
+        r = float(rm(torch.tensor([ids])).logits[0, 0]) + rm.config.cherrytop_reward_bias
+        logp = AutoModelForCausalLM.from_pretrained(ref_dir)(torch.tensor([ids])).logits[0].log_softmax(-1)
+    for t in range(len(head), len(ids)):  # token t is predicted at position t - 1
+        step = logp[t - 1]
+        r += coef * (float(step[ids[t]]) + (float(-(step.exp() * step).sum()) if excess else 0.0))
+    return r
+
+
+def test_judge_scores_match_plain_transformers(run_dir):
+    from cherrytop.eval.judge import Judge, judged_win_rate
+    prompts = [[{"role": "user", "content": "add 12 and 3 ."}],
+               [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what does ann like ?"}],
+               [{"role": "user", "content": "hello , i am ann ."}]]
+    answers = ["15 .", "ann likes red . i hope this helps , have a nice day .", "you are an idiot"]
+    judge = Judge(run_dir / "rm", batch_size=2)  # a padded batch of two, then one
+    got = judge.scores(prompts, answers)
+    want = [_reference_reward(run_dir / "rm", p, a) for p, a in zip(prompts, answers)]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert judged_win_rate([1.0, 2.0, 3.0, 0.5], [0.0, 2.5, 1.0, 0.0], ["a", "b", "c", "same"],
+                           ["x", "y", "z", "same"]) == {"win_rate": 2.5 / 4, "n": 4, "wins": 2, "ties": 1, "losses": 1}
+
+
+def test_eval_against_a_baseline_on_your_own_prompts(run_dir, tmp_path, capsys):
+    from cherrytop.eval.judge import Judge, judged_win_rate
+    out_dir = f"--run.out_dir={run_dir.parent}"
+    prompts = tmp_path / "prompts.jsonl"
+    assert main(["world", "prompts", "--preset", "test", "-n", "12", "--out", str(prompts)]) == 0
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "e.json"
+    assert main(["eval", "--preset", "test", out_dir, "--checkpoint", "sft", "--baseline", "pretrain", "--judge", "rm",
+                 "--prompts", str(prompts), "--pairs", str(pairs), "--out", str(out)]) == 0
+    assert "win rate against the baseline, judged by the reward model" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert len(rows) == r["n"] == 12 and "helpful" not in r  # your own prompts: no grader
+    sft, base = str(run_dir / "sft"), str(run_dir / "pretrain")
+    assert {tuple(row["models"]) for row in rows} <= {(sft, base), (base, sft)}
+    mine = [row["responses"][row["models"].index(sft)] for row in rows]
+    theirs = [row["responses"][row["models"].index(base)] for row in rows]
+    judge = Judge(run_dir / "rm")
+    a, b = judge.scores([row["messages"] for row in rows], mine), judge.scores([row["messages"] for row in rows], theirs)
+    assert r["versus"]["judge"] == judged_win_rate(a, b, mine, theirs)
+    assert r["judge"]["mean_reward"] == pytest.approx(sum(a) / 12) and r["judge"]["baseline_mean_reward"] == pytest.approx(sum(b) / 12)
+    # the world's held-out tasks: both models' graded rates and the graders' win rate
+    assert main(["eval", "--preset", "test", out_dir, "--checkpoint", "sft", "--baseline", "pretrain", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == r["baseline"]["n"] == 22 and 0 <= r["versus"]["grader"]["win_rate"] <= 1
+    assert r["baseline"]["checkpoint"] == base and "by_kind" in r["versus"]["grader"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompts", "P"], "--prompts has no grader: give --judge"),
+    (["--pairs", "x.jsonl"], "--pairs writes two models' answers side by side: give --baseline too"),
+    (["--judge", "sft"], "not a reward model"),
+])
+def test_eval_option_errors(run_dir, tmp_path, capsys, args, message):
+    args = [str(tmp_path / "p.jsonl") if a == "P" else a for a in args]
+    assert main(["eval", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoint", "sft", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_a_reward_model_from_another_tool_keeps_its_head_and_a_causal_lm_is_refused(run_dir, tmp_path, capsys):
+    import torch
+    from cherrytop.model.heads import BIAS_KEY, scalar_model_from
+    other = AutoModelForSequenceClassification.from_pretrained(run_dir / "rm")
+    for key in [k for k in vars(other.config) if k.startswith("cherrytop_")]:  # no cherrytop keys at all
+        delattr(other.config, key)
+    other.save_pretrained(tmp_path / "other_rm")
+    loaded = scalar_model_from(tmp_path / "other_rm", 0, require_head=True)
+    assert torch.equal(loaded.score.weight, other.score.weight) and getattr(loaded.config, BIAS_KEY) == 0.0
+    code = main(["ppo", "--preset", "test", f"--run.out_dir={tmp_path}", f"--ppo.init={run_dir / 'sft'}",
+                 f"--ppo.reward_model={run_dir / 'sft'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a reward model: it has no scalar head" in err

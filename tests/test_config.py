@@ -42,7 +42,7 @@ def test_bad_toml_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
         load_config("tiny", [f], [])
     f.write_text("[sft]\nlearning_rate = 1e-3\n")
-    with pytest.raises(ConfigError, match=r"bad.toml.sft: unknown key 'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"bad.toml: sft: unknown key 'learning_rate'"):
         load_config("tiny", [f], [])
 
 

@@ -18,7 +18,7 @@ COMMANDS = {
     "ppo": "stage 6: PPO against the reward model with a KL penalty to the SFT model",
     "generate": "answer prompts from a checkpoint (batched sampling)",
     "chat": "talk to a checkpoint in the terminal (multi-turn)",
-    "eval": "score a checkpoint on held-out tasks: helpful / truthful / harmless",
+    "eval": "score a checkpoint: helpful / truthful / harmless on held-out tasks, win rate against a baseline, reward-model judge",
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
     "plan": "memory plan of a stage on N GPUs: what fits, with which options (LoRA, FSDP, offload, grad-ckpt)",
@@ -55,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--prompts", help="JSONL file of prompts ({\"messages\": [...]})")
             s.add_argument("--out", help="write answers as JSONL here instead of printing")
         if name == "eval":
-            s.add_argument("--out", help="JSON file for the rates (default: <checkpoint>/eval.json)")
+            s.add_argument("--out", help="JSON file for the results (default: <checkpoint>/eval.json)")
+            s.add_argument("--baseline", help="a second checkpoint answering the same prompts: its rates and the win rate against it")
+            s.add_argument("--prompts", help="JSONL prompts of your own instead of the built-in world's held-out tasks "
+                                             "(no grader: give --judge and/or --pairs)")
+            s.add_argument("--judge", help="a reward model (folder or `rm`) that scores every answer and judges the win rate")
+            s.add_argument("--pairs", help="write both models' answers, in random order, for `cherrytop label import-prompts`")
         if name == "label":
             from cherrytop.feedback.commands import add_arguments
             add_arguments(s)
@@ -149,15 +154,12 @@ def cmd_chat(args, cfg) -> None:
 
 
 def cmd_eval(args, cfg) -> None:
-    from cherrytop.eval.heldout import AXES, evaluate
-    from cherrytop.world import World
-    ckpt, model, tok = _model(args, cfg)
-    result = evaluate(model, tok, World(cfg.world), cfg.eval.n_tasks, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                      progress=True)
-    out = Path(args.out) if args.out else ckpt / "eval.json"
+    from cherrytop.eval.evaluate import run, summary
+    result = run(cfg, args.checkpoint, args.baseline, args.prompts, args.judge, args.pairs)
+    out = Path(args.out) if args.out else Path(result["checkpoint"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(" ".join(f"{a} {result[a]:.3f}" for a in AXES) + f" (n={result['n']}); written to {out}")
+    print("\n".join(summary(result)) + f"\nwritten to {out}")
 
 
 def cmd_world(args, cfg) -> None:

@@ -442,7 +442,7 @@ class ServeConfig:
     max_tokens: int = 128
     """Tokens generated when a request gives no max_tokens (always cut to the context window)."""
     max_n: int = 8
-    """Most choices (`n`) one request may ask for."""
+    """Most choices (`n`) one request may ask for (never more than serve.max_batch: they run in one batch)."""
     policy: str = ""
     """Moderation policy file (TOML or JSON), re-read when it changes; empty = no moderation."""
     moderation_log: str = ""
@@ -619,21 +619,25 @@ def _suggest(key: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
 
 
-def _build(cls: type, base: Any, data: dict[str, Any], where: str) -> Any:
-    """A new `cls` instance: `base` with the (possibly nested) values of `data` applied."""
+def _build(cls: type, base: Any, data: dict[str, Any], source: str, path: str = "") -> Any:
+    """A new `cls` instance: `base` with the (possibly nested) values of `data` applied.
+
+    Errors name the `source` (a file, "command line", a preset) and the setting's dotted `path`."""
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
             what = "section" if cls is Config else "key"
+            where = f"{source}: {path}" if path else source
             raise ConfigError(f"{where}: unknown {what} '{key}'{_suggest(key, names)}")
         tp = hints[key]
-        sub_where = f"{where}.{key}" if where else key
+        sub_path = f"{path}.{key}" if path else key
+        sub_where = f"{source}: {sub_path}"
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{sub_where}: expected a table of settings, got {value!r}")
-            changes[key] = _build(tp, getattr(base, key), value, sub_where)
+            changes[key] = _build(tp, getattr(base, key), value, source, sub_path)
         else:
             changes[key] = _coerce(value, tp, sub_where)
     return dataclasses.replace(base, **changes)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from cherrytop.data.records import (Comparison, Conversation, DataError, Message, Prompt, read_comparisons,
+from cherrytop.data.records import (Comparison, Conversation, DataError, Message, Prompt, locate, read_comparisons,
                                     read_conversations, read_prompts, write_jsonl)
 
 U, A, S = "user", "assistant", "system"
@@ -60,6 +60,8 @@ def test_missing_messages_field(tmp_path):
     p = write_lines(tmp_path, [DEMO] * 4 + [{"mesages": DEMO["messages"]}])
     raises_at(read_conversations, p, 5, "missing field 'messages'", "did you mean 'messages'?",
               'expected {"messages": [{"role": ..., "content": ...}, ...]}')
+    p = write_lines(tmp_path, [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    raises_at(read_conversations, p, 1, "missing field 'messages' (found ShareGPT-style 'conversations')")
 
 
 @pytest.mark.parametrize("text", ["", "\n\n  \n"])
@@ -99,6 +101,11 @@ def test_line_numbers_are_physical_with_blank_lines(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(f"\n{json.dumps(DEMO)}\n\n\n" + '{"messages": "hi"}\n')
     raises_at(read_conversations, p, 5, "'messages' is a string, not a list")
+
+
+def test_locate_names_the_physical_line_of_a_record(tmp_path):
+    p = write_lines(tmp_path, [DEMO, "", DEMO, DEMO])
+    assert [locate(p, i) for i in range(3)] == [f"{p}:1", f"{p}:3", f"{p}:4"]
 
 
 def test_bad_utf8_and_duplicate_keys_and_nan(tmp_path):
@@ -196,6 +203,9 @@ def test_pairwise_implicit_prompt_and_mismatches(tmp_path):
     raises_at(read_comparisons, write_lines(tmp_path, [bad]), 1, "'chosen' ends with message 1 from 'user'")
     bad = {"chosen": "a", "rejected": "b"}
     raises_at(read_comparisons, write_lines(tmp_path, [bad]), 1, "missing field 'prompt'")
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    raises_at(read_comparisons, write_lines(tmp_path, [hh]), 1, "missing field 'prompt' (chosen/rejected look like "
+              "Anthropic HH transcripts", "or chosen/rejected as message lists that share the prompt")
 
 
 # ---------------------------------------------------------------- round trips and datasets folders
@@ -254,6 +264,15 @@ def test_datasets_folder_errors_name_the_row(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"dd: DatasetDict has splits test but no 'train'; expected"):
         read_conversations(tmp_path / "dd")
+
+
+def test_parquet_file_that_datasets_cannot_read_names_it(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "demos.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"demos\.parquet: datasets cannot read this file \(ArrowInvalid: .*\); "
+                                        r"expected a Parquet file$"):
+        read_conversations(tmp_path / "demos.parquet")
 
 
 def test_folder_of_jsonl_files_names_file_and_line(tmp_path):

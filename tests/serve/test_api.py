@@ -136,7 +136,13 @@ def test_unknown_model_is_a_404(api, client):
                                        ({"max_tokens": 0}, "max_tokens"), ({"n": 99}, "n"),
                                        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
                                        ({"messages": []}, "messages"), ({"model": None}, "model"),
-                                       ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role")])
+                                       ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+                                       ({"stop": ["a", None]}, "stop.1"),  # (not "stop.str": a union's branch)
+                                       ({"messages": [{"role": "user", "content": [
+                                           {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+                                        "messages.0.content.0.type"),
+                                       ({"logprobs": True}, "logprobs"),  # refused, not answered without them
+                                       ({"top_logprobs": 3}, "top_logprobs")])
 def test_bad_parameters_are_400_with_the_parameter_named(api, bad, param, client):
     body = {"model": "tiny", "messages": HELLO, **bad}
     if body["model"] is None:
@@ -149,6 +155,23 @@ def test_bad_parameters_are_400_with_the_parameter_named(api, bad, param, client
     if "model" in body:  # (the official client itself refuses to send a request without a model)
         with pytest.raises(openai.BadRequestError):  # the official client raises its 400 error
             client(api).chat.completions.create(**body)
+
+
+@pytest.mark.parametrize("content,headers", [(b"", {}), (b"[1, 2]", {}), (b'"hi"', {}),
+                                             (json.dumps({"model": "tiny", "messages": HELLO}).encode(),
+                                              {"content-type": "application/x-www-form-urlencoded"})])
+def test_a_body_that_is_not_a_json_object_is_a_400_that_says_so(api, content, headers):
+    resp = httpx.post(api.url + "/v1/chat/completions", content=content, headers=headers, timeout=60)
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["param"] is None and err["message"].startswith("The request body must be a JSON object")
+
+
+def test_a_tiny_temperature_samples_the_greedy_answer(api, client):
+    c = client(api)
+    greedy = ask(c, HELLO, temperature=0).choices[0].message.content
+    for t in (1e-6, 1e-40):  # 1e-40: logits / t overflow to inf, and inf - inf made the softmax nan (a 500)
+        assert ask(c, HELLO, temperature=t, seed=1).choices[0].message.content == greedy
 
 
 def test_api_keys(tiny_model, client, serve):
@@ -184,3 +207,13 @@ def test_over_capacity_is_429_and_a_disconnected_stream_frees_its_slot(rambling_
         stats = s.engine.load()
         assert stats["cancelled"] == 1 and stats["running"] == 0
         assert stats["tokens"] < 1000  # the abandoned answer stopped early
+
+
+def test_n_is_capped_by_the_batch_size(tiny_model, client, serve):
+    # a request's n choices are generated together: more than serve.max_batch can never run
+    with serve(tiny_model, cfg=ServeConfig(max_batch=2, max_queue=1)) as s:
+        c = client(s)
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, HELLO, n=3, max_tokens=2)
+        assert e.value.param == "n" and "at most 2 choices" in e.value.message
+        assert len(ask(c, HELLO, n=2, max_tokens=2).choices) == 2

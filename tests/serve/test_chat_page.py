@@ -32,6 +32,11 @@ def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, se
         assert r.status_code == 200
         bad = httpx.post(s.url + "/v1/feedback", json={**body, "rating": "meh"}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+        # the store wants the conversation before the answer, ending with the user's turn: a 400, not a 500
+        late = httpx.post(s.url + "/v1/feedback", json={**body, "messages": [{"role": "assistant", "content": "hi"}]},
+                          timeout=60)
+        assert late.status_code == 400 and late.json()["error"]["param"] == "messages"
+        assert "ends with a user message" in late.json()["error"]["message"]
     [f] = open_store(url).chat_feedback()
     assert (f.id, f.rating, f.response, f.model, f.settings, f.conversation_id) == \
         (r.json()["id"], "up", "hello .", "tiny", {"temperature": 0.5}, "c1")

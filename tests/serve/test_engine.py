@@ -73,3 +73,42 @@ def test_a_client_gone_from_a_plain_request_frees_its_slot(rambling_model, serve
         assert stats["running"] == 0 and stats["tokens"] < 1000
         r = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
         assert r.status_code == 200  # the only slot is free again
+
+
+def test_a_failed_prefill_fails_its_requests_and_frees_their_slots(tiny_model):
+    """A forward pass that raises (on a GPU: out of memory for a large prefill) while no batch is running
+    used to lose the newly admitted jobs: no answer ever came and their slots stayed taken."""
+    model, tok = tiny_model
+    engine = Engine(model, tok, max_batch=2, max_queue=0)
+    forward = model.forward
+    fails = [1]
+
+    def flaky(*args, **kwargs):
+        if fails and kwargs["input_ids"].shape[1] > 1:  # the prefill
+            fails.pop()
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    events = [[], []]
+    done = [threading.Event(), threading.Event()]
+
+    def sink(i):
+        def on(ev):
+            events[i].append(ev)
+            if isinstance(ev, Done):
+                done[i].set()
+        return on
+
+    prompt = encode_prompt(tok, [{"role": "user", "content": "hello , i am ann ."}])
+    model.forward = flaky
+    engine.start()
+    try:
+        engine.submit(Job(prompt, Params(max_tokens=4, temperature=0), sink(0)))
+        assert done[0].wait(30), "the failed request never got an answer"
+        assert events[0][-1].error == "generation failed: out of memory"
+        assert engine.load()["running"] == 0
+        engine.submit(Job(prompt, Params(max_tokens=4, temperature=0), sink(1)))  # the slots are free again
+        assert done[1].wait(30) and events[1][-1].error is None
+    finally:
+        engine.stop()
+        del model.forward

@@ -206,7 +206,8 @@ class Conversation:
     @classmethod
     def from_json(cls, obj: dict) -> Conversation:
         if "messages" not in obj:
-            raise DataError(f"missing field 'messages'{_suggest_key(obj, 'messages')}", _CONVERSATION_SHAPE)
+            hint = " (found ShareGPT-style 'conversations')" if "conversations" in obj else _suggest_key(obj, "messages")
+            raise DataError(f"missing field 'messages'{hint}", _CONVERSATION_SHAPE)
         msgs = _messages_from_json(obj["messages"], "messages")
         return cls(msgs, {k: v for k, v in obj.items() if k != "messages"})
 
@@ -451,7 +452,9 @@ def _pairwise_from_json(obj: dict) -> Comparison:
                             "the same conversation up to the response when there is no 'prompt'")
         prompt = _check_prompt(c_ctx, "prompt")
     else:
-        raise DataError("missing field 'prompt'", '{"prompt": ..., "chosen": ..., "rejected": ...}, '
+        hh = any(isinstance(obj[k], str) and "\n\nAssistant:" in obj[k] for k in ("chosen", "rejected"))
+        hint = " (chosen/rejected look like Anthropic HH transcripts, 'Human: ... Assistant: ...')" if hh else ""
+        raise DataError(f"missing field 'prompt'{hint}", '{"prompt": ..., "chosen": ..., "rejected": ...}, '
                         "or chosen/rejected as message lists that share the prompt")
     rest = {k: v for k, v in obj.items() if k not in ("prompt", "chosen", "rejected", "ties", "labeler", "ratings")}
     return Comparison(prompt, (chosen, rejected), (0, 1), _ties_from_json(obj.get("ties")), obj.get("labeler"),
@@ -579,6 +582,17 @@ def _folder_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     yield from _dataset_rows(ds, name)
 
 
+def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # ArrowInvalid and friends: not a Parquet file datasets can read
+        raise DataError(f"{name}: datasets cannot read this file ({type(e).__name__}: {_first_line(e)})",
+                        "a Parquet file") from e
+    yield from _dataset_rows(ds, name)
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else ""
@@ -601,8 +615,7 @@ def _records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     if p.is_dir():
         rows = _folder_records(p, name)
     elif p.suffix == ".parquet":
-        import datasets
-        rows = _dataset_rows(datasets.load_dataset("parquet", data_files=str(p), split="train"), name)
+        rows = _parquet_records(p, name)
     else:
         rows = _jsonl_records(p, name)
     empty = True
@@ -623,6 +636,12 @@ def _read(path: str | os.PathLike, from_json: Callable[[dict], Any]) -> list:
         except DataError as e:
             raise e.at(where) from None
     return out
+
+
+def locate(path: str | os.PathLike, i: int) -> str:
+    """Where the i-th record (0-based) of a source is, `file:line` or `folder: row i`, for a problem
+    found after reading it (e.g. a chat template that refuses the conversation)."""
+    return next((where for n, (where, _) in enumerate(_records(path)) if n == i), os.fspath(path))
 
 
 def read_conversations(path: str | os.PathLike) -> list[Conversation]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import jinja2
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -28,7 +29,7 @@ CHAT_TEMPLATE = (
 
 
 class TemplateError(ValueError):
-    """A chat template that cannot give an assistant-only mask (not prefix-stable)."""
+    """A chat template that refuses a conversation, or cannot give an assistant-only mask (not prefix-stable)."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
@@ -56,21 +57,65 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return fast
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A folder holds a tokenizer if it has one of these (what `save_pretrained` writes)."""
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Any local HF tokenizer folder; a pad token is set to EOS if the tokenizer has none."""
+    """Any local HF tokenizer folder, set up for the recipe:
+    - a tokenizer without a chat template gets ours, each turn closed by its own EOS;
+    - EOS becomes the special token that closes an assistant turn in the chat template when that is
+      another one (ChatML's <|im_end|> where EOS is <|endoftext|>, Llama 3's <|eot_id|>): the token
+      SFT teaches the assistant to end with is the one sampling stops at;
+    - a tokenizer without a pad token pads with its original EOS."""
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: tokenizer folder not found")
-    tok = AutoTokenizer.from_pretrained(str(p))
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{p}: no tokenizer in this folder; expected one of {', '.join(TOKENIZER_FILES)} "
+                                "(save the tokenizer with the model, or give --tokenizer.path DIR)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{p}: transformers cannot load this tokenizer ({type(e).__name__}: {first}); "
+                         "expected a tokenizer saved by save_pretrained") from e
+    if tok.eos_token is None:
+        raise ValueError(f"{p}: the tokenizer has no EOS token; expected an eos_token in tokenizer_config.json")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE.replace(EOS, "{{ eos_token }}")
+    end = end_of_turn(tok)
+    if end is not None and end != tok.eos_token:
+        tok.eos_token = end
     return tok
 
 
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The first special token after the assistant's text in the chat template's assistant turn, or
+    None (no special token there, or a template that does not render a plain user-assistant exchange)."""
+    probe = "cherrytop"
+    try:
+        text, spans = assistant_spans(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    except TemplateError:
+        return None
+    turn = text[spans[0][0]: spans[0][1]]
+    if probe not in turn:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = tokenizer(turn[turn.index(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+    return next((tokenizer.convert_ids_to_tokens(i) for i in ids if i in special), None)
+
+
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The conversation as the chat template writes it; a template that refuses it (e.g. Gemma's
+    "System role not supported") raises TemplateError."""
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        roles = ", ".join(m["role"] for m in messages)
+        raise TemplateError(f"the chat template refuses a conversation of {roles}: {e}") from None
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> list[int]:

@@ -22,22 +22,31 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from cherrytop.model.load import CheckpointError
+
 BIAS_KEY = "cherrytop_reward_bias"
 LOGLIK_KEY = "cherrytop_reward_loglik_coef"
 REFERENCE_KEY = "cherrytop_reward_reference"
 KIND_KEY = "cherrytop_reward_loglik_kind"
 
 
-def scalar_model_from(path: str | Path, pad_id: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def scalar_model_from(path: str | Path, pad_id: int, dtype: torch.dtype = torch.float32,
+                      require_head: bool = False) -> PreTrainedModel:
     """A one-output sequence-classification model whose trunk comes from `path`, with weights in
-    `dtype`; a new head is initialised N(0, 1/sqrt(d+1)) [LHP] (an existing head, e.g. a reward
-    model's, is kept)."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    `dtype`. A checkpoint without a scalar head (a causal LM) gets a new one, N(0, 1/sqrt(d+1)) [LHP];
+    one with a head (a reward model: ours, or another tool's with one output) keeps it. With
+    `require_head` (a reward model is expected) a checkpoint without a head is an error."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype,
+                                                                     output_loading_info=True)
     model.config.pad_token_id = pad_id
-    if not hasattr(model.config, BIAS_KEY):
+    if any(k.startswith("score.") for k in info["missing_keys"]):
+        if require_head:
+            raise CheckpointError(f"{path}: not a reward model: it has no scalar head (`score`); expected the folder "
+                                  "`cherrytop rm` writes or a sequence-classification model with one output")
         d = model.score.weight.shape[1]
         with torch.no_grad():
             model.score.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+    if not hasattr(model.config, BIAS_KEY):
         setattr(model.config, BIAS_KEY, 0.0)
     return model
 

@@ -63,6 +63,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return model
 
 
+def context_window(config) -> int | None:
+    """The most positions the model takes (`max_position_embeddings`, GPT-2's `n_positions`), None if
+    its config does not say."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def fit_vocab(model: PreTrainedModel, n_tokens: int) -> bool:
+    """Grow the model's embeddings (and output layer) to a tokenizer of `n_tokens` that has more tokens
+    than it has rows (a tokenizer with added tokens); the new rows start as the mean of the old ones.
+    Returns whether it grew."""
+    if n_tokens <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(n_tokens, mean_resizing=True)
+    return True
+
+
 def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
     """The weight dtype of a model that is run but never trained (`dist.frozen_dtype`): bf16 or fp32;
     `auto` = bf16 on a GPU, fp32 elsewhere."""

@@ -69,7 +69,10 @@ class FeedbackSink:
                 except ImportError as e:
                     raise P.APIError(503, f"The feedback store is not available: {e}", type="server_error") from None
                 self._store = open_store(self.url)
-        return self._store.add_chat_feedback(**kwargs)
+        try:
+            return self._store.add_chat_feedback(**kwargs)
+        except ValueError as e:  # the store's check of the conversation (e.g. it must end with a user message)
+            raise P.APIError(400, f"Invalid feedback: {e}", param="messages") from None
 
 
 def api_keys(cfg: ServeConfig) -> set[str]:
@@ -158,9 +161,14 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mo
             raise P.APIError(404, f"The model '{body.model}' does not exist or you do not have access to it.",
                              param="model", code="model_not_found")
         n = body.n or 1
-        if n > cfg.max_n:
-            raise P.APIError(400, f"Invalid value for 'n': at most {cfg.max_n} choices per request, got {n}.",
+        max_n = min(cfg.max_n, cfg.max_batch)  # a request's choices are generated together, in one batch
+        if n > max_n:
+            raise P.APIError(400, f"Invalid value for 'n': at most {max_n} choices per request, got {n}.",
                              param="n", code="invalid_value")
+        for param in ("logprobs", "top_logprobs"):
+            if getattr(body, param):
+                raise P.APIError(400, f"Unsupported parameter: '{param}' is not supported by this server.",
+                                 param=param, code="unsupported_parameter")
         messages = [m.as_dict() for m in body.messages]
         cid = P.completion_id()
         policy = moderator.current()
@@ -187,7 +195,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mo
         checks_output = policy.classifier is not None or any("output" in c.check for c in policy.categories)
         job = Job(prompt_ids, params, sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
                   moderate=(lambda text, final: moderator.check_output(policy, messages, text, final))
-                  if checks_output else None)
+                  if checks_output else None, withhold=policy.unsettled if checks_output else None)
         try:
             engine.submit(job)
         except QueueFull:

@@ -92,6 +92,9 @@ class Job:
     """Receives the job's events, called from the engine thread."""
     moderate: Callable[[str, bool], str | None] | None = None
     """(answer so far, final) -> blocked category or None; called before text is released."""
+    withhold: Callable[[str], int] | None = None
+    """(unfinished answer so far) -> characters at its end that moderation must see more of before
+    they are released."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the client went away; the engine drops the job's rows at its next step."""
     done: bool = False
@@ -165,6 +168,7 @@ class Engine:
         self._stop = False
         # the running batch
         self._rows: list[_Row] = []
+        self._joining: list[Job] = []  # admitted, rows not made yet (a failed prefill must fail them too)
         self._cache: DynamicCache | None = None
         self._attn: torch.Tensor | None = None  # (B, T) 1 on real tokens
         self._next: torch.Tensor | None = None  # (B,) the token each row feeds next
@@ -241,7 +245,7 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        jobs = self._admit()
+        jobs = self._joining = self._admit()
         logits = []
         if self._rows:  # advance the running batch by one token
             attn = torch.cat([self._attn, torch.ones_like(self._attn[:, :1])], 1)
@@ -273,6 +277,7 @@ class Engine:
                         else:
                             gen.manual_seed((j.params.seed * 1_000_003 + i) % 2**63)
                     self._rows.append(_Row(j, i, gen, j.params.max_tokens, len(j.prompt_ids)))
+        self._joining = []
         if not logits:
             return
         logits = torch.cat(logits, 0)  # (B, V)
@@ -290,7 +295,8 @@ class Engine:
         for b, r in enumerate(self._rows):
             p = r.job.params
             if p.temperature > 0:
-                scaled = logits[b: b + 1] / p.temperature  # (1, V)
+                # (shifted so the largest is 0: a tiny temperature gives -inf, never inf - inf = nan)
+                scaled = (logits[b: b + 1] - logits[b].max()) / p.temperature  # (1, V)
                 filtered = _filter_top_p(scaled, p.top_p) if p.top_p < 1.0 else scaled
                 toks.append(int(torch.multinomial(filtered.softmax(-1), 1, generator=r.gen)))
             else:
@@ -318,7 +324,8 @@ class Engine:
             if category is not None:
                 self._finish_row(r, "content_filter", category)
                 return
-        release = len(text) if reason else len(text) - _holdback(text, stops)
+        release = len(text) if reason else len(text) - max(_holdback(text, stops),
+                                                           job.withhold(text) if job.withhold else 0)
         if release > r.emitted:
             job.sink(Delta(r.index, text[r.emitted: release]))
             r.emitted = release
@@ -381,7 +388,8 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         rows, self._rows = self._rows, []
         self._cache = self._attn = self._next = None
-        failed = {id(r.job): r.job for r in rows}
+        failed = {id(j): j for j in [*(r.job for r in rows), *self._joining] if not j.done}
+        self._joining = []
         for job in failed.values():
             with self._cond:
                 self._jobs_running -= 1

@@ -19,7 +19,10 @@ category = "low_score"
 ```
 
 Patterns are checked on every message the client sends (not the assistant's) and on the answer
-before each piece of it is released, so a blocked span never reaches the client. The classifier
+before each piece of it is released, so a blocked span never reaches the client: the end of an
+unfinished answer that an output pattern could still match as the answer grows (`kil` for
+`\\bkill\\b`) is held back until the answer moves past it (patterns are run by the `regex` package,
+whose partial matching finds that end; its syntax is Python's `re`'s). The classifier
 scores the whole conversation with the finished answer. A blocked answer ends with finish_reason
 `content_filter` and the safe message; each block is logged (logger `cherrytop.serve.moderation`)
 and appended to a JSONL file with its category.
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 import tomllib
@@ -37,7 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import regex
+
+from cherrytop.eval.judge import Judge
 
 log = logging.getLogger("cherrytop.serve.moderation")
 
@@ -53,7 +57,7 @@ class PolicyError(ValueError):
 class Category:
     name: str
     """Logged with each block."""
-    patterns: tuple[re.Pattern, ...]
+    patterns: tuple[regex.Pattern, ...]
     """Case-insensitive regexes; any match blocks."""
     check: tuple[str, ...] = WHERE
     """Where the patterns apply: input, output or both."""
@@ -82,6 +86,18 @@ class Policy:
                 return c.name
         return None
 
+    def unsettled(self, text: str) -> int:
+        """Characters at the end of an unfinished answer that an output pattern could still match once
+        more text follows (0 if none): they must not be released yet."""
+        start = len(text)
+        for c in self.categories:
+            if "output" in c.check:
+                for p in c.patterns:
+                    m = p.search(text, partial=True)
+                    if m is not None and m.partial:
+                        start = min(start, m.start())
+        return len(text) - start
+
 
 def parse_policy(path: Path) -> Policy:
     """Read and validate a policy file; errors name the file and the key."""
@@ -106,8 +122,8 @@ def parse_policy(path: Path) -> Policy:
         pats = []
         for p in c["patterns"]:
             try:
-                pats.append(re.compile(p, re.IGNORECASE))
-            except (re.error, TypeError) as e:
+                pats.append(regex.compile(p, regex.IGNORECASE | regex.VERSION0))
+            except (regex.error, TypeError) as e:
                 raise PolicyError(f"{where} ({c['name']}): bad pattern {p!r}: {e}") from None
         cats.append(Category(c["name"], tuple(pats), check))
     clf = None
@@ -123,36 +139,6 @@ def parse_policy(path: Path) -> Policy:
     return Policy(tuple(cats), safe, clf)
 
 
-class ScoreModel:
-    """A reward / safety model that scores a conversation with its answer (cherrytop.model.heads)."""
-
-    def __init__(self, checkpoint: str):
-        from cherrytop.data.tokenizer import load_tokenizer
-        from cherrytop.model.heads import loglik_term, scalar_model_from
-        from cherrytop.model.load import load_model
-        self.tok = load_tokenizer(checkpoint)
-        self.model = scalar_model_from(checkpoint, self.tok.pad_token_id).eval()
-        cfg = self.model.config
-        self.coef, ref, self.excess = loglik_term(cfg)  # a reward model's c · log π_ref(answer) term, if it has one
-        self.ref = load_model(ref).eval() if self.coef else None
-        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        self.lock = threading.Lock()
-
-    @torch.no_grad()
-    def score(self, messages: Sequence[dict], answer: str) -> float:
-        from cherrytop.data.tokenizer import render, split_response
-        from cherrytop.model.heads import reward, response_loglik
-        text = render(self.tok, [*messages, {"role": "assistant", "content": answer}])
-        ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.context:]
-        x = torch.tensor([ids])
-        with self.lock:
-            r = float(reward(self.model, x, torch.ones_like(x))[0])
-            if self.ref is not None:
-                head, resp = split_response(self.tok, list(messages), answer, self.context)
-                r += self.coef * float(response_loglik(self.ref, [head], [resp], self.tok.pad_token_id, excess=self.excess)[0])
-            return r
-
-
 class Moderator:
     """The current policy of a file (re-read when its mtime or size changes) and the block log."""
 
@@ -161,8 +147,9 @@ class Moderator:
         self.log_path = Path(log_path) if log_path else None
         self._stamp: tuple[int, int] | None = None
         self._policy = Policy()
-        self._scorers: dict[str, ScoreModel] = {}
+        self._scorers: dict[str, Judge] = {}
         self._lock = threading.Lock()
+        self._score_lock = threading.Lock()
         self.blocks: dict[str, int] = {}
         if self.path is not None:
             if not self.path.is_file():
@@ -197,11 +184,12 @@ class Moderator:
                 self._stamp = stamp
             return self._policy
 
-    def scorer(self, checkpoint: str) -> ScoreModel:
+    def scorer(self, checkpoint: str) -> Judge:
+        """The classifier: a reward model scoring as PPO and `cherrytop eval --judge` do (eval/judge.py)."""
         if checkpoint not in self._scorers:
             if not (Path(checkpoint) / "config.json").is_file():
                 raise PolicyError(f"{self.path}: classifier checkpoint {checkpoint} is not a model folder")
-            self._scorers[checkpoint] = ScoreModel(checkpoint)
+            self._scorers[checkpoint] = Judge(checkpoint, batch_size=1)
         return self._scorers[checkpoint]
 
     def check_output(self, policy: Policy, messages: Sequence[dict], text: str, final: bool) -> str | None:
@@ -209,7 +197,8 @@ class Moderator:
         hit = policy.match(text, "output")
         if hit is None and final and policy.classifier is not None:
             try:
-                score = self.scorer(policy.classifier.checkpoint).score(messages, text)
+                with self._score_lock:
+                    score = self.scorer(policy.classifier.checkpoint).scores([messages], [text])[0]
             except Exception:  # noqa: BLE001 - a failing classifier must not fail the batch
                 log.exception("moderation classifier failed; the answer is let through")
                 return None

@@ -32,14 +32,28 @@ class APIError(Exception):
                                        "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
+UNION_BRANCHES = {"str", "list[str]", "list[TextPart]"}
+"""Names pydantic puts in an error's location for the branch of a union (`stop: str | list[str]`)."""
+
+
+def _path(loc) -> list[str]:
+    return [str(x) for x in loc if x != "body" and x not in UNION_BRANCHES]
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """FastAPI's 422 as OpenAI's 400, naming the first bad parameter."""
-    err = exc.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    errors = exc.errors()
+    err = errors[0]
+    if UNION_BRANCHES & set(map(str, err["loc"])):  # all of a union's branches failed: the furthest says most
+        where = _path(err["loc"])
+        err = max((e for e in errors if _path(e["loc"])[:len(where)] == where), key=lambda e: len(e["loc"]))
+    loc = _path(err["loc"])
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid request")
     if err.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request; expected a JSON object.")
+    if param is None:  # no body, or one that is not a JSON object (or not sent as application/json)
+        return APIError(400, "The request body must be a JSON object, sent with Content-Type: application/json.")
     if err.get("type") == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     return APIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
@@ -83,6 +97,9 @@ class ChatRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logprobs: bool | None = None
+    """Refused when true: the answers carry no log-probabilities (a client asking for them would get none)."""
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("stop")
     @classmethod

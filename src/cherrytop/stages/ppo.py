@@ -44,11 +44,11 @@ import torch
 from cherrytop import losses as L
 from cherrytop.config import Config, DistConfig
 from cherrytop.data.collate import pack_windows, step_indices
-from cherrytop.data.records import read_prompts
-from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+from cherrytop.data.records import DataError, locate, read_prompts
+from cherrytop.data.tokenizer import TemplateError, encode_prompt, load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term, reward, scalar_model_from
-from cherrytop.model.load import CheckpointError, frozen_dtype, load_model, resolve_checkpoint
+from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample, wants_compile
 from cherrytop.rollout import packing
 from cherrytop.rollout.packing import response_logp, response_values
@@ -217,7 +217,7 @@ def frozen_models(cfg: Config, init: Path, rm_path: Path, pad_id: int, policy: t
     π_ref when that is another model). Loaded with weights in `dist.frozen_dtype` (bf16 on GPU by
     default), in eval mode and without gradients: no optimizer is ever made over them."""
     dtype = frozen_dtype(cfg.dist.frozen_dtype, device)
-    rm = scalar_model_from(rm_path, pad_id, dtype).eval().requires_grad_(False)
+    rm = scalar_model_from(rm_path, pad_id, dtype, require_head=True).eval().requires_grad_(False)
     ref = lora.Reference(policy) if lora.enabled(cfg, "ppo") else load_model(init, dtype).eval().requires_grad_(False)
     return ref, rm, ref_loglik(rm, init, cfg.ppo.temperature, ref, dtype)
 
@@ -287,10 +287,33 @@ def load_prompts(cfg: Config) -> list[list[dict]]:
     return [list(t.messages) for t in World(cfg.world).prompts()]
 
 
-def ptx_windows(cfg: Config, tok) -> torch.Tensor:
+def encode_prompts(cfg: Config, tok, window: int | None) -> list[list[int]]:
+    """Token ids of every prompt (`load_prompts`); a prompt the chat template refuses, or one that leaves
+    no room in the model's context `window` for `ppo.max_new_tokens`, stops the stage, named by its line."""
+    room = window - cfg.ppo.max_new_tokens if window else None
+
+    def where(i: int) -> str:
+        return locate(cfg.ppo.prompts, i) if cfg.ppo.prompts else f"built-in prompt {i + 1}"
+    out = []
+    for i, messages in enumerate(load_prompts(cfg)):
+        try:
+            ids = encode_prompt(tok, messages)
+        except TemplateError as e:
+            raise DataError(str(e), "prompts the model's chat template accepts", where(i)) from None
+        if room is not None and len(ids) > room:
+            raise DataError(f"prompt of {len(ids)} tokens, too long for the model's context window of {window} with "
+                            f"ppo.max_new_tokens={cfg.ppo.max_new_tokens}", f"prompts of at most {room} tokens", where(i))
+        out.append(ids)
+    return out
+
+
+def ptx_windows(cfg: Config, tok, window: int | None = None) -> torch.Tensor:
+    """(N, T) the pretraining corpus in windows of `pretrain.seq_len` tokens, or of the model's context
+    `window` where that is shorter."""
     from cherrytop.stages.pretrain import corpus, tokenize_documents
     docs, _ = corpus(cfg)
-    return pack_windows(tokenize_documents(tok, docs), cfg.pretrain.seq_len, tok.eos_token_id)
+    return pack_windows(tokenize_documents(tok, docs), min(cfg.pretrain.seq_len, window or cfg.pretrain.seq_len),
+                        tok.eos_token_id)
 
 
 def check_parallel(p, cfg: Config, d: distributed.Dist) -> None:
@@ -376,9 +399,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     ema = WeightEMA(policy, p.ema) if p.ema > 0 else None
     if ema is not None and state is not None:
         ema.assign(live)
-    prompts = load_prompts(cfg)
-    encoded = [encode_prompt(tok, m) for m in prompts]
-    windows = ptx_windows(cfg, tok) if p.ptx_coef > 0 else None
+    encoded = encode_prompts(cfg, tok, context_window(policy.config))
+    windows = ptx_windows(cfg, tok, context_window(policy.config)) if p.ptx_coef > 0 else None
     beta, start, metrics = p.kl_coef, 0, {}
     if state is not None:
         if not shards:
@@ -392,7 +414,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     # each rank samples its own episodes: its own stream (rank 0's is the single process's)
     gen = torch.Generator(device=d.device).manual_seed((cfg.run.seed * 1000 + start) * d.world + d.rank)
     if d.main:
-        console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(prompts)} prompts, β={beta}, "
+        console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(encoded)} prompts, β={beta}, "
                       f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}"
                       + (f"; {d.world} processes ({cfg.dist.strategy})" if par else ""))
 

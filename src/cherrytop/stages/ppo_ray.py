@@ -32,12 +32,12 @@ import torch
 from cherrytop import losses as L
 from cherrytop.config import Config, DistConfig, RayConfig, role_gpus, role_map, to_dict
 from cherrytop.data.collate import step_indices
-from cherrytop.data.tokenizer import encode_prompt, load_tokenizer
+from cherrytop.data.tokenizer import load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
-from cherrytop.model.load import resolve_checkpoint
+from cherrytop.model.load import context_window, resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import Rollout, WeightEMA, adamw, episode_rewards, load_prompts, micro_batches, minibatches
+from cherrytop.stages.ppo import Rollout, WeightEMA, adamw, encode_prompts, episode_rewards, micro_batches, minibatches
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -241,7 +241,7 @@ class Scorer(Actor):
         from cherrytop.model.load import frozen_dtype, load_model
         self.device, self.temperature, self.bf16 = _device(), temperature, dist.bf16
         dtype = frozen_dtype(dist.frozen_dtype, self.device)
-        model = scalar_model_from(path, pad_id, dtype) if kind == "reward" else load_model(path, dtype)
+        model = scalar_model_from(path, pad_id, dtype, require_head=True) if kind == "reward" else load_model(path, dtype)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @torch.no_grad()
@@ -363,6 +363,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         raise ValueError(f"the reward model's c · log π_ref term needs π_ref = ppo.init and ppo.temperature = 1 with "
                          f"ray.enabled (π_ref is {rm_ref}); run PPO without Ray, or a reward model trained with "
                          "--rm.ref_loglik=off")
+    encoded = encode_prompts(cfg, tok, context_window(AutoConfig.from_pretrained(str(init))))
     start_ray(cfg)
     actors = start_actors(cfg, init, rm_path, tok.pad_token_id)
     policy, value, rm, ref, workers = actors.policy, actors.value, actors.reward, actors.reference, actors.rollout
@@ -371,7 +372,6 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     for who, at in placed.items():
         console.print(f"ppo (ray): {who} on node {address.get(at['node'], '?')} ({at['node'][:12]}) with "
                       f"{_show(at['resources'])}; {at['device']}, {'/'.join(at['dtypes'])} weights")
-    encoded = [encode_prompt(tok, m) for m in load_prompts(cfg)]
     log = MetricsLog(run_dir, name, 0)
     beta, metrics, t0 = p.kl_coef, {}, time.perf_counter()
     console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes; {len(workers)} rollout worker(s), "

@@ -18,7 +18,7 @@ from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import DataError
 from cherrytop.data.tokenizer import load_tokenizer, render, train_tokenizer
 from cherrytop.model import lora
-from cherrytop.model.load import build_model, count_params, load_model
+from cherrytop.model.load import build_model, context_window, count_params, fit_vocab, load_model
 from cherrytop.train import loop
 from cherrytop.train.lm import lm_count, lm_step
 from cherrytop.world import World
@@ -92,10 +92,16 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     model = load_model(cfg.model.path) if cfg.model.path else None  # a missing folder fails here, first
     train_docs, held_docs = corpus(cfg)
     tok = get_tokenizer(cfg, train_docs)
-    windows = pack_windows(tokenize_documents(tok, train_docs), t.seq_len, tok.eos_token_id)  # (N, T)
-    held = pack_windows(tokenize_documents(tok, held_docs), t.seq_len, tok.eos_token_id)  # (M, T)
+    if model is not None and fit_vocab(model, len(tok)):
+        loop.console.print(f"pretrain: embeddings grown to the tokenizer's {len(tok)} tokens")
+    window = context_window(model.config) if model is not None else cfg.model.max_seq_len
+    seq_len = min(t.seq_len, window or t.seq_len)
+    if seq_len < t.seq_len:
+        loop.console.print(f"pretrain: windows of {seq_len} tokens, the model's context window")
+    windows = pack_windows(tokenize_documents(tok, train_docs), seq_len, tok.eos_token_id)  # (N, T)
+    held = pack_windows(tokenize_documents(tok, held_docs), seq_len, tok.eos_token_id)  # (M, T)
     if len(windows) < t.batch_size:
-        raise DataError(f"the corpus gives only {len(windows)} windows of {t.seq_len} tokens; "
+        raise DataError(f"the corpus gives only {len(windows)} windows of {seq_len} tokens; "
                         f"expected at least pretrain.batch_size={t.batch_size}")
     if model is None:
         model = build_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, cfg.run.seed)

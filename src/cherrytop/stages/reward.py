@@ -19,19 +19,21 @@ but not whether an answer is right; the SFT model, which looks answers up in the
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from cherrytop import losses as L
 from cherrytop.config import Config
-from cherrytop.data.collate import step_indices
-from cherrytop.data.records import Comparison, DataError, read_comparisons, read_conversations
-from cherrytop.data.tokenizer import load_tokenizer, render, split_response
+from cherrytop.data.collate import pad_batch, step_indices
+from cherrytop.data.records import Comparison, DataError, locate, read_comparisons, read_conversations
+from cherrytop.data.tokenizer import TemplateError, load_tokenizer, split_response
 from cherrytop.model import lora
 from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, loglik_term, reward, response_loglik, scalar_model_from
-from cherrytop.model.load import CheckpointError, frozen_dtype, load_model, resolve_checkpoint
+from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.rollout import packing
 from cherrytop.stages import compare, sft
 from cherrytop.train import distributed, loop
@@ -42,14 +44,28 @@ Batch = loop.Batch
 
 
 def encode_group(tok, comp: Comparison, seq_len: int) -> list[list[int]]:
-    """Token ids of prompt + each response, rendered with the chat template (ending in EOS); the
-    prompt is cut from the left if needed so the response's end always fits."""
-    prompt = _messages(comp)
+    """Token ids of prompt + each response (`encode_answer`)."""
+    return [encode_answer(tok, _messages(comp), r, seq_len) for r in comp.responses]
+
+
+def encode_groups(tok, comps: list[Comparison], seq_len: int, place: dict) -> list[tuple[list[list[int]], Comparison]]:
+    """(`encode_group`, comparison) of each comparison; one the chat template refuses stops the stage,
+    named by its line (`place`: id(comparison) -> (file, record number))."""
     out = []
-    for r in comp.responses:
-        ids = tok(render(tok, prompt + [{"role": "assistant", "content": r}]), add_special_tokens=False)["input_ids"]
-        out.append(ids[-seq_len:])
+    for c in comps:
+        try:
+            out.append((encode_group(tok, c, seq_len), c))
+        except TemplateError as e:
+            raise DataError(str(e), "comparisons the model's chat template accepts", locate(*place[id(c)])) from None
     return out
+
+
+def encode_answer(tok, prompt: list[dict], response: str, seq_len: int) -> list[int]:
+    """Token ids of prompt + response as the chat template renders them, up to the response's EOS
+    (where PPO's sampled responses end, so the head is read at the same token); the prompt is cut
+    from the left if needed so the response's end always fits in `seq_len`."""
+    head, resp = split_response(tok, prompt, response, seq_len)
+    return (head + resp)[-seq_len:]
 
 
 def loglik_features(lm, tok, items: list[tuple[list[dict], str]], seq_len: int, excess: bool = False) -> list[float]:
@@ -194,13 +210,13 @@ def _share(counts: list[int]) -> float:
 
 
 @torch.no_grad()
-def demonstration_bias(model, tok, convs, loglik: list[float] | None) -> float:
+def demonstration_bias(model, tok, convs, loglik: list[float] | None, seq_len: int) -> float:
     """−mean reward of the demonstrations' final assistant turns (+ c · log π_ref), so they score mean 0 [IG]."""
     scores = []
     for i in range(0, len(convs), 32):
-        texts = [render(tok, [{"role": m.role, "content": m.content} for m in c.messages]) for c in convs[i: i + 32]]
-        enc = distributed.to_device(dict(tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")),
-                                    distributed.current())
+        rows = [encode_answer(tok, [{"role": m.role, "content": m.content} for m in c.messages[:-1]],
+                              c.messages[-1].content, seq_len) for c in convs[i: i + 32]]
+        enc = distributed.to_device(pad_batch([(r, r) for r in rows], tok.pad_token_id), distributed.current())
         scores.append(reward(model, enc["input_ids"], enc["attention_mask"], normalised=False))
     r = torch.cat(scores)
     if loglik is not None:
@@ -224,6 +240,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     train_path, held_path = (Path(rc.train.data), None) if rc.train.data else compare.paths(cfg)
     comps = read_comparisons(train_path)
     held = read_comparisons(held_path) if held_path and held_path.is_file() else []
+    place = {id(c): (path, i) for path, cs in ((train_path, comps), (held_path, held)) for i, c in enumerate(cs)}
     if not held:  # hold out 10 % of the file
         perm = np.random.default_rng(cfg.run.seed).permutation(len(comps))
         n_held = max(1, len(comps) // 10)
@@ -233,11 +250,12 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     init = resolve_checkpoint(rc.train.init, cfg)
     tok = load_tokenizer(init)
     t = rc.train
+    window = context_window(AutoConfig.from_pretrained(str(init)))
+    if window and t.seq_len > window:  # a row never runs past the model's positions
+        t = replace(t, seq_len=window)
     if rc.epochs > 0:
-        from dataclasses import replace
         t = replace(t, max_steps=max(1, math.ceil(rc.epochs * len(comps) / t.batch_size)))
-    groups = [(encode_group(tok, c, t.seq_len), c) for c in comps]
-    held_groups = [(encode_group(tok, c, t.seq_len), c) for c in held]
+    groups, held_groups = encode_groups(tok, comps, t.seq_len, place), encode_groups(tok, held, t.seq_len, place)
     demos = [d for d in read_conversations(sft.demonstrations_file(cfg)) if d.messages[-1].role == "assistant"][:256] \
         if not rc.train.data else []
     ll = ll_held = ll_demo = None
@@ -294,7 +312,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         model = scalar_model_from(ckpt, tok.pad_token_id).to(d.device)
     state = load_state(ckpt)
     if "accuracy_labelers" not in state["metrics"]:
-        setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, demos, ll_demo) if demos else 0.0)
+        setattr(model.config, BIAS_KEY, demonstration_bias(model, tok, demos, ll_demo, t.seq_len) if demos else 0.0)
         metrics.update(accuracy(model, held_groups, ll_held, tok.pad_token_id))
         metrics["reward_bias"] = getattr(model.config, BIAS_KEY)
         metrics["loglik_coef"] = coef
@@ -313,6 +331,6 @@ def _messages(c: Comparison) -> list[dict]:
 
 
 def _with_train(cfg: Config, t) -> Config:
-    """The config with the effective rm.train (max_steps from rm.epochs), as saved in checkpoints."""
-    from dataclasses import replace
+    """The config with the effective rm.train (max_steps from rm.epochs, seq_len within the model's
+    context window), as saved in checkpoints."""
     return replace(cfg, rm=replace(cfg.rm, train=t))

@@ -14,10 +14,10 @@ import numpy as np
 
 from cherrytop.config import Config
 from cherrytop.data.collate import pack_examples, pad_batch, step_indices
-from cherrytop.data.records import DataError, read_conversations, write_jsonl
-from cherrytop.data.tokenizer import encode_conversation, load_tokenizer
+from cherrytop.data.records import DataError, locate, read_conversations, write_jsonl
+from cherrytop.data.tokenizer import TemplateError, encode_conversation, load_tokenizer
 from cherrytop.model import lora
-from cherrytop.model.load import load_model, resolve_checkpoint
+from cherrytop.model.load import context_window, fit_vocab, load_model, resolve_checkpoint
 from cherrytop.train import loop
 from cherrytop.train.lm import lm_count, lm_step
 from cherrytop.world import World
@@ -44,10 +44,15 @@ def init_ref(cfg: Config) -> str:
     return t.init or cfg.model.path
 
 
-def encode_all(tokenizer, convs, seq_len: int) -> list[tuple[list[int], list[int]]]:
+def encode_all(tokenizer, convs, seq_len: int, path: Path) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each conversation of `path` that keeps an assistant token within `seq_len`; one
+    the chat template refuses stops the stage, named by its line."""
     examples = []
-    for conv in convs:
-        ids, labels = encode_conversation(tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages], seq_len)
+    for i, conv in enumerate(convs):
+        try:
+            ids, labels = encode_conversation(tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages], seq_len)
+        except TemplateError as e:
+            raise DataError(str(e), "conversations the model's chat template accepts", locate(path, i)) from None
         if any(label != -100 for label in labels[1:]):
             examples.append((ids, labels))
     return examples
@@ -57,19 +62,27 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     t = cfg.sft
     init = resolve_checkpoint(init_ref(cfg), cfg)
     tok = load_tokenizer(cfg.tokenizer.path or init)
-    model = lora.prepare(load_model(init), cfg, "sft")  # LoRA adapters / gradient checkpointing if configured
+    base = load_model(init)
+    base.generation_config.eos_token_id = tok.eos_token_id  # HF generate() on the checkpoint stops where we do
+    base.generation_config.pad_token_id = tok.pad_token_id
+    if fit_vocab(base, len(tok)):
+        loop.console.print(f"sft: embeddings grown to the tokenizer's {len(tok)} tokens")
+    seq_len = min(t.seq_len, context_window(base.config) or t.seq_len)  # a row never runs past the model's positions
+    if seq_len < t.seq_len:
+        loop.console.print(f"sft: rows cut to {seq_len} tokens, the model's context window")
+    model = lora.prepare(base, cfg, "sft")  # LoRA adapters / gradient checkpointing if configured
     path = demonstrations_file(cfg)
     convs = read_conversations(path)
-    examples = encode_all(tok, convs, t.seq_len)
+    examples = encode_all(tok, convs, seq_len, path)
     if len(examples) < 2:
-        raise DataError(f"{path}: only {len(examples)} usable demonstrations after tokenising to {t.seq_len} tokens; "
+        raise DataError(f"{path}: only {len(examples)} usable demonstrations after tokenising to {seq_len} tokens; "
                         "expected conversations with at least one assistant turn")
     perm = np.random.default_rng(cfg.run.seed).permutation(len(examples))
     n_held = max(1, min(len(examples) // 20, t.eval_batches * t.micro_batch_size))
     held = [examples[i] for i in perm[:n_held]]
     train = [examples[i] for i in perm[n_held:]]
     if t.packing:
-        train = pack_examples(train, t.seq_len)
+        train = pack_examples(train, seq_len)
     loop.console.print(f"sft: {len(train)} training rows from {len(convs)} demonstrations in {path} "
                        f"({len(held)} held out), init {init}")
 
