@@ -211,6 +211,12 @@ def test_eval_against_a_baseline_on_your_own_prompts(run_dir, tmp_path, capsys):
     a, b = judge.scores([row["messages"] for row in rows], mine), judge.scores([row["messages"] for row in rows], theirs)
     assert r["versus"]["judge"] == judged_win_rate(a, b, mine, theirs)
     assert r["judge"]["mean_reward"] == pytest.approx(sum(a) / 12) and r["judge"]["baseline_mean_reward"] == pytest.approx(sum(b) / 12)
+    # the pairs go to labelers as they are: each answer keeps the model that wrote it
+    from cherrytop.feedback.store import open_store
+    store = open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    assert sum(store.import_prompts(pairs)) == 12
+    assert all([p["model"] for p in i.provenance] == row["models"] for i, row in zip(store.items(), rows))
+    store.close()
     # the world's held-out tasks: both models' graded rates and the graders' win rate
     assert main(["eval", "--preset", "test", out_dir, "--checkpoint", "sft", "--baseline", "pretrain", "--out", str(out)]) == 0
     r = json.loads(out.read_text())

@@ -171,3 +171,19 @@ def test_text_is_escaped_on_every_page(app, store):
     for c, path in ((bob, "/review"), (ann, "/mine")):
         text = c.get(path).text
         assert evil not in text and "&lt;script&gt;" in text, path
+
+
+def test_ids_no_database_holds_are_not_found(app, store):
+    ann, admin = login(app, "ann"), login(app, "root")
+    huge = "9" * 25  # SQLite refused to look it up (OverflowError), PostgreSQL too: a 500
+    for path in (f"/admin/items/{huge}", "/admin/items/2147483648", "/admin/items/abc"):
+        r = admin.get(path)
+        assert r.status_code == 404 and "text/html" in r.headers["content-type"], path
+    assert ann.get(f"/mine/rankings/{huge}").status_code == 404
+    r = ann.post("/rank", data={**rank_form(ann), "item_id": huge})
+    assert r.status_code == 400 and "expected a whole number" in r.text
+    page = ann.get("/demo").text
+    r = ann.post("/demo", data={"csrf": csrf_of(page), "token": field(page, "token"), "started": "0",
+                                "item_id": huge, "reply": "red ."})
+    assert r.status_code == 400
+    assert store.rankings() == [] and store.demonstrations() == []

@@ -1,9 +1,12 @@
 """Labeler statistics against hand-computed references: InstructGPT's pairwise agreement with ties,
 Krippendorff's α (ordinal and interval, worked by hand from the coincidence matrix), gold scores."""
 
+import json
+
 import numpy as np
 import pytest
 
+from cherrytop.data.records import DataError
 from cherrytop.feedback.auth import create_user
 from cherrytop.feedback.stats import alpha, pair_agreement, relations, report
 
@@ -53,3 +56,33 @@ def test_report_pools_agreement_gold_and_alpha(store):
     assert r.alpha["truthful"] is None and by["ann"].alpha["helpful"] == pytest.approx(r.alpha["helpful"])
     assert "helpful" not in by["cat"].alpha  # cat gave no ratings
     assert r.items == 1 and r.complete == 1
+
+
+def test_labelers_win_rate_per_pair_of_models(store, tmp_path):
+    # `cherrytop eval --pairs` writes two models' answers in random order with the model of each
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{n}"}], "responses": r, "models": m} for n, (r, m) in
+            enumerate([(["x0", "y0"], ["ppo", "sft"]), (["y1", "x1"], ["sft", "ppo"]), (["x2", "y2"], ["ppo", "sft"])])]
+    rows.append({"messages": [{"role": "user", "content": "q3"}], "responses": ["a", "b", "c"],
+                 "models": ["ppo", "sft", "other"]})
+    pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert store.import_prompts(pairs) == (4, 0)
+    ann, bob = create_user(store, "ann", "password1"), create_user(store, "bob", "password1")
+    items = {i.prompt[0]["content"]: i.id for i in store.items()}
+    store.submit_ranking(ann, items["q0"], [0, 1], [], "a0", 1.0)  # ppo first
+    store.submit_ranking(bob, items["q0"], [1, 0], [], "b0", 1.0)  # sft first
+    store.submit_ranking(ann, items["q1"], [1, 0], [], "a1", 1.0)  # index 1 = ppo first
+    store.submit_ranking(ann, items["q2"], [0, 1], [[0, 1]], "a2", 1.0)  # tied
+    store.submit_ranking(ann, items["q3"], [2, 1, 0], [], "a3", 1.0)  # other > sft > ppo
+    # ppo vs sft: 1 + 0 + 1 + 0.5 + 0 of 5; other vs ppo: 1 of 1; other vs sft: 1 of 1
+    assert report(store).models == [
+        {"a": "other", "b": "ppo", "pairs": 1, "win_rate": 1.0},
+        {"a": "other", "b": "sft", "pairs": 1, "win_rate": 1.0},
+        {"a": "ppo", "b": "sft", "pairs": 5, "win_rate": 2.5 / 5}]
+
+
+def test_import_names_a_bad_models_list_by_line(store, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "responses": ["a", "b"], "models": ["ppo"]}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: models are \['ppo'\]; expected a list of 2 model names"):
+        store.import_prompts(bad)

@@ -2,15 +2,19 @@
 concurrency-safe, chat feedback (the interface `cherrytop serve` calls) lands as rating items."""
 
 import json
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import update
 
 from cherrytop.data.records import DataError
 from cherrytop.feedback.auth import create_user
-from cherrytop.feedback.store import Base, open_store
+from cherrytop.feedback.store import Base, Claim, now, open_store
 
 PROMPT = [{"role": "user", "content": "what is 2 plus 2 ?"}]
 
@@ -134,3 +138,93 @@ def test_concurrent_chat_feedback_on_one_prompt_gives_one_item(store):
     (item,) = store.items()
     assert len(item.responses) == 2 and item.n_responses == 2  # the first two answers; then it is rankable
     assert {f.item_id for f in store.chat_feedback()} == {item.id}
+
+
+def test_import_refuses_items_that_could_never_be_ranked(store, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    good = {"prompt": "fine", "responses": ["a", "b"], "gold": [1, 0]}
+    bad = [({"prompt": "ten", "responses": [str(i) for i in range(10)]}, "10 responses; expected at most 9"),
+           ({"prompt": "text", "responses": "abc"}, "responses are 'abc'"),  # was read as ["a", "b", "c"]
+           ({"prompt": "one", "responses": ["a"], "gold": [0]}, "gold ranking [0] is not a permutation"),
+           ({"prompt": "str", "responses": ["a", "b"], "gold": [0, "1"]}, "gold ranking [0, '1']")]  # was a TypeError
+    for record, message in bad:
+        path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(DataError, match=rf"prompts.jsonl:2: {re.escape(message)}"):
+            store.import_prompts(path)
+    assert [(i.prompt[-1]["content"], i.responses) for i in store.items()] == [("fine", ["a", "b"])]
+
+
+def test_gold_of_a_generated_item_cannot_break_the_stats(store):
+    # a gold ranking of 1 response, then `label generate` added 3 more: stats (and /admin) raised KeyError
+    with pytest.raises(DataError, match="of 2 or more responses"):
+        store.add_item(PROMPT, responses=["4"], gold=[0])
+
+
+def test_text_a_database_cannot_store_is_refused_with_a_valueerror(store):
+    # PostgreSQL refused these with sqlalchemy's DataError (cherrytop serve answered 500); SQLite stored
+    # them, and a NaN in the settings then stopped every `cherrytop label export`
+    ok = dict(messages=PROMPT, response="4", rating="down", model="m", settings={})
+    for bad, message in ((dict(model="m" * 600), "model has 600 characters"),
+                         (dict(conversation_id="c" * 200), "conversation_id has 200"),
+                         (dict(user="u" * 200), "user has 200"),
+                         (dict(response="4\x00"), "response contains a NUL"),
+                         (dict(comment="bad\x00"), "comment contains a NUL"),
+                         (dict(settings={"temperature": float("nan")}), "not JSON compliant")):
+        with pytest.raises(ValueError, match=message):
+            store.add_chat_feedback(**{**ok, **bad})
+    assert store.chat_feedback() == [] and store.items() == []
+    ann, bob = create_user(store, "ann", "password1"), create_user(store, "bob", "password1")
+    demo = store.submit_demonstration(ann, PROMPT + [{"role": "assistant", "content": "4 ."}], "d", 1.0).id
+    with pytest.raises(ValueError, match="reason contains a NUL"):
+        store.submit_review(bob, demo, False, "wrong\x00", "r")
+    assert store.reviews() == []
+
+
+def test_processes_opening_a_new_database_at_once_all_start(pg_url):
+    # each ran the migrations: all but one failed on a duplicate table (PostgreSQL)
+    code = f"from cherrytop.feedback.store import open_store; open_store({pg_url!r}).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+
+
+def test_every_labeler_ranks_the_gold_items(store):
+    # gold scores measure each labeler: with labels_needed = 2 a third labeler never saw a gold item
+    ann, bob, cat = (create_user(store, n, "password1") for n in ("ann", "bob", "cat"))
+    gold = store.add_item(PROMPT, responses=["4", "5"], gold=[0, 1]).id
+    plain = store.add_item([{"role": "user", "content": "2 plus 3 ?"}], responses=["5", "6"]).id
+    for n, uid in enumerate((ann, bob)):
+        for item in (gold, plain):
+            store.submit_ranking(uid, item, [0, 1], [], f"t{n}{item}", 1.0)
+    assert store.next_ranking_item(cat).id == gold and store.queue_counts(cat)["rank"] == 1
+    store.submit_ranking(cat, gold, [1, 0], [], "tc", 1.0)
+    assert store.next_ranking_item(cat) is None and store.queue_counts(cat)["rank"] == 0
+
+
+def test_a_rejected_demonstration_puts_its_prompt_back_for_the_others(store):
+    ann, bob, cat = (create_user(store, n, "password1") for n in ("ann", "bob", "cat"))
+    item = store.add_item(PROMPT).id
+    demo = store.submit_demonstration(ann, PROMPT + [{"role": "assistant", "content": "5 ."}], "d1", 1.0,
+                                      item_id=item).id
+    assert store.next_demo_item(cat) is None  # answered, waiting for review
+    store.submit_review(bob, demo, False, "2 plus 2 is 4", "r1")
+    assert store.next_demo_item(cat).id == item and store.queue_counts(cat)["demo"] == 1  # was never offered again
+    assert store.next_demo_item(ann) is None  # ann has answered it (one demonstration per prompt each)
+    store.submit_demonstration(cat, PROMPT + [{"role": "assistant", "content": "4 ."}], "d2", 1.0, item_id=item)
+    assert store.next_demo_item(bob) is None and store.queue_counts(bob)["demo"] == 0
+
+
+def test_labelers_working_at_once_are_given_different_items(store):
+    # each was given the oldest item short of rankings: six labelers at once all ranked item 1, then item 2
+    users = [create_user(store, f"lab{n}", "password1") for n in range(5)]
+    first = store.add_item(PROMPT, responses=["4", "5"]).id
+    second = store.add_item([{"role": "user", "content": "2 plus 3 ?"}], responses=["5", "6"]).id
+    shown = [store.next_ranking_item(u) for u in users]
+    assert [i and i.id for i in shown] == [first, first, second, second, None]
+    assert store.next_ranking_item(users[0]).id == first  # a reload shows the same item
+    assert store.queue_counts(users[4])["rank"] == 0
+    store.submit_ranking(users[0], first, [0, 1], [], "t0", 1.0)  # a ranking replaces its claim
+    assert store.next_ranking_item(users[4]) is None
+    with store.tx() as s:  # half an hour later the claims expire: a labeler who left frees their item
+        s.execute(update(Claim).values(expires_at=now()))
+    assert store.next_ranking_item(users[4]).id == first

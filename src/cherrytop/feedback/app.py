@@ -17,10 +17,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi import Path as URLPath
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -30,6 +32,9 @@ from cherrytop.feedback.store import AXES, FLAGS, Store
 
 HERE = Path(__file__).parent
 SESSION_COOKIE, LOGIN_COOKIE = "ct_session", "ct_login"
+MAX_ID = 2 ** 31 - 1
+"""The largest row id (PostgreSQL's integer); a larger number is no row, and the databases refuse to look it up."""
+RowId = Annotated[int, URLPath(ge=0, le=MAX_ID)]
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,10 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
     async def _not_found(request: Request, e):
         return _error_page(request, 404, "no such page")
 
+    @app.exception_handler(RequestValidationError)  # the only parameters FastAPI checks: ids in URLs
+    async def _bad_id(request: Request, e):
+        return _error_page(request, 404, "no such page")
+
     def current(request: Request, admin: bool = False):
         who = auth.session_user(store, request.cookies.get(SESSION_COOKIE))
         if who is None:
@@ -138,8 +147,8 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
 
     def integer(form, key: str) -> int:
         v = str(form.get(key, ""))
-        if not v.isdigit():
-            raise HTTPError(400, f"field '{key}' is {v!r}; expected a whole number")
+        if not (v.isascii() and v.isdigit()) or int(v) > MAX_ID:
+            raise HTTPError(400, f"field '{key}' is {v[:20]!r}; expected a whole number up to {MAX_ID}")
         return int(v)
 
     def text(form, key: str, limit: int) -> str:
@@ -295,7 +304,7 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
                     verdicts=verdicts, reviews=store.reviews(user_id=uid))
 
     @app.get("/mine/rankings/{ranking_id}", response_class=HTMLResponse)
-    def my_ranking(request: Request, ranking_id: int):
+    def my_ranking(request: Request, ranking_id: RowId):
         who = current(request)
         r = store.ranking(ranking_id)
         if r is None or (r.user_id != who[0].id and who[0].role != "admin"):
@@ -322,7 +331,7 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         return page(request, "items.html", who, items=store.items(), counts=counts, demos=demos)
 
     @app.get("/admin/items/{item_id}", response_class=HTMLResponse)
-    def admin_item(request: Request, item_id: int):
+    def admin_item(request: Request, item_id: RowId):
         who = current(request, admin=True)
         item = store.item(item_id)
         if item is None:

@@ -114,3 +114,5 @@ def _stats(store, args, cfg) -> None:
         med = "-" if s.median_seconds is None else f"{s.median_seconds:.0f}s"
         print(f"  {s.name:<16} {s.role:<8} rankings {s.rankings:<4} demos {s.demonstrations:<4} reviews {s.reviews:<4} "
               f"median {med:<6} agreement {pct(s.agreement):<7} gold {pct(s.gold_score)}")
+    for m in r.models:
+        print(f"  {m['a']} vs {m['b']}: {m['a']}'s answer preferred {pct(m['win_rate'])} of {m['pairs']} times (ties half)")

@@ -103,6 +103,10 @@ class Report:
     """Items in the database."""
     complete: int
     """Items with all their required rankings."""
+    models: list[dict] = field(default_factory=list)
+    """[{"a": model, "b": model, "pairs": n, "win_rate": P(a's answer ranked above b's), ties half}] for
+    each pair of models whose answers labelers ranked against each other (human evaluation: `cherrytop
+    eval --pairs` writes such items), over every (ranking, pair of answers by those two models)."""
 
 
 def report(store: Store, level: str = "ordinal") -> Report:
@@ -164,7 +168,27 @@ def report(store: Store, level: str = "ordinal") -> Report:
             if mine.any():
                 stats[uid].alpha[axis] = alpha(m[:, mine], level)
     complete = sum(1 for i in items.values() if len(i.responses) >= 2 and len(by_item[i.id]) >= i.labels_needed)
+    models = model_win_rates(items, by_item)
     pairs_out = [{"a": users[a].name, "b": users[b].name, "items": v[2], "agreement": v[0] / v[1] if v[1] else None}
                  for (a, b), v in sorted(between.items())]
     return Report(list(stats.values()), total[0] / total[1] if total[1] else None, total[1], overall, pairs_out,
-                  len(items), complete)
+                  len(items), complete, models)
+
+
+def model_win_rates(items: dict, by_item: dict) -> list[dict]:
+    """Labelers' win rate of each pair of models (named in the responses' provenance) whose answers
+    were ranked against each other; a tie counts half."""
+    score: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for item_id, rows in by_item.items():
+        item = items[item_id]
+        names = [(p or {}).get("model") for p in item.provenance] + [None] * (len(item.responses) - len(item.provenance))
+        for r in rows:
+            for (i, j), rel in relations(r.ranking, r.ties).items():
+                a, b = names[i], names[j]
+                if a is None or b is None or a == b:
+                    continue
+                win = 0.5 if rel == 0 else float(rel > 0)  # i's answer against j's
+                key, w = ((a, b), win) if a < b else ((b, a), 1.0 - win)
+                score[key][0] += w
+                score[key][1] += 1
+    return [{"a": a, "b": b, "pairs": n, "win_rate": w / n} for (a, b), (w, n) in sorted(score.items())]

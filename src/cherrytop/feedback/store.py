@@ -6,7 +6,9 @@
 Nothing is lost or doubled: every submission is one transaction; each form carries a one-time
 `token` (unique in its table), so submitting the same form twice returns the first submission;
 a labeler ranks an item at most once and reviews a demonstration at most once (unique constraints),
-so concurrent labelers and double clicks never overwrite or duplicate each other.
+so concurrent labelers and double clicks never overwrite or duplicate each other. An item shown
+to a labeler to rank is claimed for them for half an hour (`claims`), so labelers at work at the
+same time are given different items instead of all ranking the oldest one.
 
 Items are prompts (`prompt`: messages ending with a user turn) with 0..K candidate `responses`; an
 item with >= 2 responses is rankable, one with a prompt can be answered by a demonstration.
@@ -20,16 +22,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+                        create_engine, delete, event, func, or_, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
 
-from cherrytop.data.records import Conversation, DataError, Prompt
+from cherrytop.data.records import MAX_K, Conversation, DataError, Prompt
 
 ROLES = ("admin", "labeler")
 CHAT_RATINGS = ("up", "down", "report")
@@ -142,6 +144,17 @@ class Ranking(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
+class Claim(Base):
+    """An item shown to a labeler to rank: until it expires (or they rank it) it counts towards the
+    item's labels, so labelers working at the same time are given different items."""
+    __tablename__ = "claims"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class ChatFeedback(Base):
     __tablename__ = "chat_feedback"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -161,6 +174,8 @@ class ChatFeedback(Base):
 # ---------------------------------------------------------------- opening and migrating
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x63686572
+"""PostgreSQL advisory lock key held while migrating (SQLite's BEGIN IMMEDIATE serializes already)."""
 
 
 def _alembic_config(connection) -> Any:
@@ -175,6 +190,8 @@ def migrate(engine) -> None:
     """Apply every migration not yet applied (a no-op on an up-to-date database)."""
     from alembic import command
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # processes starting at once: one migrates, the others wait
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         command.upgrade(_alembic_config(conn), "head")
 
 
@@ -225,6 +242,18 @@ def _messages(msgs: Any, what: str) -> list[dict]:
     return [m.to_json() for m in p.messages]
 
 
+def _text(value: Any, what: str, limit: int | None = None) -> str:
+    """A string both databases store alike: no NUL character (PostgreSQL refuses one in a text
+    column) and, for a limited column, at most `limit` characters (PostgreSQL refuses longer)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string")
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character (\\x00)")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{what} has {len(value)} characters; at most {limit} allowed")
+    return value
+
+
 @dataclass
 class Submitted:
     """The result of a submission: its row id and whether this call created it (False: a repeat)."""
@@ -240,6 +269,8 @@ class Store:
     engine: Any
     labels_needed: int = 2
     """Labelers per new item."""
+    claim_s: float = 1800.0
+    """How long an item shown to a labeler to rank stays theirs (counts towards its labels)."""
     _sessions: Any = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -267,14 +298,17 @@ class Store:
                  source: str = "import", gold: list[int] | None = None, labels_needed: int | None = None) -> Submitted:
         """Add a prompt (with optional candidate responses) to the queue; an existing prompt is kept as it is."""
         msgs = _messages(messages, "prompt")
-        responses = list(responses or [])
-        if not all(isinstance(r, str) for r in responses):
-            raise DataError("responses must be strings", "a list of answer strings")
+        responses = [] if responses is None else responses
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise DataError(f"responses are {responses!r:.60}", "a list of answer strings")
+        if len(responses) > MAX_K:  # a labeler could never submit a ranking of more
+            raise DataError(f"{len(responses)} responses", f"at most {MAX_K} answers to rank")
         provenance = list(provenance or [{"model": None, "settings": {}, "source": source}] * len(responses))
         if gold is not None:
-            if sorted(gold) != list(range(len(responses))):
-                raise DataError(f"gold ranking {gold} is not a permutation of the {len(responses)} responses",
-                                "indices best first, each response once")
+            if (len(responses) < 2 or not isinstance(gold, list) or not all(type(g) is int for g in gold)
+                    or sorted(gold) != list(range(len(responses)))):
+                raise DataError(f"gold ranking {gold!r:.60} is not a permutation of the {len(responses)} responses",
+                                "indices best first, each response once, of 2 or more responses")
         key = prompt_key(msgs)
         try:
             with self.tx() as s:
@@ -289,16 +323,26 @@ class Store:
 
     def import_prompts(self, path: str | Path) -> tuple[int, int]:
         """Prompts from a JSONL file / datasets folder (records.py's prompt format); optional keys
-        `responses` (candidate answers), `gold` (their known ranking), `model` (who wrote them).
-        Returns (added, already present)."""
-        from cherrytop.data.records import read_prompts
+        `responses` (candidate answers), `gold` (their known ranking), `model` (who wrote them) or
+        `models` (who wrote each: `cherrytop eval --pairs` writes these).
+        Returns (added, already present). A bad record stops the import with its file and line;
+        the records before it are kept (importing the file again adds only the rest)."""
+        from cherrytop.data.records import locate, read_prompts
         added = kept = 0
-        for p in read_prompts(path):
+        for n, p in enumerate(read_prompts(path)):
             meta = p.meta
             responses = meta.get("responses")
-            prov = [{"model": meta.get("model"), "settings": {}, "source": str(path)}] * len(responses or [])
-            r = self.add_item([m.to_json() for m in p.messages], responses=responses, provenance=prov,
-                              gold=meta.get("gold"), source="import")
+            k = len(responses) if isinstance(responses, list) else 0
+            models = meta.get("models", [meta.get("model")] * k)
+            try:
+                if "models" in meta and (not isinstance(models, list) or len(models) != k
+                                         or not all(isinstance(m, str) for m in models)):
+                    raise DataError(f"models are {models!r:.60}", f"a list of {k} model names, one per response")
+                prov = [{"model": m, "settings": {}, "source": str(path)} for m in models]
+                r = self.add_item([m.to_json() for m in p.messages], responses=responses, provenance=prov,
+                                  gold=meta.get("gold"), source="import")
+            except DataError as e:
+                raise e.at(locate(path, n)) from None
             added += r.created
             kept += not r.created
         return added, kept
@@ -329,12 +373,17 @@ class Store:
         """
         if rating not in CHAT_RATINGS:
             raise ValueError(f"rating {rating!r} is not one of {', '.join(CHAT_RATINGS)}")
-        if not isinstance(response, str):
-            raise ValueError("response must be a string")
+        _text(response, "response")
+        model = _text(str(model), "model", 512)
+        for value, what in ((conversation_id, "conversation_id"), (user, "user")):
+            if value is not None:
+                _text(value, what, 128)
+        if comment is not None:
+            _text(comment, "comment")
         msgs = _messages(messages, "messages")
         if not isinstance(settings, dict):
             raise ValueError("settings must be a dict")
-        json.dumps(settings)  # must be JSON
+        json.dumps(settings, allow_nan=False)  # must be JSON: NaN would stop every later export
         with self.tx() as s:  # one transaction: the rating, and for down / report the queue item
             item_id = None
             if rating != "up":
@@ -350,7 +399,7 @@ class Store:
                     item.responses = list(item.responses) + [response]
                     item.provenance = list(item.provenance) + [{"model": model, "settings": settings, "source": "chat"}]
                 item_id = item.id
-            fb = ChatFeedback(messages=msgs, response=response, rating=rating, model=str(model), settings=settings,
+            fb = ChatFeedback(messages=msgs, response=response, rating=rating, model=model, settings=settings,
                               conversation_id=conversation_id, comment=comment, user=user, item_id=item_id)
             s.add(fb)
             s.flush()
@@ -425,13 +474,14 @@ class Store:
                 if not isinstance(vals, list) or len(vals) != k or any(
                         v is not None and (not isinstance(v, int) or not 1 <= v <= 7) for v in vals):
                     raise DataError(f"ratings for {axis} are {vals!r}", f"{k} values, each 1..7 or empty")
+            s.execute(delete(Claim).where(Claim.item_id == item_id, Claim.user_id == user_id))
             return Ranking(item_id=item_id, user_id=user_id, ranking=list(c.ranking), ties=[list(t) for t in c.ties],
                            all_bad=bool(all_bad), flags=flags, ratings=ratings, token=token, seconds=seconds)
         return self._once(make, Ranking, token, user_id, Ranking.item_id == item_id)
 
     def submit_review(self, user_id: int, demonstration_id: int, accept: bool, reason: str, token: str) -> Submitted:
         """Accept or reject someone else's demonstration; a rejection needs a reason."""
-        reason = (reason or "").strip()
+        reason = _text(reason or "", "the reason").strip()
         if not accept and not reason:
             raise DataError("a rejection needs a reason", "a short reason why the demonstration is rejected")
 
@@ -446,21 +496,54 @@ class Store:
 
     # ------------------------------------------------------------ queues: what a labeler does next
 
+    @staticmethod
+    def _to_rank(user_id: int, at: datetime) -> tuple:
+        """Items this labeler should rank: rankable, not ranked by them, and either claimed by them,
+        gold (every labeler ranks the gold items: their gold score measures each labeler), or short
+        of labels counting rankings and other labelers' live claims."""
+        done = select(Ranking.item_id).where(Ranking.user_id == user_id)
+        mine = select(Claim.item_id).where(Claim.user_id == user_id, Claim.expires_at > at)
+        ranked = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
+        claimed = select(func.count(Claim.id)).where(Claim.item_id == Item.id, Claim.user_id != user_id,
+                                                     Claim.expires_at > at).scalar_subquery()
+        return (Item.n_responses >= 2, Item.id.not_in(done),
+                or_(Item.id.in_(mine), Item.gold.is_not(None), ranked + claimed < Item.labels_needed))
+
+    @staticmethod
+    def _to_answer(user_id: int) -> Any:
+        """Prompts this labeler should answer: nobody's demonstration of them stands (none yet, or
+        each one rejected) and this labeler has not answered them (one demonstration per prompt each)."""
+        rejected = select(Review.demonstration_id).where(Review.accept.is_(False))
+        answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None), or_(
+            Demonstration.id.not_in(rejected), Demonstration.user_id == user_id))
+        return Item.id.not_in(answered)
+
     def next_ranking_item(self, user_id: int) -> Item | None:
-        """The oldest rankable item this labeler has not ranked that still needs labels (gold items first)."""
-        with self.read() as s:
-            done = select(Ranking.item_id).where(Ranking.user_id == user_id)
-            count = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
-            q = (select(Item).where(Item.n_responses >= 2, Item.id.not_in(done), count < Item.labels_needed)
-                 .order_by(Item.gold.is_(None), Item.id).limit(1))
-            return s.scalars(q).first()
+        """The item this labeler should rank next, claimed for them for `claim_s` seconds: the one
+        they already hold, else the oldest (gold items first)."""
+        at = now()
+        with self.tx() as s:
+            s.execute(delete(Claim).where(Claim.expires_at <= at))
+            mine = select(Claim.item_id).where(Claim.user_id == user_id)
+            q = (select(Item).where(*self._to_rank(user_id, at))
+                 .order_by(Item.id.not_in(mine), Item.gold.is_(None), Item.id).limit(1))
+            item = s.scalars(q).first()
+            if item is not None:
+                claim = s.scalars(select(Claim).where(Claim.item_id == item.id, Claim.user_id == user_id)).first()
+                claim = claim or Claim(item_id=item.id, user_id=user_id)
+                claim.expires_at = at + timedelta(seconds=self.claim_s)
+                try:
+                    with s.begin_nested():  # a savepoint: the same labeler's other tab may claim it at once
+                        s.add(claim)
+                except IntegrityError:
+                    pass
+            return item
 
     def next_demo_item(self, user_id: int) -> Item | None:
-        """The oldest prompt nobody has answered with a demonstration, preferring prompts without
+        """The oldest prompt this labeler should answer with a demonstration, preferring prompts without
         candidate answers (those are not in the ranking queue)."""
         with self.read() as s:
-            answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
-            q = select(Item).where(Item.id.not_in(answered)).order_by(Item.n_responses > 0, Item.id).limit(1)
+            q = select(Item).where(self._to_answer(user_id)).order_by(Item.n_responses > 0, Item.id).limit(1)
             return s.scalars(q).first()
 
     def next_review(self, user_id: int) -> Demonstration | None:
@@ -473,12 +556,8 @@ class Store:
 
     def queue_counts(self, user_id: int) -> dict[str, int]:
         with self.read() as s:
-            done = select(Ranking.item_id).where(Ranking.user_id == user_id)
-            count = select(func.count(Ranking.id)).where(Ranking.item_id == Item.id).scalar_subquery()
-            rank = s.scalar(select(func.count(Item.id)).where(Item.n_responses >= 2, Item.id.not_in(done),
-                                                               count < Item.labels_needed))
-            answered = select(Demonstration.item_id).where(Demonstration.item_id.is_not(None))
-            demo = s.scalar(select(func.count(Item.id)).where(Item.id.not_in(answered)))
+            rank = s.scalar(select(func.count(Item.id)).where(*self._to_rank(user_id, now())))
+            demo = s.scalar(select(func.count(Item.id)).where(self._to_answer(user_id)))
             reviewed = select(Review.demonstration_id)
             review = s.scalar(select(func.count(Demonstration.id)).where(
                 Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed)))
