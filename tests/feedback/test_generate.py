@@ -36,3 +36,29 @@ def test_generate_fills_the_queue_with_provenance(tmp_path, tiny_model, capsys):
     assert "--k 12: expected 2..9" in capsys.readouterr().err
     assert main(["label", "generate", "--db", url, "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_chat_ratings_arriving_while_answers_are_sampled(tmp_path, tiny_model, monkeypatch):
+    # generate used to stop at the first item made rankable meanwhile, and to give an item that got one
+    # chat answer meanwhile k + 1 responses
+    from cherrytop.feedback.generate import fill
+    from cherrytop.rollout import sampler
+    s = open_store(f"sqlite:///{tmp_path / 'fb.db'}")
+    q = {t: [{"role": "user", "content": t}] for t in ("one ?", "two ?", "three ?")}
+    for m in q.values():
+        s.add_item(m)
+    real = sampler.generate
+
+    def generate_while_people_chat(*a, **kw):
+        out = real(*a, **kw)
+        for text, rating in (("one .", "down"), ("one !", "down"), ("two .", "down")):  # "one ?" rankable, "two ?" one
+            s.add_chat_feedback(messages=q[text.split()[0] + " ?"], response=text, rating=rating, model="chat",
+                                settings={})
+        return out
+    monkeypatch.setattr(sampler, "generate", generate_while_people_chat)
+    assert fill(s, tiny_model, k=3, max_new_tokens=4) == 2  # "two ?" and "three ?"
+    items = {i.prompt[-1]["content"]: i for i in s.items()}
+    assert items["one ?"].responses == ["one .", "one !"]  # left as the chat ratings made it
+    assert len(items["two ?"].responses) == 3 and items["two ?"].responses[0] == "two ."
+    assert len(items["three ?"].responses) == 3
+    s.close()

@@ -37,6 +37,8 @@ def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, se
                           timeout=60)
         assert late.status_code == 400 and late.json()["error"]["param"] == "messages"
         assert "ends with a user message" in late.json()["error"]["message"]
+        nul = httpx.post(s.url + "/v1/feedback", json={**body, "response": "a\x00b"}, timeout=60)  # no database keeps it
+        assert nul.status_code == 400 and nul.json()["error"]["param"] == "response"
     [f] = open_store(url).chat_feedback()
     assert (f.id, f.rating, f.response, f.model, f.settings, f.conversation_id) == \
         (r.json()["id"], "up", "hello .", "tiny", {"temperature": 0.5}, "c1")

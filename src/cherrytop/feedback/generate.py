@@ -23,7 +23,8 @@ def model_fingerprint(path: Path) -> str:
 
 def fill(store: Store, checkpoint: str | Path, k: int = 4, *, temperature: float = 1.0, top_p: float = 1.0,
          max_new_tokens: int = 48, batch_size: int = 64, seed: int = 0, limit: int | None = None) -> int:
-    """Sample answers for items with fewer than 2 responses until each has `k`; returns items filled."""
+    """Sample answers for items with fewer than 2 responses until each has `k`; returns items filled.
+    An item that chat ratings made rankable while the answers were sampled is left as it is."""
     from cherrytop.data.tokenizer import load_tokenizer
     from cherrytop.model.load import load_model
     from cherrytop.rollout.sampler import generate
@@ -45,7 +46,12 @@ def fill(store: Store, checkpoint: str | Path, k: int = 4, *, temperature: float
                        batch_size=batch_size, seed=seed, progress=len(prompts) > batch_size)
     prov = {"model": str(path), "model_fingerprint": model_fingerprint(path), "model_type": model.config.model_type,
             "settings": settings, "source": "generate"}
+    filled = 0
     for item in todo:
         mine = [a for a, o in zip(answers, owners) if o == item.id]
-        store.add_responses(item.id, mine, [prov] * len(mine))
-    return len(todo)
+        try:
+            store.add_responses(item.id, mine, [prov] * len(mine), up_to=k)
+        except ValueError:  # rankable by now: two chat ratings came in meanwhile
+            continue
+        filled += 1
+    return filled

@@ -347,17 +347,20 @@ class Store:
             kept += not r.created
         return added, kept
 
-    def add_responses(self, item_id: int, responses: list[str], provenance: list[dict]) -> None:
+    def add_responses(self, item_id: int, responses: list[str], provenance: list[dict], up_to: int | None = None) -> int:
         """Append candidate answers to an item that is not yet rankable (fewer than 2 responses):
-        once labelers rank an item its responses never change."""
+        once labelers rank an item its responses never change. With `up_to`, only as many as bring
+        the item to `up_to` responses (a chat rating may have added one meanwhile). Returns how many."""
         with self.tx() as s:
             item = s.get(Item, item_id, with_for_update=True)
             if item is None:
                 raise ValueError(f"item {item_id} does not exist")
             if len(item.responses) >= 2:
                 raise ValueError(f"item {item_id} already has {len(item.responses)} responses (rankable); not changed")
-            item.responses = list(item.responses) + list(responses)
-            item.provenance = list(item.provenance) + list(provenance)
+            keep = len(responses) if up_to is None else max(0, up_to - len(item.responses))
+            item.responses = list(item.responses) + list(responses[:keep])
+            item.provenance = list(item.provenance) + list(provenance[:keep])
+            return min(keep, len(responses))
 
     # ------------------------------------------------------------ chat feedback (called by cherrytop serve)
 

@@ -71,8 +71,11 @@ class FeedbackSink:
                 self._store = open_store(self.url)
         try:
             return self._store.add_chat_feedback(**kwargs)
-        except ValueError as e:  # the store's check of the conversation (e.g. it must end with a user message)
-            raise P.APIError(400, f"Invalid feedback: {e}", param="messages") from None
+        except ValueError as e:  # the store's checks: the conversation must end with a user message, no NUL, ...
+            text = str(e).lstrip("'")
+            param = next((k for k in ("messages", "response", "rating", "model", "settings", "conversation_id",
+                                      "comment", "user") if text.startswith(k)), None)
+            raise P.APIError(400, f"Invalid feedback: {e}", param=param) from None
 
 
 def api_keys(cfg: ServeConfig) -> set[str]:
