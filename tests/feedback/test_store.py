@@ -228,3 +228,29 @@ def test_labelers_working_at_once_are_given_different_items(store):
     with store.tx() as s:  # half an hour later the claims expire: a labeler who left frees their item
         s.execute(update(Claim).values(expires_at=now()))
     assert store.next_ranking_item(users[4]).id == first
+
+
+def test_labelers_asking_at_the_same_moment_claim_each_item_once_per_label(store):
+    # PostgreSQL, read committed: labelers asking at once each counted the others' claims as absent,
+    # and three ranked an item that needed two
+    users = [create_user(store, f"lab{n}", "password1") for n in range(8)]
+    for n in range(4):
+        store.add_item([{"role": "user", "content": f"q{n} ?"}], responses=["a", "b"])
+    start = threading.Barrier(len(users))
+    given: list = [None] * len(users)
+
+    def ask(n):
+        start.wait()
+        item = store.next_ranking_item(users[n])
+        given[n] = item and item.id
+
+    for _ in range(3):  # the race needs the moment: ask three times over, every claim released between
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(users))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counts = {i: given.count(i) for i in set(given)}
+        assert None not in counts and set(counts.values()) == {2}, counts  # 8 labelers, 4 items × 2 labels
+        with store.tx() as s:
+            s.execute(update(Claim).values(expires_at=now()))

@@ -528,18 +528,27 @@ class Store:
         with self.tx() as s:
             s.execute(delete(Claim).where(Claim.expires_at <= at))
             mine = select(Claim.item_id).where(Claim.user_id == user_id)
-            q = (select(Item).where(*self._to_rank(user_id, at))
-                 .order_by(Item.id.not_in(mine), Item.gold.is_(None), Item.id).limit(1))
-            item = s.scalars(q).first()
-            if item is not None:
-                claim = s.scalars(select(Claim).where(Claim.item_id == item.id, Claim.user_id == user_id)).first()
-                claim = claim or Claim(item_id=item.id, user_id=user_id)
-                claim.expires_at = at + timedelta(seconds=self.claim_s)
-                try:
-                    with s.begin_nested():  # a savepoint: the same labeler's other tab may claim it at once
-                        s.add(claim)
-                except IntegrityError:
-                    pass
+            order = (Item.id.not_in(mine), Item.gold.is_(None), Item.id)
+            taken: list[int] = []  # items others claimed while this labeler waited for them
+            while True:
+                item_id = s.scalar(select(Item.id).where(*self._to_rank(user_id, at), Item.id.not_in(taken))
+                                   .order_by(*order).limit(1))
+                if item_id is None:
+                    return None
+                taken.append(item_id)
+                # PostgreSQL: one labeler at a time claims an item; whoever waited for the lock counts
+                # again, now seeing the claim just committed (SQLite runs one writer at a time anyway)
+                item = s.scalars(select(Item).where(Item.id == item_id).with_for_update()).one()
+                if s.scalar(select(Item.id).where(Item.id == item_id, *self._to_rank(user_id, at))) is not None:
+                    break
+            claim = s.scalars(select(Claim).where(Claim.item_id == item.id, Claim.user_id == user_id)).first()
+            claim = claim or Claim(item_id=item.id, user_id=user_id)
+            claim.expires_at = at + timedelta(seconds=self.claim_s)
+            try:
+                with s.begin_nested():  # a savepoint: the same labeler's other tab may claim it at once
+                    s.add(claim)
+            except IntegrityError:
+                pass
             return item
 
     def next_demo_item(self, user_id: int) -> Item | None:
