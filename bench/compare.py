@@ -70,7 +70,7 @@ def uptime() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: all (CPU), GPU_TASKS with --gpu")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side per task (best and median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads on both sides")

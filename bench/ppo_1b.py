@@ -99,7 +99,7 @@ def memory_of(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4, help="episodes in the iteration")
     ap.add_argument("--micro", type=int, default=2, help="episodes per forward/backward")
     ap.add_argument("--new", type=int, default=16, help="sampled tokens per episode")

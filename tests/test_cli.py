@@ -113,6 +113,29 @@ def test_missing_model_and_config_typo(tmp_path, capsys):
     assert "unknown key 'lerning_rate'" in capsys.readouterr().err
     assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", "--model.path", str(tmp_path / "none")]) == 2
     assert "none: no such model folder" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", f"--pretrain.data={tmp_path}"]) == 2
+    assert f"{tmp_path}: a folder; expected a .txt or .jsonl corpus file" in capsys.readouterr().err
+    runs = tmp_path / "runs"  # a stage name: the error says which run was looked in and what it holds
+    assert main(["chat", "--preset", "test", f"--run.out_dir={runs}", "--checkpoint", "sft"]) == 2
+    assert f"stage name of run 'test' ({runs / 'test'} has no checkpoints: another --run.name" in capsys.readouterr().err
+    (runs / "test" / "sft").mkdir(parents=True)
+    (runs / "test" / "sft" / "config.json").write_text("{}")
+    assert main(["chat", "--preset", "test", f"--run.out_dir={runs}", "--checkpoint", "stf"]) == 2
+    assert "no such checkpoint; expected a model folder or a stage name of run 'test' (sft)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--checkpoint", "ppo", "--basline", "sft"], "unknown option '--basline' for `cherrytop eval` (did you mean --baseline?)"),
+    (["serve", "--checkpoint", "ppo", "--feedback_db=x"], "for `cherrytop serve` (did you mean --feedback-db?)"),
+    (["sample", "--fesh"], "(did you mean --fresh?)"),
+    (["label", "stats", "--dbb", "x.db"], "unknown option '--dbb' for `cherrytop label stats` (did you mean --db?)"),
+    (["config", "--checkpoint", "ppo"], "for `cherrytop config` (its options are --preset, --config)"),
+])
+def test_a_mistyped_option_of_the_command_names_the_option(capsys, args, message):
+    """A typo in one of the command's own options is named as such (not as a malformed setting)."""
+    assert main([*args, "--run.name=never"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_ppo_weight_average_is_the_saved_policy_and_resumes(run_dir):
@@ -249,3 +272,13 @@ def test_a_reward_model_from_another_tool_keeps_its_head_and_a_causal_lm_is_refu
                  f"--ppo.reward_model={run_dir / 'sft'}"])
     err = capsys.readouterr().err
     assert code == 2 and "not a reward model: it has no scalar head" in err
+
+
+def test_ppo_on_ray_names_the_setting_its_reward_model_needs(run_dir, tmp_path, capsys):
+    """The default reward model (c · log π_ref) and PPO temperature (0.7) do not go together on Ray yet:
+    the error says which setting to pass, before Ray starts."""
+    code = main(["ppo", "--preset", "test", f"--run.out_dir={tmp_path}", f"--ppo.init={run_dir / 'sft'}",
+                 f"--ppo.reward_model={run_dir / 'rm'}", "--ray.enabled=true"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "ppo.temperature 0.7); pass --ppo.temperature=1" in err and not (tmp_path / "test").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_text in COMMANDS.items():
         s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False, aliases=ALIASES.get(name, []))
+        s.set_defaults(command_parser=s)
         s.add_argument("--preset", default="tiny", help="named preset: tiny (default) or test")
         s.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config file(s)")
         if name in ("pipeline", "pretrain", "sft", "compare", "rm", "ppo"):
@@ -207,8 +209,24 @@ def cmd_convert(args, cfg) -> None:
     print(f"wrote {convert_to_hf(Path(args.checkpoint), Path(args.out))}")
 
 
+def _unknown_option(args, extra: list[str]) -> str | None:
+    """The error for the first extra `--name` without a section (a typo of one of the command's own
+    options, such as `--basline`), or None: every other extra argument is a `--section.key` setting."""
+    name = next((a.split("=", 1)[0] for a in extra if a.startswith("--") and "." not in a.split("=", 1)[0]), None)
+    if name is None:
+        return None
+    sub = args.command_parser  # the innermost (sub)command's parser; argparse lists its options only in _actions
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"its options are {', '.join(options)}"
+    return f"unknown option '{name}' for `{sub.prog}` ({hint}); settings are --section.key=value (`cherrytop config`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
+    if unknown := _unknown_option(args, extra):
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
     args.command = next((name for name, other in ALIASES.items() if args.command in other), args.command)
     from cherrytop.train import distributed
     from cherrytop.train.loop import ResumeError

@@ -127,7 +127,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = ""
-    """Training data: a JSONL file or a Hugging Face `datasets` folder; empty = the built-in world."""
+    """Training data; empty = the built-in world. Pretraining: a .txt file (documents separated by blank
+    lines) or JSONL ({"text": ...} / {"messages": [...]}); SFT and the reward model: a JSONL file or a
+    Hugging Face `datasets` folder."""
     init: str = ""
     """Checkpoint to start from (a folder, or a stage name of this run such as `pretrain`)."""
     max_steps: int = 600

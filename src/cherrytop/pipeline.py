@@ -22,6 +22,7 @@ from cherrytop.config import Config, to_dict
 from cherrytop.data.collate import pack_windows
 from cherrytop.data.tokenizer import load_tokenizer
 from cherrytop.eval.heldout import AXES, answer_heldout, score
+from cherrytop.eval.judge import Judge, judged_win_rate
 from cherrytop.eval.versus import kl_to_reference, lm_loss_on, win_rate
 from cherrytop.model.load import load_model
 from cherrytop.stages import compare, ppo, pretrain, reward, sft
@@ -86,6 +87,9 @@ def evaluate_all(cfg: Config, run_dir: Path, models: list[str]) -> dict:
         ref = load_model(run_dir / "sft")
         tok = load_tokenizer(run_dir / "sft")
         prompts = [list(t.messages) for t in tasks]
+        judge = Judge(run_dir / "rm", cfg.eval.batch_size) if (run_dir / "rm" / "config.json").is_file() else None
+        rewards = {name: judge.scores(prompts, answers[name]) for name in answers} if judge else {}
+        out["mean_reward"] = {name: sum(r) / len(r) for name, r in rewards.items()}
         for name in models:
             if name.startswith("ppo"):
                 policy = load_model(run_dir / name)
@@ -94,6 +98,9 @@ def evaluate_all(cfg: Config, run_dir: Path, models: list[str]) -> dict:
                     "kl_to_sft": kl_to_reference(policy, ref, tok, prompts, cfg.ppo.max_new_tokens, cfg.ppo.temperature,
                                                  cfg.eval.batch_size, cfg.run.seed),
                 }
+                if judge:  # the reward model's verdict on the same answers: how far the proxy PPO optimised is from the graders
+                    out["versus_sft"][name]["judge"] = judged_win_rate(rewards[name], rewards["sft"], answers[name],
+                                                                       answers["sft"])
     return out
 
 
@@ -102,10 +109,12 @@ def report_markdown(r: dict) -> str:
     lines = [f"# cherrytop run `{r['run']}`", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["wall_time_s"].items()]
     lines += ["", "## Held-out tasks (greedy answers, graded)", "",
-              "| model | " + " | ".join(AXES) + " | quality | held-out pretraining loss |", "|---|---|---|---|---|---|"]
+              "| model | " + " | ".join(AXES) + " | quality | held-out pretraining loss | mean reward |",
+              "|---|---|---|---|---|---|---|"]
     for name, e in r["eval"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(e[a]) for a in AXES) +
-                     f" | {e['quality']:.2f} | {r['pretrain_loss'].get(name, float('nan')):.3f} |")
+                     f" | {e['quality']:.2f} | {r['pretrain_loss'].get(name, float('nan')):.3f} | "
+                     f"{fmt(r.get('mean_reward', {}).get(name))} |")
     if "uniform_loss" in r.get("pretrain", {}):
         lines += ["", f"Uniform-guess loss: {r['pretrain']['uniform_loss']:.3f} nats/token."]
     if r.get("compare"):
@@ -117,7 +126,8 @@ def report_markdown(r: dict) -> str:
                   + (f" (pairs of sampled answers; pairs with an edited answer: {r['rm']['accuracy_labelers_edits']:.3f} / "
                      f"{r['rm']['accuracy_grader_edits']:.3f})." if "accuracy_grader_edits" in r["rm"] else ".")]
     for name, v in r.get("versus_sft", {}).items():
-        lines += ["", f"**{name} vs SFT**: win rate {v['win_rate']:.3f} (n={v['n']}, ties half), "
+        judged = f"; judged by the reward model {v['judge']['win_rate']:.3f}" if "judge" in v else ""
+        lines += ["", f"**{name} vs SFT**: win rate {v['win_rate']:.3f} (n={v['n']}, ties half{judged}), "
                       f"KL to SFT {v['kl_to_sft']:.2f} nats per response.", "",
                   "| kind | win rate |", "|---|---|"] + [f"| {k} | {w:.2f} |" for k, w in v["by_kind"].items()]
     kinds = sorted({k for e in r["eval"].values() for k in e["by_kind"]})
@@ -134,14 +144,16 @@ def report_markdown(r: dict) -> str:
 
 def print_table(r: dict) -> None:
     table = Table(title=f"cherrytop run '{r['run']}': held-out tasks (greedy)")
-    for col in ("model", *AXES, "quality", "pretrain loss"):
+    for col in ("model", *AXES, "quality", "pretrain loss", "mean reward"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, e in r["eval"].items():
+        reward = r.get("mean_reward", {}).get(name)
         table.add_row(name, *(f"{e[a]:.3f}" if e[a] is not None else "–" for a in AXES), f"{e['quality']:.2f}",
-                      f"{r['pretrain_loss'][name]:.3f}")
+                      f"{r['pretrain_loss'][name]:.3f}", "–" if reward is None else f"{reward:.3f}")
     console.print(table)
     for name, v in r.get("versus_sft", {}).items():
-        console.print(f"{name} vs sft: win rate {v['win_rate']:.3f}, KL to SFT {v['kl_to_sft']:.2f} nats/response")
+        judged = f" (reward model: {v['judge']['win_rate']:.3f})" if "judge" in v else ""
+        console.print(f"{name} vs sft: win rate {v['win_rate']:.3f}{judged}, KL to SFT {v['kl_to_sft']:.2f} nats/response")
     if r.get("rm"):
         console.print(f"reward model accuracy: {r['rm']['accuracy_labelers']:.3f} vs labelers, "
                       f"{r['rm']['accuracy_grader']:.3f} vs grader; labeler agreement {r['compare']['labeler_agreement']:.3f}")

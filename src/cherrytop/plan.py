@@ -3,8 +3,9 @@ model of a stage needs (parameters, gradients, optimizer state, activations, KV 
 options — LoRA, FSDP, CPU offload, gradient checkpointing — make it fit.
 
 The model is built on the `meta` device from its config.json (no weights read, nothing downloaded),
-so parameter counts are exact for any Hugging Face architecture. Bytes per element follow what
-cherrytop does on GPU: fp32 weights, fp32 gradients and AdamW moments (4 + 4 + 8 = 16 bytes per
+so parameter counts are exact for any Hugging Face decoder-only transformer (mixture-of-experts
+models are refused: the activation and LoRA formulas below are for dense ones). Bytes per element
+follow what cherrytop does on GPU: fp32 weights, fp32 gradients and AdamW moments (4 + 4 + 8 = 16 bytes per
 trained parameter), the frozen models' weights in `dist.frozen_dtype` (bf16 on GPU by default: 2 bytes
 per parameter; `frozen_bytes=4` for fp32), bf16 autocast activations. Activations per token and layer
 follow Korthikanti et al. 2022 ("Reducing activation recomputation", §4.1) with SDPA/flash
@@ -61,24 +62,42 @@ def read_config(path: str | Path) -> dict:
 
 
 def shape(config: dict) -> Shape:
-    """Exact counts from the model built on the meta device (no memory, no download)."""
+    """Exact counts from the model built on the meta device (no memory, no download). A config the
+    planner cannot model (not a transformer causal LM, a mixture of experts) is a one-line ValueError."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.pytorch_utils import Conv1D
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json holds a JSON {type(config).__name__}; expected an object (a Hugging Face model config)")
     cfg_dict = dict(config)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
         raise ValueError("config.json has no model_type; expected a Hugging Face model config")
-    hf = AutoConfig.for_model(model_type, **cfg_dict)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"config.json: unknown model_type '{model_type}' (this transformers does not know it)")
+    try:
+        hf = AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        raise ValueError(f"config.json is not a valid {model_type} config: {str(e).strip().splitlines()[-1].strip()}") from None
+    if type(hf) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(hf, "num_attention_heads", None) is None:
+        raise ValueError(f"config.json: model_type '{model_type}' is not a transformer causal LM; "
+                         "the planner models decoder-only transformers (Llama-, GPT-2-, Qwen-style)")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
+    if any("Expert" in type(m).__name__ for m in model.modules()):
+        raise ValueError(f"config.json: '{model_type}' is a mixture-of-experts model; the planner's activation and "
+                         "LoRA formulas are for dense models (every token through one MLP)")
     params = sum(p.numel() for p in model.parameters())
     out_emb = model.get_output_embeddings()
     lora = 0
-    for m in model.modules():
+    for m in model.modules():  # what peft's all-linear adapts: every nn.Linear (subclasses too) and Conv1D
         if m is out_emb:
             continue
         w = getattr(m, "weight", None)
-        if type(m).__name__ in ("Linear", "Conv1D") and w is not None and w.dim() == 2:
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and w is not None and w.dim() == 2:
             lora += w.shape[0] + w.shape[1]  # r·(in + out) with r = 1
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
@@ -86,7 +105,7 @@ def shape(config: dict) -> Shape:
     heads = hf.num_attention_heads
     kv = getattr(hf, "num_key_value_heads", None) or heads
     ffn = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * hidden
-    gated = any(hasattr(b, "mlp") and hasattr(b.mlp, "gate_proj") for b in blocks)
+    gated = any(hasattr(getattr(b, "mlp", None), n) for b in blocks for n in ("gate_proj", "gate_up_proj"))  # Phi-3 fuses them
     return Shape(params=params, lora_params=lora, layers=hf.num_hidden_layers, hidden=hidden, ffn=ffn, gated=gated,
                  vocab=hf.vocab_size, kv_heads=kv, head_dim=getattr(hf, "head_dim", None) or hidden // heads,
                  block_params=sum(p.numel() for p in blocks[0].parameters()) if blocks else params // max(1, hf.num_hidden_layers))

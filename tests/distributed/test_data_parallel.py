@@ -127,3 +127,29 @@ def check_checkpoint(ckpt: Path, cls, weights: dict, strategy: str, tmp_path: Pa
         again = cls.from_pretrained(converted)
         for k, w in again.state_dict().items():
             torch.testing.assert_close(w, plain.state_dict()[k], rtol=0, atol=0)
+
+
+def test_convert_in_one_process_prints_no_torch_warning(tmp_path, capfd):
+    """`cherrytop convert` reads the shards in one process without a process group, on purpose: the
+    same weights come out, and torch's "torch.distributed is disabled" warning does not."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from cherrytop.cli import main
+    from cherrytop.config import ModelConfig
+    from cherrytop.model.load import build_model
+    model = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=32), 64, 0, 1)
+    ckpt = tmp_path / "sft"
+    model.save_pretrained(ckpt)
+    with warnings.catch_warnings():  # writing the shards without a process group warns too; not under test
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt / distributed.SHARDS))
+    (ckpt / "model.safetensors").unlink()  # the shards alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["convert", str(ckpt), "--out", str(tmp_path / "plain")]) == 0
+    assert "torch.distributed is disabled" not in capfd.readouterr().err
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    for k, w in again.state_dict().items():
+        torch.testing.assert_close(w, model.state_dict()[k], rtol=0, atol=0)

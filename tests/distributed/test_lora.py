@@ -31,9 +31,18 @@ def lora_cfg(arch="llama", **over):
     return load_config("test", [], [f"--model.arch={arch}", "--lora.r=4", "--lora.alpha=8"] + [f"--{k}={v}" for k, v in over.items()])
 
 
+def tiny_mixtral():
+    """A mixture-of-experts model: its experts are stacked 3-D parameters, not linear layers."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                            num_experts_per_tok=2, max_position_embeddings=64))
+
+
 def adapted(arch):
-    cfg = lora_cfg(arch)
-    base = build_model(cfg.model, 40, 0, 1, seed=0).eval()
+    cfg = lora_cfg("llama" if arch == "mixtral" else arch)
+    base = (tiny_mixtral() if arch == "mixtral" else build_model(cfg.model, 40, 0, 1, seed=0)).eval()
     policy = lora.attach(copy.deepcopy(base), cfg)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -46,7 +55,7 @@ def adapted(arch):
 IDS = torch.tensor([[3, 7, 11, 5, 9, 2, 30], [4, 4, 8, 15, 16, 23, 39]])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
 def test_reference_is_the_base_model_exactly(arch):
     base, policy = adapted(arch)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
@@ -61,9 +70,11 @@ def test_reference_is_the_base_model_exactly(arch):
     assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
 def test_merged_checkpoint_gives_the_adapted_logits(tmp_path, arch):
     base, policy = adapted(arch)
+    if arch == "mixtral":  # peft adapts the stacked experts (and the router) too: they must merge like linear layers
+        assert any(".experts." in n and ".lora_" in n for n, _ in policy.named_parameters())
     lora.save_merged(policy, tmp_path)
     with torch.no_grad():
         want = policy(input_ids=IDS).logits
@@ -71,6 +82,15 @@ def test_merged_checkpoint_gives_the_adapted_logits(tmp_path, arch):
         torch.testing.assert_close(merged(input_ids=IDS).logits, want, rtol=1e-4, atol=1e-5)
         served = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / lora.ADAPTER).eval()  # peft's own loader
         torch.testing.assert_close(served(input_ids=IDS).logits, want, rtol=1e-4, atol=1e-5)
+    sd = policy.state_dict()  # `cherrytop convert` merges shards with the meta written to adapter/: the same weights
+    for k, v in lora.merge_state_dict(sd, lora._adapter_meta(policy)).items():
+        assert torch.equal(lora.merge_state_dict(sd, tmp_path / lora.ADAPTER)[k], v), k
+
+
+def test_lora_on_a_layer_that_cannot_merge_stops_before_training():
+    base = build_model(lora_cfg().model, 40, 0, 1, seed=0)
+    with pytest.raises(ValueError, match=r"model.embed_tokens \(Embedding\) cannot be merged"):
+        lora.attach(base, lora_cfg(**{"lora.targets": '["embed_tokens"]'}))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -97,9 +117,13 @@ def test_reward_model_with_lora_keeps_its_trained_head(tmp_path):
                 p.normal_(0, 0.1)
     lora.save_merged(rm, tmp_path / "rm")
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    served = PeftModel.from_pretrained(scalar_model_from(tmp_path / "sft", 0), tmp_path / "rm" / lora.ADAPTER).eval()
     mask = torch.ones_like(IDS)
     with torch.no_grad():
-        torch.testing.assert_close(reward(plain, IDS, mask), reward(rm.eval(), IDS, mask), rtol=1e-4, atol=1e-5)
+        want = reward(rm.eval(), IDS, mask)
+        torch.testing.assert_close(reward(plain, IDS, mask), want, rtol=1e-4, atol=1e-5)
+        # peft's own loader on the SFT model gives the trained head too (saved as `modules_to_save`)
+        torch.testing.assert_close(served(input_ids=IDS).logits, rm(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
     again = lora.prepare(scalar_model_from(tmp_path / "sft", 0), cfg, "rm", heads=("score",))
     lora.load_adapter(again, tmp_path / "rm")  # resume: adapter + head
     for (n, p), q in zip(again.named_parameters(), rm.parameters()):

@@ -78,6 +78,43 @@ def test_plan_cli(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_lora_count_is_what_peft_adapts():
+    """Phi-3 fuses its gated MLP into gate_up_proj; Falcon's linear layers subclass nn.Linear: the
+    planner counts the adapters peft's all-linear attaches, and Phi-3's MLP as a gated one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cherrytop.config import load_config
+    from cherrytop.model import lora
+    phi3 = {**SMALL, "model_type": "phi3", "pad_token_id": 0}
+    falcon = {"model_type": "falcon", "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    cfg = load_config("test", [], ["--lora.r=2"])
+    for config in (phi3, falcon):
+        c = dict(config)
+        torch.manual_seed(0)
+        model = lora.attach(AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c)), cfg)
+        assert shape(config).lora_params * 2 == lora.trainable_fraction(model)[0], config["model_type"]
+    assert shape(phi3).gated and not shape(falcon).gated
+
+
+MIXTRAL = {**SMALL, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("config, says", [
+    ([1, 2], "config.json holds a JSON list; expected an object"),
+    ({"model_type": "foo_bar"}, "unknown model_type 'foo_bar'"),
+    ({**SMALL, "num_attention_heads": 3}, "not a valid llama config: ValueError: The hidden size (16) is not a multiple"),
+    ({"model_type": "t5"}, "model_type 't5' is not a transformer causal LM"),
+    ({"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 100}, "'mamba' is not a transformer"),
+    (MIXTRAL, "'mixtral' is a mixture-of-experts model"),
+])
+def test_a_config_the_planner_cannot_model_is_one_line(tmp_path, capsys, config, says):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.startswith("error: ") and err.count("\n") == 1, err[:300]
+
+
 def test_scaling_doc_matches_the_planner():
     """docs/scaling.md's plan table is what the planner says for the configs printed there."""
     import re

@@ -69,3 +69,33 @@ def test_sft_fsdp_and_rm_ddp_under_torchrun(tmp_path):
             assert b[step] == pytest.approx(a[step], rel=1e-5), (stage, step)
     AutoModelForCausalLM.from_pretrained(tmp_path / "multi/sft")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "multi/rm")
+
+
+@pytest.mark.slow
+def test_rm_with_lora_under_torchrun_keeps_its_adapter(tmp_path):
+    """Rank 0 rewrites the reward model's checkpoint from its plain weights after training (the bias,
+    the held-out accuracy); the LoRA adapter the loop wrote, with the trained head, stays in it."""
+    import torch
+    from peft import PeftModel
+
+    from cherrytop.cli import main
+    from cherrytop.model.heads import scalar_model_from
+    base = chatml_gpt2(tmp_path)
+    q = [{"role": "user", "content": "what is 12 plus 3 ?"}]
+    answers = ["12 plus 3 is 15 .", "it is 15 .", "no idea .", "12 plus 3 is 12 ."]
+    comps = tmp_path / "comps.jsonl"
+    comps.write_text("".join(json.dumps({"prompt": {"messages": q}, "responses": answers, "ranking": [0, 1, 3, 2]}) + "\n"
+                             for _ in range(8)))
+    common = ["--preset", "test", f"--run.out_dir={tmp_path}", "--run.name=lora", "--lora.r=4"]
+    assert main(["sft", *common, f"--model.path={base}", "--sft.max_steps=1"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cherrytop.cli",
+           "rm", *common, f"--rm.train.data={comps}", "--rm.epochs=0", "--rm.train.micro_batch_size=2", "--dist.strategy=ddp"]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rm = tmp_path / "lora/rm"
+    served = PeftModel.from_pretrained(scalar_model_from(tmp_path / "lora/sft", 0), rm / "adapter").eval()
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits,
+                                   AutoModelForSequenceClassification.from_pretrained(rm)(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)

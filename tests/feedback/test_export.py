@@ -4,6 +4,8 @@ feedback turned into K = 2 comparisons."""
 
 import json
 
+import pytest
+
 from cherrytop.cli import main
 from cherrytop.data.records import read_comparisons, read_conversations, read_prompts
 from cherrytop.feedback.auth import create_user
@@ -105,3 +107,19 @@ def test_create_user_and_stats_commands(tmp_path, capsys):
     assert "4 items, 2 complete; agreement 71.4% over 7 pairs" in out
     assert main(["label", "stats", "--db", "feedback.db"]) == 2
     assert "not a database URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url,message", [
+    ("postgres://ann@localhost/fb", "postgres://ann@localhost/fb: cannot open this kind of database"),
+    ("postgresql+psycopg://ann:s3cret@127.0.0.1:1/fb", "postgresql+psycopg://ann:***@127.0.0.1:1/fb: cannot open the database: "),
+    ("sqlite:///NOTDB", "NOTDB: cannot open the database: file is not a database"),
+])
+def test_a_database_that_cannot_be_opened_is_one_line(tmp_path, capsys, url, message):
+    """A wrong scheme, a server that is not there, a file that is not a database: one line naming the
+    URL (its password masked), no traceback."""
+    (tmp_path / "NOTDB").write_text("not a database\n" * 100)
+    url = url.replace("NOTDB", str(tmp_path / "NOTDB"))
+    assert main(["label", "stats", "--db", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message.replace("NOTDB", str(tmp_path / "NOTDB")) in err
+    assert len(err.splitlines()) == 1 and "s3cret" not in err

@@ -217,3 +217,21 @@ def test_n_is_capped_by_the_batch_size(tiny_model, client, serve):
             ask(c, HELLO, n=3, max_tokens=2)
         assert e.value.param == "n" and "at most 2 choices" in e.value.message
         assert len(ask(c, HELLO, n=2, max_tokens=2).choices) == 2
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """`cherrytop serve` and `cherrytop label serve` on a busy port: one error line, nothing claiming
+    to serve (the checkpoint is not even looked at)."""
+    import socket
+
+    from cherrytop.cli import main
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(tmp_path / "none"), f"--serve.port={port}"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --serve.port\n"
+        assert main(["label", "serve", "--db", f"sqlite:///{tmp_path / 'fb.db'}", "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port\n"

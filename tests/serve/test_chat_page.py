@@ -44,6 +44,17 @@ def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, se
         (r.json()["id"], "up", "hello .", "tiny", {"temperature": 0.5}, "c1")
 
 
+def test_feedback_to_a_database_that_cannot_be_opened_is_a_503(tmp_path, tiny_model, serve):
+    """`--feedback-db` naming a file that is not a database (or a server that is down): the rating
+    gets OpenAI's error format with the reason, not a bare 500."""
+    (tmp_path / "fb.db").write_text("not a database\n" * 100)
+    with serve(tiny_model, feedback_url=f"sqlite:///{tmp_path / 'fb.db'}") as s:
+        r = httpx.post(s.url + "/v1/feedback", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "response": "hello .", "rating": "up"}, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert "file is not a database" in r.json()["error"]["message"]
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make install)")
 def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model, serve, client):
     from playwright.sync_api import expect, sync_playwright

@@ -189,6 +189,24 @@ def test_accuracy_counts_pairs_with_an_edited_answer_apart(tmp_path):
     assert got["accuracy_grader_edits"] == pytest.approx(true_e[0] / true_e[1])
 
 
+def test_accuracy_line_names_the_grader_only_where_there_is_one(tmp_path):
+    """Comparisons of your own (`cherrytop label export`) have no grader: the stage says so instead of
+    printing `nan vs the noise-free grader`."""
+    from cherrytop.stages.reward import accuracy, accuracy_line
+    tok, _ = _tiny_lm(tmp_path)
+    rm = scalar_model_from(tmp_path / "llama", tok.pad_token_id)
+    prompt = (Message("user", "what color is the cat ?"),)
+    mine = Comparison(prompt, ("red .", "i do not know ."), (0, 1))  # no `task`: no grader
+    got = accuracy(rm, [(encode_group(tok, mine, 64), mine)], None, tok.pad_token_id)
+    line = accuracy_line({**got, "reward_bias": 0.0})
+    assert got["pairs_grader"] == 0 and "nan" not in line and "(no grader for these prompts)" in line
+    world = {"accuracy_labelers": 0.75, "accuracy_grader": 0.5, "pairs_labelers": 4, "pairs_grader": 2,
+             "reward_bias": -0.1, "accuracy_labelers_edits": 1.0, "accuracy_grader_edits": 0.0,
+             "pairs_labelers_edits": 1, "pairs_grader_edits": 1}
+    assert accuracy_line(world) == ("rm: held-out accuracy 0.750 vs labelers, 0.500 vs the noise-free grader; "
+                                    "bias -0.100; on edited answers 1.000 / 0.000")
+
+
 def test_edit_weight_scales_the_pairs_with_an_edited_answer(tmp_path):
     """`rm.edit_weight` w: the collated loss equals the weighted mean over the prompt's pairs, counted
     by hand (a pair with the edited answer weighs w, the others 1); w = 1 is the plain loss."""

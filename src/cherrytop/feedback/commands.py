@@ -30,8 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="action")
     for name, help_text in ACTIONS.items():
         s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        s.set_defaults(command_parser=s)  # for cli's error on an unknown option
         s.add_argument("--db", default=os.environ.get("CHERRYTOP_FEEDBACK_DB", "sqlite:///feedback.db"),
-                       help="database URL: sqlite:///FILE (default feedback.db) or postgresql+psycopg://...")
+                       help="database URL: sqlite:///FILE or postgresql+psycopg://user@host/db "
+                            "(default: $CHERRYTOP_FEEDBACK_DB, else sqlite:///feedback.db)")
         s.add_argument("--preset", default=argparse.SUPPRESS, help="named preset: tiny (default) or test")
         s.add_argument("--config", action="append", default=argparse.SUPPRESS, metavar="FILE", help="TOML config file(s)")
         s.add_argument("--labels-per-item", type=int, default=2,
@@ -44,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             s.add_argument("--role", choices=["admin", "labeler"], default="labeler")
             s.add_argument("--password", help="password (default: asked on the terminal, or $CHERRYTOP_PASSWORD)")
         if name == "import-prompts":
-            s.add_argument("file", help='JSONL: {"messages": [...]} or {"prompt": "text"}, optional "responses", "gold"')
+            s.add_argument("file", help='JSONL: {"messages": [...]} or {"prompt": "text"}, optional "responses", "gold", "model(s)"')
         if name == "generate":
             s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. sft)")
             s.add_argument("--k", type=int, default=4, help="answers per prompt (2..9, default 4)")
@@ -67,11 +69,20 @@ def run(args, cfg) -> None:
 
 
 def _serve(store, args, cfg) -> None:
+    import socket
+
     import uvicorn
 
     from cherrytop.feedback.app import create_app
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # a port in use is one line, not the greeting and then uvicorn's error
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; choose another --port") from None
     print(f"cherrytop feedback on http://{args.host}:{args.port} (database {args.db})")
-    uvicorn.run(create_app(store), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(store), log_level="warning")).run(sockets=[sock])
 
 
 def _create_user(store, args, cfg) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, delete, event, func, or_, select)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
 
 from cherrytop.data.records import MAX_K, Conversation, DataError, Prompt
@@ -224,10 +225,27 @@ def open_store(url: str, labels_needed: int = 2) -> Store:
         def _sqlite_begin(conn):  # writers take the lock at BEGIN: no lock upgrade, no "database is locked" mid-way
             conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("cherrytop_read") else "BEGIN IMMEDIATE")
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        try:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        except (ArgumentError, ImportError) as e:  # e.g. postgres:// (SQLAlchemy's name is postgresql) or no driver
+            raise ValueError(f"{_shown(url)}: cannot open this kind of database ({e}); expected sqlite:///FILE or "
+                             "postgresql+psycopg://user@host/db") from e
     with _migrate_lock:
-        migrate(engine)
+        try:
+            migrate(engine)
+        except DBAPIError as e:  # server down, wrong password, not a database file, ...
+            engine.dispose()
+            reason = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__
+            raise ValueError(f"{_shown(url)}: cannot open the database: {reason}") from e
     return Store(engine, labels_needed)
+
+
+def _shown(url: str) -> str:
+    """The URL for an error message, its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def prompt_key(messages: list[dict]) -> str:

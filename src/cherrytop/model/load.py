@@ -50,8 +50,13 @@ def resolve_checkpoint(ref: str, cfg: Config | None = None) -> Path:
     tried = " or ".join(str(c) for c in candidates)
     if any(c.is_dir() for c in candidates):
         raise CheckpointError(f"{tried}: not a model checkpoint; expected a Hugging Face model folder with config.json")
-    raise CheckpointError(f"{tried}: no such checkpoint; expected a model folder or a stage name of the run "
-                          "(pretrain, sft, rm, ppo)")
+    if len(candidates) == 1:
+        raise CheckpointError(f"{tried}: no such checkpoint; expected a model folder")
+    run = candidates[1].parent
+    have = sorted(d.name for d in run.iterdir() if (d / "config.json").is_file()) if run.is_dir() else []
+    raise CheckpointError(f"{tried}: no such checkpoint; expected a model folder or a stage name of run "
+                          f"'{cfg.run.name}' " + (f"({', '.join(have)})" if have else
+                                                 f"({run} has no checkpoints: another --run.name or --preset?)"))
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -6,13 +6,16 @@ With `--lora.r=R` the SFT, RM and PPO models get rank-R adapters on every linear
 Hugging Face class, so the stages and losses do not change. The PPO reference model is the policy
 with its adapter disabled (`Reference`): the frozen base is exactly the SFT model, at no extra
 memory. Checkpoints hold the merged model (a plain HF folder every later stage and `serve` loads)
-plus `adapter/` (peft format: `PeftModel.from_pretrained(base, ckpt/"adapter")`), which resume reads.
+plus `adapter/` (peft format: `PeftModel.from_pretrained(base, ckpt/"adapter")`, heads as
+`modules_to_save`), which resume reads. A MoE model's stacked experts (peft's ParamWrapper) merge too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +44,7 @@ def attach(model, cfg: Config, heads: tuple[str, ...] = ()) -> torch.nn.Module:
         torch.manual_seed(cfg.run.seed)
         model.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
                                      exclude_modules=list(heads) or None))
+    _check_mergeable(model)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.split(".")[0] in heads)
     return model
@@ -101,36 +105,62 @@ def autocast(device: torch.device, bf16: bool):
 # ---------------------------------------------------------------------------------------------
 # Merging and saving.
 
+def _check_mergeable(model) -> None:
+    """Checkpoints hold the merged model, which `merge_state_dict` computes for adapted linear layers
+    (GPT-2's Conv1D included) and adapted parameters (peft's ParamWrapper: a MoE model's stacked
+    experts and router, which peft targets for `all-linear`); refuse any other adapted layer before
+    training rather than fail when saving."""
+    from peft.tuners.lora import Linear, LoraLayer, ParamWrapper
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and not isinstance(mod, (Linear, ParamWrapper)):
+            raise ValueError(f"lora.targets: {name} ({type(mod.get_base_layer()).__name__}) cannot be merged into the "
+                             "checkpoint; LoRA adapts linear layers (and a MoE model's experts) only")
+
+
 def _adapter_meta(model) -> dict:
-    """What merging needs to know per adapted module: scaling and weight layout."""
-    from peft.tuners.lora import LoraLayer
+    """What merging needs to know per adapted module: scaling, the parameter adapted and its layout."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
     meta = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LoraLayer) and "default" in mod.scaling:
-            meta[name] = {"scaling": float(mod.scaling["default"]), "fan_in_fan_out": bool(getattr(mod, "fan_in_fan_out", False))}
+            m = {"scaling": float(mod.scaling["default"]), "fan_in_fan_out": bool(getattr(mod, "fan_in_fan_out", False))}
+            if isinstance(mod, ParamWrapper):  # a parameter of its base module, (out, in) or stacked (experts, ., .)
+                m |= {"param": mod.parameter_name, "experts": mod.num_experts, "out_first": mod._did_swap_in_out_features}
+            meta[name] = m
     return meta
 
 
+def _delta(a: torch.Tensor, b: torch.Tensor, m: dict) -> torch.Tensor:
+    """B A of one adapted module in its weight's layout (peft's get_delta_weight), before scaling."""
+    e = m.get("experts", 1)
+    if e == 1:
+        d = b @ a  # (out, r) @ (r, in) -> (out, in)
+        return d.T if m["fan_in_fan_out"] else d  # GPT-2's Conv1D stores (in, out)
+    a = a.reshape(e, -1, a.shape[-1])  # (E·r, in) -> (E, r, in)
+    b = b.reshape(b.shape[0], -1, e)  # (out, E·r) -> (out, r, E)
+    return torch.einsum("ore,eri->eoi" if m["out_first"] else "ore,eri->eio", b, a)  # (E, out, in) or (E, in, out)
+
+
+def _unwrapped(key: str) -> str:
+    """The plain model's name of an adapted model's tensor: every peft `.base_layer` level dropped
+    (`experts.base_layer.base_layer.down_proj` -> `experts.down_proj`)."""
+    return re.sub(r"\.base_layer(?=\.)", "", key)
+
+
 def merge_state_dict(sd: dict[str, torch.Tensor], meta: dict | Path) -> dict[str, torch.Tensor]:
-    """The plain model's state dict from an adapted one: W + scaling · B A per adapted module
-    (transposed for GPT-2's Conv1D), adapter tensors dropped. `meta` is `_adapter_meta(model)` or
-    an adapter folder written by `save_merged`."""
+    """The plain model's state dict from an adapted one: W + scaling · B A per adapted module (per
+    expert for stacked experts), adapter tensors dropped. `meta` is `_adapter_meta(model)` or an
+    adapter folder written by `save_merged`."""
     if isinstance(meta, Path):
         meta = json.loads((meta / "cherrytop_merge.json").read_text())
-    out = {}
-    for k, v in sd.items():
-        if ".lora_" in k:
-            continue
-        if ".base_layer." in k:
-            mod, leaf = k.split(".base_layer.")
-            k = f"{mod}.{leaf}"
-            if leaf == "weight" and mod in meta:
-                a = sd[f"{mod}.lora_A.default.weight"].float()  # (r, in)
-                b = sd[f"{mod}.lora_B.default.weight"].float()  # (out, r)
-                delta = (b @ a) * meta[mod]["scaling"]  # (out, in)
-                # merged on the weights' device, kept on the CPU: saving a GPU model does not hold a second copy there
-                v = (v + (delta.T if meta[mod]["fan_in_fan_out"] else delta).to(v.dtype)).cpu()
-        out[k] = v
+    out = {_unwrapped(k): v for k, v in sd.items() if ".lora_" not in k}
+    for mod, m in meta.items():
+        key = _unwrapped(f"{mod}.{m.get('param', 'weight')}")
+        a = sd[f"{mod}.lora_A.default.weight"].float()  # (r, in)
+        b = sd[f"{mod}.lora_B.default.weight"].float()  # (out, r)
+        w = out[key]
+        # merged on the weights' device, kept on the CPU: saving a GPU model does not hold a second copy there
+        out[key] = (w + (_delta(a, b, m) * m["scaling"]).to(w.dtype)).cpu()
     return out
 
 
@@ -149,14 +179,24 @@ def save_merged(model, out: Path, sd: dict[str, torch.Tensor] | None = None) -> 
         skeleton.generation_config = model.generation_config
     skeleton.save_pretrained(out, state_dict=merge_state_dict(sd, meta))
     write_adapter_config(model, out)
-    lora = {f"base_model.model.{k.replace('.default.', '.')}": v.detach().contiguous().cpu() for k, v in sd.items() if ".lora_" in k}
+    heads = set(_heads(model))  # saved whole, as peft saves `modules_to_save`
+    lora = {f"base_model.model.{k.replace('.default.', '.')}": v.detach().contiguous().cpu() for k, v in sd.items()
+            if ".lora_" in k or k in heads}
     save_file(lora, str(out / ADAPTER / "adapter_model.safetensors"))
 
 
+def _heads(model) -> list[str]:
+    """The trainable parameters outside the adapters: a reward or value model's `score` head."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+
+
 def write_adapter_config(model, out: Path) -> None:
-    """`out/adapter/`: peft's adapter_config.json and what merging needs (scaling, layout per module)."""
+    """`out/adapter/`: peft's adapter_config.json (the heads as `modules_to_save`, so that peft's
+    loader gives the trained head too) and what merging needs (scaling, layout per module)."""
     (Path(out) / ADAPTER).mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].save_pretrained(Path(out) / ADAPTER)
+    config = copy.copy(model.peft_config["default"])
+    config.modules_to_save = sorted({n.rsplit(".", 1)[0] for n in _heads(model)}) or None
+    config.save_pretrained(Path(out) / ADAPTER)
     (Path(out) / ADAPTER / "cherrytop_merge.json").write_text(json.dumps(_adapter_meta(model)))
 
 
@@ -190,7 +230,7 @@ def load_adapter(model, ckpt: Path) -> None:
         if name not in own:
             raise ValueError(f"{f}: adapter tensor {name} does not fit this model (other lora.targets?)")
         new[name] = v
-    heads = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    heads = _heads(model)
     if heads:
         weights = {}
         for w in sorted(ckpt.glob("*.safetensors")):

@@ -66,9 +66,9 @@ class FeedbackSink:
                     raise P.APIError(503, "Feedback is not enabled on this server.", type="server_error")
                 try:
                     from cherrytop.feedback.store import open_store
-                except ImportError as e:
+                    self._store = open_store(self.url)
+                except (ImportError, ValueError) as e:  # no driver, server down, not a database URL, ...
                     raise P.APIError(503, f"The feedback store is not available: {e}", type="server_error") from None
-                self._store = open_store(self.url)
         try:
             return self._store.add_chat_feedback(**kwargs)
         except ValueError as e:  # the store's checks: the conversation must end with a user message, no NUL, ...
@@ -292,10 +292,19 @@ def build(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> FastA
 
 def run(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> None:
     """`cherrytop serve`: build the app and serve it with uvicorn until interrupted."""
+    import socket
+
     import uvicorn
-    app = build(checkpoint, cfg, feedback_db)
     s = cfg.serve
+    sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # before the model loads: a port in use is one line, not "serving ..." and then uvicorn's error
+        sock.bind((s.host, s.port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {s.host}:{s.port}: {e.strerror}; choose another --serve.port") from None
+    app = build(checkpoint, cfg, feedback_db)
     auth = "Bearer keys required" if api_keys(s) else "no API keys"
     print(f"serving '{app.state.model_name}' on http://{s.host}:{s.port}/ (chat page) and /v1 (OpenAI API); {auth}; "
           f"batch {s.max_batch}, queue {s.max_queue}")
-    uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -361,8 +361,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     coef, rm_ref, excess = loglik_term(AutoConfig.from_pretrained(rm_path))
     if coef and not (Path(rm_ref or "").resolve() == Path(init).resolve() and p.temperature == 1.0):
         raise ValueError(f"the reward model's c · log π_ref term needs π_ref = ppo.init and ppo.temperature = 1 with "
-                         f"ray.enabled (π_ref is {rm_ref}); run PPO without Ray, or a reward model trained with "
-                         "--rm.ref_loglik=off")
+                         f"ray.enabled (π_ref is {rm_ref}, ppo.temperature {p.temperature}); pass --ppo.temperature=1, "
+                         "run PPO without Ray, or use a reward model trained with --rm.ref_loglik=off")
     encoded = encode_prompts(cfg, tok, context_window(AutoConfig.from_pretrained(str(init))))
     start_ray(cfg)
     actors = start_actors(cfg, init, rm_path, tok.pad_token_id)

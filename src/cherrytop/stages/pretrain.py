@@ -30,7 +30,7 @@ def read_documents(path: str | Path) -> list[Document]:
     """Documents of a .txt (blank-line separated) or .jsonl ({"text"} or {"messages"}) file."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: no such file; expected a .txt or .jsonl corpus")
+        raise DataError(f"{p}: {'a folder' if p.is_dir() else 'no such file'}; expected a .txt or .jsonl corpus file")
     if p.suffix == ".txt":
         docs: list[Document] = [d.strip() for d in p.read_text(encoding="utf-8-sig").split("\n\n") if d.strip()]
     else:

@@ -19,6 +19,7 @@ but not whether an answer is right; the SFT model, which looks answers up in the
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -317,13 +318,34 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         metrics["reward_bias"] = getattr(model.config, BIAS_KEY)
         metrics["loglik_coef"] = coef
         state["metrics"] = metrics
-        save_checkpoint(ckpt, lora.saveable(model), tok, _with_train(cfg, t), state)
+        save_checkpoint(ckpt, lora.saveable(model), tok, _with_train(cfg, t), state,
+                        _carry_over(ckpt) if d.world > 1 else None)
     metrics = state["metrics"]
-    loop.console.print(f"rm: held-out accuracy {metrics['accuracy_labelers']:.3f} vs labelers, "
-                       f"{metrics['accuracy_grader']:.3f} vs the noise-free grader; bias {metrics['reward_bias']:+.3f}"
-                       + (f"; on edited answers {metrics['accuracy_labelers_edits']:.3f} / {metrics['accuracy_grader_edits']:.3f}"
-                          if "accuracy_grader_edits" in metrics else ""))
+    loop.console.print(accuracy_line(metrics))
     return metrics
+
+
+def accuracy_line(metrics: dict[str, float]) -> str:
+    """The stage's summary of `accuracy`: against the noise-free grader only where there is one (the
+    built-in world's tasks; a comparisons file of your own has none)."""
+    graded = metrics.get("pairs_grader", 0) > 0
+    line = f"rm: held-out accuracy {metrics['accuracy_labelers']:.3f} vs labelers"
+    line += f", {metrics['accuracy_grader']:.3f} vs the noise-free grader" if graded else " (no grader for these prompts)"
+    line += f"; bias {metrics['reward_bias']:+.3f}"
+    if "accuracy_labelers_edits" in metrics:
+        line += f"; on edited answers {metrics['accuracy_labelers_edits']:.3f}"
+        line += f" / {metrics['accuracy_grader_edits']:.3f}" if metrics.get("pairs_grader_edits", 0) > 0 else ""
+    return line
+
+
+def _carry_over(ckpt: Path):
+    """What rank 0 rewriting a data-parallel run's checkpoint from its plain weights moves into the
+    new folder: the LoRA adapter and the FSDP shards the training loop wrote there."""
+    def move(new: Path) -> None:
+        for name in (lora.ADAPTER, distributed.SHARDS):
+            if (ckpt / name).is_dir():
+                os.replace(ckpt / name, new / name)
+    return move
 
 
 def _messages(c: Comparison) -> list[dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,7 +339,9 @@ def convert_to_hf(ckpt: Path, out: Path) -> Path:
     meta = FileSystemReader(str(ckpt / SHARDS)).read_metadata().state_dict_metadata
     sd = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
           if k.startswith("model.") and hasattr(m, "size")}
-    dcp_load({"model": sd}, checkpoint_id=str(ckpt / SHARDS))
+    with warnings.catch_warnings():  # one process without a process group is the intent here, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp_load({"model": sd}, checkpoint_id=str(ckpt / SHARDS))
     arch = (hf_cfg.architectures or ["AutoModelForCausalLM"])[0]
     cls = getattr(transformers, arch)
     with torch.device("meta"):
