@@ -237,7 +237,7 @@ def test_eval_against_a_baseline_on_your_own_prompts(run_dir, tmp_path, capsys):
     # the pairs go to labelers as they are: each answer keeps the model that wrote it
     from cherrytop.feedback.store import open_store
     store = open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
-    assert sum(store.import_prompts(pairs)) == 12
+    assert store.import_prompts(pairs).added == 12
     assert all([p["model"] for p in i.provenance] == row["models"] for i, row in zip(store.items(), rows))
     store.close()
     # the world's held-out tasks: both models' graded rates and the graders' win rate

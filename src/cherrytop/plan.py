@@ -9,7 +9,9 @@ follow what cherrytop does on GPU: fp32 weights, fp32 gradients and AdamW moment
 trained parameter), the frozen models' weights in `dist.frozen_dtype` (bf16 on GPU by default: 2 bytes
 per parameter; `frozen_bytes=4` for fp32), bf16 autocast activations. Activations per token and layer
 follow Korthikanti et al. 2022 ("Reducing activation recomputation", §4.1) with SDPA/flash
-attention (no T² scores stored): 11h attention + 4h norms + the MLP's (3h + 4f, or 2h + 6f gated)
+attention (no T² scores stored): 11h attention (2h input, 2a queries, 4k keys and values, 2a output
+projection input, h dropout mask, with a = heads · head dim and k = key/value heads · head dim: less than
+11h with grouped-query attention, more for Gemma's wide heads) + 4h norms + the MLP's (3h + 4f, or 2h + 6f gated)
 bytes, h = hidden size, f = MLP width; logits add 6 bytes per vocabulary entry (bf16 + fp32 copy).
 With gradient checkpointing only each layer's input (2h bytes) is kept, plus one layer recomputed.
 The reward and value models are counted with the policy's trunk (a scalar head, no logits).
@@ -46,6 +48,8 @@ class Shape:
     vocab: int
     kv_heads: int
     head_dim: int
+    heads: int
+    """Query heads: the attention's width is heads · head_dim, which need not be the hidden size (Gemma)."""
     block_params: int
     """Parameters of one transformer block (what FSDP gathers at a time)."""
 
@@ -103,12 +107,24 @@ def shape(config: dict) -> Shape:
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     hidden = hf.hidden_size
     heads = hf.num_attention_heads
-    kv = getattr(hf, "num_key_value_heads", None) or heads
+    kv = kv_heads(hf)
     ffn = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * hidden
     gated = any(hasattr(getattr(b, "mlp", None), n) for b in blocks for n in ("gate_proj", "gate_up_proj"))  # Phi-3 fuses them
     return Shape(params=params, lora_params=lora, layers=hf.num_hidden_layers, hidden=hidden, ffn=ffn, gated=gated,
-                 vocab=hf.vocab_size, kv_heads=kv, head_dim=getattr(hf, "head_dim", None) or hidden // heads,
+                 vocab=hf.vocab_size, kv_heads=kv, head_dim=getattr(hf, "head_dim", None) or hidden // heads, heads=heads,
                  block_params=sum(p.numel() for p in blocks[0].parameters()) if blocks else params // max(1, hf.num_hidden_layers))
+
+
+def kv_heads(hf) -> int:
+    """Key/value heads as the attention layers build them: `num_key_value_heads` (Llama, Qwen, GPT-BigCode),
+    Falcon's `num_kv_heads` only with its new decoder architecture, one for multi-query attention
+    (Falcon-7B), else one per query head (GPT-2)."""
+    kv = getattr(hf, "num_key_value_heads", None)
+    if kv is None and getattr(hf, "new_decoder_architecture", False):
+        kv = getattr(hf, "num_kv_heads", None)
+    elif kv is None and getattr(hf, "multi_query", False):
+        kv = 1
+    return kv or hf.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -131,10 +147,12 @@ class Options:
     offload: bool = False
     grad_checkpointing: bool = False
 
-    def label(self) -> str:
+    def label(self, gpus: int = 2) -> str:
         on = [n for n, v in (("LoRA", self.lora), ("FSDP", self.fsdp), ("offload", self.offload),
                              ("grad-ckpt", self.grad_checkpointing)) if v]
-        return " + ".join(on) if on else "plain DDP (full copy per GPU)"
+        if on:
+            return " + ".join(on)
+        return "plain DDP (full copy per GPU)" if gpus > 1 else "plain (full fine-tuning on one GPU)"
 
 
 @dataclass
@@ -185,8 +203,10 @@ def activation_bytes_per_token(s: Shape, trained: bool, checkpointing: bool, lm:
     (all layers, or only layer inputs + one recomputed layer with checkpointing), else only one
     layer's worth at a time; plus the logits for a language model (not for a scalar head)."""
     h, f = s.hidden, s.ffn
+    a, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim  # attention width, key/value width
     mlp = 2 * h + 6 * f if s.gated else 3 * h + 4 * f
-    per_layer = 11 * h + 4 * h + mlp
+    attention = 2 * h + 2 * a + 4 * kv + 2 * a + h  # input, q, k and v, the output projection's input, dropout mask: 11h when a = kv = h
+    per_layer = attention + 4 * h + mlp
     logits = 6 * s.vocab if lm else 0
     if not trained:
         return per_layer + logits
@@ -268,7 +288,7 @@ def report(path: str | Path, stage: str, gpus: int, gpu_gib: float = 80.0, w: Wo
              ""]
     best = next((p for p in plans if p.fits), None)
     shown = best or min(plans, key=lambda p: p.total)
-    lines.append(("fits with: " if best else "does NOT fit; closest: ") + shown.options.label())
+    lines.append(("fits with: " if best else "does NOT fit; closest: ") + shown.options.label(gpus))
     lines.append(f"{'model':<10} {'params(B)':>9} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'KV':>8} {'total':>8} GiB/GPU"
                  + ("   CPU GiB/GPU" if shown.options.offload else ""))
     for m in shown.models:
@@ -279,5 +299,5 @@ def report(path: str | Path, stage: str, gpus: int, gpu_gib: float = 80.0, w: Wo
     lines += ["", "every option set (GiB per GPU):"]
     for p in plans:
         cpu = f"  (CPU {p.cpu_per_node / GiB:.0f} GiB per node)" if p.options.offload else ""
-        lines.append(f"  {'fits ' if p.fits else 'no   '} {gib(p.total)}  {p.options.label()}{cpu}")
+        lines.append(f"  {'fits ' if p.fits else 'no   '} {gib(p.total)}  {p.options.label(gpus)}{cpu}")
     return "\n".join(lines)

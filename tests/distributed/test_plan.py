@@ -71,7 +71,7 @@ def test_plan_cli(tmp_path, capsys):
     assert read_config(tmp_path)["hidden_size"] == 16
     assert main(["plan", "--model", str(tmp_path), "--stage", "sft", "--gpus", "1", "--gpu-mem", "1"]) == 0
     out = capsys.readouterr().out
-    assert "0.000B parameters" in out and "fits with: plain DDP" in out
+    assert "0.000B parameters" in out and "fits with: plain (full fine-tuning on one GPU)" in out and "DDP" not in out
     assert main(["plan", "--model", str(tmp_path), "--stage", "ppo", "--gpus", "1", "--frozen-dtype", "fp32"]) == 0
     assert "frozen models in fp32" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path / "nope")]) == 2
@@ -133,3 +133,38 @@ def test_scaling_doc_matches_the_planner():
         best = next(p for p in plans if p.fits)
         assert best.options.label() == label.strip(), (model, stage, gpus)
         assert f"{best.total / GiB:.2f}" == total, (model, stage, gpus)
+
+
+def test_kv_heads_and_attention_width_as_the_model_builds_them():
+    """The KV cache and the attention activations follow the key/value projections the model really
+    has: Falcon-7B's multi-query attention has one KV head (its config's num_kv_heads is ignored
+    without the new decoder architecture), Falcon-40B's new architecture has num_kv_heads, and Gemma's
+    heads are wider than its hidden size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cherrytop.plan import activation_bytes_per_token
+    falcon = {"model_type": "falcon", "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cases = [({**falcon, "multi_query": True, "num_kv_heads": 4}, 1),
+             ({**falcon, "multi_query": False}, 4),
+             ({**falcon, "new_decoder_architecture": True, "num_kv_heads": 2}, 2),
+             ({**SMALL, "num_key_value_heads": 1}, 1),
+             ({"model_type": "gpt2", "vocab_size": 100, "n_embd": 16, "n_layer": 2, "n_head": 4}, 4)]
+    for config, kv in cases:
+        c = dict(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
+        s = shape(config)
+        assert s.kv_heads == kv, config
+        # the key and value projections' output width, from the model's own layers
+        if config["model_type"] == "falcon":
+            qkv = model.transformer.h[0].self_attention.query_key_value.weight.shape[0]
+            assert qkv == (s.heads + 2 * kv) * s.head_dim, config
+        elif config["model_type"] == "llama":
+            assert model.model.layers[0].self_attn.k_proj.weight.shape[0] == kv * s.head_dim
+    gemma = {"model_type": "gemma", "vocab_size": 100, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    g = shape(gemma)
+    assert (g.heads * g.head_dim, g.kv_heads * g.head_dim) == (32, 16)
+    h, f = 16, 32  # 2h input + 2a queries + 4k keys/values + 2a projection input + h mask; 4h norms; gated MLP
+    assert activation_bytes_per_token(g, False, False, lm=False) == 2 * h + 2 * 32 + 4 * 16 + 2 * 32 + h + 4 * h + 2 * h + 6 * f

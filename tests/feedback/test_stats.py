@@ -66,7 +66,7 @@ def test_labelers_win_rate_per_pair_of_models(store, tmp_path):
     rows.append({"messages": [{"role": "user", "content": "q3"}], "responses": ["a", "b", "c"],
                  "models": ["ppo", "sft", "other"]})
     pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert store.import_prompts(pairs) == (4, 0)
+    assert store.import_prompts(pairs).added == 4
     ann, bob = create_user(store, "ann", "password1"), create_user(store, "bob", "password1")
     items = {i.prompt[0]["content"]: i.id for i in store.items()}
     store.submit_ranking(ann, items["q0"], [0, 1], [], "a0", 1.0)  # ppo first

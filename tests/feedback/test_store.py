@@ -254,3 +254,33 @@ def test_labelers_asking_at_the_same_moment_claim_each_item_once_per_label(store
         assert None not in counts and set(counts.values()) == {2}, counts  # 8 labelers, 4 items × 2 labels
         with store.tx() as s:
             s.execute(update(Claim).values(expires_at=now()))
+
+
+def test_a_repeated_prompt_gets_its_first_answers_or_is_reported(store, tmp_path, capsys):
+    """A prompt already queued stays one item. One without 2 answers (a chat rating's, or imported bare)
+    takes the record's answers; one that labelers can already rank keeps its own, and the import
+    names the records whose answers were not added (they used to vanish without a word)."""
+    from cherrytop.feedback.commands import _import_prompts
+    q = lambda i: {"messages": [{"role": "user", "content": f"q{i}"}]}  # noqa: E731
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("\n".join(json.dumps(r) for r in [
+        q(0), {**q(1), "responses": ["a", "b"], "models": ["ppo", "sft"]}, {**q(2), "responses": ["x", "y"]}]) + "\n")
+    store.add_chat_feedback(messages=q(3)["messages"], response="r", rating="down", model="chat", settings={})
+    r = store.import_prompts(first)
+    assert (r.added, r.kept, r.extended, r.differing) == (3, 0, 0, 0)
+    second.write_text("\n".join(json.dumps(r) for r in [
+        {**q(0), "responses": ["c", "d"], "models": ["ppo", "base"]},   # bare prompt: takes them
+        {**q(1), "responses": ["e", "f"], "models": ["ppo", "base"]},   # rankable: kept, reported
+        {**q(2), "responses": ["x", "y"]},                              # the same answers: nothing to say
+        {**q(3), "responses": ["r", "s"], "models": ["chat", "base"]},  # one chat answer: takes the new one
+    ]) + "\n")
+    r = store.import_prompts(second)
+    assert (r.added, r.kept, r.extended, r.differing, r.differing_at) == (0, 1, 2, 1, [f"{second}:2"])
+    items = {i.prompt[0]["content"]: i for i in store.items()}
+    assert items["q0"].responses == ["c", "d"] and [p["model"] for p in items["q0"].provenance] == ["ppo", "base"]
+    assert items["q1"].responses == ["a", "b"] and [p["model"] for p in items["q1"].provenance] == ["ppo", "sft"]
+    assert items["q3"].responses == ["r", "s"] and [p["model"] for p in items["q3"].provenance] == ["chat", "base"]
+    _import_prompts(store, type("Args", (), {"file": str(second)})(), None)
+    out, err = capsys.readouterr()
+    assert out.strip() == f"imported 0 prompts from {second}; 3 were already there"  # and q1 differs
+    assert err.startswith(f"warning: 1 prompts were already queued with other answers") and f"{second}:2" in err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import sys
 
 ACTIONS = {
     "serve": "run the labeling web app",
@@ -93,8 +94,15 @@ def _create_user(store, args, cfg) -> None:
 
 
 def _import_prompts(store, args, cfg) -> None:
-    added, kept = store.import_prompts(args.file)
-    print(f"imported {added} prompts from {args.file}" + (f"; {kept} were already there" if kept else ""))
+    r = store.import_prompts(args.file)
+    print(f"imported {r.added} prompts from {args.file}" + (f"; {r.kept} were already there" if r.kept else "")
+          + (f"; {r.extended} already there got their first answers" if r.extended else ""))
+    if r.differing:
+        more = f" (and {r.differing - 3} more)" if r.differing > 3 else ""
+        print(f"warning: {r.differing} prompts were already queued with other answers, which are kept; "
+              f"their new answers were not added: {', '.join(r.differing_at)}{more}. Put another model's answers "
+              "in the same record as the first's (cherrytop eval --pairs does), or import them into another database.",
+              file=sys.stderr)
 
 
 def _generate(store, args, cfg) -> None:

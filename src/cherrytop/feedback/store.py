@@ -281,6 +281,21 @@ class Submitted:
 
 
 @dataclass
+class Imported:
+    """What `Store.import_prompts` did with a file's records."""
+    added: int = 0
+    """New items."""
+    kept: int = 0
+    """Records whose prompt was already queued with the same answers (or none): nothing to do."""
+    extended: int = 0
+    """Prompts already queued with fewer than 2 answers that got the record's answers."""
+    differing: int = 0
+    """Records whose prompt was already queued with other answers: their answers were not added."""
+    differing_at: list[str] = field(default_factory=list)
+    """`file:line` of the first few of those."""
+
+
+@dataclass
 class Store:
     """The feedback database. Methods open their own short transactions (`with store.tx() as s:`)."""
 
@@ -339,14 +354,18 @@ class Store:
             with self.tx() as s:
                 return Submitted(s.scalars(select(Item.id).where(Item.prompt_key == key)).one(), False)
 
-    def import_prompts(self, path: str | Path) -> tuple[int, int]:
+    def import_prompts(self, path: str | Path) -> Imported:
         """Prompts from a JSONL file / datasets folder (records.py's prompt format); optional keys
         `responses` (candidate answers), `gold` (their known ranking), `model` (who wrote them) or
         `models` (who wrote each: `cherrytop eval --pairs` writes these).
-        Returns (added, already present). A bad record stops the import with its file and line;
-        the records before it are kept (importing the file again adds only the rest)."""
+        A prompt already in the queue stays one item: it gets the record's answers when it has fewer
+        than 2 (a chat rating's prompt, or one imported without answers) and no gold ranking comes
+        with them; otherwise it is kept as it is, and a record whose answers differ from the item's
+        is counted in `differing` (an item's answers never change once labelers can rank it).
+        A bad record stops the import with its file and line; the records before it are kept
+        (importing the file again adds only the rest)."""
         from cherrytop.data.records import locate, read_prompts
-        added = kept = 0
+        out = Imported()
         for n, p in enumerate(read_prompts(path)):
             meta = p.meta
             responses = meta.get("responses")
@@ -361,9 +380,21 @@ class Store:
                                   gold=meta.get("gold"), source="import")
             except DataError as e:
                 raise e.at(locate(path, n)) from None
-            added += r.created
-            kept += not r.created
-        return added, kept
+            if r.created:
+                out.added += 1
+                continue
+            have = self.item(r.id).responses
+            new = [(a, pv) for a, pv in zip(responses or [], prov) if a not in have]
+            if not new or list(responses) == list(have):
+                out.kept += 1
+            elif len(have) < 2 and meta.get("gold") is None and len(have) + len(new) <= MAX_K:
+                self.add_responses(r.id, [a for a, _ in new], [pv for _, pv in new])
+                out.extended += 1
+            else:
+                out.differing += 1
+                if len(out.differing_at) < 3:
+                    out.differing_at.append(locate(path, n))
+        return out
 
     def add_responses(self, item_id: int, responses: list[str], provenance: list[dict], up_to: int | None = None) -> int:
         """Append candidate answers to an item that is not yet rankable (fewer than 2 responses):
