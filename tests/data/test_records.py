@@ -202,10 +202,8 @@ def test_pairwise_implicit_prompt_and_mismatches(tmp_path):
     bad = {"prompt": "q", "chosen": msgs((U, "q")), "rejected": "x"}
     raises_at(read_comparisons, write_lines(tmp_path, [bad]), 1, "'chosen' ends with message 1 from 'user'")
     bad = {"chosen": "a", "rejected": "b"}
-    raises_at(read_comparisons, write_lines(tmp_path, [bad]), 1, "missing field 'prompt'")
-    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
-    raises_at(read_comparisons, write_lines(tmp_path, [hh]), 1, "missing field 'prompt' (chosen/rejected look like "
-              "Anthropic HH transcripts", "or chosen/rejected as message lists that share the prompt")
+    raises_at(read_comparisons, write_lines(tmp_path, [bad]), 1, "missing field 'prompt'",
+              "or chosen/rejected as message lists (or HH transcripts) that share the prompt")
 
 
 # ---------------------------------------------------------------- round trips and datasets folders
@@ -332,3 +330,54 @@ def test_records_validate_on_construction():
     c = Comparison([Message(U, "q")], ["a", "b", "c"], [1, 0, 2], [[0, 1]])
     assert c.prompt == (Message(U, "q"),) and c.ties == ((0, 1),) and hash(c) == hash(c)
     assert c.pairs() == ((1, 2), (0, 2))
+
+
+# ---------------------------------------------------------------- a user's own comparison and prompt files
+
+
+@pytest.mark.parametrize("ratings, needle", [
+    ({"helpful": [9, 1, 2, 3]}, "ratings 'helpful' of response 0 is 9"),
+    ({"helpful": [1, 0, 2, 3]}, "ratings 'helpful' of response 1 is 0"),
+    ({"helpful": [1, 2.5, 2, 3]}, "ratings 'helpful' of response 1 is 2.5"),
+    ({"helpful": [1, 2, 3]}, "ratings 'helpful' is 3 scores, for 4 responses"),
+    ({"helpful": 5}, "ratings 'helpful' is a number, for 4 responses"),
+    ([1, 2, 3, 4], "'ratings' is a list, not an object"),
+])
+def test_ratings_are_1_to_7_per_response(tmp_path, ratings, needle):
+    raises_at(read_comparisons, write_lines(tmp_path, [KWAY, {**KWAY, "ratings": ratings}]), 2, needle,
+              "expected {\"axis\": [4 scores, each a whole number 1..7 or null]}")
+    ok = {**KWAY, "ratings": {"helpful": [7, 1, None, 4.0], "harmless": [1, 1, 1, 1]}}
+    assert read_comparisons(write_lines(tmp_path, [ok]))[0].ratings == ok["ratings"]
+
+
+def test_anthropic_hh_transcripts_are_read_as_messages(tmp_path):
+    raw = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 4",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 5"}
+    split = {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"}
+    conversation = (Message(U, "hi"), Message(A, "hello"), Message(U, "2+2?"))
+    for c in read_comparisons(write_lines(tmp_path, [raw, split])):
+        assert (c.prompt, c.responses, c.ranking) == (conversation, ("4", "5"), (0, 1))
+    (p,) = read_prompts(write_lines(tmp_path, [{"prompt": split["prompt"]}]))
+    assert p.messages == conversation
+    plain = {"prompt": "Human: is this a transcript?", "chosen": "no", "rejected": "yes"}  # no Assistant turn: plain text
+    assert read_comparisons(write_lines(tmp_path, [plain]))[0].prompt == (Message(U, plain["prompt"]),)
+    other = {**raw, "rejected": "\n\nHuman: bye\n\nAssistant: 5"}
+    raises_at(read_comparisons, write_lines(tmp_path, [other]), 1, "differ before their last message (at message 1)")
+
+
+@pytest.mark.parametrize("read, row, needle", [
+    (read_prompts, {"prompt": ""}, "'prompt' is blank"),
+    (read_prompts, {"prompt": "  \n"}, "'prompt' is blank"),
+    (read_prompts, {"messages": msgs((S, "s"), (U, " "))}, "'messages' ends with a blank user message (message 2)"),
+    (read_comparisons, {"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is blank"),
+    (read_comparisons, {**KWAY, "prompt": {"messages": msgs((U, ""))}}, "'prompt' is blank"),
+    (read_comparisons, {"chosen": msgs((U, ""), (A, "a")), "rejected": msgs((U, ""), (A, "b"))}, "'prompt' is blank"),
+])
+def test_blank_prompts_in_files_stop(tmp_path, read, row, needle):
+    raises_at(read, write_lines(tmp_path, [row]), 1, needle, "expected a prompt whose last user message has text")
+
+
+def test_a_csv_file_says_it_is_read_as_json_lines(tmp_path):
+    p = tmp_path / "demos.csv"
+    p.write_text("role,content\nuser,hi\n", encoding="utf-8")
+    raises_at(read_conversations, p, 1, "not valid JSON", "a .csv file is read as JSON lines")

@@ -7,6 +7,7 @@ Three record types, frozen dataclasses that validate themselves on construction:
   `{"prompt": {"messages": [...]}, "responses": [...], "ranking": [best, ..., worst], "ties": [[i, j]], ...}`
   or pairwise `{"prompt": ..., "chosen": ..., "rejected": ...}` (TRL / Anthropic-HH style), read as K = 2.
 Keys a format does not name are kept in `meta` and written back unchanged.
+Pretraining documents (`read_documents`) are plain text or `{"text": ...}` / `{"messages": [...]}` records.
 
 A source is a JSONL file, a folder saved by `datasets` (`save_to_disk`; a `DatasetDict` gives its
 "train" split), or a folder of data files that `datasets.load_dataset` reads (its "train" split).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -220,10 +222,25 @@ def _check_prompt(messages: Any, label: str) -> tuple[Message, ...]:
     return msgs
 
 
+_HH_TURN = re.compile(r"(?:^\s*|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_transcript(text: str) -> tuple[Message, ...] | None:
+    """An Anthropic HH transcript ("\n\nHuman: ...\n\nAssistant: ...") as messages; None for other text."""
+    if not re.match(r"\s*Human:", text) or "\n\nAssistant:" not in text:
+        return None
+    parts = _HH_TURN.split(text)  # ["", "Human", " hi", "Assistant", " hello", ...]
+    return tuple(Message(_HH_ROLES[role], content.strip()) for role, content in zip(parts[1::2], parts[2::2]))
+
+
 def _prompt_from_json(value: Any, label: str) -> tuple[Message, ...]:
-    """A prompt given as "text", [messages] or {"messages": [...]} -> checked tuple of Message."""
+    """A prompt given as "text", an HH transcript, [messages] or {"messages": [...]} -> checked tuple of Message."""
     if isinstance(value, str):
-        return _check_prompt((Message("user", value),), label)
+        msgs = _hh_transcript(value)
+        if msgs and msgs[-1].role == "assistant" and not msgs[-1].content:  # "...\n\nAssistant:" awaits the answer
+            msgs = msgs[:-1]
+        return _check_prompt(msgs or (Message("user", value),), label)
     if isinstance(value, dict):
         if "messages" not in value:
             raise DataError(f"'{label}' is an object without 'messages'", '"text", [messages] or {"messages": [...]}')
@@ -305,8 +322,7 @@ class Comparison:
         _freeze(self, "ties", _check_ties(self.ties, k))
         if self.labeler is not None and not isinstance(self.labeler, str):
             raise DataError(f"'labeler' is {_kind(self.labeler)}", "a string or null")
-        if self.ratings is not None and not isinstance(self.ratings, dict):
-            raise DataError(f"'ratings' is {_kind(self.ratings)}", "an object or null")
+        _check_ratings(self.ratings, k)
         _freeze(self, "meta", _check_meta(self.meta, _COMPARISON_FIELDS + ("chosen", "rejected")))
 
     @property
@@ -382,6 +398,22 @@ def _check_ranking(ranking: Any, k: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _check_ratings(ratings: Any, k: int) -> None:
+    """ratings: {axis: [one 1..7 score or null per response]}, as labelers give them [IG App. B]."""
+    expected = f'{{"axis": [{k} scores, each a whole number 1..7 or null]}}'
+    if ratings is None:
+        return
+    if not isinstance(ratings, dict):
+        raise DataError(f"'ratings' is {_kind(ratings)}, not an object", expected)
+    for axis, scores in ratings.items():
+        if not isinstance(scores, list) or len(scores) != k:
+            got = f"{len(scores)} scores" if isinstance(scores, list) else _kind(scores)
+            raise DataError(f"ratings '{axis}' is {got}, for {k} responses", expected)
+        for i, v in enumerate(scores):
+            if v is not None and not (_index(v) is not None and 1 <= v <= 7):
+                raise DataError(f"ratings '{axis}' of response {i} is {_show(v)}", expected)
+
+
 def _check_ties(ties: Any, k: int) -> tuple[tuple[int, int], ...]:
     expected = f"ties as [i, j] pairs of distinct response indices in 0..{k - 1}"
     if ties is None:
@@ -407,13 +439,17 @@ def _check_ties(ties: Any, k: int) -> tuple[tuple[int, int], ...]:
 
 
 def _response_from_json(value: Any, label: str) -> tuple[tuple[Message, ...] | None, str]:
-    """chosen / rejected -> (messages before the response or None, response text)."""
+    """chosen / rejected -> (messages before the response or None, response text); an HH transcript
+    string reads like a list of messages."""
     if isinstance(value, str):
-        return None, value
-    if not isinstance(value, list):
+        msgs = _hh_transcript(value)
+        if msgs is None:
+            return None, value
+    elif isinstance(value, list):
+        msgs = _messages_from_json(value, label)
+    else:
         raise DataError(f"'{label}' is {_kind(value)}",
-                        "a response string, or a list of messages ending with the assistant's response")
-    msgs = _messages_from_json(value, label)
+                        "a response string, an HH transcript, or a list of messages ending with the assistant's response")
     if not msgs:
         raise DataError(f"'{label}' is an empty list",
                         "a response string, or a list of messages ending with the assistant's response")
@@ -440,6 +476,8 @@ def _pairwise_from_json(obj: dict) -> Comparison:
     r_ctx, rejected = _response_from_json(obj["rejected"], "rejected")
     if "prompt" in obj:
         prompt = _prompt_from_json(obj["prompt"], "prompt")
+        if isinstance(obj["prompt"], str) and _hh_transcript(obj["prompt"]):  # HH turns are read stripped
+            chosen, rejected = chosen.strip(), rejected.strip()
         for label, ctx in (("chosen", c_ctx), ("rejected", r_ctx)):
             if ctx and ctx != prompt:
                 at = _first_difference(ctx, prompt)
@@ -452,10 +490,8 @@ def _pairwise_from_json(obj: dict) -> Comparison:
                             "the same conversation up to the response when there is no 'prompt'")
         prompt = _check_prompt(c_ctx, "prompt")
     else:
-        hh = any(isinstance(obj[k], str) and "\n\nAssistant:" in obj[k] for k in ("chosen", "rejected"))
-        hint = " (chosen/rejected look like Anthropic HH transcripts, 'Human: ... Assistant: ...')" if hh else ""
-        raise DataError(f"missing field 'prompt'{hint}", '{"prompt": ..., "chosen": ..., "rejected": ...}, '
-                        "or chosen/rejected as message lists that share the prompt")
+        raise DataError("missing field 'prompt'", '{"prompt": ..., "chosen": ..., "rejected": ...}, '
+                        "or chosen/rejected as message lists (or HH transcripts) that share the prompt")
     rest = {k: v for k, v in obj.items() if k not in ("prompt", "chosen", "rejected", "ties", "labeler", "ratings")}
     return Comparison(prompt, (chosen, rejected), (0, 1), _ties_from_json(obj.get("ties")), obj.get("labeler"),
                       obj.get("ratings"), rest)
@@ -515,6 +551,8 @@ def _jsonl_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{where}: the file is one JSON array, not JSON lines",
                                 "one JSON object per line (convert with: jq -c '.[]')") from None
             hint = " - two records on one line?" if e.msg == "Extra data" else ""
+            if first and path.suffix.lower() not in _JSON_SUFFIXES:
+                hint += f" - a {path.suffix or 'suffix-less'} file is read as JSON lines"
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}{hint})",
                             "one JSON object per line") from None
         except _DuplicateKey as e:
@@ -526,6 +564,9 @@ def _jsonl_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{where}: {_kind(obj)}, not a JSON object{hint}", "one JSON object per line")
         first = False
         yield where, obj
+
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 def _is_json_array(data: bytes) -> bool:
@@ -650,13 +691,77 @@ def read_conversations(path: str | os.PathLike) -> list[Conversation]:
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Prompts for sampling / PPO from a JSONL file or a datasets folder; raises DataError naming file and line."""
-    return _read(path, Prompt.from_json)
+    """Prompts for sampling / PPO from a JSONL file or a datasets folder; raises DataError naming file and
+    line, also for a prompt whose last user message is blank."""
+    def prompt(obj: dict) -> Prompt:
+        p = Prompt.from_json(obj)
+        _check_not_blank(p.messages, "messages" if "messages" in obj else "prompt")
+        return p
+    return _read(path, prompt)
 
 
 def read_comparisons(path: str | os.PathLike) -> list[Comparison]:
-    """K-way (or pairwise chosen/rejected) comparisons; raises DataError naming file and line."""
-    return _read(path, Comparison.from_json)
+    """K-way (or pairwise chosen/rejected) comparisons; raises DataError naming file and line, also for a
+    prompt whose last user message is blank."""
+    def comparison(obj: dict) -> Comparison:
+        c = Comparison.from_json(obj)
+        _check_not_blank(c.prompt, "prompt")
+        return c
+    return _read(path, comparison)
+
+
+def _check_not_blank(msgs: tuple[Message, ...], label: str) -> None:
+    """A prompt read from a file must give the model something to answer: its last message has text."""
+    if not msgs[-1].content.strip():
+        what = f"'{label}' is blank" if len(msgs) == 1 else f"'{label}' ends with a blank user message (message {len(msgs)})"
+        raise DataError(what, "a prompt whose last user message has text")
+
+
+Document = str | list[dict]
+"""A pretraining document: plain text, or a conversation's messages (rendered with the chat template)."""
+
+_DOCUMENT_SHAPE = '{"text": "..."} or {"messages": [...]}'
+
+
+def read_documents(path: str | os.PathLike) -> list[Document]:
+    """Pretraining documents: a .txt file, documents separated by blank lines (a line of only spaces is
+    blank too), or records {"text": ...} / {"messages": [...]} from any source `read_conversations`
+    reads; raises DataError naming file and line."""
+    name, p = os.fspath(path), Path(path)
+    if p.suffix.lower() == ".txt" and p.is_file():
+        docs = _text_documents(p, name)
+        if not docs:
+            raise DataError(f"{name}: file is empty", "documents separated by blank lines")
+        return docs
+    return _read(path, _document_from_json)
+
+
+def _text_documents(path: Path, name: str) -> list[str]:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{name}: file is UTF-16 encoded", "UTF-8 text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})",
+                        "UTF-8 text") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [d.strip() for d in re.split(r"\n[^\S\n]*\n", text) if d.strip()]
+
+
+def _document_from_json(obj: dict) -> Document:
+    if "text" in obj and "messages" in obj:
+        raise DataError("both 'text' and 'messages'", "one of " + _DOCUMENT_SHAPE)
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise DataError(f"'text' is {_kind(obj['text'])}, not a string", "the document as a string")
+        return obj["text"]
+    if "messages" in obj:
+        msgs = _check_messages(_messages_from_json(obj["messages"], "messages"), "messages", "at least one message")
+        return [m.to_json() for m in msgs]
+    raise DataError(f"missing field 'text'{_suggest_key(obj, 'text', 'messages')}", _DOCUMENT_SHAPE)
 
 
 def _to_json(obj: Any) -> Any:

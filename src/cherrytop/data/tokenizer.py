@@ -163,12 +163,12 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]
     return full, spans
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], max_len: int,
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], max_len: int | None,
                         ignore_index: int = -100) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels equal the ids on assistant tokens and `ignore_index` elsewhere.
 
     A token belongs to the assistant when its first character lies in an assistant span. The result
-    is cut to `max_len` tokens.
+    is cut to `max_len` tokens (None: not cut).
     """
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -1,13 +1,13 @@
 """Stage 1 — pretraining: next-token prediction over packed windows of the corpus.
 
-Data: the built-in world's corpus (default), or `--pretrain.data FILE` (.txt with documents
-separated by blank lines, or JSONL with {"text": ...} or {"messages": [...]} per line). The
+Data: the built-in world's corpus (default), or `--pretrain.data` (`read_documents`: a .txt file with
+documents separated by blank lines, or JSONL / Parquet / a `datasets` folder of {"text": ...} or
+{"messages": [...]} records). The
 tokenizer is trained on the same corpus unless `--tokenizer.path` or `--model.path` gives one.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 
 from cherrytop.config import Config
 from cherrytop.data.collate import pack_windows, step_indices
-from cherrytop.data.records import DataError
+from cherrytop.data.records import DataError, Document, read_documents
 from cherrytop.data.tokenizer import load_tokenizer, render, train_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.load import build_model, context_window, count_params, fit_vocab, load_model
@@ -23,40 +23,14 @@ from cherrytop.train import loop
 from cherrytop.train.lm import lm_count, lm_step
 from cherrytop.world import World
 
-Document = str | list[dict]
-
-
-def read_documents(path: str | Path) -> list[Document]:
-    """Documents of a .txt (blank-line separated) or .jsonl ({"text"} or {"messages"}) file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: {'a folder' if p.is_dir() else 'no such file'}; expected a .txt or .jsonl corpus file")
-    if p.suffix == ".txt":
-        docs: list[Document] = [d.strip() for d in p.read_text(encoding="utf-8-sig").split("\n\n") if d.strip()]
-    else:
-        docs = []
-        for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                docs.append(rec["text"])
-            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                docs.append(rec["messages"])
-            else:
-                raise DataError(f"{p}:{n}: expected {{\"text\": \"...\"}} or {{\"messages\": [...]}}")
-    if not docs:
-        raise DataError(f"{p}: file is empty; expected corpus documents")
-    return docs
-
 
 def corpus(cfg: Config) -> tuple[list[Document], list[Document]]:
     """(training documents, held-out documents)."""
     if cfg.pretrain.data:
         docs = read_documents(cfg.pretrain.data)
+        if len(docs) < 2:
+            raise DataError(f"{cfg.pretrain.data}: only 1 document; expected at least 2 (one in 50, at least one, "
+                            "is held out for the evaluation loss; in a .txt file a blank line separates documents)")
         n_held = max(1, len(docs) // 50)
         return docs[n_held:], docs[:n_held]
     world = World(cfg.world)
@@ -112,6 +86,8 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         idx = step_indices(len(windows), t.batch_size, step, cfg.run.seed)
         return [window_batches(windows, idx[i: i + t.micro_batch_size]) for i in range(0, t.batch_size, t.micro_batch_size)]
 
+    if len(held) == 0:
+        loop.console.print(f"pretrain: the held-out documents fill no window of {seq_len} tokens: no evaluation loss")
     n_eval = min(len(held), t.eval_batches * t.micro_batch_size)
     eval_batches = [window_batches(held, range(i, min(i + t.micro_batch_size, n_eval))) for i in range(0, n_eval, t.micro_batch_size)]
     model = lora.prepare(model, cfg, "pretrain")  # gradient checkpointing if configured (never LoRA)

@@ -247,7 +247,8 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         n_held = max(1, len(comps) // 10)
         held, comps = [comps[i] for i in perm[:n_held]], [comps[i] for i in perm[n_held:]]
     if not comps:
-        raise DataError(f"{train_path}: no comparisons left for training; expected K-way rankings")
+        raise DataError(f"{train_path}: only {len(held)} comparison, held out for the accuracy; expected at least 2 "
+                        "(one in 10, at least one, is held out)")
     init = resolve_checkpoint(rc.train.init, cfg)
     tok = load_tokenizer(init)
     t = rc.train

@@ -46,15 +46,26 @@ def init_ref(cfg: Config) -> str:
 
 def encode_all(tokenizer, convs, seq_len: int, path: Path) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) of each conversation of `path` that keeps an assistant token within `seq_len`; one
-    the chat template refuses stops the stage, named by its line."""
-    examples = []
+    the chat template refuses stops the stage, named by its line. How many were cut to `seq_len`, and
+    how many left out for lack of an assistant token within it (the first named), is printed."""
+    examples, cut, left_out = [], 0, []
     for i, conv in enumerate(convs):
+        messages = [{"role": m.role, "content": m.content} for m in conv.messages]
         try:
-            ids, labels = encode_conversation(tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages], seq_len)
+            ids, labels = encode_conversation(tokenizer, messages, None)
         except TemplateError as e:
             raise DataError(str(e), "conversations the model's chat template accepts", locate(path, i)) from None
+        cut += len(ids) > seq_len
+        ids, labels = ids[:seq_len], labels[:seq_len]
         if any(label != -100 for label in labels[1:]):
             examples.append((ids, labels))
+        else:
+            left_out.append(i)
+    if cut:
+        loop.console.print(f"sft: {cut} of {len(convs)} demonstrations cut to sft.seq_len={seq_len} tokens")
+    if left_out:
+        loop.console.print(f"sft: left out {len(left_out)} of {len(convs)} demonstrations, with no assistant token "
+                           f"within {seq_len} tokens (the first at {locate(path, left_out[0])})")
     return examples
 
 
@@ -76,7 +87,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     examples = encode_all(tok, convs, seq_len, path)
     if len(examples) < 2:
         raise DataError(f"{path}: only {len(examples)} usable demonstrations after tokenising to {seq_len} tokens; "
-                        "expected conversations with at least one assistant turn")
+                        "expected at least 2 conversations with an assistant token within sft.seq_len")
     perm = np.random.default_rng(cfg.run.seed).permutation(len(examples))
     n_held = max(1, min(len(examples) // 20, t.eval_batches * t.micro_batch_size))
     held = [examples[i] for i in perm[:n_held]]
