@@ -87,7 +87,7 @@ def _time_loop(loop, meter: Meter, work) -> None:
 def bench_ppo(spec: Spec, run_dir: str) -> None:
     from cherrytop.stages import ppo
     cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
-        f"--ppo.init={_model(spec)}", f"--ppo.reward_model={_model(spec)}", f"--ppo.prompts={OUT / spec.prompts}",
+        f"--ppo.init={_model(spec)}", f"--ppo.reward_model={_model(spec)}-reward", f"--ppo.prompts={OUT / spec.prompts}",
         f"--ppo.episodes={spec.ppo_iterations * spec.ppo_batch}", f"--ppo.batch_size={spec.ppo_batch}",
         f"--ppo.minibatch_size={spec.ppo_minibatch}", f"--ppo.micro_batch_size={spec.ppo_minibatch}",
         f"--ppo.ppo_epochs={spec.ppo_epochs}", f"--ppo.max_new_tokens={spec.response_len}",

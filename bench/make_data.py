@@ -111,6 +111,22 @@ def fixed_length_prompts(out: Path, n: int) -> Path:
     return path
 
 
+def reward_folder(model: Path) -> Path:
+    """<model>-reward: the model with a one-output `score` head (seed 0), the reward model of both sides'
+    PPO. cherrytop takes a reward model only with a head (a causal LM given as one is refused), and a
+    head made once gives both sides the same reward function."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder = model.parent / f"{model.name}-reward"
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
+    rm.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fresh", action="store_true", help="rebuild everything")
@@ -122,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     build(out)
+    reward_folder(out / "model")
     if args.scale != "tiny":
-        scaled_model(out, args.scale)
+        reward_folder(scaled_model(out, args.scale))
     if args.prompt_len:
         fixed_length_prompts(out, args.prompt_len)
 

@@ -115,7 +115,7 @@ def bench_ppo(spec: Spec, out_dir: str) -> None:
                      local_rollout_forward_batch_size=spec.ppo_batch, num_sample_generations=0)
     policy = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    rm = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1, dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(MODEL + "-reward", num_labels=1, dtype=torch.float32)  # make_data.reward_folder
     value = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1, dtype=torch.float32)
     meter = Meter(spec.ppo_warmup)
 

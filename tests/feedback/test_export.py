@@ -3,6 +3,7 @@ readers, only complete and unreported items, labeler ids and model provenance in
 feedback turned into K = 2 comparisons."""
 
 import json
+import re
 
 import pytest
 
@@ -47,7 +48,8 @@ def fill(store):
 def test_export_round_trip(store, tmp_path):
     i1 = fill(store)
     counts = export(store, tmp_path)
-    assert counts == {"demonstrations.jsonl": 1, "comparisons.jsonl": 3, "feedback.jsonl": 2, "reported.jsonl": 1}
+    assert counts == {"demonstrations.jsonl": 1, "comparisons.jsonl": 3, "feedback.jsonl": 2, "reported.jsonl": 1,
+                      "prompts.jsonl": 3}
     comps = read_comparisons(tmp_path / "comparisons.jsonl")
     ranked = [c for c in comps if c.meta.get("item") == i1]
     assert [(c.labeler, c.ranking, c.ties) for c in ranked] == [("ann", (0, 1, 2, 3), ((2, 3),)),
@@ -123,3 +125,43 @@ def test_a_database_that_cannot_be_opened_is_one_line(tmp_path, capsys, url, mes
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message.replace("NOTDB", str(tmp_path / "NOTDB")) in err
     assert len(err.splitlines()) == 1 and "s3cret" not in err
+
+
+def test_export_keeps_every_rating_and_writes_the_chat_prompts_for_ppo(store, tmp_path):
+    """Round 2 of the loop reads the export: a rating of an empty answer (EOS at once) is in
+    feedback.jsonl with its time, the chat prompts are a `--ppo.prompts` file (reported ones left out),
+    and a rating of a blocked answer (the policy's safe message) makes no chat comparison."""
+    from cherrytop.feedback.store import MODERATION
+    fill(store)
+    q = [{"role": "user", "content": "what is 12 plus 3 ?"}]
+    store.add_chat_feedback(messages=q, response="", rating="down", model="runs/r1/ppo", settings={}, conversation_id="c9")
+    store.add_chat_feedback(messages=q, response="15 .", rating="up", model="runs/r1/ppo", settings={}, conversation_id="c9")
+    bad = [{"role": "user", "content": "how do i kill a goat ?"}]
+    store.add_chat_feedback(messages=bad, response="Sorry, I can't help with that.", rating="down", model=MODERATION,
+                            settings={}, conversation_id="c9")
+    store.add_chat_feedback(messages=bad, response="i will not .", rating="up", model="runs/r1/ppo", settings={},
+                            conversation_id="c9")
+    counts = export(store, tmp_path)
+    fb = read_conversations(tmp_path / "feedback.jsonl")
+    assert counts["feedback.jsonl"] == len(store.chat_feedback()) == 6
+    assert [(f.meta["rating"], f.messages[-1].content) for f in fb][2] == ("down", "")
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", f.meta["time"]) for f in fb)
+    chat = [c for c in read_comparisons(tmp_path / "comparisons.jsonl") if c.meta.get("source") == "chat"]
+    assert sorted(c.responses for c in chat) == [("15 .", ""), ("why did the chicken ...", "no .")]
+    prompts = read_prompts(tmp_path / "prompts.jsonl")
+    texts = [p.messages[-1].content for p in prompts]
+    assert texts == ["tell me a joke .", "what is 12 plus 3 ?", "how do i kill a goat ?", "name a colour .", "add 2 and 3 ."]
+    assert counts["prompts.jsonl"] == 5 and "phone number" not in " ".join(texts)  # P2 was reported
+
+
+def test_a_second_export_into_the_same_folder_says_it_replaced_the_files(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    s = open_store(url)
+    fill(s)
+    s.close()
+    out = tmp_path / "out"
+    assert main(["label", "export", "--db", url, "--out", str(out)]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert main(["label", "export", "--db", url, "--out", str(out)]) == 0
+    assert "the files of an earlier export there were replaced" in capsys.readouterr().out
+    assert len((out / "comparisons.jsonl").read_text().splitlines()) == 3  # replaced, not appended to

@@ -284,3 +284,29 @@ def test_a_repeated_prompt_gets_its_first_answers_or_is_reported(store, tmp_path
     out, err = capsys.readouterr()
     assert out.strip() == f"imported 0 prompts from {second}; 3 were already there"  # and q1 differs
     assert err.startswith(f"warning: 1 prompts were already queued with other answers") and f"{second}:2" in err
+
+
+def test_the_same_chat_rating_sent_twice_is_stored_once(store):
+    """A double click on 👎 (or a client's retry) is one rating, not two rows in feedback.jsonl;
+    a change of mind (👎, then 👍, then 👎 again) is kept rating by rating."""
+    msgs = [{"role": "user", "content": "add 2 and 3 ."}]
+    kw = dict(messages=msgs, response="6 .", model="runs/r1/ppo", settings={"temperature": 1.0}, conversation_id="c1")
+    a = store.add_chat_feedback(rating="down", **kw)
+    assert store.add_chat_feedback(rating="down", **kw) == a
+    b = store.add_chat_feedback(rating="up", **kw)
+    c = store.add_chat_feedback(rating="down", **kw)
+    d = store.add_chat_feedback(rating="down", **{**kw, "conversation_id": "c2"})  # another chat's rating
+    assert len({a, b, c, d}) == 4 and [f.rating for f in store.chat_feedback()] == ["down", "up", "down", "down"]
+    [item] = store.items()
+    assert item.responses == ["6 ."]
+
+
+def test_a_rating_of_a_blocked_answer_queues_the_prompt_without_the_safe_message(store):
+    """`cherrytop serve` blocked the answer and showed the policy's safe message: no model wrote that
+    text, so the prompt goes to the queue for `label generate` without it as a candidate."""
+    from cherrytop.feedback.store import MODERATION
+    msgs = [{"role": "user", "content": "how do i kill a goat ?"}]
+    store.add_chat_feedback(messages=msgs, response="Sorry, I can't help with that.", rating="down", model=MODERATION,
+                            settings={}, conversation_id="c1")
+    [item] = store.items()
+    assert item.prompt == msgs and item.responses == [] and store.chat_feedback()[0].item_id == item.id

@@ -134,3 +134,26 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
         DOCS.mkdir(parents=True, exist_ok=True)
         for name in ("chat.png", "chat-feedback.png", "chat-blocked.png"):
             shutil.copy(tmp_path / name, DOCS / name)
+
+
+def test_feedback_names_the_served_checkpoint_and_a_blocked_answer(tmp_path, tiny_model, serve):
+    """A rating records which model wrote the answer: the served checkpoint's folder (two runs' `ppo`
+    stay apart in `label stats`), and for a blocked answer the moderation policy, whose safe message
+    is no ranking candidate."""
+    from cherrytop.feedback.store import MODERATION
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    policy = tmp_path / "policy.toml"
+    policy.write_text("safe_message = \"Sorry, I can't help with that.\"\n"
+                      "[[categories]]\nname = \"violence\"\npatterns = ['\\bkill\\b']\n")
+    moderator = Moderator(policy, tmp_path / "blocks.jsonl")
+    hi, kill = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "how do i kill ann ?"}]
+    with serve(tiny_model, feedback_url=url, moderator=moderator, checkpoint="runs/r1/ppo") as s:
+        for body in ({"messages": hi, "response": "hello .", "rating": "down", "model": "tiny"},  # as the chat page sends
+                     {"messages": hi, "response": "hey .", "rating": "up"},
+                     {"messages": hi, "response": "yo .", "rating": "up", "model": "runs/other/sft"},
+                     {"messages": kill, "response": "Sorry, I can't help with that.", "rating": "down", "model": "tiny"}):
+            assert httpx.post(s.url + "/v1/feedback", json=body, timeout=60).status_code == 200
+    store = open_store(url)
+    assert [f.model for f in store.chat_feedback()] == ["runs/r1/ppo", "runs/r1/ppo", "runs/other/sft", MODERATION]
+    items = {i.prompt[-1]["content"]: i for i in store.items()}
+    assert items["hi"].provenance[0]["model"] == "runs/r1/ppo" and items["how do i kill ann ?"].responses == []

@@ -7,7 +7,8 @@
   export           write demonstrations / comparisons / chat feedback JSONL for `cherrytop sft` and `cherrytop rm`
   stats            per-labeler statistics and agreement, printed
 
-Every action takes `--db URL` (default sqlite:///feedback.db, or $CHERRYTOP_FEEDBACK_DB).
+Every action takes `--db URL`; without it, the database `cherrytop serve` stores chat ratings in:
+`--serve.feedback_db`, else $CHERRYTOP_FEEDBACK_DB, else sqlite:///runs/<run.name>/feedback.db.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, help_text in ACTIONS.items():
         s = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         s.set_defaults(command_parser=s)  # for cli's error on an unknown option
-        s.add_argument("--db", default=os.environ.get("CHERRYTOP_FEEDBACK_DB", "sqlite:///feedback.db"),
-                       help="database URL: sqlite:///FILE or postgresql+psycopg://user@host/db "
-                            "(default: $CHERRYTOP_FEEDBACK_DB, else sqlite:///feedback.db)")
+        s.add_argument("--db", default=None,
+                       help="database URL: sqlite:///FILE or postgresql+psycopg://user@host/db (default: the one "
+                            "`cherrytop serve` uses: --serve.feedback_db, else $CHERRYTOP_FEEDBACK_DB, else "
+                            "sqlite:///runs/<name>/feedback.db)")
         s.add_argument("--preset", default=argparse.SUPPRESS, help="named preset: tiny (default) or test")
         s.add_argument("--config", action="append", default=argparse.SUPPRESS, metavar="FILE", help="TOML config file(s)")
         s.add_argument("--labels-per-item", type=int, default=2,
@@ -62,11 +64,22 @@ def run(args, cfg) -> None:
     from cherrytop.feedback.store import open_store
     if args.labels_per_item < 1:
         raise ValueError(f"--labels-per-item {args.labels_per_item}: expected at least 1")
+    if not args.db:  # the database `cherrytop serve` stores the chat ratings in: the loop's two ends meet
+        args.db = default_db(cfg)
+        if args.action != "serve":
+            print(f"database {args.db}", file=sys.stderr)
     store = open_store(args.db, labels_needed=args.labels_per_item)
     try:
         globals()["_" + args.action.replace("-", "_")](store, args, cfg)
     finally:
         store.close()
+
+
+def default_db(cfg) -> str:
+    """`cherrytop serve`'s feedback database for this config (serve.app.build resolves it the same way)."""
+    from pathlib import Path
+    return (cfg.serve.feedback_db or os.environ.get("CHERRYTOP_FEEDBACK_DB")
+            or f"sqlite:///{Path(cfg.run.out_dir) / cfg.run.name / 'feedback.db'}")
 
 
 def _serve(store, args, cfg) -> None:
@@ -116,9 +129,13 @@ def _generate(store, args, cfg) -> None:
 
 
 def _export(store, args, cfg) -> None:
-    from cherrytop.feedback.export import export
+    from pathlib import Path
+
+    from cherrytop.feedback.export import FILES, export
+    replaced = [f for f in FILES if (Path(args.out) / f).is_file()]
     counts = export(store, args.out, include_unreviewed=args.include_unreviewed)
-    print(", ".join(f"{n} in {name}" for name, n in counts.items()) + f" (under {args.out})")
+    print(", ".join(f"{n} in {name}" for name, n in counts.items()) + f" (under {args.out}"
+          + ("; the files of an earlier export there were replaced" if replaced else "") + ")")
 
 
 def _stats(store, args, cfg) -> None:

@@ -7,6 +7,10 @@
   comparisons from chat feedback (an up-rated and a down-rated answer to the same prompt).
 - `feedback.jsonl`        every chat rating as a Conversation (prompt + rated answer) with its rating.
 - `reported.jsonl`        prompts of reported items (harmful / private data / spam), kept out of training.
+- `prompts.jsonl`         every distinct prompt of the database (chat ratings' and items'), those of
+  reported items left out, for `cherrytop ppo --ppo.prompts=...` (and `cherrytop eval --prompts`).
+
+Each export replaces the five files in `out_dir` (written whole from the database, never appended to).
 
 Every record names its labeler and carries the model provenance of each response (`model`).
 """
@@ -14,10 +18,19 @@ Every record names its labeler and carries the model provenance of each response
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cherrytop.data.records import Comparison, Conversation, Prompt, write_jsonl
-from cherrytop.feedback.store import Store
+from cherrytop.feedback.store import MODERATION, Store
+
+FILES = ("demonstrations.jsonl", "comparisons.jsonl", "feedback.jsonl", "reported.jsonl", "prompts.jsonl")
+
+
+def _time(at: datetime) -> str:
+    """A row's time as ISO 8601 UTC (SQLite gives it back without its time zone, which is UTC)."""
+    at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _messages(msgs: list[dict]) -> tuple:
@@ -70,6 +83,8 @@ def chat_comparisons(store: Store) -> list[Comparison]:
     reported) answer, the up one is preferred; one per distinct (up, down) answer pair."""
     groups = defaultdict(lambda: {"up": {}, "down": {}})
     for f in store.chat_feedback():
+        if f.model == MODERATION:  # the policy's safe message: no model's answer to prefer or not
+            continue
         key = tuple((m["role"], m["content"]) for m in f.messages)
         side = "up" if f.rating == "up" else "down"
         groups[key][side].setdefault(f.response, f)
@@ -90,11 +105,26 @@ def feedback(store: Store) -> list[Conversation]:
     return [Conversation.from_json({
         "messages": f.messages + [{"role": "assistant", "content": f.response}], "rating": f.rating,
         "model": f.model, "settings": f.settings, "conversation_id": f.conversation_id, "comment": f.comment,
-        "user": f.user, "feedback": f.id, "item": f.item_id}) for f in store.chat_feedback() if f.response.strip()]
+        "user": f.user, "feedback": f.id, "item": f.item_id, "time": _time(f.created_at)})
+        for f in store.chat_feedback()]  # an empty answer (EOS at once) is rated too
+
+
+def prompts(store: Store, reported: list[Prompt]) -> list[Prompt]:
+    """Every distinct prompt of the chat ratings and the items, in the order first seen, without those
+    of reported items: what chat users asked, as a prompts file for PPO."""
+    out, seen = [], {tuple((m.role, m.content) for m in p.messages) for p in reported}
+    rows = [(f.messages, {"source": "chat", "feedback": f.id}) for f in store.chat_feedback()]
+    rows += [(i.prompt, {"source": i.source, "item": i.id}) for i in store.items()]
+    for msgs, meta in rows:
+        key = tuple((m["role"], m["content"]) for m in msgs)
+        if key not in seen:
+            seen.add(key)
+            out.append(Prompt.from_json({"messages": msgs, **meta}))
+    return out
 
 
 def export(store: Store, out_dir: str | Path, include_unreviewed: bool = False) -> dict[str, int]:
-    """Write the four files under `out_dir`; returns how many records each got."""
+    """Write the five files under `out_dir` (replacing any there); returns how many records each got."""
     out = Path(out_dir)
     comps, reported = comparisons(store)
     return {
@@ -102,4 +132,5 @@ def export(store: Store, out_dir: str | Path, include_unreviewed: bool = False) 
         "comparisons.jsonl": write_jsonl(out / "comparisons.jsonl", comps),
         "feedback.jsonl": write_jsonl(out / "feedback.jsonl", feedback(store)),
         "reported.jsonl": write_jsonl(out / "reported.jsonl", reported),
+        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", prompts(store, reported)),
     }

@@ -36,6 +36,9 @@ from cherrytop.data.records import MAX_K, Conversation, DataError, Prompt
 
 ROLES = ("admin", "labeler")
 CHAT_RATINGS = ("up", "down", "report")
+MODERATION = "moderation"
+"""The `model` of a chat rating whose rated text is the moderation policy's safe message (`cherrytop serve`
+blocked the model's answer): no model wrote it, so it is no ranking candidate and no chat comparison."""
 FLAGS = ("harmful", "private", "spam")
 """What a labeler can report about an item: harmful content, private data, spam."""
 AXES = ("helpful", "truthful", "harmless")
@@ -421,7 +424,10 @@ class Store:
         `messages` is the conversation before the answer (ending with a user turn), `response` the
         rated answer, `rating` one of up / down / report. A down or report rating also puts the
         prompt into the ranking queue with this answer as its first candidate (`cherrytop label
-        generate` adds the others).
+        generate` adds the others). With `model` = MODERATION the rated text is the moderation
+        policy's safe message, not a model's answer: the prompt is queued without it as a candidate.
+        The same rating sent again (a double click, a client's retry: same conversation, user,
+        prompt, answer and rating) is stored once and returns the first one's id.
         """
         if rating not in CHAT_RATINGS:
             raise ValueError(f"rating {rating!r} is not one of {', '.join(CHAT_RATINGS)}")
@@ -437,6 +443,12 @@ class Store:
             raise ValueError("settings must be a dict")
         json.dumps(settings, allow_nan=False)  # must be JSON: NaN would stop every later export
         with self.tx() as s:  # one transaction: the rating, and for down / report the queue item
+            if conversation_id is not None:  # a repeat of this answer's latest rating is not a second rating
+                prev = [f for f in s.scalars(select(ChatFeedback).where(
+                    ChatFeedback.conversation_id == conversation_id, ChatFeedback.response == response)
+                    .order_by(ChatFeedback.id)) if f.messages == msgs and f.user == user]
+                if prev and (prev[-1].rating, prev[-1].model, prev[-1].settings) == (rating, model, settings):
+                    return prev[-1].id
             item_id = None
             if rating != "up":
                 key = prompt_key(msgs)
@@ -447,7 +459,7 @@ class Store:
                 except IntegrityError:
                     pass
                 item = s.scalars(select(Item).where(Item.prompt_key == key).with_for_update()).one()
-                if len(item.responses) < 2 and response not in item.responses:  # rankable items never change
+                if model != MODERATION and len(item.responses) < 2 and response not in item.responses:  # rankable items never change
                     item.responses = list(item.responses) + [response]
                     item.provenance = list(item.provenance) + [{"model": model, "settings": settings, "source": "chat"}]
                 item_id = item.id

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cherrytop.config import Config, ServeConfig
 from cherrytop.data.tokenizer import encode_prompt
+from cherrytop.feedback.store import MODERATION
 from cherrytop.serve import protocol as P
 from cherrytop.serve.engine import Delta, Done, Engine, Finish, Job, Params, QueueFull
 from cherrytop.serve.moderation import Moderator
@@ -86,8 +87,12 @@ def api_keys(cfg: ServeConfig) -> set[str]:
 
 def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, model_name: str,
                cfg: ServeConfig = ServeConfig(), moderator: Moderator | None = None,
-               feedback_url: str | None = None) -> FastAPI:
-    """The app; the engine thread starts and stops with it (FastAPI lifespan)."""
+               feedback_url: str | None = None, checkpoint: str | None = None) -> FastAPI:
+    """The app; the engine thread starts and stops with it (FastAPI lifespan).
+
+    `checkpoint`: the served model's folder, recorded as the `model` of each chat rating (as `cherrytop
+    label generate` and `cherrytop eval --pairs` record theirs), so ratings of two runs' `ppo` stay apart.
+    """
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     moderator = moderator or Moderator(None)
     feedback = FeedbackSink(feedback_url)
@@ -152,9 +157,15 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mo
 
     @app.post("/v1/feedback", dependencies=[Depends(auth)])
     async def add_feedback(body: P.FeedbackRequest):
+        model = body.model or model_name
+        if model == model_name and checkpoint:  # the served model: name it by its folder, as generate does
+            model = checkpoint
+        policy = moderator.current()
+        if moderator.path is not None and body.response == policy.safe_message:
+            model = MODERATION  # a blocked answer: the rated text is the policy's, not the model's
         fid = await run_in_threadpool(
             feedback.add, messages=[m.as_dict() for m in body.messages], response=body.response, rating=body.rating,
-            model=body.model or model_name, settings=body.settings, conversation_id=body.conversation_id,
+            model=model, settings=body.settings, conversation_id=body.conversation_id,
             comment=body.comment, user=body.user)
         return {"id": fid, "object": "feedback"}
 
@@ -284,10 +295,10 @@ def build(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> FastA
     s = cfg.serve
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     moderator = Moderator(s.policy or None, s.moderation_log or run_dir / "serve" / "moderation.jsonl")
-    url = (feedback_db or s.feedback_db or os.environ.get("CHERRYTOP_FEEDBACK_DB")
-           or f"sqlite:///{run_dir / 'feedback.db'}")
+    from cherrytop.feedback.commands import default_db
+    url = feedback_db or default_db(cfg)
     return create_app(load_model(ckpt), load_tokenizer(ckpt), model_name=s.model_name or ckpt.name, cfg=s,
-                      moderator=moderator, feedback_url=url)
+                      moderator=moderator, feedback_url=url, checkpoint=str(ckpt))
 
 
 def run(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> None:
