@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import tomllib
 import types
 import typing
@@ -708,6 +709,45 @@ def load_config(preset: str | None = "tiny", files: list[str | Path] = (), overr
     return cfg
 
 
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    """A ConfigError naming the setting `key`, what it takes and the value it got, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate_ppo(p: PPOConfig) -> None:
+    """Ranges of the PPO settings: each out-of-range value is one line naming the setting (a NaN fails
+    every check)."""
+    for name in ("episodes", "batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+                 "save_every", "kl_horizon"):
+        _check(getattr(p, name) >= 1, f"ppo.{name}", "a whole number >= 1", getattr(p, name))
+    if p.ptx_coef > 0:
+        _check(p.ptx_batch_size >= 1, "ppo.ptx_batch_size", "a whole number >= 1 when ppo.ptx_coef > 0", p.ptx_batch_size)
+    _check(0 < p.temperature < math.inf, "ppo.temperature",
+           "a temperature > 0 (log-probs are taken at logits / temperature; greedy rollouts give PPO nothing to learn from)",
+           p.temperature)
+    for name in ("gamma", "lam"):
+        _check(0 <= getattr(p, name) <= 1, f"ppo.{name}", "a number in [0, 1]", getattr(p, name))
+    for name in ("clip", "value_clip", "grad_clip"):
+        _check(getattr(p, name) > 0, f"ppo.{name}", "a number > 0", getattr(p, name))
+    for name in ("kl_coef", "kl_target", "vf_coef", "ptx_coef", "lr", "value_lr"):
+        _check(0 <= getattr(p, name) < math.inf, f"ppo.{name}", "a number >= 0", getattr(p, name))
+    _check(math.isfinite(p.no_eos_penalty), "ppo.no_eos_penalty", "a finite number", p.no_eos_penalty)
+    if p.kl_target > 0:  # the adaptive controller scales β: from 0 it stays 0
+        _check(p.kl_coef > 0, "ppo.kl_coef", f"a starting β > 0 with the adaptive KL target ppo.kl_target={p.kl_target} "
+               "(the controller multiplies β, so 0 stays 0)", p.kl_coef)
+
+
+def validate_decoding(cfg: Config) -> None:
+    """Ranges of the `generate` / `chat` (sample.*) and `eval` decoding settings."""
+    s, e = cfg.sample, cfg.eval
+    _check(0 <= s.temperature < math.inf, "sample.temperature", "a number >= 0 (0 = greedy)", s.temperature)
+    for key, value in (("sample.max_new_tokens", s.max_new_tokens), ("sample.batch_size", s.batch_size),
+                       ("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size),
+                       ("eval.n_tasks", e.n_tasks)):
+        _check(value >= 1, key, "a whole number >= 1", value)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field invariants, checked once at load."""
     for stage, t in (("pretrain", cfg.pretrain), ("sft", cfg.sft), ("rm.train", cfg.rm.train)):
@@ -721,6 +761,8 @@ def validate(cfg: Config) -> None:
         if t.seq_len > cfg.model.max_seq_len and not cfg.model.path:
             raise ConfigError(f"{stage}.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     p = cfg.ppo
+    validate_ppo(p)
+    validate_decoding(cfg)
     if p.batch_size % p.minibatch_size or p.minibatch_size % p.micro_batch_size:
         raise ConfigError(f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.minibatch_size ({p.minibatch_size}), "
                           f"which must be a multiple of ppo.micro_batch_size ({p.micro_batch_size})")

@@ -254,6 +254,30 @@ def sample(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
     return Samples(*given, tokens, logprobs, mask, has_eos, entropy)
 
 
+def fit_history(tokenizer, messages: Sequence[dict], window: int | None, room: int = 1) -> list[dict]:
+    """A chat's messages (ending with the user's turn) cut to fit the model's context `window` with
+    `room` tokens left to answer in: the oldest turns are dropped (a leading system message is kept)
+    until the rendered prompt fits. A last user message that cannot fit even alone is a ValueError
+    saying how long it is, so a chat can refuse that one message and go on."""
+    messages = list(messages)
+    if window is None:
+        return messages
+    limit = window - max(room, 1)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        n = len(encode_prompt(tokenizer, system + turns))
+        if n <= limit:
+            return system + turns
+        if len(turns) <= 1:
+            raise ValueError(f"this message is {n} tokens with the chat template"
+                             + (" and the system message" if system else "")
+                             + f"; the model's context window of {window} tokens takes at most {limit}")
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":  # start at a user turn
+            turns = turns[1:]
+
+
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 48,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
              progress: bool = False) -> list[str]:
@@ -275,7 +299,9 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[dict]
         if limit is not None:
             longest = max(len(s) for s in seqs)
             if longest >= limit:
-                raise ValueError(f"a prompt of {longest} tokens does not fit the model's context window of {limit}")
+                first = min(i for i in idx if len(encoded[i]) >= limit)
+                raise ValueError(f"prompt {first + 1} (of {len(encoded)}) is {len(encoded[first])} tokens with the chat "
+                                 f"template and does not fit the model's context window of {limit} tokens")
             new = min(new, limit - longest)
         ids, mask = left_pad(seqs, tokenizer.pad_token_id)
         s = sample(model, ids, mask, max_new_tokens=new, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,

@@ -291,6 +291,9 @@ def encode_prompts(cfg: Config, tok, window: int | None) -> list[list[int]]:
     """Token ids of every prompt (`load_prompts`); a prompt the chat template refuses, or one that leaves
     no room in the model's context `window` for `ppo.max_new_tokens`, stops the stage, named by its line."""
     room = window - cfg.ppo.max_new_tokens if window else None
+    if room is not None and room < 1:
+        raise ValueError(f"ppo.max_new_tokens ({cfg.ppo.max_new_tokens}) leaves no room for a prompt in the policy's "
+                         f"context window of {window} tokens; expected ppo.max_new_tokens < {window}")
 
     def where(i: int) -> str:
         return locate(cfg.ppo.prompts, i) if cfg.ppo.prompts else f"built-in prompt {i + 1}"
@@ -305,6 +308,38 @@ def encode_prompts(cfg: Config, tok, window: int | None) -> list[list[int]]:
                             f"ppo.max_new_tokens={cfg.ppo.max_new_tokens}", f"prompts of at most {room} tokens", where(i))
         out.append(ids)
     return out
+
+
+def check_reward_tokenizer(tok, init: Path, rm_path: Path) -> None:
+    """The reward model (and the value model, which starts from it) reads the policy's token ids: a
+    reward model with another vocabulary would index out of its embeddings, or, with a larger one, score
+    other tokens than the policy wrote, without a word. Its tokenizer (else its config's vocabulary
+    size) must be the policy's; a CheckpointError names both folders and the first difference."""
+    import json
+    try:
+        rm_tok = load_tokenizer(rm_path)
+    except (FileNotFoundError, ValueError):
+        rm_tok = None
+    if rm_tok is not None:
+        mine, theirs = tok.get_vocab(), rm_tok.get_vocab()
+        if mine == theirs:
+            return
+        diff = next(((t, i, theirs.get(t)) for t, i in sorted(mine.items(), key=lambda x: x[1]) if theirs.get(t) != i),
+                    None)
+        if diff is None:
+            what = "the reward model has tokens the policy's lacks"
+        else:
+            what = (f"token {diff[0]!r} is id {diff[1]} for the policy and "
+                    + (f"id {diff[2]}" if diff[2] is not None else "absent") + " for the reward model")
+        detail = f"vocabularies of {len(mine)} and {len(theirs)} tokens; {what}"
+    else:
+        sizes = [json.loads((Path(p) / "config.json").read_text()).get("vocab_size") for p in (init, rm_path)]
+        if sizes[0] == sizes[1]:
+            return
+        detail = f"vocabulary sizes {sizes[0]} and {sizes[1]}"
+    raise CheckpointError(f"ppo: the reward model {rm_path} has another tokenizer than the policy {init} ({detail}); "
+                          "PPO feeds the policy's token ids to the reward and value models: expected a reward model "
+                          "trained from the policy's SFT model (`cherrytop rm --rm.train.init=DIR`)")
 
 
 def ptx_windows(cfg: Config, tok, window: int | None = None) -> torch.Tensor:
@@ -359,6 +394,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     init = resolve_checkpoint(p.init, cfg)
     rm_path = resolve_checkpoint(p.reward_model, cfg)
     tok = load_tokenizer(init)
+    check_reward_tokenizer(tok, init, rm_path)
     torch.manual_seed(cfg.run.seed)
     state = None if fresh else load_state(ckpt)
     iterations = p.episodes // p.batch_size
@@ -555,8 +591,9 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     (then the policy's weight average, if any, takes the step). Data-parallel (`par`): `batch` is the
     global batch on every rank; each rank runs its share of each minibatch's micro-batches (and of
     the ptx windows) and back-propagates world · its weighted loss, which DDP / FSDP average into
-    the single-process gradient; the returned statistics are over every rank's micro-batches.
-    `bf16`: the forward passes run under bf16 autocast on GPU, the backward passes outside it."""
+    the single-process gradient. The returned statistics (losses, clipfrac, approx_kl, ...) are token
+    means over each minibatch (every rank's micro-batches, weighted by their tokens as the loss is),
+    averaged over the optimizer steps. `bf16`: the forward passes run under bf16 autocast on GPU, the backward passes outside it."""
     d = par.d if par is not None else distributed.SOLO
     device = next(policy.parameters()).device  # where this process's models run
     amp = functools.partial(lora.autocast, device, bf16)
@@ -578,9 +615,10 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
 
     def lm_of(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return L.lm_loss(model(input_ids=x).logits, x)
-    acc: dict[str, list[float]] = {}
+    acc: dict[str, list[float]] = {}  # per optimizer step: token means over its minibatch (this rank's share)
     for step, mb in minibatches(p, it, seed):
         mine = distributed.shard(list(micro_batches(batch, mb, p)), d)  # all of them in one process
+        sums: dict[str, float] = {}  # Σ w · micro-batch token mean (× world: `mean_over_ranks` divides by it)
         for i, (part, w) in enumerate(mine):
             last = i == len(mine) - 1  # gradients are synced on each model's last backward of the step
             pk = _shared_pack(part.ids, part.attn, policy, value)
@@ -592,7 +630,9 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
                     vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
                 (w * d.world * (pg + p.vf_coef * vf)).backward()  # DDP / FSDP average over the d.world ranks
             for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
-                acc.setdefault(k, []).append(float(val.detach()))
+                sums[k] = sums.get(k, 0.0) + float(w) * d.world * float(val.detach())
+        for k, val in sums.items():
+            acc.setdefault(k, []).append(val)
         if windows is not None:
             idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
             x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
