@@ -50,6 +50,39 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
     assert main(["pipeline", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--until", "sft"]) == 0
 
 
+
+def test_until_keeps_the_later_stages_that_are_still_up_to_date(run_dir, tmp_path, capsys):
+    """`pipeline --until sft` on a finished run reports every stage that is still finished and up to date
+    (it used to drop rm, PPO and their evaluation from report.json); once SFT is trained again, the
+    stages built on it are out of date: left out of the report with the reason, and a stage command on
+    them stops saying so instead of reusing them silently."""
+    import shutil
+    assert main(["pipeline", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--until", "sft"]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["eval"]) == {"pretrain", "sft", "ppo", "ppo_ptx"}
+    assert {"compare", "rm", "ppo", "ppo_ptx"} <= set(report) and report["not_run"] == {}
+    assert "ppo" in report["versus_sft"] and "sft" in report["mean_reward"]
+    copy = tmp_path / "runs" / "test"
+    shutil.copytree(run_dir, copy)
+    out = f"--run.out_dir={copy.parent}"
+    assert main(["sft", "--preset", "test", out, "--fresh", "--sft.lr=0.003"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--preset", "test", out, "--sft.lr=0.003"]) == 2
+    assert "compare: its comparisons no longer match its inputs: sft was trained again since" in capsys.readouterr().err
+    assert main(["pipeline", "--preset", "test", out, "--sft.lr=0.003", "--until", "sft"]) == 0
+    report = json.loads((copy / "report.json").read_text())
+    assert set(report["eval"]) == {"pretrain", "sft"} and not report.get("mean_reward")  # no judge: the rm is stale
+    assert set(report["not_run"]) == {"compare", "rm", "ppo", "ppo_ptx"}
+    assert "sft was trained again" in report["not_run"]["compare"]
+    assert "Not in this report" in (copy / "report.md").read_text()
+
+
+def test_ppo_with_other_settings_does_not_reuse_its_checkpoint(run_dir, capsys):
+    out = f"--run.out_dir={run_dir.parent}"
+    assert main(["ppo", "--preset", "test", out, "--ppo.lr=0.5"]) == 2
+    assert "ppo.lr: 5e-05 -> 0.5" in capsys.readouterr().err
+    assert main(["ppo", "--preset", "test", out]) == 0  # the same settings: already trained, skipped
+
 def test_sample_is_another_name_for_compare(run_dir, tmp_path):
     # issue 3 names the stage `cherrytop sample`: it samples and ranks into the same files as `compare`
     out = tmp_path / "runs" / "test"
@@ -114,7 +147,7 @@ def test_missing_model_and_config_typo(tmp_path, capsys):
     assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", "--model.path", str(tmp_path / "none")]) == 2
     assert "none: no such model folder" in capsys.readouterr().err
     assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", f"--pretrain.data={tmp_path}"]) == 2
-    assert f"{tmp_path}: a folder; expected a .txt or .jsonl corpus file" in capsys.readouterr().err
+    assert f"{tmp_path}: folder holds no data files; expected a folder saved by datasets" in capsys.readouterr().err
     runs = tmp_path / "runs"  # a stage name: the error says which run was looked in and what it holds
     assert main(["chat", "--preset", "test", f"--run.out_dir={runs}", "--checkpoint", "sft"]) == 2
     assert f"stage name of run 'test' ({runs / 'test'} has no checkpoints: another --run.name" in capsys.readouterr().err

@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "ppo" and cfg.ray.enabled:
                 from cherrytop.stages import ppo_ray  # the same stage with its models on Ray actors
                 stages["ppo"] = ppo_ray
-            stages[args.command].run(cfg, fresh=args.fresh)
+            from cherrytop.lineage import prepare, recorded  # the stage's inputs and checkpoint checked, recorded
+            fresh = prepare(args.command, cfg, args.fresh)
+            with recorded(args.command, cfg, fresh):
+                stages[args.command].run(cfg, fresh=fresh)
         else:
             globals()[f"cmd_{args.command}"](args, cfg)
         clean = True

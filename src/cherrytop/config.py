@@ -269,7 +269,11 @@ class RewardConfig:
 @dataclass(frozen=True)
 class PPOConfig:
     init: str = "sft"
-    """Policy and reference model checkpoint (the SFT model)."""
+    """Policy checkpoint PPO starts from (the SFT model), and the KL reference unless `reference` names another."""
+    reference: str = ""
+    """The KL penalty's reference model π_ref; empty = `init`. Set it when PPO starts from another
+    policy than the SFT model (a second round from round 1's PPO model: `--ppo.init=runs/r1/ppo
+    --ppo.reference=runs/r1/sft`), so the penalty still keeps the policy near the SFT model [IG]."""
     reward_model: str = "rm"
     """Reward model checkpoint; the value model starts from it too ([IG])."""
     prompts: str = ""

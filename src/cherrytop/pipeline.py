@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,30 +26,69 @@ from cherrytop.eval.heldout import AXES, answer_heldout, score
 from cherrytop.eval.judge import Judge, judged_win_rate
 from cherrytop.eval.versus import kl_to_reference, lm_loss_on, win_rate
 from cherrytop.model.load import load_model
+from cherrytop.lineage import STAGES, check_own_settings, has_output, unfinished, inputs, prepare, recorded, stale_reason
 from cherrytop.stages import compare, ppo, pretrain, reward, sft
+from cherrytop.train.checkpoint import ResumeError, load_state
 from cherrytop.train.loop import console
 from cherrytop.world import World
 
-STAGES = ("pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx")
 MODELS = ("pretrain", "sft", "ppo", "ppo_ptx")
 
 
+def stage_config(name: str, cfg: Config) -> Config | None:
+    """The config a stage runs with (PPO-ptx: PPO's with the pipeline's ptx_coef), None for a stage
+    that does not run (PPO-ptx without a ptx coefficient)."""
+    if name != "ppo_ptx":
+        return cfg
+    if cfg.ppo.ptx_coef == 0 and cfg.pipeline.ptx_coef == 0:
+        return None
+    coef = cfg.ppo.ptx_coef or cfg.pipeline.ptx_coef
+    return dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=coef))
+
+
 def _run_stage(name: str, cfg: Config, fresh: bool) -> dict:
-    if name == "ppo_ptx":
-        if cfg.ppo.ptx_coef == 0 and cfg.pipeline.ptx_coef == 0:
-            return {}
-        coef = cfg.ppo.ptx_coef or cfg.pipeline.ptx_coef
-        return ppo.run(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=coef)), fresh, name="ppo_ptx")
-    module = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}[name]
-    return module.run(cfg, fresh=fresh)
+    scfg = stage_config(name, cfg)
+    if scfg is None:
+        return {}
+    fresh = prepare(name, scfg, fresh, redo_stale=True)
+    module = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}.get(name, ppo)
+    with recorded(name, scfg, fresh):
+        return ppo.run(scfg, fresh, name="ppo_ptx") if name == "ppo_ptx" else module.run(scfg, fresh=fresh)
 
 
-def plot_curves(run_dir: Path, out: Path) -> bool:
-    """Reward and KL per episode of the PPO runs, as one PNG."""
+def finished(name: str, cfg: Config) -> tuple[dict | None, str]:
+    """A stage that was not run this time (after `--until`): its metrics if its output is finished,
+    made with these settings and up to date with its inputs, else None and why not."""
+    scfg = stage_config(name, cfg)
+    if scfg is None:
+        return None, "not configured"
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if not has_output(name, run_dir):
+        return None, "not trained"
+    try:
+        if name == "compare":
+            metrics = json.loads((run_dir / "data" / "comparisons.stats.json").read_text())
+        else:
+            state = load_state(run_dir / name)
+            check_own_settings(name, state, scfg)
+            if why := unfinished(name, run_dir):
+                return None, f"half trained ({why})"
+            if name == "rm" and "accuracy_labelers" not in state["metrics"]:
+                return None, "half trained (no held-out accuracy yet)"
+            metrics = state["metrics"]
+    except (ResumeError, ValueError, OSError) as e:
+        return None, str(e)
+    if why := stale_reason(name, scfg):
+        return None, f"out of date ({why})"
+    return metrics, ""
+
+
+def plot_curves(run_dir: Path, out: Path, names: list[str] | tuple[str, ...] = ("ppo", "ppo_ptx")) -> bool:
+    """Reward and KL per episode of the PPO runs (`names`), as one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    logs = {n: run_dir / "logs" / f"{n}.jsonl" for n in ("ppo", "ppo_ptx")}
+    logs = {n: run_dir / "logs" / f"{n}.jsonl" for n in names}
     logs = {n: [json.loads(r) for r in p.read_text().splitlines()] for n, p in logs.items() if p.is_file()}
     if not logs:
         return False
@@ -68,7 +108,7 @@ def plot_curves(run_dir: Path, out: Path) -> bool:
     return True
 
 
-def evaluate_all(cfg: Config, run_dir: Path, models: list[str]) -> dict:
+def evaluate_all(cfg: Config, run_dir: Path, models: list[str], judge_ok: bool = True) -> dict:
     world = World(cfg.world)
     out: dict = {"eval": {}, "versus_sft": {}, "pretrain_loss": {}}
     answers = {}
@@ -87,7 +127,7 @@ def evaluate_all(cfg: Config, run_dir: Path, models: list[str]) -> dict:
         ref = load_model(run_dir / "sft")
         tok = load_tokenizer(run_dir / "sft")
         prompts = [list(t.messages) for t in tasks]
-        judge = Judge(run_dir / "rm", cfg.eval.batch_size) if (run_dir / "rm" / "config.json").is_file() else None
+        judge = Judge(run_dir / "rm", cfg.eval.batch_size) if judge_ok and (run_dir / "rm" / "config.json").is_file() else None
         rewards = {name: judge.scores(prompts, answers[name]) for name in answers} if judge else {}
         out["mean_reward"] = {name: sum(r) / len(r) for name, r in rewards.items()}
         for name in models:
@@ -139,6 +179,9 @@ def report_markdown(r: dict) -> str:
                                               for e in r["eval"].values()) + " |")
     if r.get("plot"):
         lines += ["", f"![PPO curves]({r['plot']})"]
+    if r.get("not_run"):
+        lines += ["", f"Not in this report (`--until {r['until']}`): "
+                      + "; ".join(f"{k}: {v}" for k, v in r["not_run"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +204,10 @@ def print_table(r: dict) -> None:
 
 
 def run(cfg: Config, until: str = STAGES[-1], fresh: bool = False) -> dict:
+    """Every stage up to `until` (a finished one is skipped, a stale one trained again), then the
+    evaluation and the report. The report covers the whole run: a stage after `until` that is finished,
+    made with these settings and up to date with its inputs is evaluated and reported as if skipped;
+    the others are listed under `not_run` with the reason."""
     if until not in STAGES:
         raise ValueError(f"--until {until}: expected one of {', '.join(STAGES)}")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -175,15 +222,36 @@ def run(cfg: Config, until: str = STAGES[-1], fresh: bool = False) -> dict:
             report[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             report["wall_time_s"][name] = time.perf_counter() - t0
             done.append(name)
+    later = STAGES[STAGES.index(until) + 1:]
+    if later:
+        report["until"] = until
+        report["not_run"] = {}
+        for name in later:
+            metrics, why = finished(name, cfg) if not fresh else (None, "the run was started over (--fresh)")
+            if metrics is not None and all(u[6:] in done for u in inputs(name, cfg) if u.startswith("stage:")):
+                report[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                done.append(name)
+            elif why != "not configured":
+                report["not_run"][name] = why or "an earlier stage it needs is not in this report"
+        if report["not_run"]:
+            console.print("not in this report: " + "; ".join(f"{k} ({v})" for k, v in report["not_run"].items()))
     t0 = time.perf_counter()
     console.rule("[bold]eval")
-    report.update(evaluate_all(cfg, run_dir, [m for m in MODELS if m in done]))
+    report.update(evaluate_all(cfg, run_dir, [m for m in MODELS if m in done], judge_ok="rm" in done))
     report["wall_time_s"]["eval"] = time.perf_counter() - t0
     report["wall_time_s"]["total"] = time.perf_counter() - t_start
-    if plot_curves(run_dir, run_dir / "ppo_curves.png"):
+    if plot_curves(run_dir, run_dir / "ppo_curves.png", [n for n in ("ppo", "ppo_ptx") if n in done]):
         report["plot"] = "ppo_curves.png"
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(report_markdown(report))
+    else:
+        (run_dir / "ppo_curves.png").unlink(missing_ok=True)
+    _write_atomically(run_dir / "report.json", json.dumps(report, indent=2))
+    _write_atomically(run_dir / "report.md", report_markdown(report))
     print_table(report)
     console.print(f"report: {run_dir / 'report.md'}")
     return report
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

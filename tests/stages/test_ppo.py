@@ -281,3 +281,76 @@ def test_ppo_run_gives_frozen_models_no_optimizer_state(tmp_path, monkeypatch):
     for f in ("runs/test/ppo/model.safetensors", "runs/test/ppo/value/model.safetensors"):
         with safe_open(tmp_path / f, "pt") as st:
             assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F32"}
+
+
+def test_the_kl_reference_is_ppo_reference_when_set(tmp_path):
+    """`ppo.reference` (a second round started from round 1's policy keeps its KL to the SFT model): the
+    reference PPO runs is that folder's model, with LoRA too (then a copy of its own, not the policy with
+    its adapter off); unset, it is `ppo.init`. A reference of another tokenizer is refused."""
+    from cherrytop.config import load_config
+    from cherrytop.data.tokenizer import train_tokenizer
+    from cherrytop.model import lora
+    from cherrytop.stages import ppo
+    from cherrytop.stages.ppo import check_reward_tokenizer, frozen_models, reference_path
+    tok = train_tokenizer(["what is 12 plus 3 ?", "12 plus 3 is 15 ."] * 20, 300)
+    small = ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=64)
+    for name, seed in (("policy", 0), ("sft", 1)):
+        build_model(small, len(tok), tok.pad_token_id, tok.eos_token_id, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    scalar_model_from(tmp_path / "sft", tok.pad_token_id).save_pretrained(tmp_path / "rm")
+    sft_weights = build_model(small, len(tok), tok.pad_token_id, tok.eos_token_id, seed=1).state_dict()
+    init = tmp_path / "policy"
+
+    def ref_of(*over):
+        cfg = load_config("test", [], [f"--run.out_dir={tmp_path}", *over])
+        policy = lora.prepare(ppo.load_model(init), cfg, "ppo")
+        return reference_path(cfg, init), frozen_models(cfg, init, tmp_path / "rm", tok.pad_token_id, policy,
+                                                        torch.device("cpu"))[0]
+    path, ref = ref_of()
+    assert path == init and torch.equal(ref.state_dict()["model.embed_tokens.weight"],
+                                        ppo.load_model(init).state_dict()["model.embed_tokens.weight"])
+    for over in ([], ["--lora.r=2"]):
+        path, ref = ref_of(f"--ppo.reference={tmp_path / 'sft'}", *over)
+        assert path == tmp_path / "sft" and not isinstance(ref, lora.Reference)
+        assert all(torch.equal(ref.state_dict()[k], v) for k, v in sft_weights.items())
+    assert isinstance(ref_of("--lora.r=2")[1], lora.Reference)  # reference = init: the adapter-off policy
+    other = train_tokenizer(["a b c d e f g"] * 20, 280)
+    other.save_pretrained(tmp_path / "sft")
+    with pytest.raises(CheckpointError, match=r"the reference .*sft has another tokenizer than the policy .*expected the policy's SFT model"):
+        check_reward_tokenizer(tok, init, tmp_path / "sft", "reference")
+
+
+def test_ppo_stopped_half_way_resumes_to_the_same_weights(tmp_path):
+    """A PPO run that stops after 2 of 4 iterations and is started again (`ppo.episodes` may grow on a
+    checkpoint) ends with the very weights and logs of a run that never stopped: the sampler's random
+    stream is saved with the checkpoint and resumed where it was (it used to be seeded again from the
+    iteration, so the resumed run sampled other episodes)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cherrytop.cli import main
+    from cherrytop.data.tokenizer import train_tokenizer
+    tok = train_tokenizer(["what is 12 plus 3 ?", "12 plus 3 is 15 .", "no idea ."] * 20, 300)
+    build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=96), len(tok), tok.pad_token_id,
+                tok.eos_token_id).save_pretrained(tmp_path / "init")
+    tok.save_pretrained(tmp_path / "init")
+    torch.manual_seed(0)
+    scalar_model_from(tmp_path / "init", tok.pad_token_id).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["what is 12 plus 3 ?", "no idea ?"] * 8))
+
+    def ppo(name, episodes):
+        assert main(["ppo", "--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--run.name={name}",
+                     f"--ppo.init={tmp_path / 'init'}", f"--ppo.reward_model={tmp_path / 'rm'}",
+                     f"--ppo.prompts={tmp_path / 'prompts.jsonl'}", f"--ppo.episodes={episodes}", "--ppo.save_every=1",
+                     "--ppo.temperature=1"]) == 0
+    ppo("whole", 64)
+    ppo("stopped", 32)
+    ppo("stopped", 64)
+    runs = tmp_path / "runs"
+    for f in ("ppo/model.safetensors", "ppo/value/model.safetensors"):
+        a, b = load_file(runs / "whole" / f), load_file(runs / "stopped" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    logs = [[{k: v for k, v in json.loads(r).items() if not k.startswith("perf/") and k != "time"}
+             for r in (runs / n / "logs" / "ppo.jsonl").read_text().splitlines()] for n in ("whole", "stopped")]
+    assert len(logs[0]) == 4 and logs[0] == logs[1]

@@ -196,13 +196,13 @@ class RefLogLik:
         return (ref_logp + ref_entropy if self.excess else ref_logp) * mask
 
 
-def ref_loglik(rm, init: Path, temperature: float, ref, dtype: torch.dtype = torch.float32) -> RefLogLik | None:
-    """The reward model's log-likelihood term, sharing PPO's reference model when π_ref is the same
-    checkpoint; another π_ref is loaded frozen, with weights in `dtype`."""
+def ref_loglik(rm, ref_path: Path, temperature: float, ref, dtype: torch.dtype = torch.float32) -> RefLogLik | None:
+    """The reward model's log-likelihood term, sharing PPO's reference model (`ref`, from `ref_path`) when
+    π_ref is the same checkpoint; another π_ref is loaded frozen, with weights in `dtype`."""
     c, path, excess = loglik_term(rm.config)
     if not c:
         return None
-    if path and Path(path).resolve() == Path(init).resolve():
+    if path and Path(path).resolve() == Path(ref_path).resolve():
         return RefLogLik(c, None if temperature == 1.0 else ref, excess)
     if not path or not (Path(path) / "config.json").is_file():
         raise CheckpointError(f"the reward model adds c · log π_ref(response) with π_ref = {path}, which is not a "
@@ -210,16 +210,26 @@ def ref_loglik(rm, init: Path, temperature: float, ref, dtype: torch.dtype = tor
     return RefLogLik(c, load_model(path, dtype).eval().requires_grad_(False), excess)
 
 
+def reference_path(cfg: Config, init: Path) -> Path:
+    """The KL reference's folder: `ppo.reference`, or the policy's starting point `init`."""
+    return resolve_checkpoint(cfg.ppo.reference, cfg) if cfg.ppo.reference else init
+
+
 def frozen_models(cfg: Config, init: Path, rm_path: Path, pad_id: int, policy: torch.nn.Module,
                   device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, RefLogLik | None]:
-    """The models PPO runs but never trains: the reference (the SFT model `init`; with LoRA the policy
-    with its adapter off, no second copy), the reward model and its c · log π_ref term (with its own
-    π_ref when that is another model). Loaded with weights in `dist.frozen_dtype` (bf16 on GPU by
-    default), in eval mode and without gradients: no optimizer is ever made over them."""
+    """The models PPO runs but never trains: the reference (`ppo.reference`, by default the SFT model
+    `init`; with LoRA and the reference = `init`, the policy with its adapter off, no second copy), the
+    reward model and its c · log π_ref term (with its own π_ref when that is another model). Loaded with
+    weights in `dist.frozen_dtype` (bf16 on GPU by default), in eval mode and without gradients: no
+    optimizer is ever made over them."""
     dtype = frozen_dtype(cfg.dist.frozen_dtype, device)
     rm = scalar_model_from(rm_path, pad_id, dtype, require_head=True).eval().requires_grad_(False)
-    ref = lora.Reference(policy) if lora.enabled(cfg, "ppo") else load_model(init, dtype).eval().requires_grad_(False)
-    return ref, rm, ref_loglik(rm, init, cfg.ppo.temperature, ref, dtype)
+    ref_path = reference_path(cfg, init)
+    if lora.enabled(cfg, "ppo") and ref_path.resolve() == init.resolve():
+        ref = lora.Reference(policy)
+    else:
+        ref = load_model(ref_path, dtype).eval().requires_grad_(False)
+    return ref, rm, ref_loglik(rm, ref_path, cfg.ppo.temperature, ref, dtype)
 
 
 class WeightEMA:
@@ -310,11 +320,12 @@ def encode_prompts(cfg: Config, tok, window: int | None) -> list[list[int]]:
     return out
 
 
-def check_reward_tokenizer(tok, init: Path, rm_path: Path) -> None:
+def check_reward_tokenizer(tok, init: Path, rm_path: Path, role: str = "reward model") -> None:
     """The reward model (and the value model, which starts from it) reads the policy's token ids: a
     reward model with another vocabulary would index out of its embeddings, or, with a larger one, score
     other tokens than the policy wrote, without a word. Its tokenizer (else its config's vocabulary
-    size) must be the policy's; a CheckpointError names both folders and the first difference."""
+    size) must be the policy's; a CheckpointError names both folders and the first difference. The same
+    holds for the KL reference (`role` = "reference")."""
     import json
     try:
         rm_tok = load_tokenizer(rm_path)
@@ -327,19 +338,21 @@ def check_reward_tokenizer(tok, init: Path, rm_path: Path) -> None:
         diff = next(((t, i, theirs.get(t)) for t, i in sorted(mine.items(), key=lambda x: x[1]) if theirs.get(t) != i),
                     None)
         if diff is None:
-            what = "the reward model has tokens the policy's lacks"
+            what = f"the {role} has tokens the policy's lacks"
         else:
             what = (f"token {diff[0]!r} is id {diff[1]} for the policy and "
-                    + (f"id {diff[2]}" if diff[2] is not None else "absent") + " for the reward model")
+                    + (f"id {diff[2]}" if diff[2] is not None else "absent") + f" for the {role}")
         detail = f"vocabularies of {len(mine)} and {len(theirs)} tokens; {what}"
     else:
         sizes = [json.loads((Path(p) / "config.json").read_text()).get("vocab_size") for p in (init, rm_path)]
         if sizes[0] == sizes[1]:
             return
         detail = f"vocabulary sizes {sizes[0]} and {sizes[1]}"
-    raise CheckpointError(f"ppo: the reward model {rm_path} has another tokenizer than the policy {init} ({detail}); "
-                          "PPO feeds the policy's token ids to the reward and value models: expected a reward model "
-                          "trained from the policy's SFT model (`cherrytop rm --rm.train.init=DIR`)")
+    expected = ("the policy's SFT model" if role == "reference" else
+                "a reward model trained from the policy's SFT model (`cherrytop rm --rm.train.init=DIR`)")
+    raise CheckpointError(f"ppo: the {role} {rm_path} has another tokenizer than the policy {init} ({detail}); "
+                          f"PPO feeds the policy's token ids to the {role if role == 'reference' else 'reward and value models'}: "
+                          f"expected {expected}")
 
 
 def ptx_windows(cfg: Config, tok, window: int | None = None) -> torch.Tensor:
@@ -395,6 +408,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     rm_path = resolve_checkpoint(p.reward_model, cfg)
     tok = load_tokenizer(init)
     check_reward_tokenizer(tok, init, rm_path)
+    if reference_path(cfg, init) != init:
+        check_reward_tokenizer(tok, init, reference_path(cfg, init), "reference")
     torch.manual_seed(cfg.run.seed)
     state = None if fresh else load_state(ckpt)
     iterations = p.episodes // p.batch_size
@@ -449,6 +464,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     log = MetricsLog(run_dir, name, start * p.batch_size) if d.main else distributed.NoLog()  # logged by episode
     # each rank samples its own episodes: its own stream (rank 0's is the single process's)
     gen = torch.Generator(device=d.device).manual_seed((cfg.run.seed * 1000 + start) * d.world + d.rank)
+    if state is not None and "sampler_rng" in state and d.world == 1:  # one process: resume its stream where it was
+        gen.set_state(state["sampler_rng"])
     if d.main:
         console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(encoded)} prompts, β={beta}, "
                       f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}"
@@ -456,7 +473,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
     def save(iteration: int) -> None:
         st = {"stage": name, "iteration": iteration, "beta": beta, "rng": torch.get_rng_state(), "metrics": metrics,
-              "config": to_dict(cfg)}
+              "config": to_dict(cfg), "sampler_rng": gen.get_state()}
         if par is not None and par.sharded:  # every rank writes its shards; the value folder goes in with the policy's
             staged = ckpt.with_name(f".{ckpt.name}.value-staged")
             full = iteration == iterations  # the final checkpoint is also a plain HF folder (both models)

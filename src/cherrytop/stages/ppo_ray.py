@@ -37,7 +37,8 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import context_window, resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import Rollout, WeightEMA, adamw, encode_prompts, episode_rewards, micro_batches, minibatches
+from cherrytop.stages.ppo import (Rollout, WeightEMA, adamw, check_reward_tokenizer, encode_prompts, episode_rewards,
+                                  micro_batches, minibatches, reference_path)
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -325,19 +326,22 @@ class Actors:
         return {k: a for k, a in one.items() if a is not None} | {f"rollout {i}": w for i, w in enumerate(self.rollout)}
 
 
-def start_actors(cfg: Config, init: str, rm_path: str, pad_id: int) -> Actors:
-    """The PPO actors, each placed as `placement` says (checked against the running cluster first)."""
+def start_actors(cfg: Config, init: str, rm_path: str, pad_id: int, ref_path: str | None = None) -> Actors:
+    """The PPO actors, each placed as `placement` says (checked against the running cluster first). The
+    reference (`ref_path`, default `init`) is an actor of its own unless LoRA makes it the policy with
+    its adapter off (only when it is `init`)."""
     import ray
     p, rc = cfg.ppo, cfg.ray
-    adapters = lora.enabled(cfg, "ppo")
-    roles = ["policy", "value", "reward"] + ([] if adapters else ["reference"]) + ["rollout"] * rc.rollout_workers
+    ref_path = ref_path or init
+    own_ref = not lora.enabled(cfg, "ppo") or Path(ref_path).resolve() != Path(init).resolve()
+    roles = ["policy", "value", "reward"] + (["reference"] if own_ref else []) + ["rollout"] * rc.rollout_workers
     opts = placement(rc, roles, ray.nodes())
     return Actors(
         policy=ray.remote(PolicyTrainer).options(**opts["policy"]).remote(cfg, init),
         value=ray.remote(ValueTrainer).options(**opts["value"]).remote(cfg, rm_path, pad_id),
         reward=ray.remote(Scorer).options(**opts["reward"]).remote("reward", rm_path, pad_id, p.temperature, cfg.dist),
-        reference=None if adapters else ray.remote(Scorer).options(**opts["reference"]).remote(
-            "reference", init, pad_id, p.temperature, cfg.dist),
+        reference=None if not own_ref else ray.remote(Scorer).options(**opts["reference"]).remote(
+            "reference", ref_path, pad_id, p.temperature, cfg.dist),
         rollout=[ray.remote(RolloutWorker).options(**opts["rollout"]).remote(cfg, init, cfg.run.seed * 1000 + k)
                  for k in range(rc.rollout_workers)])
 
@@ -351,7 +355,11 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / name
     init, rm_path = str(resolve_checkpoint(p.init, cfg)), str(resolve_checkpoint(p.reward_model, cfg))
+    ref_path = str(reference_path(cfg, Path(init)))
     tok = load_tokenizer(init)
+    check_reward_tokenizer(tok, Path(init), Path(rm_path))
+    if ref_path != init:
+        check_reward_tokenizer(tok, Path(init), Path(ref_path), "reference")
     iterations = p.episodes // p.batch_size
     state = None if fresh else load_state(ckpt)
     if state is not None and state.get("iteration", 0) >= iterations:
@@ -359,13 +367,13 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         return state["metrics"]
     from transformers import AutoConfig
     coef, rm_ref, excess = loglik_term(AutoConfig.from_pretrained(rm_path))
-    if coef and not (Path(rm_ref or "").resolve() == Path(init).resolve() and p.temperature == 1.0):
-        raise ValueError(f"the reward model's c · log π_ref term needs π_ref = ppo.init and ppo.temperature = 1 with "
+    if coef and not (Path(rm_ref or "").resolve() == Path(ref_path).resolve() and p.temperature == 1.0):
+        raise ValueError(f"the reward model's c · log π_ref term needs π_ref = PPO's KL reference and ppo.temperature = 1 with "
                          f"ray.enabled (π_ref is {rm_ref}, ppo.temperature {p.temperature}); pass --ppo.temperature=1, "
                          "run PPO without Ray, or use a reward model trained with --rm.ref_loglik=off")
     encoded = encode_prompts(cfg, tok, context_window(AutoConfig.from_pretrained(str(init))))
     start_ray(cfg)
-    actors = start_actors(cfg, init, rm_path, tok.pad_token_id)
+    actors = start_actors(cfg, init, rm_path, tok.pad_token_id, ref_path)
     policy, value, rm, ref, workers = actors.policy, actors.value, actors.reward, actors.reference, actors.rollout
     placed = dict(zip(actors.named(), ray.get([a.where.remote() for a in actors.named().values()])))
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}

@@ -20,6 +20,7 @@ from cherrytop.data.tokenizer import load_tokenizer, render, train_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.load import build_model, context_window, count_params, fit_vocab, load_model
 from cherrytop.train import loop
+from cherrytop.train.checkpoint import write_dir_atomically
 from cherrytop.train.lm import lm_count, lm_step
 from cherrytop.world import World
 
@@ -47,7 +48,7 @@ def get_tokenizer(cfg: Config, docs: list[Document]):
         return load_tokenizer(saved)
     texts = (d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in docs)
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-    tok.save_pretrained(saved)
+    write_dir_atomically(saved, tok.save_pretrained)  # a kill mid-write leaves no half tokenizer to load
     return tok
 
 

@@ -4,8 +4,11 @@ crash leaves either the previous checkpoint or the new one, never half of one.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,13 +21,34 @@ CONFIG_FILE = "cherrytop.toml"
 STATE_FILE = "trainer_state.pt"
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed as it is: made with other settings or from other inputs,
+    or with a file missing, truncated or corrupt. The message is one line naming what to do."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _recover(final: Path) -> None:
-    """Finish a replacement a crash interrupted between its two renames."""
+    """Finish a replacement a crash interrupted between its two renames, and remove the half-written
+    folders of writers that were killed (`.<name>.tmp-<pid>` of a process that no longer runs)."""
     old = final.with_name(f".{final.name}.old")
     if not final.exists() and old.exists():
         os.replace(old, final)
     elif old.exists():
         shutil.rmtree(old)
+    if final.parent.is_dir():
+        for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
@@ -63,8 +87,89 @@ def save_checkpoint(final: Path, model: Any, tokenizer: Any, cfg: Config, state:
     write_dir_atomically(final, write)
 
 
+def discard(final: Path) -> None:
+    """Remove a checkpoint folder (and what an interrupted write left of it): `--fresh` starts over."""
+    final = Path(final)
+    _recover(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        os.replace(final, old)  # one rename: the checkpoint is gone at once, even if the removal is cut short
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_hint(ckpt: Path) -> str:
+    return f"pass --fresh to train stage '{ckpt.name}' over"
+
+
+def _check_safetensors(f: Path) -> None:
+    """A .safetensors file whose header reads and whose size matches the tensors it lists."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ResumeError(f"{f}: truncated or corrupt (its header does not read); {_fresh_hint(f.parent)}")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise ResumeError(f"{f}: truncated or corrupt (its header does not read); {_fresh_hint(f.parent)}") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise ResumeError(f"{f}: truncated or corrupt ({size} bytes; its header lists {8 + n + end}); "
+                          f"{_fresh_hint(f.parent)}")
+
+
+def verify_checkpoint(ckpt: Path, state: bool = True) -> None:
+    """Raise a one-line ResumeError naming the file if the checkpoint folder `ckpt` misses a file it
+    needs (config.json, its weights, `trainer_state.pt` where `state`) or has one that is truncated or
+    corrupt. A sharded (FSDP) checkpoint's shards are read by torch.distributed.checkpoint itself."""
+    ckpt = Path(ckpt)
+    cfg = ckpt / "config.json"
+    if not cfg.is_file():
+        raise ResumeError(f"{cfg}: missing from the checkpoint; {_fresh_hint(ckpt)}")
+    try:
+        json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ResumeError(f"{cfg}: truncated or corrupt (not JSON); {_fresh_hint(ckpt)}") from None
+    if (ckpt / "shards" / ".metadata").is_file():
+        weights: list[Path] = []
+    elif (ckpt / "model.safetensors.index.json").is_file():
+        index = ckpt / "model.safetensors.index.json"
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise ResumeError(f"{index}: truncated or corrupt; {_fresh_hint(ckpt)}") from None
+        weights = [ckpt / n for n in names]
+    elif (ckpt / "pytorch_model.bin").is_file():
+        weights = []
+    else:
+        weights = [ckpt / "model.safetensors"]
+    for w in weights:
+        if not w.is_file():
+            raise ResumeError(f"{w}: missing from the checkpoint; {_fresh_hint(ckpt)}")
+        _check_safetensors(w)
+    if state:
+        f = ckpt / STATE_FILE
+        if not f.is_file():
+            raise ResumeError(f"{f}: missing from the checkpoint; {_fresh_hint(ckpt)}")
+        if not zipfile.is_zipfile(f):
+            raise ResumeError(f"{f}: truncated or corrupt; {_fresh_hint(ckpt)}")
+    for sub in sorted(ckpt.iterdir()):  # a second model saved inside (PPO's value model)
+        if sub.is_dir() and (sub / "config.json").exists() and sub.name != "shards":
+            verify_checkpoint(sub, state=False)
+
+
 def load_state(ckpt: Path) -> dict | None:
-    """The training state saved with a checkpoint, or None for a folder that has none."""
-    _recover(Path(ckpt))
-    f = Path(ckpt) / STATE_FILE
-    return torch.load(f, weights_only=False) if f.is_file() else None
+    """The training state saved with a checkpoint, or None where there is no checkpoint yet (no folder,
+    or one without a model in it). A checkpoint with a file missing, truncated or corrupt raises a
+    ResumeError naming it, rather than training from scratch over it."""
+    ckpt = Path(ckpt)
+    _recover(ckpt)
+    if not ckpt.is_dir() or not any(ckpt.iterdir()):
+        return None
+    verify_checkpoint(ckpt)
+    f = ckpt / STATE_FILE
+    try:
+        return torch.load(f, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (a zip whose members are damaged)
+        raise ResumeError(f"{f}: truncated or corrupt ({str(e).splitlines()[0]}); {_fresh_hint(ckpt)}") from None

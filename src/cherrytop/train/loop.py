@@ -24,15 +24,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cherrytop.config import Config, TrainConfig, to_dict
 from cherrytop.model import lora
 from cherrytop.train import distributed
-from cherrytop.train.checkpoint import load_state, save_checkpoint
+from cherrytop.train.checkpoint import ResumeError, discard, load_state, save_checkpoint
 
 console = Console(stderr=True)
 
 Batch = dict[str, torch.Tensor]
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint to resume from that was made with different settings."""
 
 
 @dataclass
@@ -120,16 +116,43 @@ class MetricsLog:
         self.tb.close()
 
 
-def _check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
+def settings_sections(cfg: Config, stage: str) -> list[str]:
+    """The config sections a stage's checkpoint depends on: its own (`ppo_ptx` is PPO's), the model's,
+    LoRA's, and the built-in world's and the tokenizer's where the stage's data comes from them."""
+    section = "ppo" if stage == "ppo_ptx" else stage
+    out = [section, "model", "lora"]
+    if stage == "pretrain":
+        out += ["tokenizer"] + (["world"] if not cfg.pretrain.data else [])
+    if stage == "sft" and not cfg.sft.data:
+        out.append("world")
+    if stage == "rm" and not cfg.rm.train.data:
+        out.append("world")
+    if stage in ("ppo", "ppo_ptx") and not cfg.ppo.prompts:
+        out.append("world")
+    return out
+
+
+_FREE = {"ppo": ("episodes",)}
+"""Settings a checkpoint resumes under whatever their value (besides how often it saves and logs):
+PPO's episodes, which no schedule depends on (more of them trains on)."""
+
+
+def check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
+    """Raise ResumeError if the checkpoint's config `saved` differs from `cfg` in a setting the stage's
+    result depends on (`settings_sections`, and `run.seed`, which orders its batches)."""
     now, default = to_dict(cfg), to_dict(Config())
     diffs = []
-    for section in (stage, "model", "lora"):
+    for section in settings_sections(cfg, stage):
         for k, v in now[section].items():
+            if k in _FREE.get(section, ()) + ("save_every", "log_every"):
+                continue
             if k not in saved.get(section, {}) and (section == "lora" or section not in saved or v == default[section][k]):
                 continue  # a setting newer than the checkpoint (at its default: what the older code did)
             old = saved.get(section, {}).get(k)
             if old != v:
                 diffs.append(f"{section}.{k}: {old!r} -> {v!r}")
+    if "seed" in saved.get("run", {}) and saved["run"]["seed"] != cfg.run.seed:
+        diffs.append(f"run.seed: {saved['run']['seed']!r} -> {cfg.run.seed!r}")
     if diffs:
         raise ResumeError(f"the checkpoint of stage '{stage}' was made with other settings ({'; '.join(diffs)}); "
                           "pass --fresh to start the stage over, or choose another --run.name")
@@ -147,15 +170,22 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
     opt = make_optimizer(model, t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
+    if fresh and d.main:  # start over: the old checkpoint goes now, so a run killed before its first
+        discard(ckpt)     # checkpoint is not mistaken for this one when started again
+    distributed.barrier(d)
     state = None if fresh else load_state(ckpt)
     if state is not None:
-        _check_same_settings(state["config"], cfg, stage.name)
+        check_same_settings(state["config"], cfg, stage.name)
         if distributed.has_shards(ckpt):  # model + optimizer, resharded to this job's processes
             distributed.load_sharded(ckpt, model, opt)
         elif lora.is_lora(model):
             lora.load_adapter(model, ckpt)
         else:
-            trained = type(model).from_pretrained(str(ckpt))
+            try:
+                trained = type(model).from_pretrained(str(ckpt))
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ResumeError(f"{ckpt}: the checkpoint's model does not load ({str(e).splitlines()[0]}); "
+                                  f"pass --fresh to train stage '{stage.name}' over") from None
             model.load_state_dict(trained.state_dict())
         if state["step"] >= t.max_steps:
             if d.main:

@@ -1,0 +1,245 @@
+"""What each stage of a run was trained from: `runs/<name>/lineage.json` records, per stage, the
+fingerprints of its inputs (earlier stages' checkpoints, data files, and compare's settings), so that
+a stage whose inputs changed since (an earlier stage trained again, a data file edited) is not reused
+without a word. `prepare` runs before a stage (stop, or with the pipeline train it again; `--fresh`
+discards the old output at once), `recorded` after it. `cherrytop <stage>` and the pipeline both use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from cherrytop.config import Config, to_dict
+from cherrytop.stages import sft
+from cherrytop.train.checkpoint import ResumeError, discard, load_state
+from cherrytop.train.loop import check_same_settings, console
+
+STAGES = ("pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx")
+
+LINEAGE = "lineage.json"
+"""runs/<name>/lineage.json: per stage, the fingerprints of the inputs it was (or is being) trained
+from (earlier stages' checkpoints, data files) and, for compare, its settings."""
+
+
+class recorded:
+    """Around a stage's run: once it has written output (finished, interrupted or failed after a
+    checkpoint), its inputs are in the lineage if they were not yet (a new run's first stage, whose
+    folder did not exist before) or it started fresh."""
+
+    def __init__(self, name: str, cfg: Config, fresh: bool):
+        self.name, self.cfg, self.fresh = name, cfg, fresh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        run_dir = Path(self.cfg.run.out_dir) / self.cfg.run.name
+        try:
+            lineage = read_lineage(run_dir)
+            if has_output(self.name, run_dir) and (self.fresh or self.name not in lineage):
+                lineage[self.name] = _entry(self.name, self.cfg)
+                _write_lineage(run_dir, lineage)
+        except ResumeError:
+            pass  # a damaged checkpoint is reported by the next run
+
+
+def _entry(name: str, cfg: Config) -> dict:
+    return {"inputs": inputs(name, cfg), **({"settings": compare_settings(cfg)} if name == "compare" else {})}
+
+
+def _hash_path(p: Path) -> str | None:
+    """Content fingerprint of a data file or folder (None if it is not there); a file over 64 MiB by
+    its size and its first and last MiB."""
+    p = Path(p)
+    if not p.exists():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in ([p] if p.is_file() else p.rglob("*")) if q.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p) if f != p else ''}:{size}\n".encode())
+        with f.open("rb") as fh:
+            if size <= 64 << 20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _output(name: str, run_dir: Path) -> Path:
+    return run_dir / "data" / "comparisons.stats.json" if name == "compare" else run_dir / name
+
+
+def fingerprint(name: str, run_dir: Path) -> str | None:
+    """What identifies one training of stage `name` of the run: its step and final metrics (any
+    retraining logs other numbers), or for compare its files' contents; None if it has no output."""
+    if name == "compare":
+        train, held = run_dir / "data" / "comparisons.jsonl", run_dir / "data" / "comparisons_heldout.jsonl"
+        stats = run_dir / "data" / "comparisons.stats.json"
+        parts = [_hash_path(f) for f in (stats, train, held)]
+        return None if parts[0] is None else hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    state = load_state(run_dir / name)
+    if state is None:
+        return None
+    key = {"step": state.get("step"), "iteration": state.get("iteration"), "metrics": state.get("metrics")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stage_ref(ref: str) -> str | None:
+    return ref if ref in STAGES else None
+
+
+def inputs(name: str, cfg: Config) -> dict[str, str | None]:
+    """Fingerprints of what stage `name` is trained from: earlier stages of the run (`stage:NAME`) and
+    data files (`file:PATH`)."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    stages: list[str | None] = []
+    files: list[str] = []
+    if name == "pretrain":
+        files = [cfg.pretrain.data]
+    elif name == "sft":
+        stages = [_stage_ref(sft.init_ref(cfg))]
+        files = [cfg.sft.data or str(run_dir / "data" / "demos.jsonl")]
+    elif name == "compare":
+        stages = [_stage_ref(cfg.compare.policy)]
+    elif name == "rm":
+        stages = [_stage_ref(cfg.rm.train.init), None if cfg.rm.train.data else "compare"]
+        files = [cfg.rm.train.data]
+    else:
+        stages = [_stage_ref(cfg.ppo.init), _stage_ref(cfg.ppo.reference), _stage_ref(cfg.ppo.reward_model)]
+        files = [cfg.ppo.prompts] + ([cfg.pretrain.data] if name == "ppo_ptx" else [])
+    out: dict[str, str | None] = {}
+    for st in dict.fromkeys(x for x in stages if x):
+        out[f"stage:{st}"] = fingerprint(st, run_dir)
+    for f in files:
+        if f and (Path(f).exists() or not f.startswith(str(run_dir))):
+            out[f"file:{f}"] = _hash_path(Path(f))
+    return out
+
+
+def compare_settings(cfg: Config) -> dict:
+    d = to_dict(cfg)
+    return json.loads(json.dumps({"compare": d["compare"], "world": d["world"], "run.seed": cfg.run.seed}))
+
+
+def read_lineage(run_dir: Path) -> dict:
+    f = run_dir / LINEAGE
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except ValueError:
+        return {}  # a file cut short by a kill: rebuilt from here on
+
+
+def _write_lineage(run_dir: Path, lineage: dict) -> None:
+    if os.environ.get("RANK", "0") != "0" or not run_dir.is_dir():
+        return  # a command that stops before it writes anything leaves no run folder behind
+    tmp = run_dir / f".{LINEAGE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(lineage, indent=2))
+    os.replace(tmp, run_dir / LINEAGE)
+
+
+def has_output(name: str, run_dir: Path) -> bool:
+    out = _output(name, run_dir)
+    return out.is_file() if name == "compare" else out.is_dir() and any(out.iterdir())
+
+
+def stale_reason(name: str, cfg: Config, lineage: dict | None = None) -> str | None:
+    """Why the output of stage `name` no longer matches its inputs (an earlier stage trained again, a
+    data file changed, compare's settings changed), or None."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    entry = (read_lineage(run_dir) if lineage is None else lineage).get(name)
+    if entry is None or not has_output(name, run_dir):
+        return None
+    now = inputs(name, cfg)
+    changed = [k for k in now if k in entry.get("inputs", {}) and entry["inputs"][k] != now[k]]
+    reasons = [f"{k[6:]} was trained again since" if k.startswith("stage:") else f"{k[5:]} changed since"
+               for k in changed]
+    if name == "compare" and "settings" in entry:
+        old, new = entry["settings"], compare_settings(cfg)
+        diffs = [f"{sec}.{k}: {old[sec].get(k)!r} -> {v!r}" for sec in ("compare", "world") for k, v in new[sec].items()
+                 if old.get(sec, {}).get(k) != v]
+        diffs += [f"run.seed: {old.get('run.seed')!r} -> {new['run.seed']!r}"] if old.get("run.seed") != new["run.seed"] else []
+        if diffs:
+            reasons.append("it was made with other settings (" + "; ".join(diffs) + ")")
+    if not reasons:
+        return None
+    what = "its comparisons" if name == "compare" else "its checkpoint"
+    return f"{what} no longer match{'' if name == 'compare' else 'es'} its inputs: " + ", ".join(reasons)
+
+
+def check_own_settings(name: str, state: dict, cfg: Config) -> None:
+    """The stage's checkpoint was made with `cfg`'s settings (the reward model's effective max_steps and
+    seq_len, which rm.epochs and the model's window set, as saved)."""
+    if name == "rm":
+        saved = state["config"].get("rm", {}).get("train", {})
+        if cfg.rm.epochs > 0 and "max_steps" in saved:
+            cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train=dataclasses.replace(
+                cfg.rm.train, max_steps=saved["max_steps"])))
+        if saved.get("seq_len", cfg.rm.train.seq_len) < cfg.rm.train.seq_len:
+            cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train=dataclasses.replace(
+                cfg.rm.train, seq_len=saved["seq_len"])))
+    check_same_settings(state["config"], cfg, name)
+
+
+def unfinished(up: str, run_dir: Path) -> str | None:
+    """Why the earlier stage `up` is not finished (a checkpoint saved half-way), or None."""
+    if up == "compare":
+        return None
+    state = load_state(run_dir / up)  # a missing or damaged file stops here, named
+    if state is None:
+        return None
+    saved = state.get("config", {})
+    if "iteration" in state:
+        p = saved.get("ppo", {})
+        total = p.get("episodes", 0) // max(1, p.get("batch_size", 1))
+        done = state["iteration"]
+    else:
+        section = saved.get("rm", {}).get("train", {}) if up == "rm" else saved.get(up, {})
+        total, done = section.get("max_steps", 0), state["step"]
+    return f"its checkpoint is at step {done} of {total}" if done < total else None
+
+
+def prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> bool:
+    """Before stage `name` runs: stop (one line) where an earlier stage it needs is only half trained or
+    has a damaged file; where its own output no longer matches its inputs (`stale_reason`), train it
+    again (`redo_stale`, the pipeline) or stop saying so; on a fresh start discard its old output at
+    once (a run killed before its first checkpoint then never resumes the old one), the run's trained
+    tokenizer with pretraining's and the world's demonstrations with SFT's; record the stage's inputs.
+    Returns whether the stage starts fresh."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    lineage = read_lineage(run_dir)
+    now = inputs(name, cfg)
+    for key in now:
+        if key.startswith("stage:") and (why := unfinished(key[6:], run_dir)):
+            raise ResumeError(f"{name} needs a finished {key[6:]} stage, but {why} ({run_dir / key[6:]}); "
+                              f"run `cherrytop {key[6:]}` (or the pipeline) to finish it first")
+    if not fresh:
+        if name != "compare" and (run_dir / name).is_dir():
+            state = load_state(run_dir / name)  # a damaged checkpoint stops here, its file named
+            if state is not None:
+                check_own_settings(name, state, cfg)
+        if why := stale_reason(name, cfg, lineage):
+            if not redo_stale:
+                raise ResumeError(f"{name}: {why}; pass --fresh to run stage '{name}' again from them")
+            console.print(f"[yellow]{name}[/]: {why}; running it again")
+            fresh = True
+    if fresh and os.environ.get("RANK", "0") == "0":
+        if name == "compare":
+            for f in ("comparisons.stats.json", "comparisons.jsonl", "comparisons_heldout.jsonl"):
+                (run_dir / "data" / f).unlink(missing_ok=True)
+        else:
+            discard(run_dir / name)
+        if name == "pretrain" and not (cfg.tokenizer.path or cfg.model.path):
+            shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+        if name == "sft" and not cfg.sft.data:
+            (run_dir / "data" / "demos.jsonl").unlink(missing_ok=True)
+    if fresh or name not in lineage or not has_output(name, run_dir):
+        lineage[name] = _entry(name, cfg)
+        _write_lineage(run_dir, lineage)
+    return fresh
