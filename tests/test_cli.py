@@ -115,6 +115,18 @@ def test_chat_is_multi_turn(run_dir, monkeypatch, capsys):
     assert capsys.readouterr().out.count("assistant> ") == 2
 
 
+def test_chat_outgrowing_the_context_window_goes_on(run_dir, monkeypatch, capsys):
+    """A chat longer than the model's context window leaves its oldest turns out instead of ending the
+    session with an error; one message too long to fit at all is refused and the chat goes on."""
+    lines = iter(["what is 12 plus 3 ? " * 3] * 12 + ["hill " * 400, "what is 12 plus 3 ?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert main(["chat", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoint", "sft",
+                 "--sample.max_new_tokens=16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 13 and "no longer fit the model's context window of" in out
+    assert "error: this message is" in out and "say it in fewer words" in out
+
+
 BAD = [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n{"messages": [}\n',
      r"demos.jsonl:2: not valid JSON"),

@@ -128,8 +128,10 @@ def cmd_generate(args, cfg) -> None:
 
 
 def cmd_chat(args, cfg) -> None:
-    from cherrytop.rollout.sampler import generate
+    from cherrytop.model.load import context_window
+    from cherrytop.rollout.sampler import fit_history, generate
     ckpt, model, tok = _model(args, cfg)
+    window = context_window(model.config)
     s = cfg.sample
     print(f"chatting with {ckpt} (temperature {s.temperature}); /reset starts over, /quit or Ctrl-D leaves")
     history: list[dict] = []
@@ -148,7 +150,16 @@ def cmd_chat(args, cfg) -> None:
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        answer = generate(model, tok, [history], max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        try:  # the oldest turns that no longer fit the context window (with room to answer) are left out
+            prompt = fit_history(tok, history, window, s.max_new_tokens)
+        except ValueError as e:  # this one message cannot fit: refuse it, the chat goes on
+            print(f"error: {e}; say it in fewer words")
+            history.pop()
+            continue
+        if len(prompt) < len(history):
+            print(f"(the oldest {len(history) - len(prompt)} messages no longer fit the model's context window of "
+                  f"{window} tokens and are left out)")
+        answer = generate(model, tok, [prompt], max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                           top_p=s.top_p, seed=cfg.run.seed + turn)[0]
         turn += 1
         history.append({"role": "assistant", "content": answer})
