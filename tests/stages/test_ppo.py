@@ -246,24 +246,31 @@ def test_frozen_models_in_bf16_score_the_rollout_like_fp32(tmp_path):
     assert not torch.equal(b.ref_logp, a.ref_logp) and not torch.equal(sb, sa) and not torch.equal(fb, fa)
 
 
+def ppo_inputs(tmp_path, prompts: list[str], n_layers: int) -> None:
+    """What `cherrytop ppo` needs, made small under tmp_path: a policy `init` with its tokenizer, a
+    reward model `rm` with a fresh head, and `prompts.jsonl`."""
+    import json
+
+    from cherrytop.data.tokenizer import train_tokenizer
+    tok = train_tokenizer(["what is 12 plus 3 ?", "12 plus 3 is 15 .", "no idea ."] * 20, 300)
+    build_model(ModelConfig(n_layers=n_layers, d_model=32, n_heads=2, d_ff=64, max_seq_len=96), len(tok),
+                tok.pad_token_id, tok.eos_token_id).save_pretrained(tmp_path / "init")
+    tok.save_pretrained(tmp_path / "init")
+    torch.manual_seed(0)
+    scalar_model_from(tmp_path / "init", tok.pad_token_id).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
+
+
 def test_ppo_run_gives_frozen_models_no_optimizer_state(tmp_path, monkeypatch):
     """`cherrytop ppo --dist.frozen_dtype=bf16` end to end: the two optimizers it makes hold the fp32
     policy and value model only; the frozen models' bf16 weights are in neither, never get a gradient
     nor optimizer state; the checkpoint's policy and value model are fp32."""
-    import json
 
     from safetensors import safe_open
 
     from cherrytop.cli import main
-    from cherrytop.data.tokenizer import train_tokenizer
     from cherrytop.stages import ppo
-    tok = train_tokenizer(["what is 12 plus 3 ?", "12 plus 3 is 15 .", "no idea ."] * 20, 300)
-    build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=96), len(tok), tok.pad_token_id,
-                tok.eos_token_id).save_pretrained(tmp_path / "init")
-    tok.save_pretrained(tmp_path / "init")
-    torch.manual_seed(0)
-    scalar_model_from(tmp_path / "init", tok.pad_token_id).save_pretrained(tmp_path / "rm")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["what is 12 plus 3 ?"] * 16))
+    ppo_inputs(tmp_path, ["what is 12 plus 3 ?"] * 16, n_layers=2)
     made, frozen = [], []
     monkeypatch.setattr(ppo, "adamw", lambda model, lr, f=ppo.adamw: made.append(f(model, lr)) or made[-1])
     monkeypatch.setattr(ppo, "frozen_models", lambda *a, f=ppo.frozen_models: frozen.append(f(*a)) or frozen[-1])
@@ -330,14 +337,7 @@ def test_ppo_stopped_half_way_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     from cherrytop.cli import main
-    from cherrytop.data.tokenizer import train_tokenizer
-    tok = train_tokenizer(["what is 12 plus 3 ?", "12 plus 3 is 15 .", "no idea ."] * 20, 300)
-    build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=96), len(tok), tok.pad_token_id,
-                tok.eos_token_id).save_pretrained(tmp_path / "init")
-    tok.save_pretrained(tmp_path / "init")
-    torch.manual_seed(0)
-    scalar_model_from(tmp_path / "init", tok.pad_token_id).save_pretrained(tmp_path / "rm")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["what is 12 plus 3 ?", "no idea ?"] * 8))
+    ppo_inputs(tmp_path, ["what is 12 plus 3 ?", "no idea ?"] * 8, n_layers=1)
 
     def ppo(name, episodes):
         assert main(["ppo", "--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--run.name={name}",
