@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from cherrytop.config import Config, to_dict
@@ -26,23 +27,19 @@ LINEAGE = "lineage.json"
 from (earlier stages' checkpoints, data files) and, for compare, its settings."""
 
 
-class recorded:
+@contextmanager
+def recorded(name: str, cfg: Config, fresh: bool):
     """Around a stage's run: once it has written output (finished, interrupted or failed after a
     checkpoint), its inputs are in the lineage if they were not yet (a new run's first stage, whose
     folder did not exist before) or it started fresh."""
-
-    def __init__(self, name: str, cfg: Config, fresh: bool):
-        self.name, self.cfg, self.fresh = name, cfg, fresh
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        run_dir = Path(self.cfg.run.out_dir) / self.cfg.run.name
+    try:
+        yield
+    finally:
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name
         try:
             lineage = read_lineage(run_dir)
-            if has_output(self.name, run_dir) and (self.fresh or self.name not in lineage):
-                lineage[self.name] = _entry(self.name, self.cfg)
+            if has_output(name, run_dir) and (fresh or name not in lineage):
+                lineage[name] = _entry(name, cfg)
                 _write_lineage(run_dir, lineage)
         except ResumeError:
             pass  # a damaged checkpoint is reported by the next run
