@@ -81,7 +81,7 @@ def fingerprint(name: str, run_dir: Path) -> str | None:
         stats = run_dir / "data" / "comparisons.stats.json"
         parts = [_hash_path(f) for f in (stats, train, held)]
         return None if parts[0] is None else hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
-    state = load_state(run_dir / name)
+    state = load_state(run_dir / name, peek=True)
     if state is None:
         return None
     key = {"step": state.get("step"), "iteration": state.get("iteration"), "metrics": state.get("metrics")}
@@ -188,7 +188,7 @@ def unfinished(up: str, run_dir: Path) -> str | None:
     """Why the earlier stage `up` is not finished (a checkpoint saved half-way), or None."""
     if up == "compare":
         return None
-    state = load_state(run_dir / up)  # a missing or damaged file stops here, named
+    state = load_state(run_dir / up, peek=True)  # a missing or damaged file stops here, named
     if state is None:
         return None
     saved = state.get("config", {})
@@ -218,7 +218,7 @@ def prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> bo
                               f"run `cherrytop {key[6:]}` (or the pipeline) to finish it first")
     if not fresh:
         if name != "compare" and (run_dir / name).is_dir():
-            state = load_state(run_dir / name)  # a damaged checkpoint stops here, its file named
+            state = load_state(run_dir / name, peek=True)  # a damaged checkpoint stops here, its file named
             if state is not None:
                 check_own_settings(name, state, cfg)
         if why := stale_reason(name, cfg, lineage):

@@ -69,7 +69,7 @@ def finished(name: str, cfg: Config) -> tuple[dict | None, str]:
         if name == "compare":
             metrics = json.loads((run_dir / "data" / "comparisons.stats.json").read_text())
         else:
-            state = load_state(run_dir / name)
+            state = load_state(run_dir / name, peek=True)
             check_own_settings(name, state, scfg)
             if why := unfinished(name, run_dir):
                 return None, f"half trained ({why})"

@@ -159,10 +159,12 @@ def verify_checkpoint(ckpt: Path, state: bool = True) -> None:
             verify_checkpoint(sub, state=False)
 
 
-def load_state(ckpt: Path) -> dict | None:
+def load_state(ckpt: Path, peek: bool = False) -> dict | None:
     """The training state saved with a checkpoint, or None where there is no checkpoint yet (no folder,
     or one without a model in it). A checkpoint with a file missing, truncated or corrupt raises a
-    ResumeError naming it, rather than training from scratch over it."""
+    ResumeError naming it, rather than training from scratch over it. `peek`: to read its step, config
+    and metrics only, the file is memory-mapped, so its optimizer state (gigabytes for a large model)
+    is never read."""
     ckpt = Path(ckpt)
     _recover(ckpt)
     if not ckpt.is_dir() or not any(ckpt.iterdir()):
@@ -170,6 +172,6 @@ def load_state(ckpt: Path) -> dict | None:
     verify_checkpoint(ckpt)
     f = ckpt / STATE_FILE
     try:
-        return torch.load(f, weights_only=False)
+        return torch.load(f, weights_only=False, mmap=peek)
     except Exception as e:  # noqa: BLE001  (a zip whose members are damaged)
         raise ResumeError(f"{f}: truncated or corrupt ({str(e).splitlines()[0]}); {_fresh_hint(ckpt)}") from None
