@@ -11,13 +11,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from cherrytop.config import Config, to_dict
 from cherrytop.stages import sft
-from cherrytop.train.checkpoint import ResumeError, discard, load_state
+from cherrytop.train.checkpoint import ResumeError, recover, discard, load_state
 from cherrytop.train.loop import check_same_settings, console
 
 STAGES = ("pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx")
@@ -37,10 +38,11 @@ def recorded(name: str, cfg: Config, fresh: bool):
     finally:
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
         try:
-            lineage = read_lineage(run_dir)
-            if has_output(name, run_dir) and (fresh or name not in lineage):
-                lineage[name] = _entry(name, cfg)
-                _write_lineage(run_dir, lineage)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone reads checkpoints, writes the lineage
+                lineage = read_lineage(run_dir)
+                if has_output(name, run_dir) and (fresh or name not in lineage):
+                    lineage[name] = _entry(name, cfg)
+                    _write_lineage(run_dir, lineage)
         except ResumeError:
             pass  # a damaged checkpoint is reported by the next run
 
@@ -202,7 +204,47 @@ def unfinished(up: str, run_dir: Path) -> str | None:
     return f"its checkpoint is at step {done} of {total}" if done < total else None
 
 
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _portable(e: Exception) -> Exception:
+    """`e` as it can travel to the other ranks (pickled): itself, or the same message in the nearest
+    class of the ones the command reports in one line."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001  (an exception class whose arguments do not pickle back)
+        cls = next((c for c in (ResumeError, FileNotFoundError, ValueError) if isinstance(e, c)), RuntimeError)
+        return cls(str(e))
+
+
 def prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> bool:
+    """`_prepare` (below); under torchrun (WORLD_SIZE > 1) it joins the process group and rank 0 alone
+    runs it while the other ranks wait for its outcome: they then go on with the same `fresh`, or raise
+    the same error. So no rank reads a checkpoint rank 0 is discarding or recovering (`recover` renames
+    and removes folders), every rank stops on a stale or half-trained input, never one alone (the others
+    would wait for it in a collective), and the lineage is written once, before any rank trains."""
+    if _world() == 1:
+        return _prepare(name, cfg, fresh, redo_stale)
+    from cherrytop.train import distributed
+    d = distributed.setup(cfg.dist)
+    err: Exception | None = None
+    outcome: list = [None]
+    if d.main:
+        try:
+            outcome[0] = ("fresh", _prepare(name, cfg, fresh, redo_stale))
+        except Exception as e:  # noqa: BLE001  (every rank raises it)
+            err, outcome[0] = e, ("error", _portable(e))
+    import torch.distributed as tdist
+    tdist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise err if err is not None else value
+    return value
+
+
+def _prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> bool:
     """Before stage `name` runs: stop (one line) where an earlier stage it needs is only half trained or
     has a damaged file; where its own output no longer matches its inputs (`stale_reason`), train it
     again (`redo_stale`, the pipeline) or stop saying so; on a fresh start discard its old output at
@@ -210,6 +252,8 @@ def prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> bo
     tokenizer with pretraining's and the world's demonstrations with SFT's; record the stage's inputs.
     Returns whether the stage starts fresh."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if name != "compare":  # a save cut short between its two renames: the checkpoint is back, and checked
+        recover(run_dir / name)
     lineage = read_lineage(run_dir)
     now = inputs(name, cfg)
     for key in now:
@@ -226,7 +270,7 @@ def prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> bo
                 raise ResumeError(f"{name}: {why}; pass --fresh to run stage '{name}' again from them")
             console.print(f"[yellow]{name}[/]: {why}; running it again")
             fresh = True
-    if fresh and os.environ.get("RANK", "0") == "0":
+    if fresh:
         if name == "compare":
             for f in ("comparisons.stats.json", "comparisons.jsonl", "comparisons_heldout.jsonl"):
                 (run_dir / "data" / f).unlink(missing_ok=True)

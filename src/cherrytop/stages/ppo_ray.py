@@ -367,10 +367,15 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         return state["metrics"]
     from transformers import AutoConfig
     coef, rm_ref, excess = loglik_term(AutoConfig.from_pretrained(rm_path))
-    if coef and not (Path(rm_ref or "").resolve() == Path(ref_path).resolve() and p.temperature == 1.0):
-        raise ValueError(f"the reward model's c · log π_ref term needs π_ref = PPO's KL reference and ppo.temperature = 1 with "
-                         f"ray.enabled (π_ref is {rm_ref}, ppo.temperature {p.temperature}); pass --ppo.temperature=1, "
-                         "run PPO without Ray, or use a reward model trained with --rm.ref_loglik=off")
+    if coef and Path(rm_ref or "").resolve() != Path(ref_path).resolve():  # Ray reads it off the reference actor's pass
+        raise ValueError(f"the reward model's c · log π_ref term has π_ref = {rm_ref or '(not recorded)'}, but PPO's KL "
+                         f"reference is {ref_path} (--ppo.reference, by default --ppo.init); with ray.enabled they must "
+                         f"be the same model: {f'pass --ppo.reference={rm_ref}, ' if rm_ref else ''}run PPO without Ray, "
+                         "or use a reward model trained with --rm.ref_loglik=off")
+    if coef and p.temperature != 1.0:
+        raise ValueError(f"the reward model's c · log π_ref term needs ppo.temperature = 1 with ray.enabled (it is "
+                         f"{p.temperature}); pass --ppo.temperature=1, run PPO without Ray, or use a reward model trained "
+                         "with --rm.ref_loglik=off")
     encoded = encode_prompts(cfg, tok, context_window(AutoConfig.from_pretrained(str(init))))
     start_ray(cfg)
     actors = start_actors(cfg, init, rm_path, tok.pad_token_id, ref_path)

@@ -19,7 +19,7 @@ from cherrytop.data.records import DataError, Document, read_documents
 from cherrytop.data.tokenizer import load_tokenizer, render, train_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.load import build_model, context_window, count_params, fit_vocab, load_model
-from cherrytop.train import loop
+from cherrytop.train import distributed, loop
 from cherrytop.train.checkpoint import write_dir_atomically
 from cherrytop.train.lm import lm_count, lm_step
 from cherrytop.world import World
@@ -46,10 +46,13 @@ def get_tokenizer(cfg: Config, docs: list[Document]):
     saved = Path(cfg.run.out_dir) / cfg.run.name / "tokenizer"
     if (saved / "tokenizer.json").is_file():
         return load_tokenizer(saved)
-    texts = (d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in docs)
-    tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-    write_dir_atomically(saved, tok.save_pretrained)  # a kill mid-write leaves no half tokenizer to load
-    return tok
+    d = distributed.setup(cfg.dist)  # under torchrun rank 0 trains and writes it, the others then load it
+    if d.main:
+        texts = (doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc) for doc in docs)
+        tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        write_dir_atomically(saved, tok.save_pretrained)  # a kill mid-write leaves no half tokenizer to load
+    distributed.barrier(d)
+    return tok if d.main else load_tokenizer(saved)
 
 
 def tokenize_documents(tokenizer, docs: list[Document]) -> list[list[int]]:

@@ -36,14 +36,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _recover(final: Path) -> None:
+def recover(final: Path) -> None:
     """Finish a replacement a crash interrupted between its two renames, and remove the half-written
     folders of writers that were killed (`.<name>.tmp-<pid>` of a process that no longer runs)."""
     old = final.with_name(f".{final.name}.old")
-    if not final.exists() and old.exists():
-        os.replace(old, final)
-    elif old.exists():
-        shutil.rmtree(old)
+    try:
+        if not final.exists() and old.exists():
+            os.replace(old, final)
+        elif old.exists():
+            shutil.rmtree(old)
+    except FileNotFoundError:
+        pass  # another process (a rank of the same job) finished the same repair first
     if final.parent.is_dir():
         for tmp in final.parent.glob(f".{final.name}.tmp-*"):
             pid = tmp.name.rsplit("-", 1)[-1]
@@ -55,7 +58,7 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp_dir)` and then swap tmp_dir in place of `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _recover(final)
+    recover(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     old = final.with_name(f".{final.name}.old")
     if tmp.exists():
@@ -90,7 +93,7 @@ def save_checkpoint(final: Path, model: Any, tokenizer: Any, cfg: Config, state:
 def discard(final: Path) -> None:
     """Remove a checkpoint folder (and what an interrupted write left of it): `--fresh` starts over."""
     final = Path(final)
-    _recover(final)
+    recover(final)
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         os.replace(final, old)  # one rename: the checkpoint is gone at once, even if the removal is cut short
@@ -166,7 +169,7 @@ def load_state(ckpt: Path, peek: bool = False) -> dict | None:
     and metrics only, the file is memory-mapped, so its optimizer state (gigabytes for a large model)
     is never read."""
     ckpt = Path(ckpt)
-    _recover(ckpt)
+    recover(ckpt)
     if not ckpt.is_dir() or not any(ckpt.iterdir()):
         return None
     verify_checkpoint(ckpt)
