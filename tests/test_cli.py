@@ -326,4 +326,22 @@ def test_ppo_on_ray_names_the_setting_its_reward_model_needs(run_dir, tmp_path, 
                  f"--ppo.reward_model={run_dir / 'rm'}", "--ray.enabled=true"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "ppo.temperature 0.7); pass --ppo.temperature=1" in err and not (tmp_path / "test").exists()
+    assert "(it is 0.7); pass --ppo.temperature=1" in err and not (tmp_path / "test").exists()
+
+
+def test_output_piped_into_head_ends_quietly(monkeypatch, capsys):
+    class ClosedPipe:  # `cherrytop config | head -1`: the reader has gone after the first line
+        lines = 0
+
+        def write(self, text):
+            self.lines += text.count("\n")
+            if self.lines > 1:
+                raise BrokenPipeError(32, "Broken pipe")
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["config", "--preset", "test"]) == 0
+    assert "Traceback" not in capsys.readouterr().err

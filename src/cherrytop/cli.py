@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the next run resumes from it", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`cherrytop config | head`): nothing more to print
+        try:  # Python flushes stdout once more at exit: send that to /dev/null, not to the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (io.UnsupportedOperation)
+            pass
+        return 0
     finally:
         distributed.teardown(clean)  # under torchrun: leave the process group before the interpreter ends
     return 0
