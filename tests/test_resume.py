@@ -105,3 +105,31 @@ def test_a_killed_writers_half_checkpoint_is_removed(tmp_path):
     mine.mkdir()
     write_dir_atomically(tmp_path / "ckpt", lambda d: (d / "a.txt").write_text("new"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", mine.name])
+
+
+def test_a_data_files_fingerprint_sees_edits_without_reading_a_large_file_through(tmp_path):
+    """lineage fingerprints data files at every stage start: a small file by its whole content, a large
+    one by size, modification time and three 1 MiB samples (start, middle, end), so a changed byte in the
+    sampled middle is seen even with the time put back, and so is a later edit anywhere (its time)."""
+    import os
+
+    from cherrytop.lineage import _hash_path
+    small, big = tmp_path / "a.jsonl", tmp_path / "b.bin"
+    small.write_text('{"x": 1}\n')
+    big.write_bytes(os.urandom(20 << 20))
+    h = _hash_path(tmp_path)
+    assert _hash_path(tmp_path) == h
+    st = big.stat()
+    data = bytearray(big.read_bytes())
+    data[10 << 20] ^= 1  # the middle sample
+    big.write_bytes(bytes(data))
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    h2 = _hash_path(tmp_path)
+    assert h2 != h
+    data[3 << 20] ^= 1  # outside the samples: seen by its modification time
+    big.write_bytes(bytes(data))
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    h3 = _hash_path(tmp_path)
+    assert h3 != h2
+    small.write_text('{"x": 2}\n')
+    assert _hash_path(tmp_path) != h3

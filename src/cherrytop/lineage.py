@@ -52,22 +52,26 @@ def _entry(name: str, cfg: Config) -> dict:
 
 
 def _hash_path(p: Path) -> str | None:
-    """Content fingerprint of a data file or folder (None if it is not there); a file over 64 MiB by
-    its size and its first and last MiB."""
+    """Content fingerprint of a data file or folder (None if it is not there). A file up to 8 MiB is
+    read whole; a larger one by its size, its modification time and 1 MiB from its start, middle and
+    end, so that checking a stage's inputs never reads a large dataset through (a folder of 500 shards
+    of 60 MiB was 30 GB read at every stage start)."""
     p = Path(p)
     if not p.exists():
         return None
     h = hashlib.sha256()
+    chunk = 1 << 20
     for f in sorted(q for q in ([p] if p.is_file() else p.rglob("*")) if q.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p) if f != p else ''}:{size}\n".encode())
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if f != p else ''}:{st.st_size}\n".encode())
         with f.open("rb") as fh:
-            if size <= 64 << 20:
+            if st.st_size <= 8 * chunk:
                 h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
+                continue
+            h.update(f"{st.st_mtime_ns}\n".encode())
+            for at in (0, (st.st_size - chunk) // 2, st.st_size - chunk):
+                fh.seek(at)
+                h.update(fh.read(chunk))
     return h.hexdigest()[:16]
 
 
