@@ -47,8 +47,10 @@ def recorded(name: str, cfg: Config, fresh: bool):
             pass  # a damaged checkpoint is reported by the next run
 
 
-def _entry(name: str, cfg: Config) -> dict:
-    return {"inputs": inputs(name, cfg), **({"settings": compare_settings(cfg)} if name == "compare" else {})}
+def _entry(name: str, cfg: Config, now: dict | None = None) -> dict:
+    """The stage's lineage record: its inputs (`now`, when the caller has them already) and compare's settings."""
+    return {"inputs": inputs(name, cfg) if now is None else now,
+            **({"settings": compare_settings(cfg)} if name == "compare" else {})}
 
 
 def _hash_path(p: Path) -> str | None:
@@ -152,14 +154,14 @@ def has_output(name: str, run_dir: Path) -> bool:
     return out.is_file() if name == "compare" else out.is_dir() and any(out.iterdir())
 
 
-def stale_reason(name: str, cfg: Config, lineage: dict | None = None) -> str | None:
+def stale_reason(name: str, cfg: Config, lineage: dict | None = None, now: dict | None = None) -> str | None:
     """Why the output of stage `name` no longer matches its inputs (an earlier stage trained again, a
     data file changed, compare's settings changed), or None."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     entry = (read_lineage(run_dir) if lineage is None else lineage).get(name)
     if entry is None or not has_output(name, run_dir):
         return None
-    now = inputs(name, cfg)
+    now = inputs(name, cfg) if now is None else now
     changed = [k for k in now if k in entry.get("inputs", {}) and entry["inputs"][k] != now[k]]
     reasons = [f"{k[6:]} was trained again since" if k.startswith("stage:") else f"{k[5:]} changed since"
                for k in changed]
@@ -269,7 +271,7 @@ def _prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> b
             state = load_state(run_dir / name, peek=True)  # a damaged checkpoint stops here, its file named
             if state is not None:
                 check_own_settings(name, state, cfg)
-        if why := stale_reason(name, cfg, lineage):
+        if why := stale_reason(name, cfg, lineage, now):
             if not redo_stale:
                 raise ResumeError(f"{name}: {why}; pass --fresh to run stage '{name}' again from them")
             console.print(f"[yellow]{name}[/]: {why}; running it again")
@@ -285,6 +287,6 @@ def _prepare(name: str, cfg: Config, fresh: bool, redo_stale: bool = False) -> b
         if name == "sft" and not cfg.sft.data:
             (run_dir / "data" / "demos.jsonl").unlink(missing_ok=True)
     if fresh or name not in lineage or not has_output(name, run_dir):
-        lineage[name] = _entry(name, cfg)
+        lineage[name] = _entry(name, cfg, None if fresh else now)  # fresh: read again, its own data files are gone
         _write_lineage(run_dir, lineage)
     return fresh

@@ -26,6 +26,27 @@ def test_greedy_matches_hf_generate(arch):
         assert ours.tokens[b, :n].tolist() == ref[:n]
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_on_a_left_padded_batch_matches_hf_generate_on_it(arch):
+    """The same batch through HF generate (left-padded as ours): the same tokens and EOS flags, for
+    prompts of 1 to 13 tokens."""
+    model = build_model(ModelConfig(arch=arch, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64),
+                        vocab_size=50, pad_id=PAD, eos_id=EOS, seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 50, (n,), generator=g).tolist() for n in (9, 2, 5, 13, 1)]
+    ids, mask = left_pad(prompts, PAD)
+    ours = sample(model, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.0)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, eos_token_id=EOS,
+                            pad_token_id=PAD)[:, ids.shape[1]:]
+    assert len({tuple(r) for r in ours.tokens.tolist()}) > 1  # not one degenerate answer for all
+    for b in range(len(prompts)):
+        n = int(ours.mask[b].sum())
+        assert ours.tokens[b, :n].tolist() == hf[b, :n].tolist()
+        assert bool(ours.has_eos[b]) == (EOS in hf[b].tolist())
+
+
 def test_sampled_logprobs_match_full_forward():
     model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=64), 40, PAD, EOS, seed=2).eval()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
