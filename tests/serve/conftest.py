@@ -122,10 +122,11 @@ def serve():
 
 @pytest.fixture(scope="session")
 def rambling_model(tiny_model):
-    """An untrained model with a 1024-token window: greedy, it rambles without EOS (long answers that
-    hold a batch slot), which the capacity and disconnect tests need."""
+    """An untrained model with an 8192-token window: greedy, it rambles without EOS (long answers that
+    hold a batch slot), which the capacity and disconnect tests need (a 1000-token answer could end in
+    under a second on an idle machine, before the disconnect test's client gave up)."""
     _, tok = tiny_model
-    model = build_model(ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=1024),
+    model = build_model(ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=8192),
                         vocab_size=len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=5)
     return model.eval(), tok
 

@@ -62,7 +62,7 @@ def test_staggered_joins_decode_like_the_reference_sampler(arch, tiny_model):
 
 def test_a_client_gone_from_a_plain_request_frees_its_slot(rambling_model, serve):
     with serve(rambling_model, cfg=ServeConfig(max_batch=1, max_queue=0)) as s:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "temperature": 0}
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
         end = time.monotonic() + 20
@@ -70,7 +70,7 @@ def test_a_client_gone_from_a_plain_request_frees_its_slot(rambling_model, serve
             assert time.monotonic() < end, s.engine.load()
             time.sleep(0.02)
         stats = s.engine.load()
-        assert stats["running"] == 0 and stats["tokens"] < 1000
+        assert stats["running"] == 0 and stats["tokens"] < 8000
         r = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
         assert r.status_code == 200  # the only slot is free again
 
