@@ -277,6 +277,68 @@ def test_gae_against_per_row_loop():
     assert_close(ret, ref_ret)
 
 
+def test_kl_estimate_k1_k2_k3_values_and_gradients_by_hand():
+    torch.manual_seed(0)
+    lengths = [4, 1, 0]
+    logp, ref_logp, mask = -torch.rand(3, 4) * 3, -torch.rand(3, 4) * 3, ragged_mask(lengths, 4)
+    logp = logp.double().requires_grad_()
+    for kind in L.KL_ESTIMATORS:
+        got = L.kl_estimate(logp, ref_logp.double(), mask, kind)
+        got.sum().backward()
+        for b, n in enumerate(lengths):
+            for t in range(4):
+                l = logp[b, t].item() - ref_logp[b, t].item()
+                want, dwant = {"k1": (l, 1.0), "k2": (0.5 * l * l, l),
+                               "k3": (math.exp(-l) - 1 + l, 1 - math.exp(-l))}[kind]
+                if t >= n:
+                    want = dwant = 0.0
+                assert math.isclose(got[b, t].item(), want, abs_tol=1e-9), (kind, b, t)
+                assert math.isclose(logp.grad[b, t].item(), dwant, abs_tol=1e-9), (kind, b, t)
+        logp.grad = None
+    assert_close(L.kl_estimate(logp, ref_logp.double(), mask, "k3"), L.kl_k3(logp, ref_logp.double(), mask))
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        L.kl_estimate(logp, ref_logp, mask, "k4")
+
+
+def test_group_advantages_against_per_group_loops():
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 1.0])
+    G = 4
+    for kind in ("grpo", "dr_grpo", "rloo", "mean"):
+        got = L.group_advantages(scores, G, kind)
+        for g in range(3):
+            r = [scores[g * G + i].item() for i in range(G)]
+            mean = sum(r) / G
+            std = math.sqrt(sum((x - mean) ** 2 for x in r) / (G - 1))
+            for i in range(G):
+                others = (sum(r) - r[i]) / (G - 1)
+                want = {"grpo": (r[i] - mean) / (std + 1e-6), "dr_grpo": r[i] - mean, "mean": r[i] - mean,
+                        "rloo": r[i] - others}[kind]
+                assert math.isclose(got[g * G + i].item(), want, abs_tol=1e-5), (kind, g, i)
+        assert (got[4:8] == 0).all()  # a group of equal rewards: no signal
+    assert math.isclose(L.equal_groups(scores, G).item(), 1 / 3, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="groups of 5"):
+        L.group_advantages(scores, 5, "grpo")
+    with pytest.raises(ValueError, match="unknown group advantage"):
+        L.group_advantages(scores, G, "ppo")
+
+
+def test_reward_to_go_against_loop_and_gae_without_values():
+    torch.manual_seed(0)
+    lengths, T, gamma = [5, 1, 3, 0], 5, 0.9
+    rewards, mask = torch.randn(4, T), ragged_mask(lengths, T)
+    mask[0, 2] = False  # a hole: skipped, the next valid token follows
+    got = L.reward_to_go(rewards.masked_fill(~mask, float("nan")), mask, gamma)
+    ref = torch.zeros(4, T)
+    for b in range(4):
+        running = 0.0
+        for t in reversed(range(T)):
+            if mask[b, t]:
+                running = rewards[b, t].item() + gamma * running
+                ref[b, t] = running
+    assert_close(got, ref)
+    assert_close(got, L.gae(rewards, torch.zeros(4, T), mask, gamma, 1.0)[0])
+
+
 # ---------------------------------------------------------------- PPO losses
 
 

@@ -218,6 +218,26 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     return torch.expm1(d) - d  # (B, T)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token KL(π‖π_ref) estimate from samples of π, with ℓ = log π − log π_ref  [KL]:
+    k1 = ℓ (unbiased, can be negative), k2 = ½ ℓ², k3 = e^{−ℓ} − 1 + ℓ (unbiased, ≥ 0).
+
+    Differentiable in `logp`: as a loss term on-policy, ∇E[k2] is the gradient of the reverse
+    KL(π‖π_ref), while ∇E[k3] is that of the *forward* KL(π_ref‖π) [KLG] (GRPO's default). (B, T), 0 where masked.
+    """
+    if kind == "k1":
+        return per_token_kl(logp, ref_logp, mask)
+    log_ratio = torch.where(mask.bool(), logp - ref_logp, 0.0)  # (B, T) ℓ
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+
+
 def apply_eos_penalty(scores: Tensor, has_eos: Tensor, penalty: float) -> Tensor:
     """score_b if response b ended with EOS, else the fixed `penalty` (e.g. −1.0) instead  [LHP, N+]. (B,)."""
     return torch.where(has_eos.bool(), scores, torch.as_tensor(penalty, dtype=scores.dtype, device=scores.device))
@@ -266,6 +286,59 @@ def gae(
         next_v = torch.where(m, values[:, t], next_v)
     returns = torch.where(mask, adv + values, 0.0)  # (B, T)
     return adv, returns
+
+
+# ---------------------------------------------------------------- critic-free advantages
+
+
+def group_advantages(scores: Tensor, group_size: int, kind: str, eps: float = 1e-6) -> Tensor:
+    """One advantage per answer from the rewards of its prompt's group of G answers  [GRPO, DrG, RLOO].
+
+    scores (B,) with B = n_prompts · G, each group contiguous (rows g·G .. g·G + G − 1). kind:
+    `grpo`:    (r_i − mean(r)) / (std(r) + eps), std with Bessel's correction (as verl and OpenRLHF);
+    `dr_grpo`: r_i − mean(r) (no std division: it favours prompts whose answers barely differ);
+    `rloo`:    r_i − mean of the other G − 1 rewards = G/(G−1) · (r_i − mean(r));
+    `mean`:    r_i − mean(r), the group-mean baseline of REINFORCE++-baseline (before batch whitening).
+    A group whose rewards are all equal gets 0 for each of its answers. Returns (B,) float32.
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size} (at least 2)")
+    r = scores.float().view(-1, group_size)  # (n_prompts, G)
+    centered = r - r.mean(1, keepdim=True)  # (n_prompts, G)
+    if kind == "grpo":
+        adv = centered / (r.std(1, keepdim=True) + eps)
+    elif kind in ("dr_grpo", "mean"):
+        adv = centered
+    elif kind == "rloo":
+        adv = centered * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group advantage {kind!r}; expected grpo, dr_grpo, rloo or mean")
+    return adv.reshape(-1)  # (B,)
+
+
+@torch.no_grad()
+def equal_groups(scores: Tensor, group_size: int) -> Tensor:
+    """Share of groups whose G rewards are all equal (zero advantage: no learning signal). 0-d float."""
+    r = scores.float().view(-1, group_size)  # (n_prompts, G)
+    return (r == r[:, :1]).all(1).float().mean()
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """G_t = Σ_{k ≥ t} γ^{k−t} r_k over valid tokens (REINFORCE++'s return: no critic)  [R++].
+
+    rewards, mask (B, T); masked positions are skipped like GAE's and come back as 0. (B, T).
+    Equals gae(rewards, 0, mask, gamma, lam=1).
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards.detach(), 0.0)  # (B, T)
+    out = torch.zeros_like(rewards)  # (B, T)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.size(1))):
+        m = mask[:, t]  # (B,)
+        g = rewards[:, t] + gamma * running  # (B,)
+        out[:, t] = torch.where(m, g, 0.0)
+        running = torch.where(m, g, running)
+    return out
 
 
 # ---------------------------------------------------------------- PPO losses

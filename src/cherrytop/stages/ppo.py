@@ -52,6 +52,7 @@ from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, 
 from cherrytop.rollout.sampler import left_pad, sample, wants_compile
 from cherrytop.rollout import packing
 from cherrytop.rollout.packing import response_logp, response_values
+from cherrytop.rl.experience import Rollout, advantages, episode_rewards  # noqa: F401 (re-exported)
 from cherrytop.train import distributed
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
@@ -61,32 +62,6 @@ from cherrytop.world import World
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """(ids (B, P+N), attention mask, position ids, prompt length P) -> (B,) sequence scores."""
-
-
-@dataclass
-class Rollout:
-    """One batch of episodes with everything the updates need."""
-    ids: torch.Tensor
-    """(B, P+N) prompt (left-padded) followed by the response (right-padded)."""
-    attn: torch.Tensor
-    """(B, P+N) 1 on prompt tokens and response tokens up to EOS."""
-    pos: torch.Tensor
-    """(B, P+N) position ids."""
-    mask: torch.Tensor
-    """(B, N) 1 on response tokens up to and including EOS."""
-    old_logp: torch.Tensor
-    """(B, N) log π_old(a_t | s_t) at temperature T."""
-    ref_logp: torch.Tensor
-    """(B, N) log π_ref(a_t | s_t) at temperature T."""
-    old_values: torch.Tensor
-    """(B, N) V_old(s_t)."""
-    advantages: torch.Tensor
-    """(B, N) whitened GAE advantages."""
-    returns: torch.Tensor
-    """(B, N) advantages + values (before whitening)."""
-
-    def slice(self, idx: torch.Tensor) -> "Rollout":
-        return Rollout(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
 @dataclass
@@ -277,18 +252,6 @@ def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     no weight decay, with the fused kernel where `_fused_adam` allows it (FSDP's DTensor shards too).
     Made after the model is on its device and wrapped (FSDP shards the parameters in place)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-5, weight_decay=0.0, fused=_fused_adam(model))
-
-
-def episode_rewards(head: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor,
-                    beta: float, no_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 3: the reward model's score = head (B,) at EOS + Σ_t f_t, f (B, N) its per-token c · log π_ref
-    term, which PPO gets token by token (dense) like the KL penalty; a response without EOS gets the
-    fixed `no_eos_penalty` instead of the whole score [LHP, N+]. Returns the reward model's scores (B,),
-    the scores after the EOS penalty (B,) and the per-token rewards (B, N)."""
-    done = has_eos.to(f.dtype)  # (B,)
-    scores = L.apply_eos_penalty(head, has_eos, no_eos_penalty)  # (B,)
-    rewards = L.shaped_rewards(scores, kl, mask, beta, f * done[:, None])  # (B, N)
-    return head + f.sum(1), scores + f.sum(1) * done, rewards
 
 
 def load_prompts(cfg: Config) -> list[list[dict]]:
@@ -556,22 +519,8 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
         values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
         head = score_fn(ids, attn, pos, P)  # (B,)
         f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
-    kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N)
-    raw, scores, rewards = episode_rewards(head, f, kl, mask, s.has_eos, beta, p.no_eos_penalty)
-    if p.whiten_rewards:
-        rewards = distributed.masked_whiten(rewards, mask, d, shift_mean=False)
-    adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
-    adv = distributed.masked_whiten(adv, mask, d)
-    lengths = mask.sum(1)
-    entropy_mean = float(distributed.masked_mean(entropy, mask, d))  # a token mean: over every rank's tokens
-    stats = distributed.mean_over_ranks({  # means over episodes, as many on every rank
-        "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
-        "objective/ref_loglik": float(f.sum(1).mean() / loglik.coef) if loglik else 0.0,
-        "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
-        "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
-        "objective/entropy": entropy_mean,
-        "rollout/length": float(lengths.mean()), "rollout/eos_rate": float(s.has_eos.float().mean()),
-    }, d)
+    adv, returns, stats = advantages(head, f, old_logp, ref_logp, values, entropy, mask, s.has_eos, beta, p,
+                                     loglik.coef if loglik else 0.0, d)
     batch = Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns)
     return (batch if par is None else gather(batch, d, tok.pad_token_id)), stats
 

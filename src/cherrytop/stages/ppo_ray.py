@@ -37,8 +37,9 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import context_window, resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.stages.ppo import (Rollout, WeightEMA, adamw, check_reward_tokenizer, encode_prompts, episode_rewards,
-                                  micro_batches, minibatches, reference_path)
+from cherrytop.rl.experience import Rollout, advantages
+from cherrytop.stages.ppo import (WeightEMA, _watch, adamw, check_reward_tokenizer, encode_prompts, micro_batches,
+                                  minibatches, reference_path)
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -409,6 +410,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
         stats["objective/beta"] = beta
         stats["perf/episodes_per_s"] = (it + 1) * p.batch_size / (time.perf_counter() - t0)
+        _watch(stats, p, it)  # NaN / KL runaway, as the single-process path watches
         metrics = stats
         log.log((it + 1) * p.batch_size, stats)
         console.print(f"ppo (ray) {it + 1}/{iterations}: score {stats['objective/score']:.3f} kl {stats['objective/kl']:.3f}")
@@ -462,20 +464,7 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0
         old_logp, entropy = ray.get(f_old)
     values = values * mask
     f = coef * (ref_logp + ref_entropy if with_h else ref_logp) * mask  # (B, N) the reward model's log π_ref term
-    kl = L.per_token_kl(old_logp, ref_logp, mask)
-    raw, scores, rewards = episode_rewards(raw, f, kl, mask, has_eos, beta, p.no_eos_penalty)
-    if p.whiten_rewards:
-        rewards = L.masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns = L.gae(rewards, values, mask, p.gamma, p.lam)
-    adv = L.masked_whiten(adv, mask)
-    stats = {
-        "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
-        "objective/ref_loglik": float(f.sum(1).mean() / coef) if coef else 0.0,
-        "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
-        "objective/non_score_reward": float((-beta * kl).sum(1).mean()),
-        "objective/entropy": float(L.masked_mean(entropy, mask)),
-        "rollout/length": float(mask.sum(1).mean()), "rollout/eos_rate": float(has_eos.float().mean()),
-    }
+    adv, returns, stats = advantages(raw, f, old_logp, ref_logp, values, entropy, mask, has_eos, beta, p, coef)
     return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
 
 
