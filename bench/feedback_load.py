@@ -41,7 +41,7 @@ def labeler(base: str, name: str, until: float, seed: int, out: dict) -> None:
     lat, acked, repeats, errors = [], [], 0, 0
     with httpx.Client(base_url=base, timeout=60) as c:
         page = c.get("/login").text
-        r = c.post("/login", data={"name": name, "password": "password1", "csrf": field(page, "csrf"), "next": "/"})
+        r = c.post("/login", data={"name": name, "password": "labeler-pass-7", "csrf": field(page, "csrf"), "next": "/"})
         assert r.status_code == 303, r.text
         while time.time() < until:
             demo = rng.random() < 0.1
@@ -108,7 +108,7 @@ def run(args) -> None:
     store = open_store(url)
     names = [f"lab{i:02d}" for i in range(args.labelers)]
     for n in names:
-        create_user(store, n, "password1")
+        create_user(store, n, "labeler-pass-7")
     t = time.time()
     for i in range(args.items):
         store.add_item([{"role": "user", "content": f"prompt {i} ?"}], responses=[f"a{i}", f"b{i}", f"c{i}", f"d{i}"])

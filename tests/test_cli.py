@@ -158,8 +158,11 @@ def test_missing_model_and_config_typo(tmp_path, capsys):
     assert "unknown key 'lerning_rate'" in capsys.readouterr().err
     assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", "--model.path", str(tmp_path / "none")]) == 2
     assert "none: no such model folder" in capsys.readouterr().err
-    assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", f"--pretrain.data={tmp_path}"]) == 2
-    assert f"{tmp_path}: folder holds no data files; expected a folder saved by datasets" in capsys.readouterr().err
+    empty = tmp_path / "empty"  # (not the runs folder: the running stage's run folder holds its lock file)
+    empty.mkdir()
+    assert main(["pretrain", "--preset", "test", f"--run.out_dir={tmp_path}", f"--pretrain.data={empty}"]) == 2
+    assert f"{empty}: folder holds no data files; expected a folder saved by datasets" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no run folder left behind
     runs = tmp_path / "runs"  # a stage name: the error says which run was looked in and what it holds
     assert main(["chat", "--preset", "test", f"--run.out_dir={runs}", "--checkpoint", "sft"]) == 2
     assert f"stage name of run 'test' ({runs / 'test'} has no checkpoints: another --run.name" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def test_label_uses_the_database_serve_stores_ratings_in(tmp_path, monkeypatch, 
     captured = capsys.readouterr()
     assert "database sqlite:///runs/test/feedback.db" in captured.err and "2 in feedback.jsonl" in captured.out
     assert not (tmp_path / "feedback.db").exists()
-    [c] = read_comparisons(tmp_path / "human" / "comparisons.jsonl")  # what `cherrytop rm` reads
+    [c] = read_comparisons(tmp_path / "human" / "chat_comparisons.jsonl")  # what `cherrytop rm` reads, once a reviewer opts in
     assert c.responses == ("15 .", "16 .") and c.meta["model"][0]["model"] == "runs/test/ppo"
     [p] = read_prompts(tmp_path / "human" / "prompts.jsonl")  # what `cherrytop ppo --ppo.prompts` reads
     assert [m.to_json() for m in p.messages] == q

@@ -369,6 +369,35 @@ def test_ppo_policy_loss_against_loop():
     assert (logp.grad[~mask] == 0).all()
 
 
+def test_aggregations_and_the_grpo_dr_grpo_policy_losses_against_loops():
+    """token_mean (PPO), seq_mean_token_mean (GRPO: each answer's token mean, then the mean over answers),
+    seq_mean_token_sum_norm (Dr. GRPO: token sums over a constant); the clipped surrogate takes the same rule."""
+    torch.manual_seed(1)
+    lengths, T, norm = [5, 1, 3, 4], 5, 7.0
+    mask = ragged_mask(lengths, T)
+    x = torch.randn(4, T).masked_fill(~mask, float("nan"))  # masked entries are never read
+    per_answer = [[x[b, t].item() for t in range(n)] for b, n in enumerate(lengths)]
+    flat = [v for row in per_answer for v in row]
+    want = {"token_mean": sum(flat) / len(flat),
+            "seq_mean_token_mean": sum(sum(r) / len(r) for r in per_answer) / 4,
+            "seq_mean_token_sum_norm": sum(sum(r) / norm for r in per_answer) / 4}
+    for kind, w in want.items():
+        assert math.isclose(L.aggregate(x, mask, kind, norm).item(), w, rel_tol=1e-6), kind
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        L.aggregate(x, mask, "seq_sum")
+    old = -torch.rand(4, T) * 2
+    logp = old + torch.randn(4, T) * 0.4
+    adv = torch.randn(4, T)
+    for kind in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        loss, _ = L.ppo_policy_loss(logp, old, adv, mask, 0.2, kind, norm)
+        rows = [[max(-adv[b, t].item() * math.exp(logp[b, t].item() - old[b, t].item()),
+                     -adv[b, t].item() * min(max(math.exp(logp[b, t].item() - old[b, t].item()), 0.8), 1.2))
+                 for t in range(n)] for b, n in enumerate(lengths)]
+        w = (sum(sum(r) / len(r) for r in rows) / 4 if kind == "seq_mean_token_mean"
+             else sum(sum(r) for r in rows) / norm / 4)
+        assert math.isclose(loss.item(), w, rel_tol=1e-5), kind
+
+
 def test_ppo_value_loss_against_loop():
     torch.manual_seed(0)
     lengths = [5, 2, 4]

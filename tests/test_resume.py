@@ -1,6 +1,6 @@
 """Interrupted, rerun and reconfigured runs: a checkpoint with a file missing or damaged stops with one
 line naming the file (never a traceback, never training over it from scratch); settings a checkpoint
-depends on (the seed, the tokenizer) are checked on resume; `--fresh` drops the old checkpoint at once;
+depends on (the seed, the tokenizer) are checked on resume; `--fresh` keeps the old checkpoint until its first save;
 what a killed checkpoint write left behind is cleaned up."""
 
 import os
@@ -87,12 +87,17 @@ def test_another_seed_or_tokenizer_does_not_reuse_the_checkpoint(tmp_path):
     loop.run(make_stage(cfg), make_cfg(tmp_path, max_steps=2, save_every=1, log_every=2, eval_every=2))
 
 
-def test_fresh_drops_the_old_checkpoint_before_its_first_save(tmp_path):
+def test_fresh_keeps_the_old_checkpoint_until_its_first_save(tmp_path):
     cfg = make_cfg(tmp_path, **SMALL)
     loop.run(make_stage(cfg), cfg)
-    with pytest.raises(KeyboardInterrupt):  # --fresh killed before it saved anything
+    old = load_state(tmp_path / "t" / "sft")
+    with pytest.raises(KeyboardInterrupt):  # --fresh stopped before it saved anything: the old one stays
         loop.run(make_stage(cfg, fail_at=0), cfg, fresh=True)
-    assert load_state(tmp_path / "t" / "sft") is None  # started again, it does not take the old run for its own
+    assert load_state(tmp_path / "t" / "sft")["metrics"] == old["metrics"]
+    with pytest.raises(KeyboardInterrupt):  # stopped after its first save: that one replaced it
+        every = make_cfg(tmp_path, max_steps=2, save_every=1, log_every=1, eval_every=2)
+        loop.run(make_stage(every, fail_at=1), every, fresh=True)
+    assert load_state(tmp_path / "t" / "sft")["step"] == 1
 
 
 def test_a_killed_writers_half_checkpoint_is_removed(tmp_path):

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--until", default=STAGES[-1], choices=STAGES, help="last stage to run")
         if name == "serve":
             s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. ppo)")
+            s.add_argument("--host", help="address to listen on (the same as --serve.host)")
+            s.add_argument("--port", type=int, help="port (the same as --serve.port)")
             s.add_argument("--feedback-db", help="feedback database URL (default: $CHERRYTOP_FEEDBACK_DB, "
                                                  "else sqlite:///runs/<name>/feedback.db)")
         if name in ("generate", "chat", "eval"):
@@ -83,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--out", required=True, help="folder to write the plain Hugging Face model to")
         if name == "world":
             s.add_argument("what", choices=["demos", "prompts", "corpus", "heldout"], help="what to write")
-            s.add_argument("--out", required=True, help="JSONL file to write")
+            s.add_argument("--out", required=True, help="JSONL file to write (the corpus also as .txt: documents "
+                                                        "separated by blank lines, as --pretrain.data reads it)")
             s.add_argument("-n", type=int, default=None, help="how many records (default: the world config's)")
     return p
 
@@ -129,11 +132,18 @@ def cmd_generate(args, cfg) -> None:
 
 def cmd_chat(args, cfg) -> None:
     from cherrytop.model.load import context_window
-    from cherrytop.rollout.sampler import fit_history, generate
     ckpt, model, tok = _model(args, cfg)
     window = context_window(model.config)
+    print(f"chatting with {ckpt} (temperature {cfg.sample.temperature}); /reset starts over, /quit, Ctrl-D or Ctrl-C leaves")
+    try:
+        _chat_loop(cfg, model, tok, window)
+    except KeyboardInterrupt:  # Ctrl-C, at the prompt or while it answers: the chat ends
+        print()
+
+
+def _chat_loop(cfg, model, tok, window: int | None) -> None:
+    from cherrytop.rollout.sampler import fit_history, generate
     s = cfg.sample
-    print(f"chatting with {ckpt} (temperature {s.temperature}); /reset starts over, /quit or Ctrl-D leaves")
     history: list[dict] = []
     turn = 0
     while True:
@@ -178,7 +188,28 @@ def cmd_eval(args, cfg) -> None:
 def cmd_world(args, cfg) -> None:
     from cherrytop.data.records import write_jsonl
     from cherrytop.world import World
+    suffix = Path(args.out).suffix.lower()
+    if suffix in (".parquet", ".csv", ".tsv", ".json") or suffix == ".txt" and args.what != "corpus":
+        raise ValueError(f"{args.out}: `cherrytop world {args.what}` writes JSONL records; give --out a .jsonl file"
+                         + (" (or .txt for the corpus)" if args.what == "corpus" else ""))
     world = World(cfg.world)
+    if args.what == "corpus" and suffix == ".txt":
+        docs = world.corpus("train")[: args.n]
+        if chats := sum(not isinstance(d, str) for d in docs):
+            raise ValueError(f"{args.out}: the corpus holds {chats} conversations, which a .txt file of documents "
+                             "cannot (pretraining renders them with the chat template); give --out a .jsonl file, or "
+                             "--world.corpus_dialogue_share=0 for a corpus without them")
+        bad = next((i for i, d in enumerate(docs) if any(not ln.strip() for ln in d.strip().split("\n"))), None)
+        if bad is not None:
+            raise ValueError(f"{args.out}: document {bad} has a blank line, which in a .txt file separates documents; "
+                             "give --out a .jsonl file")
+        text = "\n\n".join(d.strip() for d in docs) + "\n"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, args.out)
+        print(f"wrote {len(docs)} documents to {args.out}")
+        return
     if args.what == "demos":
         rows = [{"messages": list(m)} for m in world.demonstrations(args.n)]
     elif args.what == "prompts":
@@ -190,6 +221,26 @@ def cmd_world(args, cfg) -> None:
         rows = [{"text": d} if isinstance(d, str) else {"messages": d} for d in docs]
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} records to {args.out}")
+
+
+def _serve_options(args, extra: list[str]) -> list[str]:
+    """`cherrytop serve --host H --port P`, as `cherrytop label serve` takes them: --serve.host / --serve.port."""
+    if args.command != "serve":
+        return extra
+    return extra + [f"--serve.{k}={v}" for k in ("host", "port") if (v := getattr(args, k, None)) is not None]
+
+
+def _os_error(e: OSError) -> str:
+    """A filesystem error as one line: the path(s) and the cause (`strerror`)."""
+    if e.strerror is None:
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "") if e.filename is not None else ""
+    cause = "a file is there, where a folder is needed" if isinstance(e, FileExistsError) and \
+        e.filename2 is None and Path(e.filename or "").is_file() else e.strerror
+    return f"{where}: {cause}" if where else cause
+
+
+TRAINING = ("pipeline", "pretrain", "sft", "compare", "rm", "ppo")
 
 
 def cmd_serve(args, cfg) -> None:
@@ -239,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {unknown}", file=sys.stderr)
         return 2
     args.command = next((name for name, other in ALIASES.items() if args.command in other), args.command)
+    extra = _serve_options(args, extra)
     from cherrytop.train import distributed
     from cherrytop.train.loop import ResumeError
     clean = False
@@ -267,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ResumeError, FloatingPointError) as e:  # config, data, checkpoint errors
         if os.environ.get("CHERRYTOP_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept and the next run resumes from it", file=sys.stderr)
+        print("interrupted; the last checkpoint is kept and the next run resumes from it" if args.command in TRAINING
+              else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout left (`cherrytop config | head`): nothing more to print
         try:  # Python flushes stdout once more at exit: send that to /dev/null, not to the closed pipe
@@ -278,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (io.UnsupportedOperation)
             pass
         return 0
+    except OSError as e:  # a read-only or full disk, a folder that is a file: the path and the cause
+        if os.environ.get("CHERRYTOP_DEBUG"):
+            raise
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown(clean)  # under torchrun: leave the process group before the interpreter ends
     return 0

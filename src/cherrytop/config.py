@@ -347,6 +347,29 @@ class PPOConfig:
     """Warn when the mean per-response KL exceeds this many nats (a runaway sign)."""
 
 
+RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+"""`rl.algorithm`'s choices: PPO with a critic (GAE), then the critic-free ones (no value model)."""
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    algorithm: str = "ppo"
+    """Policy-gradient method of stage 6: `ppo` (GAE with a value model), or critic-free `grpo`, `dr_grpo`,
+    `rloo`, `reinforce_pp`, `reinforce_pp_baseline` (no value model; see algorithms.md). PPO is the tuned default."""
+    group_size: int = 4
+    """Answers sampled per prompt (G) by the critic-free methods, whose baseline is the group's rewards;
+    ppo.batch_size must be a multiple of it. Ignored by `ppo` and `reinforce_pp` (one answer per prompt)."""
+    kl_estimator: str = "auto"
+    """Per-token KL(π‖π_ref) estimate of the penalty: `k1` = ℓ, `k2` = ℓ²/2, `k3` = e^-ℓ − 1 + ℓ (ℓ = log π − log π_ref);
+    `auto` = each paper's: k3 for grpo / dr_grpo, k1 for the others. In the loss, ∇k3 is the forward KL's gradient."""
+    kl_in: str = "auto"
+    """Where the KL penalty goes: `reward` (−β·k per token, β = ppo.kl_coef) or `loss` (+ β·k aggregated like the
+    policy loss, β = rl.kl_loss_coef); `auto` = loss for grpo / dr_grpo (the GRPO paper), reward for the others."""
+    kl_loss_coef: float = 0.04
+    """β of the KL term when it is in the loss: the GRPO paper's 0.04 (ppo.kl_coef is tuned for the reward,
+    where the return sums the per-token penalty over the rest of the answer). ppo.kl_target adapts it too."""
+
+
 @dataclass(frozen=True)
 class DistConfig:
     strategy: str = "none"
@@ -457,6 +480,16 @@ class ServeConfig:
     feedback_db: str = ""
     """Feedback database URL (the feedback app's, `cherrytop label --db`) for the chat page's thumbs and reports;
     empty = $CHERRYTOP_FEEDBACK_DB, else sqlite:///runs/<name>/feedback.db."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest request body accepted; a larger one gets 413 before it is read."""
+    client_share: float = 0.5
+    """Share of the max_batch + max_queue slots one client (API key, else address) may hold at once (at least 1)."""
+    feedback_per_minute: int = 30
+    """Ratings one client (API key, else address) may send per minute; more get 429 with Retry-After."""
+    served_records: int = 4096
+    """Answers remembered so they can be rated (the newest); rating a forgotten one is a 404."""
+    served_max_age_s: int = 3600
+    """Seconds after it was served that an answer can still be rated."""
 
 
 @dataclass(frozen=True)
@@ -481,6 +514,8 @@ class Config:
     """Stage 5: the reward model."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """Stage 6: PPO against the reward model with a KL penalty."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Stage 6's algorithm (PPO, GRPO, RLOO, REINFORCE++) and where its KL penalty goes."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Scale-out: data parallelism, gradient checkpointing, bf16."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -667,6 +702,23 @@ def _parse_override(arg: str, nxt: str | None) -> tuple[str, Any, bool]:
     return key, value, consumed
 
 
+def _as_given(key: str, value: Any, raw: str) -> Any:
+    """A setting that takes a string gets the text as typed (`--run.name=123`, `=nan`, `=true`), not the
+    number or boolean TOML reads in it."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in (hints := _field_types(tp)):
+            return value  # an unknown key: `_build` names it
+        tp = hints[part]
+    takes_str = tp is str or str in typing.get_args(tp)
+    if not takes_str or isinstance(value, str):
+        return value
+    try:
+        return _coerce(value, tp, key)  # e.g. `int | str`: the number where a number is taken
+    except ConfigError:
+        return raw
+
+
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in dotted.items():
@@ -705,7 +757,7 @@ def load_config(preset: str | None = "tiny", files: list[str | Path] = (), overr
         key, value, consumed = _parse_override(args[i], args[i + 1] if i + 1 < len(args) else None)
         if "." not in key:
             raise ConfigError(f"override '--{key}': expected --section.key=value{_suggest(key, [f.name for f in dataclasses.fields(Config)])}")
-        dotted[key] = value
+        dotted[key] = _as_given(key, value, args[i].split("=", 1)[1] if "=" in args[i] else args[i + 1])
         i += 2 if consumed else 1
     if dotted:
         cfg = _build(Config, cfg, _nest(dotted), "command line")
@@ -742,6 +794,19 @@ def validate_ppo(p: PPOConfig) -> None:
                "(the controller multiplies β, so 0 stays 0)", p.kl_coef)
 
 
+def validate_rl(r: RLConfig, p: PPOConfig) -> None:
+    """The `rl` settings, and the batch a critic-free method splits into groups of G answers."""
+    _check(r.algorithm in RL_ALGORITHMS, "rl.algorithm", f"one of {', '.join(RL_ALGORITHMS)}", r.algorithm)
+    _check(r.kl_estimator in ("auto", "k1", "k2", "k3"), "rl.kl_estimator", "auto, k1, k2 or k3", r.kl_estimator)
+    _check(r.kl_in in ("auto", "reward", "loss"), "rl.kl_in", "auto, reward or loss", r.kl_in)
+    _check(0 <= r.kl_loss_coef < math.inf, "rl.kl_loss_coef", "a number >= 0", r.kl_loss_coef)
+    if r.algorithm in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        _check(r.group_size >= 2, "rl.group_size", f"a whole number >= 2 (answers per prompt) with rl.algorithm={r.algorithm}",
+               r.group_size)
+        _check(p.batch_size % r.group_size == 0, "ppo.batch_size",
+               f"a multiple of rl.group_size ({r.group_size}): each prompt's {r.group_size} answers are one group", p.batch_size)
+
+
 def validate_decoding(cfg: Config) -> None:
     """Ranges of the `generate` / `chat` (sample.*) and `eval` decoding settings."""
     s, e = cfg.sample, cfg.eval
@@ -772,6 +837,7 @@ def validate(cfg: Config) -> None:
                           f"which must be a multiple of ppo.micro_batch_size ({p.micro_batch_size})")
     if p.episodes < p.batch_size:
         raise ConfigError(f"ppo.episodes ({p.episodes}) must be at least ppo.batch_size ({p.batch_size})")
+    validate_rl(cfg.rl, p)
     if not 2 <= cfg.compare.k <= 9:
         raise ConfigError(f"compare.k must be in 2..9 (InstructGPT ranks 4..9 answers), got {cfg.compare.k}")
     if not 0 <= cfg.compare.edits < cfg.compare.k:

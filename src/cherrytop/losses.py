@@ -343,22 +343,42 @@ def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
 
 # ---------------------------------------------------------------- PPO losses
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate(x: Tensor, mask: Tensor, kind: str = "token_mean", norm: float = 1.0) -> Tensor:
+    """A per-token loss (B, T) as one number, by the algorithm's rule:
+    `token_mean`:              Σ_bt m·x / Σ_bt m — every token of the batch weighs the same  [LHP] (PPO, RLOO, REINFORCE++);
+    `seq_mean_token_mean`:     (1/B) Σ_b (Σ_t m·x / Σ_t m) — each answer's token mean, then the mean over answers [GRPO];
+    `seq_mean_token_sum_norm`: (1/B) Σ_b Σ_t m·x / norm — token sums over a constant (the most tokens an answer
+                               may have), no length normalisation [DrG].
+    Over micro-batches the sum of w · aggregate(part) is the minibatch's value with w = the part's share of
+    the minibatch's tokens (token_mean) or of its answers (the two others): `rl.update.micro_batches`. 0-d."""
+    if kind == "token_mean":
+        return masked_mean(x, mask)
+    if kind == "seq_mean_token_mean":
+        return masked_mean(x, mask, dim=1).mean()  # (B,) -> ()
+    if kind == "seq_mean_token_sum_norm":
+        return torch.where(mask.bool(), x, 0.0).sum(1).mean() / norm  # (B,) -> ()
+    raise ValueError(f"unknown loss aggregation {kind!r}; expected one of {', '.join(AGGREGATIONS)}")
+
 
 def ppo_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2,
+    agg: str = "token_mean", norm: float = 1.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate  [LHP]: ρ = exp(logπ − logπ_old); loss = mean_t max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
+    """Clipped surrogate  [LHP]: ρ = exp(logπ − logπ_old); loss = agg_t max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
 
-    All inputs (B, T); token mean over valid positions. Stats (detached 0-d tensors): `clipfrac`
-    (share of tokens where the clipped term is the max), `approx_kl` (mean ½(logπ − logπ_old)²),
-    `ratio_mean`.
+    All inputs (B, T); aggregated by `aggregate(·, mask, agg, norm)` (default: the token mean over valid
+    positions). Stats (detached 0-d tensors, token means whatever `agg`): `clipfrac` (share of tokens where
+    the clipped term is the max), `approx_kl` (mean ½(logπ − logπ_old)²), `ratio_mean`.
     """
     mask = mask.bool()
     log_ratio = torch.where(mask, logp - old_logp, 0.0)  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     pg_plain = -advantages * ratio  # (B, T)
     pg_clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)  # (B, T)
-    loss = masked_mean(torch.maximum(pg_plain, pg_clipped), mask)
+    loss = aggregate(torch.maximum(pg_plain, pg_clipped), mask, agg, norm)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_clipped > pg_plain).float(), mask),

@@ -381,3 +381,26 @@ def test_a_csv_file_says_it_is_read_as_json_lines(tmp_path):
     p = tmp_path / "demos.csv"
     p.write_text("role,content\nuser,hi\n", encoding="utf-8")
     raises_at(read_conversations, p, 1, "not valid JSON", "a .csv file is read as JSON lines")
+
+
+# ---------------------------------------------------------------- identical answers (issue 26, finding 12)
+
+
+def test_identical_answers_ranked_apart_are_refused(tmp_path):
+    dup = {**KWAY, "responses": ["a", "b", "a", "d"], "ranking": [0, 1, 2, 3]}
+    p = write_lines(tmp_path, [KWAY, dup])
+    raises_at(read_comparisons, p, 2, "responses 0 and 2 are the same text but ranked apart", '"ties": [[0, 2]]')
+
+
+def test_identical_answers_tied_are_read(tmp_path):
+    dup = {**KWAY, "responses": ["a", "b", "a", "d"], "ranking": [0, 2, 1, 3], "ties": [[2, 0]]}
+    (c,) = read_comparisons(write_lines(tmp_path, [dup]))
+    assert (0, 2) not in c.pairs() and (2, 0) not in c.pairs() and len(c.pairs()) == 5
+
+
+def test_chosen_equal_to_rejected_is_refused_unless_tied(tmp_path):
+    same = {"prompt": "what is 2 plus 2 ?", "chosen": "4 .", "rejected": "4 ."}
+    p = write_lines(tmp_path, [{**same, "rejected": "5 ."}, same])
+    raises_at(read_comparisons, p, 2, "'chosen' and 'rejected' are the same answer", "two different answers")
+    (c,) = read_comparisons(write_lines(tmp_path, [{**same, "ties": [[0, 1]]}], "tied.jsonl"))
+    assert c.pairs() == ()

@@ -78,17 +78,19 @@ def launch(out: Path, *args: str) -> list[dict]:
     return sorted(results, key=lambda r: r["rank"])
 
 
-def test_fresh_under_torchrun_no_rank_goes_on_before_rank_0_discarded(tmp_path):
-    """`--fresh`: rank 0 discards the old checkpoint (slowly here) and records the inputs; rank 1
-    returns from prepare only after that, having touched no checkpoint itself."""
+def test_fresh_under_torchrun_no_rank_goes_on_before_rank_0_set_the_old_checkpoint_aside(tmp_path):
+    """`--fresh`: rank 0 takes the stage's lock, sets the old checkpoint aside (slowly here; kept until
+    the new run's first save) and records the inputs; rank 1 returns from prepare only after that,
+    having touched no checkpoint itself."""
     _, run = a_run(tmp_path)
     before = json.loads((run / "lineage.json").read_text())
     r0, r1 = launch(tmp_path, "1", "1")
     assert r0["fresh"] is True and r1["fresh"] is True
     assert not r0["old_checkpoint_there"] and not r1["old_checkpoint_there"]
-    assert "discard" in r0["calls"] and r1["calls"] == []
+    assert {"set_aside", "lock"} <= set(r0["calls"]) and r1["calls"] == []
     assert json.loads((run / "lineage.json").read_text()) == before  # rewritten once, by rank 0: same inputs
     assert not list(run.glob(".lineage.json.tmp-*")) and not list(run.glob(".sft*"))
+    assert (run / ".previous" / "sft" / "sft" / "config.json").is_file() and not (run / "sft.lock").exists()
 
 
 def test_a_stale_checkpoint_stops_every_rank_with_the_same_error(tmp_path):

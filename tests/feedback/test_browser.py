@@ -40,7 +40,7 @@ def server(tmp_path):
     url = f"sqlite:///{tmp_path / 'fb.db'}"
     store = open_store(url)
     for name, role in (("root", "admin"), ("ann", "labeler"), ("bob", "labeler")):
-        create_user(store, name, "password1", role)
+        create_user(store, name, "label-pass-7", role)
     store.add_item([{"role": "user", "content": "what colour is the sky , and why ?"}], responses=ANSWERS,
                    provenance=[{"model": "runs/tiny/sft", "settings": {"temperature": 1.0}, "source": "generate"}] * 4,
                    gold=[1, 0, 2, 3])
@@ -73,7 +73,7 @@ def test_label_rank_agree_export_train(server, tmp_path, tiny_model):
             page.goto(f"{base}/")
             assert "/login" in page.url  # not logged in: sent to the login page
             page.fill("input[name=name]", name)
-            page.fill("input[name=password]", "password1")
+            page.fill("input[name=password]", "label-pass-7")
             return ctx, page
 
         def shot(page, name):
@@ -221,3 +221,86 @@ def test_label_rank_agree_export_train(server, tmp_path, tiny_model):
                  f"--rm.train.init={tiny_model}", "--rm.epochs=0", "--rm.train.max_steps=2"]) == 0
     assert (tmp_path / "runs" / "test" / "rm" / "config.json").is_file()
     assert re.search(r'"train/loss"', (tmp_path / "runs" / "test" / "logs" / "rm.jsonl").read_text())
+
+
+PWN = "window.__pwned=1;alert(1)"
+EVIL = [f'"><img src=x onerror="{PWN}">', f"<script>{PWN}</script>", f"' autofocus onfocus='{PWN}",
+        f'" tabindex=0 autofocus onfocus={PWN} x="']  # the last one broke out of `title="{{ settings|tojson }}"`
+
+
+@pytest.fixture
+def hostile_server(tmp_path):
+    """A database holding markup in every field a page shows: prompts, answers, model names, free-form
+    settings (as an anonymous chat rating may send), a demonstration and a review's reason."""
+    store = open_store(f"sqlite:///{tmp_path / 'fb.db'}")
+    root, ann, bob = (create_user(store, n, "label-pass-7", r) for n, r in (("root", "admin"), ("ann", "labeler"),
+                                                                           ("bob", "labeler")))
+    for bad in EVIL:  # names are letters, digits, - _ . only
+        with pytest.raises(ValueError, match="not valid"):
+            create_user(store, bad, "label-pass-7")
+    prov = [{"model": e, "settings": {"x": e, "temperature": 0.7, EVIL[3]: EVIL[0]}, "source": e} for e in EVIL]
+    item = store.add_item([{"role": "system", "content": EVIL[1]}, {"role": "user", "content": EVIL[0]}],
+                          responses=EVIL, provenance=prov, gold=None).id
+    store.add_item([{"role": "user", "content": EVIL[3]}], responses=EVIL[::-1], provenance=prov[::-1])
+    store.add_item([{"role": "user", "content": EVIL[2]}])  # a prompt to answer
+    assert store.next_ranking_item(ann).id == item
+    ranking = store.submit_ranking(ann, item, [3, 2, 1, 0], [[2, 1]], "ann-rank-1", 5.0, flags=["spam"],
+                                   ratings={"helpful": [1, 2, 3, 4]}, offered=True).id
+    conv = [{"role": "user", "content": e} if i % 2 == 0 else {"role": "assistant", "content": e} for i, e in enumerate(EVIL)]
+    demo = store.submit_demonstration(ann, conv, "ann-demo-1", 9.0).id
+    store.submit_demonstration(bob, [{"role": "user", "content": EVIL[3]}, {"role": "assistant", "content": EVIL[0]}],
+                               "bob-demo-1", 9.0)  # for the admin to review
+    assert store.next_review(bob).id == demo
+    store.submit_review(bob, demo, False, " ".join(EVIL), "bob-review-1", offered=True)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", item, ranking
+    srv.should_exit = True
+    thread.join(5)
+    store.close()
+
+
+def test_attack_page_runs_no_script_in_the_admins_browser(hostile_server):
+    """The admin (and a labeler) open every page that shows the hostile text: no script runs (no
+    alert, `window.__pwned` unset), no element gets an event handler, and the text shows as text."""
+    from playwright.sync_api import expect, sync_playwright
+    base, item, ranking = hostile_server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        for name, paths in (("root", ["/admin", "/admin/items", f"/admin/items/{item}", "/admin/users",
+                                      f"/mine/rankings/{ranking}", "/review", "/rank", "/demo", "/mine"]),
+                            ("ann", ["/mine", "/rank", "/demo", "/"])):
+            ctx = browser.new_context()
+            page = ctx.new_page()
+            dialogs = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(f"{base}/login")
+            page.fill("input[name=name]", name)
+            page.fill("input[name=password]", "label-pass-7")
+            page.click("button[type=submit]")
+            expect(page.locator("h1")).to_have_text(f"Hello, {name}")
+            for path in paths:
+                page.goto(f"{base}{path}")
+                page.wait_for_load_state("load")
+                for cell in page.locator("td, .content, summary").all()[:40]:  # hover what might carry a handler
+                    if cell.is_visible():
+                        cell.hover(timeout=2000)
+                page.keyboard.press("Tab")
+                page.wait_for_timeout(50)
+                assert page.evaluate("window.__pwned") is None and dialogs == [], (name, path)
+                handlers = page.evaluate("""() => [...document.querySelectorAll('*')].flatMap(e =>
+                    [...e.attributes].map(a => a.name).filter(n => n.startsWith('on') || n === 'autofocus' && !['TEXTAREA', 'INPUT'].includes(e.tagName)))""")
+                assert handlers == [], (name, path, handlers)
+                shown = {("root", f"/admin/items/{item}"): EVIL[0], ("root", f"/mine/rankings/{ranking}"): EVIL[0],
+                         ("root", "/review"): EVIL[3], ("ann", "/mine"): EVIL[1], ("ann", "/rank"): EVIL[3],
+                         ("ann", "/demo"): EVIL[2]}.get((name, path))
+                if shown:  # the markup is on the page as text
+                    expect(page.locator("main")).to_contain_text(shown)
+            ctx.close()
+        browser.close()

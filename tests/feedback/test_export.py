@@ -1,6 +1,6 @@
 """Export writes exactly what `cherrytop sft` / `cherrytop rm` read: round trip through records.py's
 readers, only complete and unreported items, labeler ids and model provenance included, chat
-feedback turned into K = 2 comparisons."""
+feedback turned into K = 2 comparisons kept in their own file (chat_comparisons.jsonl)."""
 
 import json
 import re
@@ -20,7 +20,7 @@ PROV = {"model": "runs/tiny/sft", "settings": {"temperature": 1.0}, "source": "g
 
 
 def fill(store):
-    ann, bob, cat = (create_user(store, n, "password1") for n in ("ann", "bob", "cat"))
+    ann, bob, cat = (create_user(store, n, "plum-orchard-42") for n in ("ann", "bob", "cat"))
     i1 = store.add_item(P1, responses=["red .", "blue .", "no .", "rude ."], provenance=[PROV] * 4).id
     i2 = store.add_item(P2, responses=["it is 555-0199 .", "i cannot share that ."]).id
     i3 = store.add_item(P3, responses=["5 .", "6 ."]).id  # only one ranking: not complete, not exported
@@ -48,8 +48,8 @@ def fill(store):
 def test_export_round_trip(store, tmp_path):
     i1 = fill(store)
     counts = export(store, tmp_path)
-    assert counts == {"demonstrations.jsonl": 1, "comparisons.jsonl": 3, "feedback.jsonl": 2, "reported.jsonl": 1,
-                      "prompts.jsonl": 3}
+    assert counts == {"demonstrations.jsonl": 1, "comparisons.jsonl": 2, "chat_comparisons.jsonl": 1,
+                      "feedback.jsonl": 2, "reported.jsonl": 1, "prompts.jsonl": 3}
     comps = read_comparisons(tmp_path / "comparisons.jsonl")
     ranked = [c for c in comps if c.meta.get("item") == i1]
     assert [(c.labeler, c.ranking, c.ties) for c in ranked] == [("ann", (0, 1, 2, 3), ((2, 3),)),
@@ -57,7 +57,8 @@ def test_export_round_trip(store, tmp_path):
     assert [m.to_json() for m in ranked[0].prompt] == P1 and ranked[0].responses == ("red .", "blue .", "no .", "rude .")
     assert ranked[0].ratings == {"helpful": [7, 6, 2, 1]} and ranked[0].meta["model"] == [PROV] * 4
     assert ranked[0].pairs() == ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3))  # the tie is no preference
-    chat = [c for c in comps if c.meta.get("source") == "chat"]
+    assert all(c.meta.get("source") != "chat" and not c.labeler.startswith("chat:") for c in comps)
+    chat = read_comparisons(tmp_path / "chat_comparisons.jsonl")
     assert len(chat) == 1 and chat[0].responses == ("why did the chicken ...", "no .") and chat[0].ranking == (0, 1)
     assert chat[0].labeler == "chat:u1" and chat[0].meta["model"][0]["settings"] == {"temperature": 0.7}
     demos = read_conversations(tmp_path / "demonstrations.jsonl")
@@ -81,7 +82,7 @@ def test_export_command(tmp_path, capsys):
     fill(s)
     s.close()
     assert main(["label", "export", "--db", url, "--out", str(tmp_path / "out")]) == 0
-    assert "3 in comparisons.jsonl" in capsys.readouterr().out
+    assert "2 in comparisons.jsonl, 1 in chat_comparisons.jsonl" in capsys.readouterr().out
     first = json.loads((tmp_path / "out" / "comparisons.jsonl").read_text().splitlines()[0])
     assert first["labeler"] == "ann" and first["model"][0]["model"] == "runs/tiny/sft"
     assert main(["label", "import-prompts", "--db", url, str(tmp_path / "nope.jsonl")]) == 2
@@ -146,7 +147,7 @@ def test_export_keeps_every_rating_and_writes_the_chat_prompts_for_ppo(store, tm
     assert counts["feedback.jsonl"] == len(store.chat_feedback()) == 6
     assert [(f.meta["rating"], f.messages[-1].content) for f in fb][2] == ("down", "")
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", f.meta["time"]) for f in fb)
-    chat = [c for c in read_comparisons(tmp_path / "comparisons.jsonl") if c.meta.get("source") == "chat"]
+    chat = read_comparisons(tmp_path / "chat_comparisons.jsonl")
     assert sorted(c.responses for c in chat) == [("15 .", ""), ("why did the chicken ...", "no .")]
     prompts = read_prompts(tmp_path / "prompts.jsonl")
     texts = [p.messages[-1].content for p in prompts]
@@ -164,4 +165,32 @@ def test_a_second_export_into_the_same_folder_says_it_replaced_the_files(tmp_pat
     assert "replaced" not in capsys.readouterr().out
     assert main(["label", "export", "--db", url, "--out", str(out)]) == 0
     assert "the files of an earlier export there were replaced" in capsys.readouterr().out
-    assert len((out / "comparisons.jsonl").read_text().splitlines()) == 3  # replaced, not appended to
+    assert len((out / "comparisons.jsonl").read_text().splitlines()) == 2  # replaced, not appended to
+
+
+def test_chat_comparisons_count_each_served_answers_latest_rating(store, tmp_path):
+    """A served answer rated 👍 and then 👎 (a change of mind) is a 👎 answer: it makes no
+    comparison against itself's earlier 👍, only against another answer rated 👍."""
+    q = [{"role": "user", "content": "name a fruit ."}]
+    kw = dict(messages=q, model="runs/r1/ppo", settings={"temperature": 1.0})
+    store.add_chat_feedback(response="apple .", rating="up", served_id="chatcmpl-a:0", **kw)
+    store.add_chat_feedback(response="rock .", rating="up", served_id="chatcmpl-b:0", **kw)
+    store.add_chat_feedback(response="rock .", rating="down", served_id="chatcmpl-b:0", **kw)  # changed its mind
+    export(store, tmp_path)
+    [c] = read_comparisons(tmp_path / "chat_comparisons.jsonl")
+    assert c.responses == ("apple .", "rock .") and c.ranking == (0, 1)
+    assert c.meta["served"] == ["chatcmpl-a:0", "chatcmpl-b:0"] and c.meta["feedback"] == [1, 3]
+    assert (tmp_path / "comparisons.jsonl").read_text() == ""  # no labeler has ranked anything
+    assert [f.meta["served"] for f in read_conversations(tmp_path / "feedback.jsonl")] == \
+        ["chatcmpl-a:0", "chatcmpl-b:0", "chatcmpl-b:0"]
+
+
+def test_one_answer_text_twice_in_an_item_is_exported_tied_so_rm_can_read_it(store, tmp_path):
+    ann, bob = (create_user(store, n, "plum-orchard-42") for n in ("ann", "bob"))
+    item = store.add_item(P3, responses=["5 .", "6 .", "5 ."]).id  # two samplers wrote the same answer
+    store.submit_ranking(ann, item, [0, 1, 2], [], "a1", 5.0)  # ranked apart: records.py refuses that
+    store.submit_ranking(bob, item, [2, 0, 1], [[2, 0]], "b1", 5.0)  # tied already (either order)
+    export(store, tmp_path)
+    got = read_comparisons(tmp_path / "comparisons.jsonl")  # would raise DataError without the ties
+    assert [(c.ranking, c.ties) for c in got] == [((0, 1, 2), ((0, 2),)), ((2, 0, 1), ((2, 0),))]
+    assert got[0].pairs() == ((0, 1), (1, 2))  # 0 ≻ 1 ≻ 2, and 0 ~ 2 is no preference

@@ -34,7 +34,7 @@ def test_alpha_by_hand():
 
 
 def test_report_pools_agreement_gold_and_alpha(store):
-    ids = {n: create_user(store, n, "password1") for n in ("ann", "bob", "cat")}
+    ids = {n: create_user(store, n, "label-pass-7") for n in ("ann", "bob", "cat")}
     item = store.add_item(PROMPT, responses=["a", "b", "c", "d"], gold=[0, 1, 2, 3], labels_needed=3).id
     store.submit_ranking(ids["ann"], item, [0, 1, 2, 3], [], "t1", 10.0,
                          ratings={"helpful": [1, 2, 3, None]})
@@ -67,7 +67,7 @@ def test_labelers_win_rate_per_pair_of_models(store, tmp_path):
                  "models": ["ppo", "sft", "other"]})
     pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert store.import_prompts(pairs).added == 4
-    ann, bob = create_user(store, "ann", "password1"), create_user(store, "bob", "password1")
+    ann, bob = create_user(store, "ann", "label-pass-7"), create_user(store, "bob", "label-pass-7")
     items = {i.prompt[0]["content"]: i.id for i in store.items()}
     store.submit_ranking(ann, items["q0"], [0, 1], [], "a0", 1.0)  # ppo first
     store.submit_ranking(bob, items["q0"], [1, 0], [], "b0", 1.0)  # sft first

@@ -31,7 +31,7 @@ def test_migrations_match_the_models_and_reopen_keeps_data(db_url):
 
 
 def test_double_submission_is_idempotent(store):
-    uid = create_user(store, "ann", "password1")
+    uid = create_user(store, "ann", "label-pass-7")
     item = store.add_item(PROMPT, responses=["4", "5", "four"]).id
     first = store.submit_ranking(uid, item, [0, 2, 1], [[0, 2]], "tok-1", 3.0)
     again = store.submit_ranking(uid, item, [0, 2, 1], [[0, 2]], "tok-1", 3.0)
@@ -46,7 +46,7 @@ def test_double_submission_is_idempotent(store):
 
 
 def test_concurrent_labelers_never_overwrite_or_duplicate(store):
-    uids = [create_user(store, f"lab{i}", "password1") for i in range(6)]
+    uids = [create_user(store, f"lab{i}", "label-pass-7") for i in range(6)]
     item = store.add_item(PROMPT, responses=["a", "b"], labels_needed=6).id
     results, errors = [], []
 
@@ -68,7 +68,7 @@ def test_concurrent_labelers_never_overwrite_or_duplicate(store):
 
 
 def test_bad_submissions_are_rejected_with_clear_messages(store):
-    uid = create_user(store, "ann", "password1")
+    uid = create_user(store, "ann", "label-pass-7")
     item = store.add_item(PROMPT, responses=["4", "5"]).id
     with pytest.raises(DataError, match="ranking lists response 0 twice"):
         store.submit_ranking(uid, item, [0, 0], [], "x", 1.0)
@@ -116,7 +116,7 @@ def test_migration_0002_backfills_response_counts(db_url):
     engine.dispose()
     s = open_store(db_url)  # opening migrates to head
     (item,) = s.items()
-    assert item.n_responses == 3 and s.next_ranking_item(create_user(s, "ann", "password1")).id == item.id
+    assert item.n_responses == 3 and s.next_ranking_item(create_user(s, "ann", "label-pass-7")).id == item.id
     s.close()
 
 
@@ -173,7 +173,7 @@ def test_text_a_database_cannot_store_is_refused_with_a_valueerror(store):
         with pytest.raises(ValueError, match=message):
             store.add_chat_feedback(**{**ok, **bad})
     assert store.chat_feedback() == [] and store.items() == []
-    ann, bob = create_user(store, "ann", "password1"), create_user(store, "bob", "password1")
+    ann, bob = create_user(store, "ann", "label-pass-7"), create_user(store, "bob", "label-pass-7")
     demo = store.submit_demonstration(ann, PROMPT + [{"role": "assistant", "content": "4 ."}], "d", 1.0).id
     with pytest.raises(ValueError, match="reason contains a NUL"):
         store.submit_review(bob, demo, False, "wrong\x00", "r")
@@ -190,7 +190,7 @@ def test_processes_opening_a_new_database_at_once_all_start(pg_url):
 
 def test_every_labeler_ranks_the_gold_items(store):
     # gold scores measure each labeler: with labels_needed = 2 a third labeler never saw a gold item
-    ann, bob, cat = (create_user(store, n, "password1") for n in ("ann", "bob", "cat"))
+    ann, bob, cat = (create_user(store, n, "label-pass-7") for n in ("ann", "bob", "cat"))
     gold = store.add_item(PROMPT, responses=["4", "5"], gold=[0, 1]).id
     plain = store.add_item([{"role": "user", "content": "2 plus 3 ?"}], responses=["5", "6"]).id
     for n, uid in enumerate((ann, bob)):
@@ -202,7 +202,7 @@ def test_every_labeler_ranks_the_gold_items(store):
 
 
 def test_a_rejected_demonstration_puts_its_prompt_back_for_the_others(store):
-    ann, bob, cat = (create_user(store, n, "password1") for n in ("ann", "bob", "cat"))
+    ann, bob, cat = (create_user(store, n, "label-pass-7") for n in ("ann", "bob", "cat"))
     item = store.add_item(PROMPT).id
     demo = store.submit_demonstration(ann, PROMPT + [{"role": "assistant", "content": "5 ."}], "d1", 1.0,
                                       item_id=item).id
@@ -216,7 +216,7 @@ def test_a_rejected_demonstration_puts_its_prompt_back_for_the_others(store):
 
 def test_labelers_working_at_once_are_given_different_items(store):
     # each was given the oldest item short of rankings: six labelers at once all ranked item 1, then item 2
-    users = [create_user(store, f"lab{n}", "password1") for n in range(5)]
+    users = [create_user(store, f"lab{n}", "label-pass-7") for n in range(5)]
     first = store.add_item(PROMPT, responses=["4", "5"]).id
     second = store.add_item([{"role": "user", "content": "2 plus 3 ?"}], responses=["5", "6"]).id
     shown = [store.next_ranking_item(u) for u in users]
@@ -233,7 +233,7 @@ def test_labelers_working_at_once_are_given_different_items(store):
 def test_labelers_asking_at_the_same_moment_claim_each_item_once_per_label(store):
     # PostgreSQL, read committed: labelers asking at once each counted the others' claims as absent,
     # and three ranked an item that needed two
-    users = [create_user(store, f"lab{n}", "password1") for n in range(8)]
+    users = [create_user(store, f"lab{n}", "label-pass-7") for n in range(8)]
     for n in range(4):
         store.add_item([{"role": "user", "content": f"q{n} ?"}], responses=["a", "b"])
     start = threading.Barrier(len(users))

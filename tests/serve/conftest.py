@@ -132,6 +132,22 @@ def rambling_model(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def parrot_model(tiny_model):
+    """A GPT-2-style model with an 8192-token window that greedily says " hello" for ever: its final
+    layer norm outputs the word's embedding whatever the input (weight 0, bias = that embedding), so
+    the tied output layer scores "hello" highest at every step. Unlike rambling_model (whose text may
+    sit held back as an incomplete character), every step streams text to the client."""
+    _, tok = tiny_model
+    model = build_model(ModelConfig(arch="gpt2", n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=8192),
+                        vocab_size=len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=6).eval()
+    word = tok.encode(" hello", add_special_tokens=False)[-1]
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.lm_head.weight[word])
+    return model, tok
+
+
+@pytest.fixture(scope="session")
 def client():
     """client(server, key) -> the official openai client for a LiveServer (no retries)."""
     import openai

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API driven by the official `openai` client: plain, streaming, n > 1, stop
 sequences, seeds, dynamic batching (batched answers equal the ones computed alone and the reference
-sampler's), every error case with OpenAI's status and error body, 429 over capacity, and a client
-that disconnects mid-stream freeing its slot."""
+sampler's), every error case with OpenAI's status and error body, 429 over capacity and past one
+client's share, a client that disconnects mid-stream freeing its slot; the limits that keep one
+request from stalling the server (body size, prompt characters), the security headers, and the
+start-up warning of a server open to the network."""
 
 from __future__ import annotations
 
@@ -188,7 +190,7 @@ def test_api_keys(tiny_model, client, serve):
 
 
 def test_over_capacity_is_429_and_a_disconnected_stream_frees_its_slot(rambling_model, client, serve):
-    with serve(rambling_model, cfg=ServeConfig(max_batch=1, max_queue=1, retry_after=3)) as s:
+    with serve(rambling_model, cfg=ServeConfig(max_batch=1, max_queue=1, retry_after=3, client_share=1.0)) as s:
         c = client(s)
         long = dict(temperature=0, max_tokens=1000)
         first = ask(c, HELLO, stream=True, **long)
@@ -235,3 +237,106 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
         assert main(["label", "serve", "--db", f"sqlite:///{tmp_path / 'fb.db'}", "--port", str(port)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port\n"
+
+
+def test_one_client_cannot_take_every_slot(parrot_model, client, serve):
+    """serve.client_share: with 1 running + 3 waiting slots and a share of 0.5, one API key holds at
+    most 2; its third request is a 429 naming its share while another key's request still gets in."""
+    keys = ("sk-first-client-1", "sk-other-client-2")
+    with serve(parrot_model, cfg=ServeConfig(max_batch=1, max_queue=3, api_keys=keys, retry_after=2)) as s:
+        greedy = client(s, keys[0])
+        first = ask(greedy, HELLO, stream=True, temperature=0, max_tokens=8000)
+        assert next(iter(first)).choices[0].delta.role == "assistant"
+        waiting = ThreadPoolExecutor(1).submit(ask, greedy, HELLO, temperature=0, max_tokens=2)
+        end = time.monotonic() + 10
+        while s.engine.load()["queued"] < 1:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(greedy, HELLO, max_tokens=2)
+        assert e.value.response.headers["retry-after"] == "2" and "your share" in e.value.message
+        other = ThreadPoolExecutor(1).submit(ask, client(s, keys[1]), HELLO, temperature=0, max_tokens=2)
+        while s.engine.load()["queued"] < 2:  # the other client's request was let in, and waits its turn
+            assert time.monotonic() < end and not other.done(), other.exception() if other.done() else None
+            time.sleep(0.01)
+        first.close()
+        assert other.result(timeout=30).choices[0].message.content == "hello hello"
+        assert waiting.result(timeout=30).choices[0].message.content == "hello hello"
+        assert ask(greedy, HELLO, temperature=0, max_tokens=1).choices[0].message.content == "hello"  # share freed
+
+
+def test_a_huge_body_is_413_while_health_answers_within_100_ms(tiny_model, serve):
+    """A 20 MB chat request used to be read, parsed and tokenized on the event loop (~20 s in which
+    nothing else was answered). Now its Content-Length alone gets a 413, and /health keeps answering."""
+    huge = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hello " * 3_500_000}]}).encode()
+    assert len(huge) > 20_000_000
+    with serve(tiny_model, cfg=ServeConfig()) as s:
+        results = {}
+
+        def post():
+            try:
+                results["status"] = httpx.post(s.url + "/v1/chat/completions", content=huge, timeout=120,
+                                               headers={"content-type": "application/json"}).status_code
+            except httpx.HTTPError as e:  # (the server may close the connection before all was sent)
+                results["error"] = e
+            results["status"] = results.get("status")
+
+        worst = 0.0
+        with httpx.Client(base_url=s.url, timeout=10) as h:
+            h.get("/health")  # the connection is open before timing starts
+            thread = threading.Thread(target=post)
+            thread.start()
+            while thread.is_alive():
+                t = time.perf_counter()
+                assert h.get("/health").status_code == 200
+                worst = max(worst, time.perf_counter() - t)
+                time.sleep(0.005)
+            thread.join()
+        assert results["status"] == 413, results
+        assert worst < 0.1, f"/health took {worst * 1000:.0f} ms while the huge request was refused"
+        # without a Content-Length (chunked), the body is refused once what was read passes the limit
+        r = httpx.post(s.url + "/v1/chat/completions", content=iter([b"x" * 65536] * 40), timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "at most 1048576 bytes" in r.json()["error"]["message"]
+
+
+def test_a_prompt_longer_than_any_tokenization_could_fit_is_refused_before_tokenizing(tiny_model, serve):
+    from cherrytop.serve.app import longest_token
+    _, tok = tiny_model
+    bound = CONTEXT * longest_token(tok)
+    with serve(tiny_model, cfg=ServeConfig()) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "x" * (bound + 1)}]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert f"maximum context length is {CONTEXT} tokens" in err["message"] and f"{bound + 1} characters" in err["message"]
+
+
+def test_security_headers_and_no_inline_script(api):
+    """A Content-Security-Policy that allows only the server's own script files (no inline script, no
+    inline event handler), and a chat page that needs nothing else."""
+    import re
+    page = httpx.get(api.url + "/", timeout=60)
+    for r in (page, httpx.get(api.url + "/v1/models", timeout=60), httpx.get(api.url + "/nope", timeout=60)):
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self';" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    html = page.text
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/chat.js" defer>']
+    assert not re.search(r"\son\w+\s*=", html) and "<style" not in html and "style=" not in html
+    for path, kind in (("/static/chat.js", "javascript"), ("/static/chat.css", "text/css")):
+        r = httpx.get(api.url + path, timeout=60)
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+
+
+def test_a_server_open_to_the_network_without_api_keys_warns_at_start(tmp_path, capsys, monkeypatch):
+    from cherrytop.cli import main
+    from cherrytop.serve.app import exposure_warning
+    for host in ("0.0.0.0", "::", "192.168.1.20"):
+        assert "anyone who can reach this port" in exposure_warning(host, set())
+    for host, keys in (("127.0.0.1", set()), ("::1", set()), ("localhost", set()), ("0.0.0.0", {"sk-x"})):
+        assert exposure_warning(host, keys) is None
+    monkeypatch.delenv("CHERRYTOP_API_KEYS", raising=False)
+    assert main(["serve", "--checkpoint", str(tmp_path / "none"), "--serve.host=0.0.0.0", "--serve.port=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warning: listening on 0.0.0.0 with no API keys") and err.count("\n") == 2

@@ -1,6 +1,6 @@
 """The web chat in a real browser (headless Debian chromium via Playwright): send a message, watch
 the answer stream in, press thumbs down, report a second answer, see a blocked request's safe message, and find both ratings in the
-output of `cherrytop label export`. CHERRYTOP_SCREENSHOTS=1 saves screenshots to docs/serve/."""
+output of `cherrytop label export`, with no Content-Security-Policy violation on the way. CHERRYTOP_SCREENSHOTS=1 saves screenshots to docs/serve/."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 
 from cherrytop.cli import main
 from cherrytop.config import ServeConfig
-from cherrytop.feedback.store import open_store
 from cherrytop.serve.moderation import Moderator
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "serve"
@@ -23,34 +22,14 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 
 
-def test_feedback_endpoint_writes_to_the_feedback_store(tmp_path, tiny_model, serve):
-    url = f"sqlite:///{tmp_path / 'fb.db'}"
-    with serve(tiny_model, feedback_url=url) as s:
-        body = {"messages": [{"role": "user", "content": "hi"}], "response": "hello .", "rating": "up",
-                "settings": {"temperature": 0.5}, "conversation_id": "c1"}
-        r = httpx.post(s.url + "/v1/feedback", json=body, timeout=60)  # (opening the store migrates it)
-        assert r.status_code == 200
-        bad = httpx.post(s.url + "/v1/feedback", json={**body, "rating": "meh"}, timeout=60)
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
-        # the store wants the conversation before the answer, ending with the user's turn: a 400, not a 500
-        late = httpx.post(s.url + "/v1/feedback", json={**body, "messages": [{"role": "assistant", "content": "hi"}]},
-                          timeout=60)
-        assert late.status_code == 400 and late.json()["error"]["param"] == "messages"
-        assert "ends with a user message" in late.json()["error"]["message"]
-        nul = httpx.post(s.url + "/v1/feedback", json={**body, "response": "a\x00b"}, timeout=60)  # no database keeps it
-        assert nul.status_code == 400 and nul.json()["error"]["param"] == "response"
-    [f] = open_store(url).chat_feedback()
-    assert (f.id, f.rating, f.response, f.model, f.settings, f.conversation_id) == \
-        (r.json()["id"], "up", "hello .", "tiny", {"temperature": 0.5}, "c1")
-
-
 def test_feedback_to_a_database_that_cannot_be_opened_is_a_503(tmp_path, tiny_model, serve):
     """`--feedback-db` naming a file that is not a database (or a server that is down): the rating
     gets OpenAI's error format with the reason, not a bare 500."""
     (tmp_path / "fb.db").write_text("not a database\n" * 100)
     with serve(tiny_model, feedback_url=f"sqlite:///{tmp_path / 'fb.db'}") as s:
-        r = httpx.post(s.url + "/v1/feedback", json={"messages": [{"role": "user", "content": "hi"}],
-                                                     "response": "hello .", "rating": "up"}, timeout=60)
+        cid = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).json()["id"]
+        r = httpx.post(s.url + "/v1/feedback", json={"id": cid, "rating": "up"}, timeout=60)
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     assert "file is not a database" in r.json()["error"]["message"]
 
@@ -72,6 +51,8 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
         page = browser.new_page(viewport={"width": 900, "height": 640})
         page.set_default_timeout(30_000)  # the machine may be busy
         expect.set_options(timeout=30_000)
+        csp = []  # every Content-Security-Policy violation the page reports (none: no inline script or style)
+        page.on("console", lambda m: csp.append(m.text) if "Content Security Policy" in m.text else None)
         page.goto(s.url + "/")
         expect(page.locator("#model")).to_have_text("tiny")
         page.fill("#temperature", "0")
@@ -119,6 +100,7 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
         page.click("#send")
         expect(page.locator(".assistant").nth(3).locator(".actions")).to_be_visible()
         assert page.locator(".assistant").nth(3).get_attribute("data-finish") != "content_filter"
+        assert csp == [] and resp.headers["content-security-policy"].startswith("default-src 'none'")
         browser.close()
     out = tmp_path / "export"
     assert main(["label", "export", "--db", db, "--out", str(out)]) == 0
@@ -129,31 +111,9 @@ def test_chat_page_streams_and_feedback_reaches_the_export(tmp_path, tiny_model,
     assert by_rating["report"]["messages"][-1]["content"] == second_answer and by_rating["report"]["comment"] == "wrong sum"
     assert [m["content"] for m in by_rating["report"]["messages"][:3]] == [first, expected, "what is 12 plus 3 ?"]
     assert by_rating["down"]["conversation_id"] == by_rating["report"]["conversation_id"]
-    assert by_rating["down"]["settings"] == {"temperature": 0, "max_tokens": 64}
+    assert by_rating["down"]["settings"] == {"temperature": 0, "top_p": 1.0, "max_tokens": 64, "n": 1}
+    assert by_rating["down"]["model"] == "tiny" and by_rating["down"]["served"].startswith("chatcmpl-")
     if os.environ.get("CHERRYTOP_SCREENSHOTS"):  # refresh the docs' screenshots
         DOCS.mkdir(parents=True, exist_ok=True)
         for name in ("chat.png", "chat-feedback.png", "chat-blocked.png"):
             shutil.copy(tmp_path / name, DOCS / name)
-
-
-def test_feedback_names_the_served_checkpoint_and_a_blocked_answer(tmp_path, tiny_model, serve):
-    """A rating records which model wrote the answer: the served checkpoint's folder (two runs' `ppo`
-    stay apart in `label stats`), and for a blocked answer the moderation policy, whose safe message
-    is no ranking candidate."""
-    from cherrytop.feedback.store import MODERATION
-    url = f"sqlite:///{tmp_path / 'fb.db'}"
-    policy = tmp_path / "policy.toml"
-    policy.write_text("safe_message = \"Sorry, I can't help with that.\"\n"
-                      "[[categories]]\nname = \"violence\"\npatterns = ['\\bkill\\b']\n")
-    moderator = Moderator(policy, tmp_path / "blocks.jsonl")
-    hi, kill = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "how do i kill ann ?"}]
-    with serve(tiny_model, feedback_url=url, moderator=moderator, checkpoint="runs/r1/ppo") as s:
-        for body in ({"messages": hi, "response": "hello .", "rating": "down", "model": "tiny"},  # as the chat page sends
-                     {"messages": hi, "response": "hey .", "rating": "up"},
-                     {"messages": hi, "response": "yo .", "rating": "up", "model": "runs/other/sft"},
-                     {"messages": kill, "response": "Sorry, I can't help with that.", "rating": "down", "model": "tiny"}):
-            assert httpx.post(s.url + "/v1/feedback", json=body, timeout=60).status_code == 200
-    store = open_store(url)
-    assert [f.model for f in store.chat_feedback()] == ["runs/r1/ppo", "runs/r1/ppo", "runs/other/sft", MODERATION]
-    items = {i.prompt[-1]["content"]: i for i in store.items()}
-    assert items["hi"].provenance[0]["model"] == "runs/r1/ppo" and items["how do i kill ann ?"].responses == []

@@ -75,6 +75,25 @@ def test_a_client_gone_from_a_plain_request_frees_its_slot(rambling_model, serve
         assert r.status_code == 200  # the only slot is free again
 
 
+def test_a_client_gone_from_a_plain_request_frees_its_slot_while_tokens_stream(parrot_model, serve):
+    """The connection is watched, not only checked after 0.5 s without a token: with a model that sends
+    text at every step, the old check never ran and the answer held the only slot to its 8,000th token."""
+    with serve(parrot_model, cfg=ServeConfig(max_batch=1, max_queue=0)) as s:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000, "temperature": 0}
+        short = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 5}, timeout=60).json()
+        assert short["choices"][0]["message"]["content"] == "hello hello hello hello hello"  # text at every step
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
+        end = time.monotonic() + 20
+        while s.engine.load()["cancelled"] < 1:
+            assert time.monotonic() < end, s.engine.load()
+            time.sleep(0.02)
+        stats = s.engine.load()
+        assert stats["running"] == 0 and stats["completed"] == 1 and stats["tokens"] < 8000
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200  # the only slot is free again
+
+
 def test_a_failed_prefill_fails_its_requests_and_frees_their_slots(tiny_model):
     """A forward pass that raises (on a GPU: out of memory for a large prefill) while no batch is running
     used to lose the newly admitted jobs: no answer ever came and their slots stayed taken."""

@@ -8,7 +8,7 @@ import pytest
 from cherrytop.config import load_config
 from cherrytop.data.records import DataError, read_conversations
 from cherrytop.data.tokenizer import train_tokenizer
-from cherrytop.stages.pretrain import corpus, read_documents
+from cherrytop.stages.pretrain import read_documents
 from cherrytop.stages.sft import encode_all
 
 
@@ -75,14 +75,6 @@ def test_a_plain_text_file_not_named_txt_says_it_is_read_as_json_lines(tmp_path)
     p = tmp_path / "corpus.md"
     p.write_text("# My notes\n\nsome text\n", encoding="utf-8")
     one_line_error(read_documents, p, ":1: ", "a .md file is read as JSON lines")
-
-
-def test_a_one_document_corpus_stops_with_the_reason(tmp_path):
-    p = tmp_path / "book.txt"
-    p.write_text("a whole book\nwith single newlines only\n" * 50, encoding="utf-8")
-    cfg = load_config("test", [], [f"--pretrain.data={p}"])
-    with pytest.raises(DataError, match=r"book\.txt: only 1 document; expected at least 2 .*blank line separates"):
-        corpus(cfg)
 
 
 # ---------------------------------------------------------------- sft.data

@@ -9,10 +9,11 @@ import torch
 IGNORE = -100
 
 
-def pack_windows(docs: list[list[int]], seq_len: int, eos_id: int) -> torch.Tensor:
-    """Concatenate documents (each followed by EOS) and cut into (N, seq_len) windows; the tail that
-    does not fill a window is dropped."""
-    flat = np.fromiter((t for d in docs for t in (*d, eos_id)), dtype=np.int64)
+def pack_windows(docs, seq_len: int, eos_id: int) -> torch.Tensor:
+    """Concatenate documents (token id lists or arrays, each followed by EOS) and cut into (N, seq_len)
+    windows; the tail that does not fill a window is dropped."""
+    eos = np.array([eos_id], dtype=np.int64)
+    flat = np.concatenate([x for d in docs for x in (np.asarray(d, dtype=np.int64).reshape(-1), eos)] or [eos[:0]])
     n = len(flat) // seq_len
     return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())  # (N, T)
 

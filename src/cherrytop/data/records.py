@@ -19,6 +19,7 @@ Messages are counted from 1; response indices from 0, as the ranking uses them.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import os
 import re
@@ -344,14 +345,29 @@ class Comparison:
     @classmethod
     def from_json(cls, obj: dict) -> Comparison:
         if "chosen" in obj or "rejected" in obj:
-            return _pairwise_from_json(obj)
+            return _check_duplicates(_pairwise_from_json(obj), pairwise=True)
         for key in ("prompt", "responses", "ranking"):
             if key not in obj:
                 raise DataError(f"missing field '{key}'{_suggest_key(obj, key, *_COMPARISON_FIELDS)}",
                                 _COMPARISON_SHAPE)
-        return cls(_prompt_from_json(obj["prompt"], "prompt"), _responses_from_json(obj["responses"]),
-                   _ranking_from_json(obj["ranking"]), _ties_from_json(obj.get("ties")), obj.get("labeler"),
-                   obj.get("ratings"), {k: v for k, v in obj.items() if k not in _COMPARISON_FIELDS})
+        return _check_duplicates(cls(
+            _prompt_from_json(obj["prompt"], "prompt"), _responses_from_json(obj["responses"]),
+            _ranking_from_json(obj["ranking"]), _ties_from_json(obj.get("ties")), obj.get("labeler"),
+            obj.get("ratings"), {k: v for k, v in obj.items() if k not in _COMPARISON_FIELDS}))
+
+
+def _check_duplicates(c: Comparison, pairwise: bool = False) -> Comparison:
+    """A file's comparison may hold one answer text twice only if the two are tied: an order between
+    identical answers teaches the reward model nothing true."""
+    tied = {frozenset(t) for t in c.ties}
+    for i, j in itertools.combinations(range(c.k), 2):
+        if c.responses[i] == c.responses[j] and frozenset((i, j)) not in tied:
+            if pairwise:
+                raise DataError("'chosen' and 'rejected' are the same answer",
+                                'two different answers (or "ties": [[0, 1]] to say they are equally good)')
+            raise DataError(f"responses {i} and {j} are the same text but ranked apart",
+                            f'identical answers tied ("ties": [[{i}, {j}]]) or listed once')
+    return c
 
 
 def _responses_from_json(value: Any) -> tuple:

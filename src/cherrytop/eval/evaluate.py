@@ -69,6 +69,7 @@ def run(cfg: Config, checkpoint: str, baseline: str | None = None, prompts_file:
             theirs = j.scores(prompts, base_answers)
             out["judge"]["baseline_mean_reward"] = sum(theirs) / len(theirs)
             out.setdefault("versus", {})["judge"] = judged_win_rate(mine, theirs, answers, base_answers)
+        out["judge"].update(answers_cut=j.cut, window=j.seq_len)
     if pairs:
         rng = random.Random(cfg.run.seed)
         names = [str(ckpt), str(base)]
@@ -96,6 +97,9 @@ def summary(r: dict) -> list[str]:
         if "baseline_mean_reward" in j:
             text += f" against the baseline's {j['baseline_mean_reward']:.3f}"
         lines.append(text)
+        if j.get("answers_cut"):
+            lines.append(f"judge: {j['answers_cut']} answers longer than its context window of {j['window']} tokens "
+                         f"were scored on their last {j['window']} tokens")
     for by, v in r.get("versus", {}).items():
         lines.append(f"win rate against the baseline, judged by the {'reward model' if by == 'judge' else 'graders'}: "
                      f"{v['win_rate']:.3f} (n={v['n']}, ties count half)")

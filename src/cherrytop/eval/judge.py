@@ -4,7 +4,9 @@
 The score is the scalar head at the answer's EOS plus the normalising bias, plus c · log π_ref of
 the answer where the reward model has that term (`rm.ref_loglik`): the reward PPO optimises and
 `serve`'s moderation classifier thresholds. Prompt and answer are tokenised as the reward model was
-trained (`stages/reward.encode_answer`: the chat template's rendering, cut after the answer's EOS).
+trained (`stages/reward.encode_answer`: the chat template's rendering, cut after the answer's EOS,
+within the context window by `heads.fit_answer`, for the head and log π_ref alike; `cut` counts the
+answers that lost tokens).
 
 A judge is a proxy: PPO optimises this same score, so its win rate against the SFT model is an upper
 bound of what people would say [IG §4; Gao et al. 2022]. For a human verdict, `cherrytop eval
@@ -21,7 +23,7 @@ import torch
 
 from cherrytop.data.collate import pad_batch
 from cherrytop.data.tokenizer import load_tokenizer, split_response
-from cherrytop.model.heads import loglik_term, response_loglik, reward, scalar_model_from
+from cherrytop.model.heads import fit_answer, loglik_term, response_loglik, reward, scalar_model_from
 from cherrytop.model.load import CheckpointError, context_window, load_model
 
 
@@ -36,17 +38,22 @@ class Judge:
         self.model = scalar_model_from(path, self.tok.pad_token_id, require_head=True).eval()
         self.coef, ref, self.excess = loglik_term(self.model.config)
         self.ref = load_model(ref).eval() if self.coef else None
-        self.seq_len = context_window(self.model.config) or 2048
+        windows = [w for w in (context_window(m.config) for m in (self.model, self.ref) if m is not None) if w]
+        self.seq_len = min(windows, default=2048)
         self.batch_size = batch_size
+        self.cut = 0
+        """Answers scored so far that lost tokens to the window (`heads.fit_answer`)."""
 
     @torch.no_grad()
     def scores(self, prompts: Sequence[Sequence[dict]], answers: Sequence[str]) -> list[float]:
         """The reward of each answer to its prompt (messages ending with a user turn)."""
-        split = [split_response(self.tok, list(p), a, self.seq_len) for p, a in zip(prompts, answers, strict=True)]
+        split = [fit_answer(*split_response(self.tok, list(p), a, self.seq_len), self.seq_len)
+                 for p, a in zip(prompts, answers, strict=True)]
+        self.cut += sum(c for *_, c in split)
         out: list[float] = []
         for i in range(0, len(split), self.batch_size):
-            part = split[i: i + self.batch_size]
-            rows = [(head + resp)[-self.seq_len:] for head, resp in part]
+            part = [(head, resp) for head, resp, _ in split[i: i + self.batch_size]]
+            rows = [head + resp for head, resp in part]
             enc = pad_batch([(r, r) for r in rows], self.tok.pad_token_id)  # right-padded (B, T)
             r = reward(self.model, enc["input_ids"], enc["attention_mask"])  # (B,)
             if self.ref is not None:

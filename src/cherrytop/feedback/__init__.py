@@ -8,5 +8,6 @@ the same database; `cherrytop label export` writes the JSONL that `cherrytop sft
 - export.py    database -> demonstrations / comparisons / chat-feedback JSONL (records.py formats)
 - generate.py  sample K candidate answers from a checkpoint into the queue, with provenance
 - app.py       the FastAPI web app (server-rendered Jinja pages in templates/, a little JS in static/)
-- commands.py  `cherrytop label {serve,create-user,import-prompts,generate,export,stats}`
+- commands.py  `cherrytop label {serve,create-user,disable-user,enable-user,reset-password,revoke-sessions,
+               import-prompts,generate,export,stats}`
 """

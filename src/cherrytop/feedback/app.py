@@ -7,7 +7,13 @@ conversation playing both sides); /rank (order K answers best to worst, ties, "a
 own work, nobody else's); /admin (per-labeler statistics and agreement), /admin/items, /admin/users.
 
 Every POST needs the session's CSRF token (the login form: a double-submit cookie); bodies larger
-than `max_body_bytes` get 413; bad input a 4xx page with a one-line reason.
+than `max_body_bytes` get 413; bad input a 4xx page with a one-line reason. A ranking or review is
+accepted only for the item / demonstration the server gave that labeler (409 otherwise).
+
+Every response carries a Content-Security-Policy allowing only this site's own script files (no
+inline script, no inline event handlers), so text that slipped through escaping still cannot run.
+Cookies are Secure when the request came over HTTPS (behind a reverse proxy: uvicorn's
+`--forwarded-allow-ips` makes the proxy's X-Forwarded-Proto count), or always / never by config.
 """
 
 from __future__ import annotations
@@ -28,13 +34,20 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from cherrytop.feedback import auth, stats
-from cherrytop.feedback.store import AXES, FLAGS, Store
+from cherrytop.feedback.store import AXES, FLAGS, NotOffered, Store
 
 HERE = Path(__file__).parent
 SESSION_COOKIE, LOGIN_COOKIE = "ct_session", "ct_login"
 MAX_ID = 2 ** 31 - 1
 """The largest row id (PostgreSQL's integer); a larger number is no row, and the databases refuse to look it up."""
 RowId = Annotated[int, URLPath(ge=0, le=MAX_ID)]
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 
 @dataclass(frozen=True)
@@ -45,8 +58,8 @@ class AppConfig:
     """Largest request body accepted; larger ones get 413."""
     max_message_chars: int = 20_000
     """Longest message of a demonstration."""
-    secure_cookies: bool = False
-    """Mark cookies Secure (serve behind HTTPS)."""
+    secure_cookies: bool | None = None
+    """Mark cookies Secure: None (default) when the request came over HTTPS, True always, False never."""
     alpha_level: str = "ordinal"
     """Krippendorff's α level of measurement for the 1-7 ratings (ordinal or interval)."""
 
@@ -66,23 +79,27 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["ranking_text"] = ranking_text
     templates.env.globals["ranks"] = ranks
+    templates.env.filters["provenance"] = provenance
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # ------------------------------------------------------------ plumbing
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        response = None
         if request.method in ("POST", "PUT", "PATCH"):
             n = request.headers.get("content-length")
             if n is None or not n.isdigit():
-                return _error_page(request, 411, "a Content-Length header is required")
-            if int(n) > cfg.max_body_bytes:
-                return _error_page(request, 413, f"the request is {int(n)} bytes; at most {cfg.max_body_bytes} allowed")
-        response = await call_next(request)
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
+                response = _error_page(request, 411, "a Content-Length header is required")
+            elif int(n) > cfg.max_body_bytes:
+                response = _error_page(request, 413, f"the request is {int(n)} bytes; at most {cfg.max_body_bytes} allowed")
+        response = response or await call_next(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers[k] = v
         return response
+
+    def secure(request: Request) -> bool:
+        return request.url.scheme == "https" if cfg.secure_cookies is None else cfg.secure_cookies
 
     def _error_page(request: Request, status: int, message: str) -> Response:
         who = auth.session_user(store, request.cookies.get(SESSION_COOKIE))
@@ -93,6 +110,10 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError):
         return _error_page(request, e.status, e.message)
+
+    @app.exception_handler(NotOffered)  # a ranking / review of work not given to this labeler
+    async def _not_offered(request: Request, e: NotOffered):
+        return _error_page(request, 409, str(e))
 
     @app.exception_handler(ValueError)  # DataError and the store's one-line refusals
     async def _value_error(request: Request, e: ValueError):
@@ -166,7 +187,7 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         csrf = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
         resp = templates.TemplateResponse(request, "login.html", {"user": None, "csrf": csrf, "next": _safe_next(next),
                                                                   "error": error})
-        resp.set_cookie(LOGIN_COOKIE, csrf, httponly=True, samesite="strict", secure=cfg.secure_cookies)
+        resp.set_cookie(LOGIN_COOKIE, csrf, httponly=True, samesite="strict", secure=secure(request))
         return resp
 
     @app.post("/login")
@@ -174,8 +195,12 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         form = await request.form()
         if not auth.csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
             raise HTTPError(403, "the login form's CSRF token is missing or wrong; reload the login page")
-        name, password = text(form, "name", 64), text(form, "password", 1024)
+        name, password = text(form, "name", 64).strip(), text(form, "password", auth.MAX_PASSWORD)
         nxt = _safe_next(str(form.get("next", "/")))
+        problem = auth.name_problem(name)  # before any query: a NUL would make PostgreSQL fail
+        if problem:
+            return templates.TemplateResponse(request, "login.html", {"user": None, "csrf": form.get("csrf"), "next": nxt,
+                                                                      "error": problem}, status_code=400)
         try:
             user, tok, _ = auth.login(store, name, password, request.client.host if request.client else "?", cfg.auth)
         except auth.RateLimited as e:
@@ -186,7 +211,7 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
             return templates.TemplateResponse(request, "login.html", {"user": None, "csrf": form.get("csrf"), "next": nxt,
                                                                       "error": str(e)}, status_code=401)
         resp = RedirectResponse(nxt, status_code=303)
-        resp.set_cookie(SESSION_COOKIE, tok, httponly=True, samesite="lax", secure=cfg.secure_cookies,
+        resp.set_cookie(SESSION_COOKIE, tok, httponly=True, samesite="lax", secure=secure(request),
                         max_age=int(cfg.auth.session_hours * 3600))
         resp.delete_cookie(LOGIN_COOKIE)
         return resp
@@ -272,7 +297,7 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
                 ratings[axis] = vals
         r = store.submit_ranking(user.id, item_id, ranking, ties, token(form), seconds(form),
                                  all_bad=form.get("all_bad") == "on", flags=[str(f) for f in form.getlist("flag")],
-                                 ratings=ratings)
+                                 ratings=ratings, offered=True)
         return RedirectResponse(f"/?done={'rank' if r.created else 'again'}", status_code=303)
 
     @app.get("/review", response_class=HTMLResponse)
@@ -288,7 +313,7 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         if verdict not in ("accept", "reject"):
             raise HTTPError(422, f"verdict is {verdict!r}; expected accept or reject")
         r = store.submit_review(user.id, integer(form, "demonstration_id"), verdict == "accept",
-                                text(form, "reason", 2000), token(form))
+                                text(form, "reason", 2000), token(form), offered=True)
         return RedirectResponse(f"/?done={'review' if r.created else 'again'}", status_code=303)
 
     @app.get("/mine", response_class=HTMLResponse)
@@ -341,23 +366,65 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
                     axes=AXES)
 
     @app.get("/admin/users", response_class=HTMLResponse)
-    def admin_users(request: Request, error: str = ""):
+    def admin_users(request: Request, done: str = ""):
         who = current(request, admin=True)
-        return page(request, "users.html", who, users=store.users(), error=error)
+        return page(request, "users.html", who, users=store.users(), done=USER_ACTIONS.get(done, ""))
 
     @app.post("/admin/users")
     async def admin_users_post(request: Request):
         _, form = await posted(request, admin=True)
         try:
-            auth.create_user(store, text(form, "name", 64), text(form, "password", 1024), str(form.get("role", "labeler")))
+            auth.create_user(store, text(form, "name", 64), text(form, "password", auth.MAX_PASSWORD),
+                             str(form.get("role", "labeler")))
         except ValueError as e:
             raise HTTPError(422, str(e)) from None
-        return RedirectResponse("/admin/users", status_code=303)
+        return RedirectResponse("/admin/users?done=created", status_code=303)
+
+    @app.post("/admin/users/{user_id}")
+    async def admin_user_action(request: Request, user_id: RowId):
+        """disable / enable an account, end its sessions, or set a new password (which ends them too)."""
+        admin, form = await posted(request, admin=True)
+        user = store.user(user_id)
+        if user is None:
+            raise HTTPError(404, f"user {user_id} does not exist")
+        action = form.get("action")
+        if action not in USER_ACTIONS or action == "created":
+            raise HTTPError(422, f"action {str(action)[:20]!r} is not one of disable, enable, revoke, password")
+        if user.id == admin.id and action != "password":
+            raise HTTPError(422, "you cannot disable or log out your own account here; use another admin account")
+        if action in ("disable", "enable"):
+            store.set_disabled(user.id, action == "disable")
+        elif action == "revoke":
+            store.revoke_sessions(user.id)
+        else:
+            try:
+                auth.reset_password(store, user.name, text(form, "password", auth.MAX_PASSWORD))
+            except ValueError as e:
+                raise HTTPError(422, str(e)) from None
+        return RedirectResponse(f"/admin/users?done={action}", status_code=303)
 
     return app
 
 
+USER_ACTIONS = {"created": "User added.", "disable": "Account disabled; its sessions ended.",
+                "enable": "Account enabled.", "revoke": "Its sessions ended: logged out everywhere.",
+                "password": "Password changed; its sessions ended."}
+"""What an admin can do to an account (POST /admin/users/{id}, field `action`), and the flash shown after."""
+SETTINGS_SHOWN = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+"""The sampling settings an item page shows (provenance `settings` is free-form JSON: nothing else is shown)."""
+
 LETTERS = "ABCDEFGHI"
+
+
+def provenance(entry: Any) -> dict[str, str]:
+    """What the item page shows of one response's provenance: its model name (cut to 200 characters)
+    and known numeric settings only, as plain text."""
+    entry = entry if isinstance(entry, dict) else {}
+    model = entry.get("model")
+    settings = entry.get("settings") if isinstance(entry.get("settings"), dict) else {}
+    shown = [f"{k} {settings[k]:g}" for k in SETTINGS_SHOWN
+             if type(settings.get(k)) in (int, float) and abs(settings[k]) < 1e12]
+    return {"model": model[:200] if isinstance(model, str) else "", "settings": " · ".join(shown)}
 
 
 def ranks(ranking: list[int], ties: list[list[int]]) -> dict[int, str]:

@@ -2,6 +2,9 @@
 
   serve            run the web app (uvicorn)
   create-user      add an account (admin or labeler) from the shell
+  disable-user     disable an account (its sessions end at once); enable-user undoes it
+  reset-password   give an account a new password (its sessions end)
+  revoke-sessions  log an account out everywhere
   import-prompts   add prompts (optionally with candidate answers and a gold ranking) to the queue
   generate         sample K answers from a checkpoint for every prompt that has fewer than 2
   export           write demonstrations / comparisons / chat feedback JSONL for `cherrytop sft` and `cherrytop rm`
@@ -21,6 +24,10 @@ import sys
 ACTIONS = {
     "serve": "run the labeling web app",
     "create-user": "add an account (admin or labeler)",
+    "disable-user": "disable an account: it cannot log in and its sessions end at once",
+    "enable-user": "enable a disabled account again",
+    "reset-password": "give an account a new password (its sessions end)",
+    "revoke-sessions": "log an account out everywhere",
     "import-prompts": "add prompts to the labeling queue from a JSONL file",
     "generate": "sample K candidate answers from a checkpoint for prompts that need them",
     "export": "write the JSONL files that `cherrytop sft` and `cherrytop rm` read",
@@ -44,10 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if name == "serve":
             s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
             s.add_argument("--port", type=int, default=8400, help="port (default 8400)")
+            s.add_argument("--secure-cookies", action=argparse.BooleanOptionalAction, default=None,
+                           help="mark cookies Secure always (or never with --no-secure-cookies); default: when the "
+                                "request came over HTTPS")
+            s.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                           help="behind a reverse proxy: the proxy's addresses (comma-separated, or '*'), whose "
+                                "X-Forwarded-For / X-Forwarded-Proto give the client's address and https")
         if name == "create-user":
             s.add_argument("name", help="user name")
             s.add_argument("--role", choices=["admin", "labeler"], default="labeler")
             s.add_argument("--password", help="password (default: asked on the terminal, or $CHERRYTOP_PASSWORD)")
+        if name in ("disable-user", "enable-user", "revoke-sessions"):
+            s.add_argument("name", help="user name")
+        if name == "reset-password":
+            s.add_argument("name", help="user name")
+            s.add_argument("--password", help="new password (default: asked on the terminal, or $CHERRYTOP_PASSWORD)")
         if name == "import-prompts":
             s.add_argument("file", help='JSONL: {"messages": [...]} or {"prompt": "text"}, optional "responses", "gold", "model(s)"')
         if name == "generate":
@@ -87,7 +105,7 @@ def _serve(store, args, cfg) -> None:
 
     import uvicorn
 
-    from cherrytop.feedback.app import create_app
+    from cherrytop.feedback.app import AppConfig, create_app
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:  # a port in use is one line, not the greeting and then uvicorn's error
@@ -96,7 +114,10 @@ def _serve(store, args, cfg) -> None:
         sock.close()
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; choose another --port") from None
     print(f"cherrytop feedback on http://{args.host}:{args.port} (database {args.db})")
-    uvicorn.Server(uvicorn.Config(create_app(store), log_level="warning")).run(sockets=[sock])
+    app = create_app(store, AppConfig(secure_cookies=args.secure_cookies))
+    proxy = {"proxy_headers": True, "forwarded_allow_ips": args.forwarded_allow_ips} if args.forwarded_allow_ips \
+        else {"proxy_headers": False}  # without a trusted proxy, no client may claim another address or https
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", **proxy)).run(sockets=[sock])
 
 
 def _create_user(store, args, cfg) -> None:
@@ -104,6 +125,32 @@ def _create_user(store, args, cfg) -> None:
     password = args.password or os.environ.get("CHERRYTOP_PASSWORD") or getpass.getpass(f"password for {args.name}: ")
     uid = create_user(store, args.name, password, args.role)
     print(f"created {args.role} {args.name} (id {uid})")
+
+
+def _disable_user(store, args, cfg) -> None:
+    from cherrytop.feedback.auth import find_user
+    store.set_disabled(find_user(store, args.name).id, True)
+    print(f"disabled {args.name}; their sessions ended")
+
+
+def _enable_user(store, args, cfg) -> None:
+    from cherrytop.feedback.auth import find_user
+    store.set_disabled(find_user(store, args.name).id, False)
+    print(f"enabled {args.name}")
+
+
+def _reset_password(store, args, cfg) -> None:
+    from cherrytop.feedback.auth import find_user, reset_password
+    find_user(store, args.name)  # an unknown name fails before the password is asked
+    password = args.password or os.environ.get("CHERRYTOP_PASSWORD") or getpass.getpass(f"new password for {args.name}: ")
+    reset_password(store, args.name, password)
+    print(f"new password set for {args.name}; their sessions ended")
+
+
+def _revoke_sessions(store, args, cfg) -> None:
+    from cherrytop.feedback.auth import find_user
+    n = store.revoke_sessions(find_user(store, args.name).id)
+    print(f"ended {n} session{'s' if n != 1 else ''} of {args.name}")
 
 
 def _import_prompts(store, args, cfg) -> None:

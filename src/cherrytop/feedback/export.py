@@ -3,14 +3,19 @@
 - `demonstrations.jsonl`  Conversations for `cherrytop sft --sft.data=...`: demonstrations a reviewer
   accepted and nobody rejected (`include_unreviewed` adds those not reviewed yet).
 - `comparisons.jsonl`     Comparisons for `cherrytop rm --rm.train.data=...`: one per labeler's ranking
-  of an item once the item has all its required rankings and nobody reported it; plus K = 2
-  comparisons from chat feedback (an up-rated and a down-rated answer to the same prompt).
+  of an item once the item has all its required rankings and nobody reported it. Only labelers'
+  work: nothing a chat user did reaches this file.
+- `chat_comparisons.jsonl`  K = 2 comparisons from chat ratings (an up-rated and a down-rated answer
+  `cherrytop serve` served for the same prompt), kept apart: anyone who can reach the chat server
+  can rate, so these train a reward model only when a reviewer has read them and passes the file
+  to `cherrytop rm` too (or concatenates it with `comparisons.jsonl`). Each names its ratings
+  (`feedback`) and served answers (`served`); only the latest rating of a served answer counts.
 - `feedback.jsonl`        every chat rating as a Conversation (prompt + rated answer) with its rating.
 - `reported.jsonl`        prompts of reported items (harmful / private data / spam), kept out of training.
 - `prompts.jsonl`         every distinct prompt of the database (chat ratings' and items'), those of
   reported items left out, for `cherrytop ppo --ppo.prompts=...` (and `cherrytop eval --prompts`).
 
-Each export replaces the five files in `out_dir` (written whole from the database, never appended to).
+Each export replaces the six files in `out_dir` (written whole from the database, never appended to).
 
 Every record names its labeler and carries the model provenance of each response (`model`).
 """
@@ -24,7 +29,8 @@ from pathlib import Path
 from cherrytop.data.records import Comparison, Conversation, Prompt, write_jsonl
 from cherrytop.feedback.store import MODERATION, Store
 
-FILES = ("demonstrations.jsonl", "comparisons.jsonl", "feedback.jsonl", "reported.jsonl", "prompts.jsonl")
+FILES = ("demonstrations.jsonl", "comparisons.jsonl", "chat_comparisons.jsonl", "feedback.jsonl", "reported.jsonl",
+         "prompts.jsonl")
 
 
 def _time(at: datetime) -> str:
@@ -54,7 +60,7 @@ def demonstrations(store: Store, include_unreviewed: bool = False) -> list[Conve
 
 
 def comparisons(store: Store) -> tuple[list[Comparison], list[Prompt]]:
-    """(comparisons from complete, unreported items and chat pairs, prompts of reported items)."""
+    """(labelers' comparisons of complete, unreported items, prompts of reported items)."""
     names = {u.id: u.name for u in store.users()}
     by_item = defaultdict(list)
     for r in store.rankings():
@@ -69,21 +75,29 @@ def comparisons(store: Store) -> tuple[list[Comparison], list[Prompt]]:
             reported.append(Prompt.from_json({"messages": item.prompt, "item": item.id, "flags": flags,
                                               "responses": item.responses}))
             continue
+        same = [(i, j) for i in range(len(item.responses)) for j in range(i + 1, len(item.responses))
+                if item.responses[i] == item.responses[j]]  # one text twice: tied, as records.py requires
         for r in rows:
+            ties = [tuple(t) for t in r.ties]
+            ties += [t for t in same if t not in ties and t[::-1] not in ties]
             comps.append(Comparison(_messages(item.prompt), tuple(item.responses), tuple(r.ranking),
-                                    tuple(tuple(t) for t in r.ties), names[r.user_id], r.ratings or None,
+                                    tuple(ties), names[r.user_id], r.ratings or None,
                                     {"item": item.id, "all_bad": r.all_bad, "model": item.provenance,
                                      "source": item.source, "seconds": round(r.seconds, 1)}))
-    comps += chat_comparisons(store)
     return comps, reported
 
 
 def chat_comparisons(store: Store) -> list[Comparison]:
     """K = 2 comparisons from chat ratings: for a prompt with an up-rated and a down-rated (or
-    reported) answer, the up one is preferred; one per distinct (up, down) answer pair."""
+    reported) answer, the up one is preferred; one per distinct (up, down) answer pair. A served
+    answer rated more than once (a change of mind) counts with its latest rating only."""
     groups = defaultdict(lambda: {"up": {}, "down": {}})
-    for f in store.chat_feedback():
+    rows = store.chat_feedback()
+    latest = {f.served_id: f.id for f in rows if f.served_id is not None}
+    for f in rows:
         if f.model == MODERATION:  # the policy's safe message: no model's answer to prefer or not
+            continue
+        if f.served_id is not None and latest[f.served_id] != f.id:
             continue
         key = tuple((m["role"], m["content"]) for m in f.messages)
         side = "up" if f.rating == "up" else "down"
@@ -96,6 +110,7 @@ def chat_comparisons(store: Store) -> list[Comparison]:
                     continue
                 out.append(Comparison(_messages(fu.messages), (good, bad), (0, 1), (), f"chat:{fu.user or 'anonymous'}",
                                       None, {"source": "chat", "feedback": [fu.id, fd.id],
+                                             "served": [fu.served_id, fd.served_id],
                                              "model": [{"model": f.model, "settings": f.settings, "source": "chat"}
                                                        for f in (fu, fd)]}))
     return out
@@ -105,7 +120,7 @@ def feedback(store: Store) -> list[Conversation]:
     return [Conversation.from_json({
         "messages": f.messages + [{"role": "assistant", "content": f.response}], "rating": f.rating,
         "model": f.model, "settings": f.settings, "conversation_id": f.conversation_id, "comment": f.comment,
-        "user": f.user, "feedback": f.id, "item": f.item_id, "time": _time(f.created_at)})
+        "user": f.user, "feedback": f.id, "item": f.item_id, "served": f.served_id, "time": _time(f.created_at)})
         for f in store.chat_feedback()]  # an empty answer (EOS at once) is rated too
 
 
@@ -124,12 +139,13 @@ def prompts(store: Store, reported: list[Prompt]) -> list[Prompt]:
 
 
 def export(store: Store, out_dir: str | Path, include_unreviewed: bool = False) -> dict[str, int]:
-    """Write the five files under `out_dir` (replacing any there); returns how many records each got."""
+    """Write the six files under `out_dir` (replacing any there); returns how many records each got."""
     out = Path(out_dir)
     comps, reported = comparisons(store)
     return {
         "demonstrations.jsonl": write_jsonl(out / "demonstrations.jsonl", demonstrations(store, include_unreviewed)),
         "comparisons.jsonl": write_jsonl(out / "comparisons.jsonl", comps),
+        "chat_comparisons.jsonl": write_jsonl(out / "chat_comparisons.jsonl", chat_comparisons(store)),
         "feedback.jsonl": write_jsonl(out / "feedback.jsonl", feedback(store)),
         "reported.jsonl": write_jsonl(out / "reported.jsonl", reported),
         "prompts.jsonl": write_jsonl(out / "prompts.jsonl", prompts(store, reported)),

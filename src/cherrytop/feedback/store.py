@@ -8,7 +8,10 @@ Nothing is lost or doubled: every submission is one transaction; each form carri
 a labeler ranks an item at most once and reviews a demonstration at most once (unique constraints),
 so concurrent labelers and double clicks never overwrite or duplicate each other. An item shown
 to a labeler to rank is claimed for them for half an hour (`claims`), so labelers at work at the
-same time are given different items instead of all ranking the oldest one.
+same time are given different items instead of all ranking the oldest one. A demonstration shown
+to review is claimed the same way (`review_claims`). The web app accepts a ranking or a review
+only for work so claimed by the labeler submitting it (`offered=True`), and an item never gets
+more rankings than its `labels_needed` (gold items excepted).
 
 Items are prompts (`prompt`: messages ending with a user turn) with 0..K candidate `responses`; an
 item with >= 2 responses is rankable, one with a prompt can be answered by a demonstration.
@@ -60,6 +63,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    """A disabled account cannot log in and its sessions stop working (an admin's choice, reversible)."""
 
 
 class LoginSession(Base):
@@ -76,7 +81,7 @@ class LoginAttempt(Base):
     __tablename__ = "login_attempts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(128), index=True)
-    """`user:<name>` or `ip:<address>`."""
+    """`user:<name>@<address>` or `ip:<address>`."""
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -159,8 +164,43 @@ class Claim(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ReviewClaim(Base):
+    """A demonstration shown to a labeler to review: only they may review it until the claim expires."""
+    __tablename__ = "review_claims"
+    __table_args__ = (UniqueConstraint("demonstration_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    demonstration_id: Mapped[int] = mapped_column(ForeignKey("demonstrations.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NotOffered(ValueError):
+    """A submission for work the server did not offer to this labeler, or no longer holds for them."""
+
+
 class ChatFeedback(Base):
     __tablename__ = "chat_feedback"
+    MAX_TEXT = 1_000_000
+    """Most characters of the conversation (all turns together) and of the rated answer."""
+    MAX_COMMENT = 2000
+    """Most characters of a rating's comment."""
+    MAX_ID = 128
+    """Most characters of conversation_id, user and served_id."""
+    SETTINGS = {"temperature": float, "top_p": float, "max_tokens": int, "n": int, "seed": int, "stop": list}
+    """The sampling settings a rating may record, with their types (`stop`: up to 4 strings of <= 256 characters)."""
+
+    @staticmethod
+    def setting_ok(key: str, value: Any) -> bool:
+        """Whether `key` is a known setting and `value` a bounded value of its type (seed may be None)."""
+        kind = ChatFeedback.SETTINGS.get(key)
+        if kind is None or isinstance(value, bool):
+            return False
+        if kind is float:
+            return isinstance(value, (int, float))
+        if kind is int:
+            return (key == "seed" and value is None) or (isinstance(value, int) and abs(value) < 2**63)
+        return isinstance(value, list) and len(value) <= 4 and all(isinstance(x, str) and len(x) <= 256 for x in value)
+
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     messages: Mapped[list] = mapped_column(JSON)
     response: Mapped[str] = mapped_column(Text)
@@ -173,6 +213,9 @@ class ChatFeedback(Base):
     item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"), nullable=True)
     """The ranking item a down / report rating put into the queue."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    served_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    """`chatcmpl-...:INDEX`: the answer `cherrytop serve` served and rated here (its record gave the
+    conversation, answer, model, settings and user); None for ratings stored by other callers."""
 
 
 # ---------------------------------------------------------------- opening and migrating
@@ -418,7 +461,7 @@ class Store:
 
     def add_chat_feedback(self, *, messages: list[dict], response: str, rating: str, model: str, settings: dict,
                           conversation_id: str | None = None, comment: str | None = None,
-                          user: str | None = None) -> int:
+                          user: str | None = None, served_id: str | None = None) -> int:
         """Record a chat user's rating of one answer; returns the feedback id.
 
         `messages` is the conversation before the answer (ending with a user turn), `response` the
@@ -426,24 +469,38 @@ class Store:
         prompt into the ranking queue with this answer as its first candidate (`cherrytop label
         generate` adds the others). With `model` = MODERATION the rated text is the moderation
         policy's safe message, not a model's answer: the prompt is queued without it as a candidate.
-        The same rating sent again (a double click, a client's retry: same conversation, user,
-        prompt, answer and rating) is stored once and returns the first one's id.
+        The same rating sent again (a double click, a client's retry: same served answer, or same
+        conversation, user, prompt, answer and rating) is stored once and returns the first one's id.
+        `served_id` names the served answer (`chatcmpl-...:INDEX`). Every field is bounded
+        (ChatFeedback.MAX_*), and `settings` holds only the known sampling fields (ChatFeedback.SETTINGS).
         """
         if rating not in CHAT_RATINGS:
             raise ValueError(f"rating {rating!r} is not one of {', '.join(CHAT_RATINGS)}")
-        _text(response, "response")
+        _text(response, "response", ChatFeedback.MAX_TEXT)
         model = _text(str(model), "model", 512)
-        for value, what in ((conversation_id, "conversation_id"), (user, "user")):
+        for value, what in ((conversation_id, "conversation_id"), (user, "user"), (served_id, "served_id")):
             if value is not None:
-                _text(value, what, 128)
+                _text(value, what, ChatFeedback.MAX_ID)
         if comment is not None:
-            _text(comment, "comment")
+            _text(comment, "comment", ChatFeedback.MAX_COMMENT)
         msgs = _messages(messages, "messages")
+        chars = sum(len(m["content"]) for m in msgs)
+        if chars > ChatFeedback.MAX_TEXT:
+            raise ValueError(f"messages have {chars} characters; at most {ChatFeedback.MAX_TEXT} allowed")
         if not isinstance(settings, dict):
             raise ValueError("settings must be a dict")
         json.dumps(settings, allow_nan=False)  # must be JSON: NaN would stop every later export
+        for k, v in settings.items():
+            if not ChatFeedback.setting_ok(k, v):
+                raise ValueError(f"settings: {k!r} is not a known sampling setting of the right type "
+                                 f"({', '.join(ChatFeedback.SETTINGS)})")
         with self.tx() as s:  # one transaction: the rating, and for down / report the queue item
-            if conversation_id is not None:  # a repeat of this answer's latest rating is not a second rating
+            if served_id is not None:  # a repeat of this served answer's latest rating is not a second rating
+                prev = s.scalars(select(ChatFeedback).where(ChatFeedback.served_id == served_id)
+                                 .order_by(ChatFeedback.id.desc()).limit(1)).first()
+                if prev is not None and (prev.rating, prev.comment) == (rating, comment):
+                    return prev.id
+            elif conversation_id is not None:  # a repeat of this answer's latest rating is not a second rating
                 prev = [f for f in s.scalars(select(ChatFeedback).where(
                     ChatFeedback.conversation_id == conversation_id, ChatFeedback.response == response)
                     .order_by(ChatFeedback.id)) if f.messages == msgs and f.user == user]
@@ -464,7 +521,8 @@ class Store:
                     item.provenance = list(item.provenance) + [{"model": model, "settings": settings, "source": "chat"}]
                 item_id = item.id
             fb = ChatFeedback(messages=msgs, response=response, rating=rating, model=model, settings=settings,
-                              conversation_id=conversation_id, comment=comment, user=user, item_id=item_id)
+                              conversation_id=conversation_id, comment=comment, user=user, item_id=item_id,
+                              served_id=served_id)
             s.add(fb)
             s.flush()
             return fb.id
@@ -473,19 +531,25 @@ class Store:
 
     def _once(self, make, table, token: str, user_id: int, conflict) -> Submitted:
         """Insert a row made by `make(s)` in one transaction; a repeated token or an existing
-        (item, user) row returns the first submission instead of a second one."""
-        try:
-            with self.tx() as s:
-                row = make(s)
-                s.add(row)
-                s.flush()
-                return Submitted(row.id, True)
-        except IntegrityError:
-            pass
-        with self.tx() as s:
+        (item, user) row returns the first submission instead of a second one (looked up before
+        `make`, whose checks, such as a claim the first submission used up, concern new rows only)."""
+        def previous(s):
             prev = s.scalars(select(table).where(table.token == token)).first()
             if prev is None and conflict is not None:
                 prev = s.scalars(select(table).where(conflict, table.user_id == user_id)).first()
+            return prev
+
+        try:
+            with self.tx() as s:
+                if previous(s) is None:
+                    row = make(s)
+                    s.add(row)
+                    s.flush()
+                    return Submitted(row.id, True)
+        except IntegrityError:
+            pass
+        with self.tx() as s:
+            prev = previous(s)
             if prev is None or prev.user_id != user_id:
                 raise ValueError("this form was already used by someone else; reload the page")
             return Submitted(prev.id, False, "already submitted")
@@ -514,8 +578,12 @@ class Store:
 
     def submit_ranking(self, user_id: int, item_id: int, ranking: list[int], ties: list[list[int]], token: str,
                        seconds: float, all_bad: bool = False, flags: list[str] | None = None,
-                       ratings: dict | None = None) -> Submitted:
-        """A labeler's ranking of an item's responses (best first), ties, flags and 1-7 ratings."""
+                       ratings: dict | None = None, offered: bool = False) -> Submitted:
+        """A labeler's ranking of an item's responses (best first), ties, flags and 1-7 ratings.
+
+        An item never gets more than its `labels_needed` rankings (gold items excepted: every
+        labeler ranks those). `offered=True` (the web app) accepts only an item that
+        `next_ranking_item` gave this labeler and whose claim they still hold; else NotOffered."""
         flags = sorted(set(flags or []))
         bad = [f for f in flags if f not in FLAGS]
         if bad:
@@ -523,9 +591,16 @@ class Store:
         ratings = ratings or {}
 
         def make(s):
-            item = s.get(Item, item_id)
+            item = s.get(Item, item_id, with_for_update=True)  # PostgreSQL: one ranking of an item at a time
             if item is None:
                 raise ValueError(f"item {item_id} does not exist")
+            if offered and s.scalar(select(Claim.id).where(Claim.item_id == item_id, Claim.user_id == user_id,
+                                                           Claim.expires_at > now())) is None:
+                raise NotOffered(f"item {item_id} is not yours to rank (it was not given to you, or your claim on it "
+                                 f"expired after {self.claim_s / 60:.0f} minutes); open Rank again for your next item")
+            done = s.scalar(select(func.count(Ranking.id)).where(Ranking.item_id == item_id))
+            if item.gold is None and done >= item.labels_needed:
+                raise NotOffered(f"item {item_id} already has the {item.labels_needed} rankings it needs")
             k = len(item.responses)
             from cherrytop.data.records import Comparison
             if k < 2:
@@ -543,18 +618,31 @@ class Store:
                            all_bad=bool(all_bad), flags=flags, ratings=ratings, token=token, seconds=seconds)
         return self._once(make, Ranking, token, user_id, Ranking.item_id == item_id)
 
-    def submit_review(self, user_id: int, demonstration_id: int, accept: bool, reason: str, token: str) -> Submitted:
-        """Accept or reject someone else's demonstration; a rejection needs a reason."""
+    def submit_review(self, user_id: int, demonstration_id: int, accept: bool, reason: str, token: str,
+                      offered: bool = False) -> Submitted:
+        """Accept or reject someone else's demonstration; a rejection needs a reason.
+
+        `offered=True` (the web app) accepts only the demonstration `next_review` gave this labeler,
+        while they hold its claim and nobody has reviewed it; else NotOffered."""
         reason = _text(reason or "", "the reason").strip()
         if not accept and not reason:
             raise DataError("a rejection needs a reason", "a short reason why the demonstration is rejected")
 
         def make(s):
-            d = s.get(Demonstration, demonstration_id)
+            d = s.get(Demonstration, demonstration_id, with_for_update=True)
             if d is None:
                 raise ValueError(f"demonstration {demonstration_id} does not exist")
             if d.user_id == user_id:
                 raise ValueError("you cannot review your own demonstration")
+            if offered:
+                held = s.scalar(select(ReviewClaim.id).where(ReviewClaim.demonstration_id == demonstration_id,
+                                                             ReviewClaim.user_id == user_id,
+                                                             ReviewClaim.expires_at > now()))
+                seen = s.scalar(select(Review.id).where(Review.demonstration_id == demonstration_id).limit(1))
+                if held is None or seen is not None:
+                    raise NotOffered(f"demonstration {demonstration_id} is not yours to review (it was not given to "
+                                     "you, someone reviewed it, or your claim on it expired); open Review again")
+                s.execute(delete(ReviewClaim).where(ReviewClaim.demonstration_id == demonstration_id))
             return Review(demonstration_id=demonstration_id, user_id=user_id, accept=accept, reason=reason, token=token)
         return self._once(make, Review, token, user_id, Review.demonstration_id == demonstration_id)
 
@@ -619,22 +707,81 @@ class Store:
             q = select(Item).where(self._to_answer(user_id)).order_by(Item.n_responses > 0, Item.id).limit(1)
             return s.scalars(q).first()
 
+    @staticmethod
+    def _to_review(user_id: int, at: datetime) -> tuple:
+        """Demonstrations this labeler may review: someone else's, unreviewed, not claimed by another."""
+        reviewed = select(Review.demonstration_id)
+        others = select(ReviewClaim.demonstration_id).where(ReviewClaim.user_id != user_id, ReviewClaim.expires_at > at)
+        return (Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed), Demonstration.id.not_in(others))
+
     def next_review(self, user_id: int) -> Demonstration | None:
-        """The oldest demonstration by someone else that nobody has reviewed yet."""
-        with self.read() as s:
-            reviewed = select(Review.demonstration_id)
-            q = (select(Demonstration).where(Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed))
-                 .order_by(Demonstration.id).limit(1))
-            return s.scalars(q).first()
+        """The demonstration this labeler should review next, claimed for them for `claim_s` seconds
+        (only they may review it meanwhile): the one they hold, else the oldest unclaimed one."""
+        at = now()
+        with self.tx() as s:
+            s.execute(delete(ReviewClaim).where(ReviewClaim.expires_at <= at))
+            mine = select(ReviewClaim.demonstration_id).where(ReviewClaim.user_id == user_id)
+            taken: list[int] = []
+            while True:
+                demo_id = s.scalar(select(Demonstration.id).where(*self._to_review(user_id, at),
+                                                                  Demonstration.id.not_in(taken))
+                                   .order_by(Demonstration.id.not_in(mine), Demonstration.id).limit(1))
+                if demo_id is None:
+                    return None
+                taken.append(demo_id)
+                # PostgreSQL: one labeler at a time claims it; whoever waited looks again (as next_ranking_item)
+                demo = s.scalars(select(Demonstration).where(Demonstration.id == demo_id).with_for_update()).one()
+                if s.scalar(select(Demonstration.id).where(Demonstration.id == demo_id,
+                                                           *self._to_review(user_id, at))) is not None:
+                    break
+            claim = s.scalars(select(ReviewClaim).where(ReviewClaim.demonstration_id == demo_id,
+                                                        ReviewClaim.user_id == user_id)).first()
+            claim = claim or ReviewClaim(demonstration_id=demo_id, user_id=user_id)
+            claim.expires_at = at + timedelta(seconds=self.claim_s)
+            try:
+                with s.begin_nested():  # the same labeler's other tab may claim it at once
+                    s.add(claim)
+            except IntegrityError:
+                pass
+            return demo
 
     def queue_counts(self, user_id: int) -> dict[str, int]:
+        at = now()
         with self.read() as s:
-            rank = s.scalar(select(func.count(Item.id)).where(*self._to_rank(user_id, now())))
+            rank = s.scalar(select(func.count(Item.id)).where(*self._to_rank(user_id, at)))
             demo = s.scalar(select(func.count(Item.id)).where(self._to_answer(user_id)))
-            reviewed = select(Review.demonstration_id)
-            review = s.scalar(select(func.count(Demonstration.id)).where(
-                Demonstration.user_id != user_id, Demonstration.id.not_in(reviewed)))
+            review = s.scalar(select(func.count(Demonstration.id)).where(*self._to_review(user_id, at)))
             return {"rank": rank, "demo": demo, "review": review}
+
+    # ------------------------------------------------------------ accounts (auth.py hashes passwords)
+
+    def user_by_name(self, name: str) -> User | None:
+        with self.read() as s:
+            return s.scalars(select(User).where(User.name == name)).first()
+
+    def set_disabled(self, user_id: int, disabled: bool) -> None:
+        """Disable (or enable again) an account; disabling also ends its sessions at once."""
+        with self.tx() as s:
+            user = s.get(User, user_id)
+            if user is None:
+                raise ValueError(f"user {user_id} does not exist")
+            user.disabled = disabled
+            if disabled:
+                s.execute(delete(LoginSession).where(LoginSession.user_id == user_id))
+
+    def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        """Replace an account's password (hash) and end its sessions."""
+        with self.tx() as s:
+            user = s.get(User, user_id)
+            if user is None:
+                raise ValueError(f"user {user_id} does not exist")
+            user.password_hash = password_hash
+            s.execute(delete(LoginSession).where(LoginSession.user_id == user_id))
+
+    def revoke_sessions(self, user_id: int) -> int:
+        """Log an account out everywhere; returns how many sessions ended."""
+        with self.tx() as s:
+            return s.execute(delete(LoginSession).where(LoginSession.user_id == user_id)).rowcount
 
     # ------------------------------------------------------------ reading back
 

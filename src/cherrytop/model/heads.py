@@ -12,11 +12,16 @@ c, `cherrytop_reward_reference`, the causal LM π_ref it started from, and `cher
 its reward is then `reward(...) + c · response_loglik(π_ref, ..., excess=kind == "excess")`, a sum over
 the response's tokens up to and including EOS of log π_ref(y_t) (+ the entropy H_t of π_ref there for
 `excess`). PPO takes it from its own reference pass when π_ref is its reference model.
+
+An answer is read within the model's context window as reward-model training reads it (`fit_answer`:
+the last tokens of prompt + answer, so the EOS stays): both the head and the log π_ref term, in
+training, `cherrytop eval --judge` and PPO; every caller says how many answers it cut.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,6 +56,54 @@ def scalar_model_from(path: str | Path, pad_id: int, dtype: torch.dtype = torch.
     return model
 
 
+def window_of(model) -> int | None:
+    """The context window of a model, or of the model a wrapper (DDP, a LoRA reference view) holds."""
+    from cherrytop.model.load import context_window
+    for m in (model, getattr(model, "module", None), getattr(model, "policy", None)):
+        config = getattr(m, "config", None)
+        if config is not None:
+            return context_window(config)
+    return None
+
+
+def fit_answer(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
+    """(prompt, response, cut) token ids within `max_len`, cut as reward-model training cuts its rows
+    (`stages/reward.encode_answer`): the last max_len tokens of prompt + response, so the response's end
+    (its EOS, where the head is read) stays. While the response fits with a prompt token, only the
+    prompt loses tokens (cut False); past that the row's first token stands as the prompt and the
+    response loses its start (cut True)."""
+    if len(prompt) + len(response) <= max_len:
+        return prompt, response, False
+    if len(response) < max_len:
+        return prompt[len(prompt) + len(response) - max_len:], response, False
+    row = (prompt[-1:] + response)[-max_len:]
+    return row[:1], row[1:], True
+
+
+def cut_rows(attention_mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, int]:
+    """(B, T) the mask with each row's attended run cut to its last `max_len` tokens, and how many rows
+    were cut (`fit_answer` on a padded batch)."""
+    n = attention_mask.sum(1, keepdim=True)  # (B, 1)
+    keep = attention_mask.bool() & (attention_mask.cumsum(1) > n - max_len)  # (B, T)
+    return keep.to(attention_mask.dtype), int((n > max_len).sum())
+
+
+def within(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids and mask of a batch whose attended runs are at most `width` long, each run moved
+    to the row's start (right padding)."""
+    T = input_ids.shape[1]
+    cols = attention_mask.argmax(1)[:, None] + torch.arange(width, device=input_ids.device)  # (B, W)
+    inside = cols < T
+    cols = cols.clamp(max=T - 1)
+    return input_ids.gather(1, cols), attention_mask.gather(1, cols) * inside
+
+
+def warn_cut(n: int, total: int, what: str, window: int) -> None:
+    """The console line of a shared scoring function that had to cut rows to a model's window."""
+    warnings.warn(f"{what}: {n} of {total} answers longer than its context window of {window} tokens were "
+                  f"cut to their last {window} tokens", stacklevel=3)
+
+
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) the scalar head applied at every position."""
@@ -69,7 +122,15 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def reward(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            position_ids: torch.Tensor | None = None, normalised: bool = True) -> torch.Tensor:
-    """(B,) the score at each row's last attended token (+ the normalising bias)."""
+    """(B,) the score at each row's last attended token (+ the normalising bias); a row longer than
+    the model's window is read on its last window tokens (`fit_answer`), with a warning."""
+    window = window_of(model)
+    if window and input_ids.shape[1] > window:
+        cut_mask, n = cut_rows(attention_mask, window)
+        if n:
+            warn_cut(n, len(input_ids), "reward model", window)
+            input_ids, attention_mask = within(input_ids, cut_mask, window)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     scores = token_scores(model, input_ids, attention_mask, position_ids)  # (B, T)
     r = scores.gather(1, last_index(attention_mask)[:, None]).squeeze(1)  # (B,)
     return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
@@ -86,13 +147,20 @@ def loglik_term(config) -> tuple[float, str | None, bool]:
 
 @torch.no_grad()
 def response_loglik(lm: PreTrainedModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                    batch_size: int = 64, excess: bool = False) -> torch.Tensor:
+                    batch_size: int = 64, excess: bool = False, max_len: int | None = None) -> torch.Tensor:
     """(n,) Σ_t log p(response_t | prompt, response_<t) under the causal LM `lm` at temperature 1 (with
     `excess`, Σ_t (log p(response_t | ...) + H_t), H_t the entropy of p at step t), one row per
     (prompt, response) pair of token ids; batched like PPO's episodes (prompts left-padded, responses
-    right-padded, padding-free where the model allows), on the model's device; returned on the CPU in fp32."""
+    right-padded, padding-free where the model allows), on the model's device; returned on the CPU in fp32.
+    Pairs longer than `max_len` or `lm`'s window are cut by `fit_answer` (the sum then runs over the
+    response tokens kept), with a warning: callers cut them first and count them."""
     from cherrytop.rollout.packing import response_logp
     from cherrytop.rollout.sampler import left_pad
+    limit = min((x for x in (max_len, window_of(lm)) if x), default=None)
+    fitted = [fit_answer(p, r, limit) if limit else (p, r, False) for p, r in zip(prompts, responses, strict=True)]
+    if n := sum(c for *_, c in fitted):
+        warn_cut(n, len(fitted), "log π_ref", limit)
+    prompts, responses = [p for p, _, _ in fitted], [r for _, r, _ in fitted]
     dev = next(lm.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):

@@ -283,6 +283,21 @@ def _last_layer_at(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, s
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def cut(pk: Packed, max_len: int) -> Packed:
+    """`pk` with each sequence cut to its last `max_len` tokens (`model.heads.fit_answer`), packed anew."""
+    seq, j = token_index(pk.length)
+    drop = (pk.length - max_len).clamp(min=0)  # (B,)
+    keep = j >= drop[seq]  # (K,)
+    src = pk.input_ids[pk.row[seq][keep], (pk.offset[seq] + j)[keep]]  # (K',) kept tokens, sequence by sequence
+    length = pk.length - drop
+    row, offset, _, j, dst, mask = _rows(length)
+    input_ids = torch.zeros(mask.shape[0], mask.shape[-1], dtype=pk.input_ids.dtype, device=src.device)
+    input_ids[dst] = src
+    position_ids = torch.zeros_like(input_ids)
+    position_ids[dst] = j
+    return Packed(input_ids, position_ids, mask, row, offset, pk.start + drop, length)
+
+
 def _pred(pk: Packed, P: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed coordinates (B, N) of the positions P-1+t that predict response token t."""
     cols = torch.arange(P - 1, P - 1 + N, device=pk.row.device).expand(pk.row.shape[0], N)
@@ -303,8 +318,13 @@ def response_scores(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch
 
 def last_reward(model: torch.nn.Module, pk: Packed, normalised: bool = True) -> torch.Tensor:
     """(B,) a reward model's score at each sequence's last real token (+ its normalising bias), as
-    `model.heads.reward` computes it on the padded batch."""
-    from cherrytop.model.heads import BIAS_KEY
+    `model.heads.reward` computes it on the padded batch (a sequence longer than the model's window on
+    its last window tokens, with a warning)."""
+    from cherrytop.model.heads import BIAS_KEY, warn_cut, window_of
+    window = window_of(model)
+    if window and pk.input_ids.shape[1] > window and (n := int((pk.length > window).sum())):
+        warn_cut(n, len(pk.length), "reward model", window)
+        pk = cut(pk, window)
     h = hidden_at(model, pk, pk.row, pk.offset + (pk.length - 1).clamp(min=0))  # (B, d)
     r = model.score(h).squeeze(-1).float()
     return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
@@ -316,11 +336,21 @@ def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entrop
     response batch under `model`, and optionally entropy. Padding-free for plain HF models (on `pk`,
     `response_pack(ids, attn)`, when the caller has it already); the padded forward pass otherwise."""
     from cherrytop import losses as L
+    from cherrytop.model.heads import cut_rows, warn_cut, window_of
+    window, kept = window_of(model), None
+    if window and ids.shape[1] > window:  # rows past the window: on their last window tokens (heads.fit_answer)
+        cut_attn, n = cut_rows(attn, window)
+        if n:
+            warn_cut(n, len(ids), "log π_ref", window)
+            attn, pos, pk = cut_attn, (cut_attn.cumsum(-1) - 1).clamp(min=0), None
+            kept = attn[:, P - 1: -1]  # (B, N) 1 where the token before response token t is kept
     if supports_packing(model):
         logits = response_logits(model, pk or response_pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
     else:
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
     logp = L.token_logprobs(logits, ids[:, P:], temperature)
+    if kept is not None:
+        return (logp * kept, L.entropy_from_logits(logits / temperature) * kept) if with_entropy else logp * kept
     return (logp, L.entropy_from_logits(logits / temperature)) if with_entropy else logp
 
 

@@ -13,7 +13,8 @@ gets the same answer whatever else is in the batch.
 
 The engine speaks to the web layer through `Job.sink`, called from the engine thread with
 `Delta`, `Finish` and `Done` events; `Engine.submit` raises `QueueFull` when the server is at
-capacity instead of letting a request wait without bound.
+capacity instead of letting a request wait without bound, or when the job's client (`Job.client`)
+already holds its share of the slots (`max_per_client`), so one client cannot take every slot.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ log = logging.getLogger("cherrytop.serve")
 
 
 class QueueFull(Exception):
-    """The server already holds max_batch + max_queue requests."""
+    """The server already holds max_batch + max_queue requests (`mine` False), or the job's client
+    already holds max_per_client of them (`mine` True)."""
+
+    def __init__(self, mine: bool = False):
+        super().__init__("client share full" if mine else "queue full")
+        self.mine = mine
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class Job:
     withhold: Callable[[str], int] | None = None
     """(unfinished answer so far) -> characters at its end that moderation must see more of before
     they are released."""
+    client: str | None = None
+    """Who asked (API key or address), for the per-client share of the slots; None = not counted."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set when the client went away; the engine drops the job's rows at its next step."""
     done: bool = False
@@ -149,13 +157,15 @@ class Engine:
     """The generation loop over one model; thread-safe `submit` / `cancel`."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch: int = 16,
-                 max_queue: int = 64):
+                 max_queue: int = 64, max_per_client: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"serve.max_batch must be >= 1 and serve.max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_per_client = max_per_client or max_batch + max_queue
+        self._per_client: dict[str, int] = {}  # client -> its jobs queued or running
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         cfg = model.config
@@ -195,8 +205,22 @@ class Engine:
             if len(self._queue) + self._jobs_running >= self.max_batch + self.max_queue:
                 self.stats["rejected"] += 1
                 raise QueueFull()
+            if job.client is not None:
+                if self._per_client.get(job.client, 0) >= self.max_per_client:
+                    self.stats["rejected"] += 1
+                    raise QueueFull(mine=True)
+                self._per_client[job.client] = self._per_client.get(job.client, 0) + 1
             self._queue.append(job)
             self._cond.notify()
+
+    def _release(self, job: Job) -> None:
+        """The job is over: mark it done and give its client's slot back (caller holds no lock)."""
+        job.done = True
+        if job.client is not None:
+            with self._cond:
+                left = self._per_client.pop(job.client, 1) - 1
+                if left > 0:
+                    self._per_client[job.client] = left
 
     def cancel(self, job: Job) -> None:
         """Stop a job (its client went away); its rows leave the batch at the next step."""
@@ -342,7 +366,7 @@ class Engine:
             self._finish_job(r.job, cancelled=reason == "cancelled")
 
     def _finish_job(self, job: Job, cancelled: bool = False, error: str | None = None) -> None:
-        job.done = True
+        self._release(job)
         self.stats["cancelled" if cancelled else "completed"] += 1
         job.sink(Done(len(job.prompt_ids), job.completion_tokens, error))
 
@@ -393,7 +417,7 @@ class Engine:
         for job in failed.values():
             with self._cond:
                 self._jobs_running -= 1
-            job.done = True
+            self._release(job)
             job.sink(Done(len(job.prompt_ids), job.completion_tokens, message))
 
 

@@ -18,7 +18,8 @@ threshold = -1.0                                    # an answer it scores below 
 category = "low_score"
 ```
 
-Patterns are checked on every message the client sends (not the assistant's) and on the answer
+Patterns are checked on every message the client sends, earlier assistant turns included (the
+client writes those too: input patterns, and output patterns for assistant turns), and on the answer
 before each piece of it is released, so a blocked span never reaches the client: the end of an
 unfinished answer that an output pattern could still match as the answer grows (`kil` for
 `\\bkill\\b`) is held back until the answer moves past it (patterns are run by the `regex` package,
@@ -26,6 +27,12 @@ whose partial matching finds that end; its syntax is Python's `re`'s). The class
 scores the whole conversation with the finished answer. A blocked answer ends with finish_reason
 `content_filter` and the safe message; each block is logged (logger `cherrytop.serve.moderation`)
 and appended to a JSONL file with its category.
+
+Text is matched as written and as `normalize` sees it: each character NFKC-normalised (fullwidth
+and mathematical letters, ligatures), format characters such as zero-width spaces and joiners and
+combining marks dropped, and Cyrillic / Greek look-alikes of Latin letters mapped to those letters,
+so `k\u200bill`, `ｋｉｌｌ` and `kіll` (Cyrillic і) all match `\bkill\b`; a pattern matching either
+text blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import logging
 import threading
 import time
 import tomllib
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +55,31 @@ log = logging.getLogger("cherrytop.serve.moderation")
 
 WHERE = ("input", "output")
 DEFAULT_SAFE_MESSAGE = "Sorry, I can't help with that."
+
+
+HOMOGLYPHS = str.maketrans(
+    "аеорсухіјѕԁԛԝһӏкмтвнАВЕКМНОРСТХУІЈЅ"  # Cyrillic
+    "αοικνρτυχεΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",  # Greek
+    "aeopcyxijsdqwhlkmtbhABEKMHOPCTXYIJS"
+    "aoikvptuxeABEZHIKMNOPTYX")
+"""Cyrillic and Greek letters that look like Latin ones -> those Latin letters."""
+
+
+def normalize(text: str) -> tuple[str, list[int]]:
+    """(the text as moderation matches it, for each of its characters the index of the character of
+    `text` it came from). Per character: NFKC, then format characters (Cf: zero-width space, joiners,
+    soft hyphen, BOM, ...) and combining marks (Mn) dropped, then homoglyphs mapped to Latin."""
+    out, origin = [], []
+    for i, ch in enumerate(text):
+        if ch.isascii():
+            out.append(ch)
+            origin.append(i)
+            continue
+        for c in unicodedata.normalize("NFKC", ch):
+            if unicodedata.category(c) not in ("Cf", "Mn"):
+                out.append(c.translate(HOMOGLYPHS))
+                origin.append(i)
+    return "".join(out), origin
 
 
 class PolicyError(ValueError):
@@ -79,16 +112,32 @@ class Policy:
     safe_message: str = DEFAULT_SAFE_MESSAGE
     classifier: Classifier | None = None
 
-    def match(self, text: str, where: str) -> str | None:
-        """The first category whose patterns match `text` at `where` (input / output)."""
-        for c in self.categories:
-            if where in c.check and any(p.search(text) for p in c.patterns):
+    def match(self, text: str, where: str | tuple[str, ...]) -> str | None:
+        """The first category checked at `where` (input / output, or any of several) whose patterns
+        match `text` as written or normalized (`normalize`)."""
+        wheres = (where,) if isinstance(where, str) else where
+        cats = [c for c in self.categories if set(wheres) & set(c.check)]
+        if not cats:
+            return None
+        norm = normalize(text)[0]
+        for c in cats:
+            if any(p.search(text) or p.search(norm) for p in c.patterns):
                 return c.name
+        return None
+
+    def match_turns(self, messages: Sequence[dict]) -> tuple[str, str] | None:
+        """(category, turn's text) of the first turn an input pattern matches (or an output pattern, in
+        an assistant turn: text the client says the model wrote); None if no turn matches."""
+        for m in messages:
+            hit = self.match(m["content"], ("input", "output") if m["role"] == "assistant" else "input")
+            if hit:
+                return hit, m["content"]
         return None
 
     def unsettled(self, text: str) -> int:
         """Characters at the end of an unfinished answer that an output pattern could still match once
-        more text follows (0 if none): they must not be released yet."""
+        more text follows (0 if none), in the text as written or normalized: they must not be released yet."""
+        norm, origin = normalize(text)
         start = len(text)
         for c in self.categories:
             if "output" in c.check:
@@ -96,6 +145,9 @@ class Policy:
                     m = p.search(text, partial=True)
                     if m is not None and m.partial:
                         start = min(start, m.start())
+                    m = p.search(norm, partial=True)
+                    if m is not None and m.partial:
+                        start = min(start, origin[m.start()] if m.start() < len(norm) else len(text))
         return len(text) - start
 
 

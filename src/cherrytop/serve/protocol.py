@@ -3,7 +3,8 @@
 Follows https://platform.openai.com/docs/api-reference/chat so the official `openai` client works
 unmodified. Errors are `{"error": {"message", "type", "param", "code"}}` with OpenAI's statuses:
 400 invalid request (bad parameters too, where FastAPI would say 422), 401 bad key, 404 unknown
-model, 429 over capacity (with Retry-After), 500 generation failure.
+model (or an unknown answer to rate), 413 a request body over the limit, 429 over capacity or too
+many ratings (with Retry-After), 500 generation failure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Literal
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cherrytop.feedback.store import ChatFeedback
 
 
 class APIError(Exception):
@@ -96,7 +99,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=ChatFeedback.MAX_ID)
     logprobs: bool | None = None
     """Refused when true: the answers carry no log-probabilities (a client asking for them would get none)."""
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -107,21 +110,23 @@ class ChatRequest(BaseModel):
         if v is None:
             return v
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("expected up to 4 non-empty stop strings")
+        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("expected up to 4 non-empty stop strings of at most 256 characters")
         return stops
 
 
 class FeedbackRequest(BaseModel):
-    """POST /v1/feedback from the chat page: one rating of one answer."""
-    messages: list[Message] = Field(min_length=1)
-    response: str
+    """POST /v1/feedback: one rating of one answer this server served, named by its completion id
+    and choice index; what was asked and answered comes from the server's record, so a request
+    naming the text itself (messages, response, model, settings, user) is refused."""
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^chatcmpl-[0-9a-f]{24}$")
+    """The `id` of the chat completion (every chunk of a streamed one carries it)."""
+    index: int = Field(0, ge=0, le=127)
+    """The choice's index."""
     rating: Literal["up", "down", "report"]
-    model: str | None = None
-    settings: dict = Field(default_factory=dict)
-    conversation_id: str | None = None
-    comment: str | None = None
-    user: str | None = None
+    conversation_id: str | None = Field(None, max_length=ChatFeedback.MAX_ID)
+    comment: str | None = Field(None, max_length=ChatFeedback.MAX_COMMENT)
 
 
 def completion_id() -> str:

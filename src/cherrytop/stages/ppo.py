@@ -11,6 +11,10 @@ Each iteration (numbered as in the code):
     [LHP], plus ptx_coef · pretraining LM loss for PPO-ptx [IG eq. 2]; after each optimizer step the
     weight average ([IG] EMA) moves, and it is what the checkpoint's policy holds;
  6. adaptive β [LHP] when kl_target > 0; log, watch for reward hacking, checkpoint.
+`--rl.algorithm` swaps steps 3–5 for a critic-free method (rl/experience.py: `method`, `advantages`):
+GRPO, Dr. GRPO, RLOO and REINFORCE++-baseline sample `rl.group_size` answers per prompt and baseline
+each on its group; REINFORCE++ whitens its returns over the batch. They load no value model (and save
+no `value/`); the KL penalty goes in the reward or in the loss (`rl.kl_in`, `rl.kl_estimator`).
 Policy, reference, reward and value models all run with dropout off ([LHP, N+]). The models that
 are not trained (reference, reward model, its π_ref) hold their weights in `dist.frozen_dtype` (bf16
 on GPU, fp32 on CPU by default) and never get gradients or optimizer state (`frozen_models`).
@@ -38,7 +42,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cherrytop import losses as L
@@ -52,7 +55,8 @@ from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, 
 from cherrytop.rollout.sampler import left_pad, sample, wants_compile
 from cherrytop.rollout import packing
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.rl.experience import Rollout, advantages, episode_rewards  # noqa: F401 (re-exported)
+from cherrytop.rl.experience import PPO, Method, Rollout, advantages, episode_rewards, method  # noqa: F401 (re-exported)
+from cherrytop.rl.update import micro_batches, minibatches, policy_objective, train  # noqa: F401 (re-exported)
 from cherrytop.train import distributed
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
@@ -71,8 +75,8 @@ class Parallel:
     """This process's place in the job."""
     policy: torch.nn.Module
     """The policy's DDP / FSDP wrapper (`distributed.Forward`): `policy(fn, batch) = fn(model, batch)`."""
-    value: torch.nn.Module
-    """The value model's wrapper."""
+    value: torch.nn.Module | None
+    """The value model's wrapper; None for the critic-free algorithms."""
     ref: torch.nn.Module | None = None
     """The wrapper the reference model's passes go through: under FSDP its own sharded one, or with
     LoRA the policy's (the reference is the policy with its adapter off); None: a full copy, called as it is."""
@@ -328,10 +332,11 @@ def ptx_windows(cfg: Config, tok, window: int | None = None) -> torch.Tensor:
 
 
 def check_parallel(p, cfg: Config, d: distributed.Dist) -> None:
-    """The batch sizes a data-parallel job can split evenly."""
+    """The batch sizes a data-parallel job can split evenly (whole groups of answers on every rank)."""
     if d.world == 1:
         return
-    bad = [f"ppo.{k} ({v})" for k, v in (("batch_size", p.batch_size),
+    G = method(cfg.rl).group_size
+    bad = [f"ppo.{k} ({v})" for k, v in (("batch_size / rl.group_size" if G > 1 else "batch_size", p.batch_size // G),
                                          ("minibatch_size / micro_batch_size", p.minibatch_size // p.micro_batch_size),
                                          ("ptx_batch_size", p.ptx_batch_size if p.ptx_coef > 0 else 0)) if v % d.world]
     if bad:
@@ -353,7 +358,7 @@ def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.
         m.to(d.device)
         return None
     wrapped_policy = distributed.wrap(policy, dc, d)
-    par = Parallel(d, wrapped_policy, distributed.wrap(value, dc, d),
+    par = Parallel(d, wrapped_policy, distributed.wrap(value, dc, d) if value is not None else None,
                    wrapped_policy if isinstance(ref, lora.Reference) else place(ref))
     if loglik is not None and loglik.model is not None:
         loglik.wrapped = par.ref if loglik.model is ref else place(loglik.model)
@@ -361,8 +366,8 @@ def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.
 
 
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
-    """Train the policy; checkpoints (policy + `value/`) go to runs/<run>/<name>."""
-    p = cfg.ppo
+    """Train the policy with `rl.algorithm`; checkpoints (policy, + `value/` for PPO) go to runs/<run>/<name>."""
+    p, m = cfg.ppo, method(cfg.rl)
     d = distributed.setup(cfg.dist)
     check_parallel(p, cfg, d)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -384,12 +389,16 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     adapters = lora.enabled(cfg, "ppo")  # LoRA: base weights from init/rm, adapters (and heads) from the checkpoint
     # (from its plain folder, or with its FSDP shards after wrapping)
     policy = load_model(ckpt if state and not adapters and not shards else init)
-    value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
+    value = None  # the critic-free algorithms have no value model (nor its optimizer)
+    if m.critic:
+        value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
     # LoRA adapters and gradient checkpointing, as configured
-    policy, value = lora.prepare(policy, cfg, "ppo"), lora.prepare(value, cfg, "ppo", heads=("score",))
+    policy = lora.prepare(policy, cfg, "ppo")
+    value = lora.prepare(value, cfg, "ppo", heads=("score",)) if value is not None else None
     if adapters and state and not shards:
         lora.load_adapter(policy, ckpt)
-        lora.load_adapter(value, ckpt / "value")
+        if value is not None:
+            lora.load_adapter(value, ckpt / "value")
     ref, rm, loglik = frozen_models(cfg, init, rm_path, tok.pad_token_id, policy, d.device)
     score_fn = reward_score(rm)
     par = None
@@ -399,15 +408,16 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             raise ValueError(f"ppo: {ckpt} was written without FSDP; resume it with --dist.strategy=ddp (or in one "
                              "process), or pass --fresh")
     else:  # one process: every model on its device (the GPU, if there is one)
-        for m in (policy, value, ref, rm, loglik.model if loglik else None):
-            if isinstance(m, torch.nn.Module):
-                m.to(d.device)
-    opt_pi, opt_v = adamw(policy, p.lr), adamw(value, p.value_lr)
+        for model in (policy, value, ref, rm, loglik.model if loglik else None):
+            if isinstance(model, torch.nn.Module):
+                model.to(d.device)
+    opt_pi, opt_v = adamw(policy, p.lr), adamw(value, p.value_lr) if value is not None else None
     live = None  # resuming: the checkpoint's policy is the weight average, the live weights are kept apart
     if shards:  # model and optimizer shards, resharded to this job (live weights with them)
         live = {n: q.detach().clone() for n, q in policy.named_parameters() if q.requires_grad} if p.ema > 0 else None
         distributed.load_sharded(ckpt, policy, opt_pi, {"live": live} if live is not None else None)
-        distributed.load_sharded(ckpt / "value", value, opt_v)
+        if value is not None:
+            distributed.load_sharded(ckpt / "value", value, opt_v)
     elif state is not None:
         live = state.get("live_policy")
     ema = WeightEMA(policy, p.ema) if p.ema > 0 else None
@@ -415,11 +425,13 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         ema.assign(live)
     encoded = encode_prompts(cfg, tok, context_window(policy.config))
     windows = ptx_windows(cfg, tok, context_window(policy.config)) if p.ptx_coef > 0 else None
-    beta, start, metrics = p.kl_coef, 0, {}
+    # β of the KL penalty: in the rewards ppo.kl_coef, in the loss rl.kl_loss_coef (ppo.kl_target adapts either)
+    beta, start, metrics = p.kl_coef if m.kl_in == "reward" else cfg.rl.kl_loss_coef, 0, {}
     if state is not None:
         if not shards:
             opt_pi.load_state_dict(state["opt_policy"])
-            opt_v.load_state_dict(state["opt_value"])
+            if opt_v is not None:
+                opt_v.load_state_dict(state["opt_value"])
         torch.set_rng_state(state["rng"])
         beta, start, metrics = state["beta"], state["iteration"], state["metrics"]
         if d.main:
@@ -433,6 +445,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(encoded)} prompts, β={beta}, "
                       f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}"
                       + (f"; {d.world} processes ({cfg.dist.strategy})" if par else ""))
+        if m != PPO:
+            console.print(f"ppo: {describe_method(m)}"
+                          + ("" if m.critic else f"; no value model: {value_savings(rm, adapters)}"))
 
     def save(iteration: int) -> None:
         st = {"stage": name, "iteration": iteration, "beta": beta, "rng": torch.get_rng_state(), "metrics": metrics,
@@ -440,32 +455,36 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         if par is not None and par.sharded:  # every rank writes its shards; the value folder goes in with the policy's
             staged = ckpt.with_name(f".{ckpt.name}.value-staged")
             full = iteration == iterations  # the final checkpoint is also a plain HF folder (both models)
-            distributed.save_sharded(staged, value, opt_v, None, cfg, None, full, d)
+            if value is not None:
+                distributed.save_sharded(staged, value, opt_v, None, cfg, None, full, d)
             tensors = {"live": ema.live()} if ema is not None else None
             with ema.swapped() if ema is not None else nullcontext():  # the policy folder holds the average
                 distributed.save_sharded(ckpt, policy, opt_pi, tok, cfg, st, full, d, tensors,
-                                         lambda out: os.replace(staged, out / "value"))
+                                         (lambda out: os.replace(staged, out / "value")) if value is not None else None)
             return
-        st.update({"opt_policy": opt_pi.state_dict(), "opt_value": opt_v.state_dict()})
+        st["opt_policy"] = opt_pi.state_dict()
+        if opt_v is not None:
+            st["opt_value"] = opt_v.state_dict()
         if ema is not None:
             st["live_policy"] = ema.live()
         if d.main:
             def extra(out: Path) -> None:
                 lora.saveable(value).save_pretrained(out / "value")
             with ema.swapped() if ema is not None else nullcontext():  # the policy folder holds the average
-                save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, st, extra)
+                save_checkpoint(ckpt, lora.saveable(policy), tok, cfg, st, extra if value is not None else None)
         distributed.barrier(d)
 
     from rich.progress import Progress
     t_start = time.perf_counter()
-    share = p.batch_size // d.world  # episodes per rank
+    share = p.batch_size // m.group_size // d.world  # prompts per rank (each sampled group_size times)
     with Progress(console=console, disable=not d.main) as bar:
         task = bar.add_task(name, total=iterations, completed=start)
         for it in range(start, iterations):
-            idx = step_indices(len(encoded), p.batch_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
-            batch, stats = rollout(policy, ref, score_fn, value, tok, [encoded[i] for i in idx], beta, p, gen, loglik, par,
-                                   cfg.dist.bf16)
-            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par, cfg.dist.bf16))
+            idx = step_indices(len(encoded), p.batch_size // m.group_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
+            prompts = [encoded[i] for i in idx for _ in range(m.group_size)]  # a prompt's group of answers is contiguous
+            batch, stats = rollout(policy, ref, score_fn, value, tok, prompts, beta, p, gen, loglik, par, cfg.dist.bf16, m)
+            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par, cfg.dist.bf16,
+                                m, beta))
             if p.kl_target > 0:
                 beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
             stats["objective/beta"] = beta
@@ -485,8 +504,10 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 @torch.no_grad()
 def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
-            loglik: RefLogLik | None = None, par: Parallel | None = None, bf16: bool = False) -> tuple[Rollout, dict]:
-    """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, GAE.
+            loglik: RefLogLik | None = None, par: Parallel | None = None, bf16: bool = False,
+            m: Method = PPO) -> tuple[Rollout, dict]:
+    """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, the advantages of
+    algorithm `m` (GAE for PPO; without a critic, `value` is None and the values are 0).
     Data-parallel (`par`): `prompt_ids` are this rank's; whitening and the returned statistics are
     over every rank's episodes, and the returned batch holds them all (`gather`). `bf16`: the model
     passes run under bf16 autocast on GPU (`lora.autocast`; nothing changes on CPU)."""
@@ -510,17 +531,18 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = s.mask.float()  # (B, N)
     old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
-    pk = _shared_pack(ids, attn, ref, value)  # one padding-free layout for the reference and value passes
+    pk = _shared_pack(ids, attn, *(x for x in (ref, value) if x is not None))  # one layout for the reference and value passes
     entropies = loglik is not None and loglik.excess and loglik.model is None  # the term needs π_ref's entropies too
     with amp():
         out = _no_grad_pass(ref, par and par.ref, lambda m: response_logp(
             m, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk))
         ref_logp, ref_entropy = out if entropies else (out, None)
-        values = _no_grad_pass(value, par and par.value, lambda m: response_values(m, ids, attn, pos, P, pk=pk)) * mask
+        values = (_no_grad_pass(value, par and par.value, lambda v: response_values(v, ids, attn, pos, P, pk=pk)) * mask
+                  if value is not None else torch.zeros_like(mask))  # (B, N)
         head = score_fn(ids, attn, pos, P)  # (B,)
         f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
     adv, returns, stats = advantages(head, f, old_logp, ref_logp, values, entropy, mask, s.has_eos, beta, p,
-                                     loglik.coef if loglik else 0.0, d)
+                                     loglik.coef if loglik else 0.0, d, m)
     batch = Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns)
     return (batch if par is None else gather(batch, d, tok.pad_token_id)), stats
 
@@ -531,97 +553,79 @@ def _shared_pack(ids: torch.Tensor, attn: torch.Tensor, *models) -> packing.Pack
     return packing.response_pack(ids, attn) if any(packing.supports_packing(m) for m in models) else None
 
 
-def minibatches(p, it: int, seed: int):
-    """The update order of iteration `it`: (step, minibatch indices) over ppo_epochs shuffles of the
-    batch, one generator per iteration, so every process that updates a model sees the same order."""
-    g = torch.Generator().manual_seed(seed * 7919 + it)
-    n_mb = p.batch_size // p.minibatch_size
-    for epoch in range(p.ppo_epochs):
-        order = torch.randperm(p.batch_size, generator=g)
-        for m in range(n_mb):
-            yield (it * p.ppo_epochs + epoch) * n_mb + m, order[m * p.minibatch_size: (m + 1) * p.minibatch_size]
-
-
-def micro_batches(batch: Rollout, mb: torch.Tensor, p):
-    """The micro-batches of minibatch `mb`, each with its token share of the minibatch, so that the
-    summed weighted losses give the minibatch's token-mean gradient."""
-    tokens = batch.slice(mb).mask.sum().clamp(min=1)
-    for j in range(0, p.minibatch_size, p.micro_batch_size):
-        part = batch.slice(mb[j: j + p.micro_batch_size])
-        yield part, part.mask.sum() / tokens
-
-
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int,
-           ema: WeightEMA | None = None, par: Parallel | None = None, bf16: bool = False) -> dict:
-    """Step 5: PPO epochs over shuffled minibatches, micro-batched; gradients averaged per minibatch
-    (then the policy's weight average, if any, takes the step). Data-parallel (`par`): `batch` is the
-    global batch on every rank; each rank runs its share of each minibatch's micro-batches (and of
-    the ptx windows) and back-propagates world · its weighted loss, which DDP / FSDP average into
-    the single-process gradient. The returned statistics (losses, clipfrac, approx_kl, ...) are token
-    means over each minibatch (every rank's micro-batches, weighted by their tokens as the loss is),
-    averaged over the optimizer steps. `bf16`: the forward passes run under bf16 autocast on GPU, the backward passes outside it."""
+           ema: WeightEMA | None = None, par: Parallel | None = None, bf16: bool = False, m: Method = PPO,
+           beta: float = 0.0) -> dict:
+    """Step 5: PPO epochs over shuffled minibatches, micro-batched (`rl.update.train`), the policy's
+    clipped loss aggregated as algorithm `m` says (+ β · its KL term when the KL is in the loss, + ptx_coef
+    · the pretraining LM loss for PPO-ptx) and then, with a critic (`value`; None without), the value
+    model's clipped loss, each model with its own optimizer on the same minibatch order; after each policy step the
+    weight average, if any, moves. Data-parallel (`par`): `batch` is the global batch on every rank and
+    each rank runs its share of each minibatch's micro-batches (and of the ptx windows) through the
+    model's DDP / FSDP wrapper. The returned statistics (losses, clipfrac, approx_kl, ...) are token
+    means over each minibatch, averaged over the optimizer steps. `bf16`: the forward passes run under
+    bf16 autocast on GPU, the backward passes outside it."""
     d = par.d if par is not None else distributed.SOLO
     device = next(policy.parameters()).device  # where this process's models run
     amp = functools.partial(lora.autocast, device, bf16)
     fwd_pi = par.policy if par is not None else (lambda fn, b: fn(policy, b))
     fwd_v = par.value if par is not None else (lambda fn, b: fn(value, b))
     policy.train()
-    value.train()
+    if value is not None:
+        value.train()
     P = batch.ids.shape[1] - batch.mask.shape[1]
 
-    # a micro-batch is (episodes, their packed layout): one padding-free layout (`_shared_pack`) built
-    # once for both models' passes, each of which runs inside its DDP / FSDP wrapper
-    def logp_of(model, b: tuple[Rollout, packing.Packed | None]) -> torch.Tensor:
-        part, pk = b
-        return response_logp(model, part.ids, part.attn, part.pos, P, p.temperature, pk=pk)
+    # each pass runs inside its model's DDP / FSDP wrapper, on the padding-free layout where the model allows
+    def logp_of(model, part: Rollout) -> torch.Tensor:
+        return response_logp(model, part.ids, part.attn, part.pos, P, p.temperature, pk=_shared_pack(part.ids, part.attn, model))
 
-    def values_of(model, b: tuple[Rollout, packing.Packed | None]) -> torch.Tensor:
-        part, pk = b
-        return response_values(model, part.ids, part.attn, part.pos, P, pk=pk)
+    def values_of(model, part: Rollout) -> torch.Tensor:
+        return response_values(model, part.ids, part.attn, part.pos, P, pk=_shared_pack(part.ids, part.attn, model))
+
+    def policy_loss(part: Rollout):
+        return policy_objective(fwd_pi(logp_of, part), part, p, m, beta)
+
+    def value_loss(part: Rollout):
+        vf, stats = L.ppo_value_loss(fwd_v(values_of, part), part.old_values, part.returns, part.mask, p.value_clip)
+        return p.vf_coef * vf, {"loss/value": vf, **stats}
 
     def lm_of(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return L.lm_loss(model(input_ids=x).logits, x)
-    acc: dict[str, list[float]] = {}  # per optimizer step: token means over its minibatch (this rank's share)
-    for step, mb in minibatches(p, it, seed):
-        mine = distributed.shard(list(micro_batches(batch, mb, p)), d)  # all of them in one process
-        sums: dict[str, float] = {}  # Σ w · micro-batch token mean (× world: `mean_over_ranks` divides by it)
-        for i, (part, w) in enumerate(mine):
-            last = i == len(mine) - 1  # gradients are synced on each model's last backward of the step
-            pk = _shared_pack(part.ids, part.attn, policy, value)
-            with distributed.no_grad_sync(fwd_pi, not last or windows is not None), distributed.no_grad_sync(fwd_v, not last):
-                with amp():
-                    logp = fwd_pi(logp_of, (part, pk))
-                    pg, pg_stats = L.ppo_policy_loss(logp, part.old_logp, part.advantages, part.mask, p.clip)
-                    v = fwd_v(values_of, (part, pk))
-                    vf, vf_stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
-                (w * d.world * (pg + p.vf_coef * vf)).backward()  # DDP / FSDP average over the d.world ranks
-            for k, val in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(w) * d.world * float(val.detach())
-        for k, val in sums.items():
-            acc.setdefault(k, []).append(val)
-        if windows is not None:
-            idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
-            x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
-            with amp():
-                s, c = fwd_pi(lm_of, x)
-            count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
-            (p.ptx_coef * s / count * d.world).backward()
-            acc.setdefault("loss/ptx", []).append(float(s.detach() / c))  # windows are equally long
-        for model, opt in ((policy, opt_pi), (value, opt_v)):
-            gn = distributed.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip))
-            if not math.isfinite(gn):
-                raise FloatingPointError(f"ppo: non-finite gradient at iteration {it + 1}; the last good checkpoint is kept")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
+
+    def ptx(step: int) -> dict[str, float]:  # PPO-ptx [IG eq. 2]: γ · the LM loss of a batch of pretraining windows
+        idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
+        x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
+        with amp():
+            s, c = fwd_pi(lm_of, x)
+        count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
+        (p.ptx_coef * s / count * d.world).backward()
+        return {"loss/ptx": float(s.detach() / c)}  # windows are equally long
+
+    stats = train(policy, opt_pi, batch, p, it, seed, policy_loss, "policy", sync=fwd_pi, d=d, ema=ema,
+                  extra=ptx if windows is not None else None, amp=amp, agg=m.agg)
+    if value is None:
+        return distributed.mean_over_ranks(stats, d)
+    stats.update(train(value, opt_v, batch, p, it, seed, value_loss, "value", sync=fwd_v, d=d, amp=amp))
+    out = distributed.mean_over_ranks(stats, d)  # every rank ran as many micro-batches
     # how well the rollout's values V_old predicted the returns (as cleanRL / Stable-Baselines log it): no
     # extra value pass; `batch` is the global batch on every rank, so every rank gets the same number
-    ev = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))
-    out = {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(vals)) for k, vals in acc.items()}
-    out = distributed.mean_over_ranks(out, d)  # every rank ran as many micro-batches
-    out["value/explained_variance"] = ev
+    out["value/explained_variance"] = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))
     return out
+
+
+def describe_method(m: Method) -> str:
+    """The start-up line's account of the algorithm: its name, group size, and where its KL penalty goes."""
+    return (f"rl.algorithm={m.algorithm}" + (f", {m.group_size} answers per prompt" if m.group_size > 1 else "")
+            + f", KL {m.kl_estimator} in the {m.kl_in}")
+
+
+def value_savings(rm: torch.nn.Module, lora_on: bool) -> str:
+    """What a critic-free run does not hold: a value model the reward model's size (fp32 weights) and, trained
+    in full, its gradients and AdamW's two moments (4 + 4 + 8 bytes a parameter; with LoRA the adapters' are small)."""
+    n = sum(q.numel() for q in rm.parameters())
+    total = n * (4 if lora_on else 16)
+    return (f"{n / 1e6:.2f}M parameters × {4 if lora_on else 16} bytes "
+            f"({'weights' if lora_on else 'weights, gradients, AdamW state'}) = {total / 2**20:.1f} MiB saved")
 
 
 def _watch(stats: dict, p, it: int, main: bool = True) -> None:

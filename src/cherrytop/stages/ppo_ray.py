@@ -37,9 +37,10 @@ from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import context_window, resolve_checkpoint
 from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.rl.experience import Rollout, advantages
-from cherrytop.stages.ppo import (WeightEMA, _watch, adamw, check_reward_tokenizer, encode_prompts, micro_batches,
-                                  minibatches, reference_path)
+from cherrytop.rl.experience import PPO, Rollout, advantages, method
+from cherrytop.rl.update import train as train_model
+from cherrytop.stages.ppo import (WeightEMA, _watch, adamw, check_reward_tokenizer, describe_method, encode_prompts,
+                                  reference_path)
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console
 
@@ -134,28 +135,6 @@ class Actor:
                 "dtypes": sorted({str(q.dtype).removeprefix("torch.") for q in self.model.parameters()})}
 
 
-def _train_half(model, opt, batch: Rollout, p, it: int, seed: int, loss_fn, what: str, ema: WeightEMA | None = None) -> dict:
-    """One model's half of `ppo.update` (same minibatch order, token-weighted micro-batches, clipping):
-    `loss_fn(part, P)` -> (loss, stats) of the micro-batch `part`; `ema` (if any) moves after every step."""
-    model.train()
-    P = batch.ids.shape[1] - batch.mask.shape[1]
-    acc: dict[str, list[float]] = {}
-    for _, mb in minibatches(p, it, seed):
-        for part, w in micro_batches(batch, mb, p):
-            loss, stats = loss_fn(part, P)
-            (w * loss).backward()
-            for k, v in stats.items():
-                acc.setdefault(k, []).append(float(v.detach()))
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        if not np.isfinite(float(gn)):
-            raise FloatingPointError(f"ppo: non-finite {what} gradient at iteration {it + 1}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-    return {("policy/" + k if not k.startswith("loss/") else k): float(np.mean(v)) for k, v in acc.items()}
-
-
 class PolicyTrainer(Actor):
     """The policy, its optimizer and (with LoRA) the reference = the policy with its adapter off."""
 
@@ -183,13 +162,15 @@ class PolicyTrainer(Actor):
     def train(self, batch: Rollout, it: int) -> dict:
         """The policy half of `ppo.update`: clipped policy loss, micro-batched, token-weighted."""
         p, dev = self.p, self.device
+        P = batch.ids.shape[1] - batch.mask.shape[1]
+        self.model.train()
 
-        def loss(part, P):
-            with lora.autocast(dev, self.cfg.dist.bf16):
-                logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
-                pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
+        def loss(part):
+            logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
+            pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
             return pg, {"loss/policy": pg, **st}
-        return _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy", self.ema)
+        return train_model(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy", ema=self.ema,
+                     amp=lambda: lora.autocast(dev, self.cfg.dist.bf16))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """What the rollout workers need: the trainable tensors (all weights, or only the adapters)."""
@@ -220,13 +201,15 @@ class ValueTrainer(Actor):
     def train(self, batch: Rollout, it: int) -> dict:
         """The value half of `ppo.update`: clipped value loss · vf_coef, and the rollout values' explained variance."""
         p, dev = self.p, self.device
+        P = batch.ids.shape[1] - batch.mask.shape[1]
+        self.model.train()
 
-        def loss(part, P):
-            with lora.autocast(dev, self.cfg.dist.bf16):
-                v = response_values(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P)
-                vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
+        def loss(part):
+            v = response_values(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P)
+            vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
             return p.vf_coef * vf, {"loss/value": vf, **st}
-        out = _train_half(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "value")
+        out = train_model(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "value",
+                    amp=lambda: lora.autocast(dev, self.cfg.dist.bf16))
         out["value/explained_variance"] = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))  # as ppo.update
         return out
 
@@ -349,6 +332,9 @@ def start_actors(cfg: Config, init: str, rm_path: str, pad_id: int, ref_path: st
 
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     """PPO with Ray actors; the checkpoint (policy + `value/`) is stage 6's."""
+    if method(cfg.rl) != PPO:
+        raise ValueError(f"{describe_method(method(cfg.rl))} is not supported with ray.enabled yet (Ray runs PPO with "
+                         "the KL k1 in the reward); run it without Ray, in one process or under torchrun")
     import ray
     p, rc = cfg.ppo, cfg.ray
     if p.ptx_coef > 0:

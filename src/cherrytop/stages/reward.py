@@ -33,7 +33,8 @@ from cherrytop.data.collate import pad_batch, step_indices
 from cherrytop.data.records import Comparison, DataError, locate, read_comparisons, read_conversations
 from cherrytop.data.tokenizer import TemplateError, load_tokenizer, split_response
 from cherrytop.model import lora
-from cherrytop.model.heads import BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, loglik_term, reward, response_loglik, scalar_model_from
+from cherrytop.model.heads import (BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, fit_answer, loglik_term, reward,
+                                   response_loglik, scalar_model_from)
 from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.rollout import packing
 from cherrytop.stages import compare, sft
@@ -63,17 +64,23 @@ def encode_groups(tok, comps: list[Comparison], seq_len: int, place: dict) -> li
 
 def encode_answer(tok, prompt: list[dict], response: str, seq_len: int) -> list[int]:
     """Token ids of prompt + response as the chat template renders them, up to the response's EOS
-    (where PPO's sampled responses end, so the head is read at the same token); the prompt is cut
-    from the left if needed so the response's end always fits in `seq_len`."""
-    head, resp = split_response(tok, prompt, response, seq_len)
-    return (head + resp)[-seq_len:]
+    (where PPO's sampled responses end, so the head is read at the same token), cut to `seq_len` by
+    `heads.fit_answer`: the prompt from the left, then the answer's start, so its end always fits."""
+    head, resp, _ = fit_answer(*split_response(tok, prompt, response, seq_len), seq_len)
+    return head + resp
+
+
+def answers_cut(tok, items: list[tuple[list[dict], str]], seq_len: int) -> int:
+    """How many of the (prompt messages, response) lose answer tokens to `seq_len` (`heads.fit_answer`)."""
+    return sum(fit_answer(*split_response(tok, m, r, seq_len), seq_len)[2] for m, r in items)
 
 
 def loglik_features(lm, tok, items: list[tuple[list[dict], str]], seq_len: int, excess: bool = False) -> list[float]:
     """log π_ref(response | prompt) (+ π_ref's entropies with `excess`) of each (prompt messages,
-    response) under the causal LM `lm`."""
-    pairs = [split_response(tok, m, r, seq_len) for m, r in items]
-    return response_loglik(lm, [a for a, _ in pairs], [b for _, b in pairs], tok.pad_token_id, excess=excess).tolist()
+    response) under the causal LM `lm`, on the tokens `encode_answer` keeps."""
+    pairs = [fit_answer(*split_response(tok, m, r, seq_len), seq_len) for m, r in items]
+    return response_loglik(lm, [a for a, _, _ in pairs], [b for _, b, _ in pairs], tok.pad_token_id,
+                           excess=excess, max_len=seq_len).tolist()
 
 
 def fit_loglik_coef(groups: list[tuple[list[list[int]], Comparison]], loglik: list[list[float]], tie_weight: float) -> float:
@@ -292,6 +299,10 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     loop.console.print(f"rm: {len(comps)} rankings ({sum(c.k * (c.k - 1) // 2 for c in comps)} pairs), "
                        f"{len(held)} held out, {t.max_steps} steps of {t.batch_size} prompts; init {init}"
                        + (f"; reward = head + {coef:.3f} · {rc.ref_loglik} log π_ref(response)" if use and not done else ""))
+    n_answers = sum(c.k for c in comps + held)
+    if n_cut := answers_cut(tok, [(_messages(c), r) for c in comps + held for r in c.responses], t.seq_len):
+        loop.console.print(f"rm: {n_cut} of {n_answers} answers longer than rm.train.seq_len={t.seq_len} tokens "
+                           f"cut to their last {t.seq_len} (head and log π_ref alike)")
 
     def micro_batches(step: int) -> list[Batch]:
         idx = step_indices(len(groups), t.batch_size, step, cfg.run.seed)

@@ -4,6 +4,7 @@ crash leaves either the previous checkpoint or the new one, never half of one.""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from cherrytop.config import Config, to_toml
 
 CONFIG_FILE = "cherrytop.toml"
 STATE_FILE = "trainer_state.pt"
+ENTRY_FILE = "lineage-entry.json"
+"""In `previous_dir`: the lineage records of what was set aside, put back with it."""
 
 
 class ResumeError(RuntimeError):
@@ -54,8 +57,33 @@ def recover(final: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def previous_dir(final: Path) -> Path:
+    """Where `cherrytop <stage> --fresh` keeps the stage's old output (`lineage.set_aside`) until the new
+    run's first checkpoint replaces it: runs/<name>/.previous/<stage>."""
+    return Path(final).parent / ".previous" / Path(final).name
+
+
+def _write_failed(e: BaseException, final: Path) -> OSError | None:
+    """A write error that is not an OSError but says the device refused the bytes (torch's "unexpected
+    pos 188800 vs 188688" on a full disk, safetensors' StorageFull), as an OSError naming `final`."""
+    text = str(e)
+    if isinstance(e, OSError) or not isinstance(e, Exception):
+        return None
+    full = any(k in text for k in ("No space left", "StorageFull", "os error 28", "code: 28"))
+    if not full and not any(k in text for k in ("unexpected pos", "file write failed")):
+        return None
+    try:
+        full = full or shutil.disk_usage(final.parent).free < (64 << 20)
+    except OSError:
+        pass
+    code = errno.ENOSPC if full else errno.EIO
+    last = text.strip().splitlines()[-1].strip() if text.strip() else type(e).__name__
+    return OSError(code, f"{os.strerror(code)} (writing the checkpoint: {last})", str(final))
+
+
 def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_dir)` and then swap tmp_dir in place of `final`."""
+    """Run `write(tmp_dir)` and then swap tmp_dir in place of `final`; a failed write leaves `final` as
+    it was. Then the output a `--fresh` run set aside for `final` (`previous_dir`) is dropped: replaced."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
@@ -66,13 +94,22 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (err := _write_failed(e, final)) is not None:
+            raise err from e
         raise
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    prev = previous_dir(final)
+    if (prev / ENTRY_FILE).is_file():
+        shutil.rmtree(prev, ignore_errors=True)
+        try:
+            prev.parent.rmdir()  # .previous, if it holds no other stage's
+        except OSError:
+            pass
 
 
 def save_checkpoint(final: Path, model: Any, tokenizer: Any, cfg: Config, state: dict | None = None,
@@ -88,6 +125,10 @@ def save_checkpoint(final: Path, model: Any, tokenizer: Any, cfg: Config, state:
         if extra is not None:
             extra(tmp)
     write_dir_atomically(final, write)
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / "config.json").is_file()
 
 
 def discard(final: Path) -> None:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cherrytop.config import Config, TrainConfig, to_dict
 from cherrytop.model import lora
 from cherrytop.train import distributed
-from cherrytop.train.checkpoint import ResumeError, discard, load_state, save_checkpoint
+from cherrytop.train.checkpoint import ResumeError, has_checkpoint, load_state, previous_dir, save_checkpoint
 
 console = Console(stderr=True)
 
@@ -127,6 +127,8 @@ def settings_sections(cfg: Config, stage: str) -> list[str]:
         out.append("world")
     if stage == "rm" and not cfg.rm.train.data:
         out.append("world")
+    if stage in ("ppo", "ppo_ptx"):
+        out.append("rl")
     if stage in ("ppo", "ppo_ptx") and not cfg.ppo.prompts:
         out.append("world")
     return out
@@ -158,6 +160,16 @@ def check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
                           "pass --fresh to start the stage over, or choose another --run.name")
 
 
+def kept(ckpt: Path, step: int | None) -> str:
+    """What a failed run leaves in `ckpt`: its last checkpoint (saved or resumed at `step`), else the
+    previous run's one (kept in place, or set aside by `--fresh` and put back), else nothing."""
+    if step is not None:
+        return f"the last good checkpoint (step {step}) is in {ckpt}"
+    if any(has_checkpoint(p) for p in (ckpt, previous_dir(ckpt) / ckpt.name)):
+        return f"no checkpoint of this run was saved; the previous one stays in {ckpt}"
+    return "no checkpoint was saved"
+
+
 def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
     """Train `stage` to `stage.train.max_steps`, resuming from its checkpoint if one is there.
     Returns the final metrics (also saved in the checkpoint's training state)."""
@@ -170,10 +182,10 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
     opt = make_optimizer(model, t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
-    if fresh and d.main:  # start over: the old checkpoint goes now, so a run killed before its first
-        discard(ckpt)     # checkpoint is not mistaken for this one when started again
-    distributed.barrier(d)
+    # fresh: the old checkpoint is not read; `cherrytop <stage> --fresh` set it aside (lineage.set_aside)
+    # and the first save below replaces it
     state = None if fresh else load_state(ckpt)
+    saved = None if state is None else state["step"]  # the step of this run's checkpoint in `ckpt`
     if state is not None:
         check_same_settings(state["config"], cfg, stage.name)
         if distributed.has_shards(ckpt):  # model + optimizer, resharded to this job's processes
@@ -204,6 +216,11 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
     metrics: dict[str, float] = dict(state["metrics"]) if state else {}
 
     def save(step: int) -> None:
+        nonlocal saved
+        _save(step)
+        saved = step
+
+    def _save(step: int) -> None:
         if distributed.is_sharded(fwd):  # every rank writes its shards (optimizer included)
             distributed.save_sharded(ckpt, model, opt, stage.tokenizer, cfg, {
                 "stage": stage.name, "step": step, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
@@ -238,7 +255,7 @@ def run(stage: Stage, cfg: Config, fresh: bool = False) -> dict[str, float]:
             loss = distributed.all_sum(loss_sum, d) / max(total, 1)
             if not math.isfinite(loss) or not math.isfinite(float(gnorm)):
                 raise FloatingPointError(f"{stage.name}: non-finite loss or gradient at step {step + 1} "
-                                         f"(loss {loss}, grad norm {float(gnorm)}); the last good checkpoint is in {ckpt}")
+                                         f"(loss {loss}, grad norm {float(gnorm)}); {kept(ckpt, saved)}")
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
