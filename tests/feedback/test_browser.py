@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def serving(store):
+    """The labelling app over `store` on a free local port, in a thread, until the block ends; yields its URL."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(5)
+
+
 @pytest.fixture
 def server(tmp_path):
     url = f"sqlite:///{tmp_path / 'fb.db'}"
@@ -45,17 +64,8 @@ def server(tmp_path):
                    provenance=[{"model": "runs/tiny/sft", "settings": {"temperature": 1.0}, "source": "generate"}] * 4,
                    gold=[1, 0, 2, 3])
     store.add_item([{"role": "system", "content": "answer briefly ."}, {"role": "user", "content": "what is 2 plus 3 ?"}])
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", store, url
-    srv.should_exit = True
-    thread.join(5)
+    with serving(store) as base:
+        yield base, store, url
     store.close()
 
 
@@ -252,17 +262,8 @@ def hostile_server(tmp_path):
                                "bob-demo-1", 9.0)  # for the admin to review
     assert store.next_review(bob).id == demo
     store.submit_review(bob, demo, False, " ".join(EVIL), "bob-review-1", offered=True)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", item, ranking
-    srv.should_exit = True
-    thread.join(5)
+    with serving(store) as base:
+        yield base, item, ranking
     store.close()
 
 

@@ -226,3 +226,25 @@ def test_ray_refuses_a_critic_free_algorithm_in_one_line():
     with pytest.raises(ValueError, match=r"^rl.algorithm=rloo, 4 answers per prompt, KL k1 in the reward is not "
                                          r"supported with ray.enabled yet .*run it without Ray"):
         ppo_ray.run(cfg)
+
+
+def test_a_run_that_turns_non_finite_says_which_checkpoint_is_left(tmp_path, monkeypatch, capsys):
+    """NaN at iteration 2 after a save at 1: the message names that checkpoint; NaN before any save (and no
+    earlier run): it says none was saved, instead of a "last good checkpoint" that does not exist."""
+    from cherrytop.stages import ppo
+    ppo_inputs(tmp_path, ["what is 12 plus 3 ?", "no idea ?"] * 8, n_layers=1)
+    real, calls = ppo.update, []
+
+    def update(*a, **k):  # the second update of the run reports a NaN loss
+        calls.append(1)
+        out = real(*a, **k)
+        return {**out, "loss/policy": float("nan")} if len(calls) == 2 else out
+    monkeypatch.setattr(ppo, "update", update)
+    assert _ppo(tmp_path, "saved", "--ppo.save_every=1") == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "non-finite loss/policy at iteration 2" in err
+    assert f"the last good checkpoint (step 1) is in {tmp_path / 'runs' / 'saved' / 'ppo'}" in err
+    calls.clear()
+    assert _ppo(tmp_path, "unsaved", "--ppo.save_every=100", "--ppo.episodes=64") == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "non-finite loss/policy at iteration 2" in err and "no checkpoint was saved" in err

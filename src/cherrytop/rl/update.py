@@ -89,7 +89,7 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Rollout, p,
                 acc.setdefault(k, []).append(val)
         gn = distributed.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip))
         if not math.isfinite(gn):
-            raise FloatingPointError(f"ppo: non-finite {what} gradient at iteration {it + 1}; the last good checkpoint is kept")
+            raise FloatingPointError(f"ppo: non-finite {what} gradient at iteration {it + 1}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:

@@ -60,7 +60,7 @@ from cherrytop.rl.update import micro_batches, minibatches, policy_objective, tr
 from cherrytop.train import distributed
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
-from cherrytop.train.loop import MetricsLog, console
+from cherrytop.train.loop import MetricsLog, console, kept
 from cherrytop.world import World
 
 
@@ -479,23 +479,28 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     share = p.batch_size // m.group_size // d.world  # prompts per rank (each sampled group_size times)
     with Progress(console=console, disable=not d.main) as bar:
         task = bar.add_task(name, total=iterations, completed=start)
+        saved_at = start if state is not None else None  # the iteration of the last checkpoint of this run
         for it in range(start, iterations):
             idx = step_indices(len(encoded), p.batch_size // m.group_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
             prompts = [encoded[i] for i in idx for _ in range(m.group_size)]  # a prompt's group of answers is contiguous
-            batch, stats = rollout(policy, ref, score_fn, value, tok, prompts, beta, p, gen, loglik, par, cfg.dist.bf16, m)
-            stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par, cfg.dist.bf16,
-                                m, beta))
-            if p.kl_target > 0:
-                beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
-            stats["objective/beta"] = beta
-            stats["perf/episodes_per_s"] = (it + 1 - start) * p.batch_size / (time.perf_counter() - t_start)
-            _watch(stats, p, it, d.main)
+            try:
+                batch, stats = rollout(policy, ref, score_fn, value, tok, prompts, beta, p, gen, loglik, par, cfg.dist.bf16, m)
+                stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par,
+                                    cfg.dist.bf16, m, beta))
+                if p.kl_target > 0:
+                    beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
+                stats["objective/beta"] = beta
+                stats["perf/episodes_per_s"] = (it + 1 - start) * p.batch_size / (time.perf_counter() - t_start)
+                _watch(stats, p, it, d.main)
+            except FloatingPointError as e:  # what is truly left: this run's last save, the previous run's, or none
+                raise FloatingPointError(f"{e}; {kept(ckpt, saved_at)}") from None
             metrics = stats
             log.log((it + 1) * p.batch_size, stats)
             bar.update(task, completed=it + 1,
                        description=f"{name} score {stats['objective/score']:.2f} kl {stats['objective/kl']:.2f}")
             if (it + 1) % p.save_every == 0 or it + 1 == iterations:
                 save(it + 1)
+                saved_at = it + 1
     log.close()
     if d.main:
         console.print(f"[green]ppo[/]: done; policy {ckpt}")
@@ -632,7 +637,7 @@ def _watch(stats: dict, p, it: int, main: bool = True) -> None:
     """Stop on NaN/inf; warn (rank 0) on the signs of reward hacking (KL runaway, length blow-up/collapse)."""
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
-        raise FloatingPointError(f"ppo: non-finite {', '.join(bad)} at iteration {it + 1}; the last good checkpoint is kept")
+        raise FloatingPointError(f"ppo: non-finite {', '.join(bad)} at iteration {it + 1}")
     if not main:
         return
     if stats["objective/kl"] > p.kl_warn:

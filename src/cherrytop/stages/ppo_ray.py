@@ -42,7 +42,7 @@ from cherrytop.rl.update import train as train_model
 from cherrytop.stages.ppo import (WeightEMA, _watch, adamw, check_reward_tokenizer, describe_method, encode_prompts,
                                   reference_path)
 from cherrytop.train.checkpoint import load_state, save_checkpoint
-from cherrytop.train.loop import MetricsLog, console
+from cherrytop.train.loop import MetricsLog, console, kept
 
 
 def _device() -> torch.device:
@@ -383,6 +383,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         return [w.generate.remote([prompts[i] for i in s], tok.pad_token_id, tok.eos_token_id) for w, s in zip(workers, shares)]
 
     next_parts = launch(0)
+    saved_at = None  # the iteration of this run's last checkpoint
     for it in range(iterations):
         batch, stats = _score(ray.get(next_parts), policy, ref, rm, value, tok, beta, p, coef, excess)  # 2-4, in parallel
         pol, val = policy.train.remote(batch, it), value.train.remote(batch, it)  # 5. both halves at once
@@ -396,13 +397,17 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
         stats["objective/beta"] = beta
         stats["perf/episodes_per_s"] = (it + 1) * p.batch_size / (time.perf_counter() - t0)
-        _watch(stats, p, it)  # NaN / KL runaway, as the single-process path watches
+        try:
+            _watch(stats, p, it)  # NaN / KL runaway, as the single-process path watches
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; {kept(ckpt, saved_at)}") from None
         metrics = stats
         log.log((it + 1) * p.batch_size, stats)
         console.print(f"ppo (ray) {it + 1}/{iterations}: score {stats['objective/score']:.3f} kl {stats['objective/kl']:.3f}")
         if (it + 1) % p.save_every == 0 or it + 1 == iterations:
             _save(ckpt, policy, value, tok, cfg, {"stage": name, "iteration": it + 1, "beta": beta, "metrics": metrics,
                                                   "config": to_dict(cfg), "ray": placed})
+            saved_at = it + 1
     log.close()
     console.print(f"[green]ppo (ray)[/]: done; policy {ckpt}")
     return metrics
