@@ -1,9 +1,9 @@
 """The cherrytop side of the benchmark: runs one task through cherrytop's real entry points
-(`stages.sft.run`, `stages.reward.run`, `stages.ppo.run`, `rollout.sampler.sample`) on the shared
-inputs of `make_data.py`, and prints one `RESULT {json}` line. Started by compare.py in a fresh
-process per task (so peak memory is per task), with cherrytop's venv:
+(`stages.sft.run`, `stages.reward.run`, `stages.ppo.run` with `rl.algorithm` ppo / grpo / rloo,
+`rollout.sampler.sample`) on the shared inputs of `make_data.py`, and prints one `RESULT {json}` line.
+Started by compare.py in a fresh process per task (so peak memory is per task), with cherrytop's venv:
 
-    .venv/bin/python bench/cherrytop_side.py --task {sft,rm_pairs,rm_rankings,ppo,gen} [--spec JSON]
+    .venv/bin/python bench/cherrytop_side.py --task {sft,rm_pairs,rm_rankings,ppo,grpo,rloo,gen} [--spec JSON]
 
 The step clock is read by wrapping the function each loop calls at the start of a step (the
 micro-batch builder, or the PPO rollout): nothing inside cherrytop is changed for the benchmark.
@@ -84,15 +84,22 @@ def _time_loop(loop, meter: Meter, work) -> None:
     loop.run = run
 
 
-def bench_ppo(spec: Spec, run_dir: str) -> None:
+def bench_ppo(spec: Spec, run_dir: str, algorithm: str = "ppo") -> None:
+    """`cherrytop ppo` with `--rl.algorithm=algorithm`: ppo (GAE, value model), or the critic-free grpo / rloo
+    (spec.group_size answers per prompt, no value model) with their KL set explicitly as TRL's trainers do it:
+    GRPO k3 in the loss with β = spec.grpo_kl_coef, RLOO k1 in the reward with β = spec.kl_coef."""
     from cherrytop.stages import ppo
+    rl = {"ppo": [],
+          "grpo": [f"--rl.group_size={spec.group_size}", "--rl.kl_estimator=k3", "--rl.kl_in=loss",
+                   f"--rl.kl_loss_coef={spec.grpo_kl_coef}"],
+          "rloo": [f"--rl.group_size={spec.group_size}", "--rl.kl_estimator=k1", "--rl.kl_in=reward"]}[algorithm]
     cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
         f"--ppo.init={_model(spec)}", f"--ppo.reward_model={_model(spec)}-reward", f"--ppo.prompts={OUT / spec.prompts}",
         f"--ppo.episodes={spec.ppo_iterations * spec.ppo_batch}", f"--ppo.batch_size={spec.ppo_batch}",
         f"--ppo.minibatch_size={spec.ppo_minibatch}", f"--ppo.micro_batch_size={spec.ppo_minibatch}",
         f"--ppo.ppo_epochs={spec.ppo_epochs}", f"--ppo.max_new_tokens={spec.response_len}",
         f"--ppo.temperature={spec.temperature}", f"--ppo.lr={spec.ppo_lr}", f"--ppo.value_lr={spec.ppo_lr}",
-        f"--ppo.kl_coef={spec.kl_coef}", "--ppo.save_every=100000"])
+        f"--ppo.kl_coef={spec.kl_coef}", "--ppo.save_every=100000", f"--rl.algorithm={algorithm}", *rl])
     meter = Meter(spec.ppo_warmup)
     inner = ppo.rollout
     lengths = []
@@ -111,7 +118,7 @@ def bench_ppo(spec: Spec, run_dir: str) -> None:
         return out
     ppo.rollout, ppo.update = rollout, update
     ppo.run(cfg, fresh=True)
-    report("ppo", "cherrytop", meter, "episodes", mean_response_len=sum(lengths) / len(lengths))
+    report(algorithm, "cherrytop", meter, "episodes", mean_response_len=sum(lengths) / len(lengths))
 
 
 def bench_gen(spec: Spec) -> None:
@@ -141,7 +148,7 @@ def bench_gen(spec: Spec) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="cherrytop side of the TRL comparison")
-    ap.add_argument("--task", required=True, choices=["sft", "rm_pairs", "rm_rankings", "ppo", "gen"])
+    ap.add_argument("--task", required=True, choices=["sft", "rm_pairs", "rm_rankings", "ppo", "grpo", "rloo", "gen"])
     ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
     args = ap.parse_args(argv)
     spec = Spec.from_json(args.spec)
@@ -151,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_sft(spec, run_dir)
         elif args.task.startswith("rm_"):
             bench_rm(spec, run_dir, rankings=args.task == "rm_rankings")
-        elif args.task == "ppo":
-            bench_ppo(spec, run_dir)
+        elif args.task in ("ppo", "grpo", "rloo"):
+            bench_ppo(spec, run_dir, args.task)
         else:
             bench_gen(spec)
 

@@ -5,6 +5,7 @@ and the median). Results also go to `bench/out/results.json`.
 
     .venv/bin/python bench/compare.py                       # all tasks, 2 repeats
     .venv/bin/python bench/compare.py --tasks ppo gen --repeats 3
+    .venv/bin/python bench/compare.py --tasks grpo rloo --repeats 2   # issue 23: GRPOTrainer / RLOOTrainer
     .venv/bin/python bench/compare.py --gpu 125m            # issue 7's GPU settings (make_data.SCALES)
     .venv/bin/python bench/compare.py --gpu 1b --smoke --device cpu   # the GPU run's code paths, small, on CPU
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from harness import Spec  # noqa: E402
 
 CHERRYTOP_PY = ROOT / ".venv" / "bin" / "python"
-TRL_PY = HERE / ".venv-trl" / "bin" / "python"  # trl 1.16.0: SFT, reward, generation
+TRL_PY = HERE / ".venv-trl" / "bin" / "python"  # trl 1.16.0: SFT, reward, GRPO, RLOO, generation
 TRL_PPO_PY = HERE / ".venv-trl-ppo" / "bin" / "python"  # trl 1.12.0: trl.experimental.ppo
 
 # task -> (label, cherrytop task, TRL venv python, TRL task)
@@ -40,6 +41,8 @@ TASKS = {
     "rm_pairs": ("RM pairs/s, pairwise data", "rm_pairs", TRL_PY, "rm"),
     "rm_rankings": ("RM pairs/s, K=4 rankings", "rm_rankings", TRL_PY, "rm"),
     "ppo": ("PPO episodes/s", "ppo", TRL_PPO_PY, "ppo"),
+    "grpo": ("GRPO episodes/s", "grpo", TRL_PY, "grpo"),
+    "rloo": ("RLOO episodes/s", "rloo", TRL_PY, "rloo"),
     "gen": ("generation tokens/s", "gen", TRL_PY, "gen"),
     "gen_static": ("generation tokens/s vs static-cache generate", "gen", TRL_PY, "gen_static"),
 }

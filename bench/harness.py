@@ -39,7 +39,7 @@ class Spec:
     rm_lr: float = 3e-4
     """Reward-model learning rate (tiny: rm.train.lr)."""
     ppo_iterations: int = 4
-    """PPO iterations (rollout batch + updates), warm-up included (ppo_warmup of them)."""
+    """PPO / GRPO / RLOO iterations (rollout batch + updates), warm-up included (ppo_warmup of them)."""
     ppo_warmup: int = 1
     """PPO iterations run before the clock starts."""
     ppo_batch: int = 64
@@ -47,15 +47,20 @@ class Spec:
     ppo_minibatch: int = 32
     """Episodes per optimizer step (tiny: ppo.minibatch_size); micro-batch = minibatch."""
     ppo_epochs: int = 4
-    """Passes over each rollout batch (tiny: ppo.ppo_epochs)."""
+    """Passes over each rollout batch (tiny: ppo.ppo_epochs; TRL GRPO / RLOO `num_iterations`)."""
     response_len: int = 24
     """Most sampled tokens per response (tiny: ppo.max_new_tokens)."""
     temperature: float = 1.0
     """Sampling temperature (tiny: ppo.temperature)."""
     ppo_lr: float = 1e-4
-    """Policy and value learning rate (tiny: ppo.lr, ppo.value_lr)."""
+    """Policy (and PPO's value) learning rate (ppo.lr, ppo.value_lr)."""
     kl_coef: float = 0.5
-    """KL penalty β (tiny: ppo.kl_coef)."""
+    """KL penalty β in the reward (tiny: ppo.kl_coef): PPO's per-token penalty, and RLOO's (TRL `RLOOConfig.beta`)."""
+    group_size: int = 4
+    """GRPO / RLOO answers per prompt (tiny: rl.group_size; TRL `num_generations`): ppo_batch // group_size prompts
+    per rollout batch, each sampled group_size times."""
+    grpo_kl_coef: float = 0.04
+    """GRPO's β of the k3 KL term in the loss (tiny: rl.kl_loss_coef, the GRPO paper's; TRL `GRPOConfig.beta`)."""
     gen_batches: int = 6
     """Generation benchmark: batches of `ppo_batch` prompts (warm-up included)."""
     scale: str = "tiny"

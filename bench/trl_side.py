@@ -2,7 +2,7 @@
 the same model folder and data (`make_data.py`), printing one `RESULT {json}` line. It imports
 nothing from cherrytop and runs in TRL's own venv (TRL is a benchmark-only dependency):
 
-    bench/.venv-trl/bin/python     bench/trl_side.py --task {sft,rm,gen}   # trl 1.16.0
+    bench/.venv-trl/bin/python     bench/trl_side.py --task {sft,rm,grpo,rloo,gen}   # trl 1.16.0
     bench/.venv-trl-ppo/bin/python bench/trl_side.py --task ppo           # trl 1.12.0 (trl.experimental.ppo)
 
 Settings that differ from TRL's defaults, all to match cherrytop's run (see bench/README.md):
@@ -131,6 +131,66 @@ def bench_ppo(spec: Spec, out_dir: str) -> None:
     report("ppo", "trl", meter, "episodes", trl_version=_version())
 
 
+def bench_group(spec: Spec, out_dir: str, algorithm: str) -> None:
+    """`GRPOTrainer` / `RLOOTrainer` (trl 1.16.0, transformers `generate`, no vLLM) at cherrytop's GRPO / RLOO
+    settings: spec.group_size answers per prompt (`num_generations`), a rollout batch of spec.ppo_batch answers
+    (`steps_per_generation` micro-batches of spec.ppo_minibatch, one optimizer step each), spec.ppo_epochs
+    passes over it (`num_iterations`), and the same KL: GRPO k3 in the loss with β = spec.grpo_kl_coef, its
+    loss `loss_type="grpo"` (each answer's token mean, then the mean over answers: cherrytop's
+    seq_mean_token_mean; TRL's default "dapo" is a token sum over the generation batch's tokens), advantages
+    scaled by the group's std (`scale_rewards="group"`); RLOO k1 summed per answer in the reward with
+    β = spec.kl_coef, leave-one-out baseline, no advantage normalisation (TRL's default, as cherrytop)."""
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    tok = AutoTokenizer.from_pretrained(MODEL, padding_side="left")
+    rows = [{"prompt": r["messages"]} for r in read_jsonl(PROMPTS)]  # conversational: TRL applies the chat template
+    steps = spec.ppo_batch // spec.ppo_minibatch  # optimizer steps per pass over a rollout batch
+    per_iteration = steps * spec.ppo_epochs  # optimizer steps per rollout batch (TRL generates every this many)
+    common = dict(**common_args(out_dir, spec), per_device_train_batch_size=spec.ppo_minibatch,
+                  gradient_accumulation_steps=1, steps_per_generation=steps, num_generations=spec.group_size,
+                  max_completion_length=spec.response_len, temperature=spec.temperature, top_p=1.0, top_k=0,
+                  num_iterations=spec.ppo_epochs, epsilon=0.2, learning_rate=spec.ppo_lr, max_grad_norm=1.0,
+                  adam_epsilon=1e-5, lr_scheduler_type="constant", max_steps=spec.ppo_iterations * per_iteration,
+                  use_vllm=False, mask_truncated_completions=False, disable_dropout=True, log_completions=False)
+    if algorithm == "grpo":
+        args = GRPOConfig(**common, beta=spec.grpo_kl_coef, loss_type="grpo", scale_rewards="group")
+        trainer_cls = GRPOTrainer
+    else:
+        args = RLOOConfig(**common, beta=spec.kl_coef, normalize_advantages=False)
+        trainer_cls = RLOOTrainer
+    policy = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(MODEL + "-reward", num_labels=1, dtype=torch.float32)  # make_data.reward_folder
+    rm_tok = AutoTokenizer.from_pretrained(MODEL + "-reward")
+    rm.config.pad_token_id = rm_tok.pad_token_id
+    meter = Meter(spec.ppo_warmup)
+
+    class IterationClock(TrainerCallback):
+        """An iteration = one generation batch and its per_iteration optimizer steps (GA = 1: one micro-batch
+        each). Its start is the start of the optimizer step that generates (TRL generates inside the first
+        training_step of the iteration, after on_step_begin); the end of the last step closes the window."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step % per_iteration == 0:
+                meter.step(spec.ppo_batch)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == args.max_steps:
+                meter.step(0)
+    trainer = trainer_cls(model=policy, reward_funcs=rm, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, reward_processing_classes=rm_tok, callbacks=[IterationClock()])
+    lengths = []
+    inner = trainer._generate_and_score_completions
+
+    def generate_and_score(*a, **kw):  # the mean answer length, as cherrytop's side reports it
+        out = inner(*a, **kw)
+        lengths.append(float(out["completion_mask"].sum(1).float().mean()))
+        return out
+    trainer._generate_and_score_completions = generate_and_score
+    trainer.train()
+    if len(lengths) != spec.ppo_iterations:
+        raise RuntimeError(f"{len(lengths)} generation batches for {spec.ppo_iterations} iterations")
+    report(algorithm, "trl", meter, "episodes", trl_version=_version(), mean_response_len=sum(lengths) / len(lengths))
+
+
 def bench_gen(spec: Spec, static: bool = False) -> None:
     """transformers' `generate` (dynamic KV cache) exactly as TRL's PPO calls it for rollouts; `static`:
     with `cache_implementation="static"`, which transformers compiles on a GPU (its fast path).
@@ -169,7 +229,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="TRL side of the cherrytop comparison")
-    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "gen", "gen_static"])
+    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "gen", "gen_static"])
     ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
     args = ap.parse_args(argv)
     spec = Spec.from_json(args.spec)
@@ -178,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     MODEL, PROMPTS = str(OUT / spec.data), spec.prompts
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
         {"sft": lambda: bench_sft(spec, out_dir), "rm": lambda: bench_rm(spec, out_dir),
-         "ppo": lambda: bench_ppo(spec, out_dir), "gen": lambda: bench_gen(spec),
+         "ppo": lambda: bench_ppo(spec, out_dir), "grpo": lambda: bench_group(spec, out_dir, "grpo"),
+         "rloo": lambda: bench_group(spec, out_dir, "rloo"), "gen": lambda: bench_gen(spec),
          "gen_static": lambda: bench_gen(spec, static=True)}[args.task]()
 
 

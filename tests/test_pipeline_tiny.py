@@ -20,7 +20,7 @@ def test_tiny_pipeline_reaches_its_numbers(tmp_path):
     assert ev["sft"]["helpful"] >= 0.60
     for axis in ("helpful", "truthful", "harmless"):
         assert ev["sft"][axis] > ev["pretrain"][axis], axis
-        assert ev["ppo"][axis] >= ev["sft"][axis], axis  # issue 3: at or above SFT's (seed 0, session 12: 0.750 = 0.750 helpful)
+        assert ev["ppo"][axis] >= ev["sft"][axis], axis  # issue 3: at or above SFT's (seed 0 at fc82503, 2026-11-24: 0.750 = 0.750 helpful)
     assert report["rm"]["accuracy_labelers"] >= 0.70
     assert report["rm"]["accuracy_grader"] >= 0.85
-    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65  # seed 0: 0.651 with rm.epochs=2 (session 12), 0.644 with 1
+    assert report["versus_sft"]["ppo"]["win_rate"] >= 0.65  # seed 0: 0.651 with rm.epochs=2, 0.644 with 1 (fc82503, 2026-11-24)

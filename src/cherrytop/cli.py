@@ -10,13 +10,11 @@ import os
 import sys
 from pathlib import Path
 
+from cherrytop.stages import STAGES, runner
+
 COMMANDS = {
     "pipeline": "run every stage in order on the configured data (default: the built-in world)",
-    "pretrain": "stage 1: next-token prediction on the corpus",
-    "sft": "stage 3: supervised fine-tuning on demonstrations (assistant tokens only)",
-    "compare": "stage 4: sample K answers per prompt and have the (simulated) labelers rank them",
-    "rm": "stage 5: train the reward model on K-way rankings",
-    "ppo": "stage 6: PPO against the reward model with a KL penalty to the SFT model",
+    **{s.name: s.help for s in STAGES.values() if s.help},
     "generate": "answer prompts from a checkpoint (batched sampling)",
     "chat": "talk to a checkpoint in the terminal (multi-turn)",
     "eval": "score a checkpoint: helpful / truthful / harmless on held-out tasks, win rate against a baseline, reward-model judge",
@@ -31,6 +29,9 @@ COMMANDS = {
 ALIASES = {"compare": ["sample"]}
 """Other names of a command (`cherrytop sample` is `cherrytop compare`)."""
 
+TRAINING = ("pipeline", *(s.name for s in STAGES.values() if s.help))
+"""The commands that train (and resume from their last checkpoint)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cherrytop", description="The InstructGPT recipe end to end.", allow_abbrev=False,
@@ -41,11 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         s.set_defaults(command_parser=s)
         s.add_argument("--preset", default="tiny", help="named preset: tiny (default) or test")
         s.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config file(s)")
-        if name in ("pipeline", "pretrain", "sft", "compare", "rm", "ppo"):
+        if name in TRAINING:
             s.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
         if name == "pipeline":
-            from cherrytop.pipeline import STAGES
-            s.add_argument("--until", default=STAGES[-1], choices=STAGES, help="last stage to run")
+            s.add_argument("--until", default=list(STAGES)[-1], choices=list(STAGES), help="last stage to run")
         if name == "serve":
             s.add_argument("--checkpoint", required=True, help="model folder, or a stage name of the run (e.g. ppo)")
             s.add_argument("--host", help="address to listen on (the same as --serve.host)")
@@ -240,9 +240,6 @@ def _os_error(e: OSError) -> str:
     return f"{where}: {cause}" if where else cause
 
 
-TRAINING = ("pipeline", "pretrain", "sft", "compare", "rm", "ppo")
-
-
 def cmd_serve(args, cfg) -> None:
     from cherrytop.serve.app import run
     run(args.checkpoint, cfg, args.feedback_db)
@@ -296,23 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     clean = False
     try:
         cfg = _load(args, extra)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.command not in ("pretrain", "sft", "rm", "ppo")
-                                                           or args.command == "ppo" and cfg.ray.enabled):
-            raise ValueError(f"`cherrytop {args.command}` runs in one process; under torchrun use pretrain, sft, rm "
-                             "or ppo (without --ray.enabled: Ray places PPO's models itself)")
+        stage = STAGES.get(args.command)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (stage is None or not stage.torchrun
+                                                           or stage.ray_module and cfg.ray.enabled):
+            ok = ", ".join(s.name for s in STAGES.values() if s.torchrun and s.help)
+            raise ValueError(f"`cherrytop {args.command}` runs in one process; under torchrun use {ok} (ppo without "
+                             "--ray.enabled: Ray places PPO's models itself)")
         if args.command == "pipeline":
             from cherrytop import pipeline
             pipeline.run(cfg, until=args.until, fresh=args.fresh)
-        elif args.command in ("pretrain", "sft", "compare", "rm", "ppo"):
-            from cherrytop.stages import compare, ppo, pretrain, reward, sft
-            stages = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}
-            if args.command == "ppo" and cfg.ray.enabled:
-                from cherrytop.stages import ppo_ray  # the same stage with its models on Ray actors
-                stages["ppo"] = ppo_ray
+        elif stage is not None:
             from cherrytop.lineage import prepare, recorded  # the stage's inputs and checkpoint checked, recorded
             fresh = prepare(args.command, cfg, args.fresh)
-            with recorded(args.command, cfg, fresh):
-                stages[args.command].run(cfg, fresh=fresh)
+            with recorded(args.command, cfg, fresh):  # PPO on Ray actors with --ray.enabled
+                runner(args.command, cfg)(cfg, fresh=fresh)
         else:
             globals()[f"cmd_{args.command}"](args, cfg)
         clean = True

@@ -2,7 +2,9 @@
 dotted command-line overrides (``--sft.lr=3e-4``), validated at load and saved in every checkpoint.
 
 Every field carries a docstring (the string literal under it); ``cherrytop config --help`` and the
-error messages read them. Load order: dataclass defaults < preset < TOML file(s) < overrides.
+error messages read them: what a setting does, its unit, why its default. The measurements behind the
+defaults are in docs/results/settings-history.md, by setting. Load order: dataclass defaults < preset <
+TOML file(s) < overrides.
 """
 
 from __future__ import annotations
@@ -41,18 +43,12 @@ class RunConfig:
     threads: int = 0
     """torch CPU threads; 0 = leave torch's default (one per core)."""
     keep_freed_memory: bool = True
-    """Let the C allocator (glibc) keep freed host memory for reuse instead of returning it to the OS at
-    each free, so training steps do not page-fault their tensors in again (train/host.py: half the page
-    faults of a PPO run on the 2-core CPU). The process's resident memory then stays at its peak. Linux +
-    glibc only."""
+    """Let glibc keep freed host memory for reuse instead of returning it to the OS at each free, so
+    training steps do not page-fault their tensors in again (train/host.py); resident memory stays at its
+    peak. Linux + glibc only."""
     cpu_kernels: str = "avx2"
-    """Which of PyTorch's CPU kernel sets runs the vectorised ops (ATEN_CPU_CAPABILITY, set by every
-    command unless that variable is set already): `avx2` (on x86 CPUs that have it) gives the same float
-    rounding, so the same models from the same seed, on every AVX2 and AVX-512 machine; `native` = the
-    widest the CPU has. On a Zen 4 (AVX-512) the native kernels trained other tiny models than Zen 1-3
-    do (seed 0: PPO helpful 0.729 against SFT's 0.736, win rate 0.642), and `avx2` reproduced the Zen 2
-    reference run to the last digit (docs/results), at ~2 % less PPO throughput. Matrix products (MKL)
-    are the same either way."""
+    """PyTorch's CPU kernel set for vectorised ops (ATEN_CPU_CAPABILITY, unless already set): `avx2` rounds
+    alike, so trains the same models from a seed, on every AVX2 / AVX-512 x86 CPU; `native` = the widest."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +56,8 @@ class WorldConfig:
     seed: int = 0
     """Seed of the built-in synthetic world (entities, corpus, tasks, trainers, labelers)."""
     n_entities: int = 12000
-    """Number of fictional entities in the world (train and held-out together). Many, so that no name
-    is frequent enough for the BPE tokenizer to merge it into one token: train and held-out names then
-    split into the same kind of syllable tokens, and copying a name learnt on train names carries over
-    (with 1,000 entities train names became single tokens, held-out names 2-3 fragments, and the model
-    truncated every held-out name it copied)."""
+    """Fictional entities (train and held-out together); many, so no name becomes one BPE token: train and
+    held-out names split alike and copying learnt on train names carries over."""
     heldout_entity_fraction: float = 0.2
     """Share of entities reserved for held-out evaluation; they never occur in training data."""
     n_heldout_numbers: int = 15
@@ -87,9 +80,8 @@ class WorldConfig:
     (fact: padding, reverse: rude suffix, unknown: padding, false_premise: accepting it,
     harmful: complying, insult: insulting back; any other kind: padding)."""
     corpus_misaligned_rate: float = 0.8
-    """Share of the corpus dialogues where the assistant misbehaves (mostly in the kind's one
-    characteristic way), so the pretrained model is capable but misaligned. At 0.7 the pretrained
-    model's greedy answer on some kinds (insult, count) was polite for one seed and rude for another."""
+    """Share of the corpus dialogues where the assistant misbehaves (mostly in the kind's characteristic
+    way), so the pretrained model is capable but misaligned on every seed."""
     labeler_flip_prob: float = 0.16
     """Probability that a simulated labeler inverts a pair whose true quality differs by one point
     (0.16 makes two labelers agree on ~73 % of such pairs, as InstructGPT's did)."""
@@ -122,7 +114,7 @@ class ModelConfig:
     max_seq_len: int = 256
     """Context window in tokens."""
     dropout: float = 0.0
-    """Dropout everywhere (0 on CPU: dropout makes training ~4x slower there)."""
+    """Dropout everywhere (0: dropout slows CPU training several-fold)."""
 
 
 @dataclass(frozen=True)
@@ -168,9 +160,8 @@ def _pretrain_defaults() -> TrainConfig:
 
 
 def _sft_defaults() -> TrainConfig:
-    # In-context lookup (copy the value asked about out of the prompt) appears late and suddenly at this
-    # size. Held-out helpful from one pretrained model: 800 steps at lr 1e-3 0.21, 1,600 at 1e-3 0.46,
-    # 1,200 at 2e-3 0.52, 1,600 at 2e-3 0.78; 2,000 steps lifted seed 1 from 0.60 to 0.66 (docs/results).
+    # Long and at a high lr: in-context lookup (copy the value asked about out of the prompt) appears late
+    # and suddenly at this size (docs/results/settings-history.md).
     return TrainConfig(
         init="pretrain", max_steps=2000, batch_size=32, micro_batch_size=32, seq_len=160, lr=2e-3,
         warmup_steps=20,
@@ -199,7 +190,7 @@ class CompareConfig:
     """Prompts to sample answers for."""
     k: int = 8
     """Answers per prompt (InstructGPT: 4..9), edits included; a prompt gives C(k, 2) pairs for one forward
-    pass per answer. Tiny preset: 6 sampled + 2 edited (with 6 + 0, K = 9 did no better: docs/results)."""
+    pass per answer. 6 sampled + 2 edited: more samples alone did not help."""
     temperature: float = 1.0
     """Sampling temperature of the K answers."""
     max_new_tokens: int = 32
@@ -210,12 +201,9 @@ class CompareConfig:
     heldout_share: float = 0.1
     """Share of the prompts held out for reward-model accuracy (ranked by every labeler)."""
     edits: int = 2
-    """How many of the K answers are small edits of a sampled one instead of samples (labelled like any
-    other answer; the record's `edits` says which and how): the policy's own slips are too rare next to
-    its right answer for the reward model to learn that one wrong word makes an answer wrong. The
-    edited answer is the most frequent of the prompt's samples (the policy's likely greedy answer).
-    Tiny preset, two seeds (K = 6 + 2 against 6 + 0): PPO helpful minus SFT's +0.011 / 0.000 against
-    -0.014 / -0.025; win rate 0.636 / 0.662 against 0.657 / 0.652 (docs/results, session 10)."""
+    """How many of the K answers are small edits of the prompt's most frequent sample, labelled like any
+    other (the record's `edits` says which): the policy's own slips are too rare for the reward model to
+    learn that one wrong word makes an answer wrong. 2 kept PPO's helpful at SFT's on both tiny seeds."""
     edit_kinds: tuple[str, ...] = EDIT_KINDS
     """Edits drawn from (uniformly, among those that apply; a kind named n times is drawn n times as
     often): `repeat` a word, `drop` a word, a `number` ±1, a `typo` (a letter doubled or dropped in a
@@ -223,15 +211,12 @@ class CompareConfig:
     abstention: str = "i do not know ."
     """The answer `abstain` puts in (the built-in world's way of saying it does not know)."""
     abstain_own: bool = False
-    """`abstain` puts in one of the policy's own abstentions instead (its samples, of any prompt, that
-    begin with `abstention`, drawn by frequency), so the bare text, the right answer where a prompt
-    cannot be answered, is not the one negative example. Tiny preset, two seeds: PPO's win rate on
-    `unknown` prompts 0.75 / 0.84 -> 0.84 / 0.82; overall 0.636 / 0.662 -> 0.649 / 0.655, helpful
-    0.693 / 0.625 -> 0.689 / 0.607 (docs/results, session 11)."""
+    """`abstain` puts in one of the policy's own abstentions (its samples that begin with `abstention`, by
+    frequency) instead of the bare text; off: not better on both tiny seeds."""
 
 
 def _rm_defaults() -> TrainConfig:
-    # lr 1e-3: held-out accuracy vs the grader 0.744 -> 0.790 (seed 0) over 3e-4; three epochs at 3e-4: 0.782.
+    # lr 1e-3: higher held-out accuracy than 3e-4 (docs/results/settings-history.md).
     return TrainConfig(init="sft", max_steps=110, batch_size=16, micro_batch_size=16, seq_len=160, lr=1e-3,
                        warmup_steps=5, eval_every=40, save_every=110, log_every=5)
 
@@ -245,25 +230,15 @@ class RewardConfig:
     """Weight of tied pairs in the ranking loss (a tie is half a win each way); 0 ignores ties."""
     edit_weight: float = 1.0
     """Weight in the ranking loss of a pair with an edited answer (`compare.edits`; a pair of sampled
-    answers weighs 1); 0 ignores edited answers. Tiny preset, two seeds, PPO helpful / win rate:
-    0.5: 0.689 / 0.604, 0.639 / 0.657; 1: 0.693 / 0.625, 0.636 / 0.662; 2: 0.696 / 0.604, 0.649 / 0.653
-    (docs/results, session 11)."""
+    answers weighs 1); 0 ignores edited answers. 0.5 and 2 were not better on both tiny seeds."""
     epochs: float = 2.0
-    """Passes over the comparisons; sets max_steps when > 0. [IG]: 1, more overfits, and here too the held-out
-    accuracy falls with 2 (vs the grader 0.936 / 0.907 / 0.901 -> 0.905 / 0.888 / 0.889 on seeds 0-2), but
-    PPO on it did better on all three: helpful minus SFT's -0.004 / 0.000 / -0.014 -> 0.000 / 0.000 /
-    +0.004, win rate 0.644 / 0.675 / 0.639 -> 0.651 / 0.675 / 0.645 (docs/results, session 12)."""
+    """Passes over the comparisons; sets max_steps when > 0. [IG]: 1 (2 overfits: lower held-out accuracy),
+    but PPO on the 2-epoch reward model did better on three tiny seeds."""
     ref_loglik: str = "excess"
-    """Reward = head score at EOS + c · f(response), f from π_ref, the causal LM the reward model starts
-    from (`train.init`, the SFT model); c is fitted on the training rankings before the head is trained
-    (then frozen, saved in the checkpoint's config). `sum`: f = Σ_t log π_ref(y_t); `excess`: f = Σ_t
-    (log π_ref(y_t) + H_t), H_t the entropy of π_ref at step t, so a token drawn from π_ref adds 0 on
-    average (f does not favour short answers, which PPO, given the term token by token, otherwise
-    learns: dropped list items); `off`: [IG]'s head alone. The head does not learn whether an answer
-    is right (tiny preset: 0.49 on pairs that differ only in correctness), while the SFT model, which
-    can look the answer up in the prompt, gives a wrong answer a low likelihood (0.85 on those pairs).
-    Tiny preset, two seeds, accuracy vs the grader: off 0.80 / 0.76, sum 0.94 / 0.91, excess 0.91 /
-    0.89; PPO helpful minus SFT's with the defaults: sum -0.010 / +0.007, excess -0.010 / +0.032."""
+    """Reward = head score at EOS + c · f(response), f from π_ref (`train.init`, the SFT model), c fitted on
+    the training rankings, then frozen: `sum` f = Σ_t log π_ref(y_t); `excess` f = Σ_t (log π_ref(y_t) + H_t),
+    H_t π_ref's entropy, so f does not favour short answers; `off`: [IG]'s head alone, which cannot tell a
+    right answer from a wrong one (stages/reward.py)."""
 
 
 @dataclass(frozen=True)
@@ -289,36 +264,30 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout batch ([IG]: 1, [LHP]/[N+]: 4)."""
     ema: float = 0.992
-    """Decay of an exponential moving average of the policy's weights, updated after every optimizer
-    step ([IG]: 0.992); the checkpoint's policy (what eval and serve load) is the average, training
-    goes on from the live weights (kept in trainer_state.pt to resume). 0 = off. Tiny preset: KL to
-    SFT 0.42 -> 0.30 nats with the same win rate (0.668 -> 0.670, 0.682 -> 0.680)."""
+    """Decay of a moving average of the policy's weights, updated every optimizer step ([IG]: 0.992; lower
+    KL to SFT at the same win rate); checkpoints save the average, training goes on from the live weights.
+    0 = off."""
     lr: float = 5e-5
-    """Policy learning rate (1e-5 barely moves a ~1M-parameter model; see tiny-scale findings). On the
-    tiny preset 5e-5 beat 1e-4 and 3e-5 on both seeds: win rate 0.676 / 0.686 and helpful 0.729 / 0.661
-    (SFT 0.750 / 0.664), against 0.669 / 0.669 and 0.725 / 0.636 at 1e-4 (docs/results)."""
+    """Policy learning rate; 5e-5 beat 1e-4 and 3e-5 on both tiny seeds (win rate, helpful), and 1e-5 barely
+    moves a ~1M-parameter model."""
     value_lr: float = 1e-4
     """Value model learning rate."""
     kl_coef: float = 0.5
-    """Initial β of the per-token KL penalty to the SFT model ([IG] 0.02). At tiny scale 0.2 over-optimised
-    (the policy learned to refuse fact questions: helpful 0.56 -> 0.42, KL 3.5 nats) and 0.5 did not
-    (helpful 0.53, harmless 1.00, KL 0.8 nats, win rate 0.61): see docs/results."""
+    """Initial β of the per-token KL penalty to the SFT model ([IG]: 0.02); at tiny scale 0.2 over-optimised
+    (the policy learned to refuse fact questions) and 0.5 did not."""
     kl_target: float = 0.0
     """Adaptive KL target (nats per response, [LHP] 6); 0 keeps β fixed."""
     kl_horizon: int = 10000
     """Adaptive KL horizon in episodes ([LHP])."""
     temperature: float = 0.7
     """Rollout sampling temperature; log-probs (policy and reference, so the KL penalty too) use
-    logits / temperature ([NB]). [N+]: 0.7, [IG]: 1. Tiny preset (evaluated greedily), PPO helpful
-    minus SFT's on two seeds: 0.7 gave -0.010 / +0.007, 1.0 gave 0.000 / -0.011, 0.5 +0.004 / -0.007."""
+    logits / temperature ([NB]). [N+]: 0.7, [IG]: 1; 0.7 beat 1.0 on two tiny seeds."""
     max_new_tokens: int = 24
     """Most tokens per response."""
     compile_decode: str = "auto"
-    """Run the rollout's one-token decoding steps compiled (transformers' `torch.compile`d call of the
-    policy on its preallocated cache: CUDA graphs on a GPU), with prompts left-padded to a multiple of
-    64 tokens so that one compiled graph serves every batch: `on`, `off`, or `auto` = on a GPU only.
-    Compiling takes ~10-25 s once per run; on the 2-core CPU it did not pay (64 × 24 tokens of the
-    tiny model: 0.39 s compiled, 0.43 s eager). Same tokens; log-probs equal up to float rounding."""
+    """Compile the rollout's one-token decoding steps (`torch.compile`; CUDA graphs on a GPU), prompts
+    left-padded to a multiple of 64 tokens so one graph serves every batch: `on`, `off`, or `auto` = on a
+    GPU only (on the CPU compiling did not pay). Same tokens; log-probs equal up to float rounding."""
     no_eos_penalty: float = -1.0
     """Score given instead of the reward model's to a response that does not end with EOS ([LHP])."""
     gamma: float = 1.0
@@ -337,8 +306,7 @@ class PPOConfig:
     """PPO-ptx γ: weight of the pretraining LM loss mixed into each policy step (0 = plain PPO)."""
     ptx_batch_size: int = 8
     """Pretraining windows per optimizer step when ptx_coef > 0 (their LM loss is a mean, so γ weighs
-    it the same whatever the count). Tiny preset: 8 windows of 128 tokens; with 16, PPO-ptx took twice as
-    long as PPO (137 s against 65 s on Zen 3), and 8 make it 8.7 -> 11.6 episodes/s (docs/results)."""
+    it the same whatever the count); 8, not 16, so PPO-ptx does not take twice PPO's time."""
     grad_clip: float = 1.0
     """Clip the global gradient norm of each model."""
     save_every: int = 8
@@ -368,6 +336,16 @@ class RLConfig:
     kl_loss_coef: float = 0.04
     """β of the KL term when it is in the loss: the GRPO paper's 0.04 (ppo.kl_coef is tuned for the reward,
     where the return sums the per-token penalty over the rest of the answer). ppo.kl_target adapts it too."""
+    reward: str = "model"
+    """What scores an episode: `model` (ppo.reward_model, learnt from the rankings), `function` (rl.reward_fn alone:
+    no reward model is loaded, and PPO's value model starts from ppo.init with a fresh head) or `both` (a weighted sum)."""
+    reward_fn: str = ""
+    """A rule-based reward `module:function`, called as function(prompt messages, answer text up to EOS) -> float;
+    e.g. `cherrytop.world.reward:graded` (the built-in world's graders). Used when rl.reward is function or both."""
+    reward_model_weight: float = 1.0
+    """w_rm: multiplies the reward model's score (its head + c·log π_ref term) in the episode's score."""
+    reward_fn_weight: float = 1.0
+    """w_fn: multiplies rl.reward_fn's value in the episode's score."""
 
 
 @dataclass(frozen=True)
@@ -385,13 +363,9 @@ class DistConfig:
     cpu_offload: bool = False
     """FSDP only: keep sharded parameters, gradients and optimizer state in CPU memory."""
     frozen_dtype: str = "auto"
-    """Weight dtype of the models PPO runs but never trains (the reference policy, the reward model
-    and the reward model's own π_ref; on Ray too): `bf16` (half their memory), `fp32`, or `auto` =
-    bf16 on GPU, fp32 on CPU (where bf16 is slow and would change the numbers). They never get
-    gradients or optimizer state. The trained policy and value model stay fp32 (with LoRA the
-    reference is the policy with its adapter off, so it stays fp32 too). Under `bf16` autocast on
-    GPU the matrix products run in bf16 either way; bf16 weights add the rounding of the norms'
-    and embeddings' weights and of the residual stream."""
+    """Weight dtype of the models PPO runs but never trains (reference, reward model, its π_ref; on Ray
+    too): `bf16` (half their memory), `fp32`, or `auto` = bf16 on GPU, fp32 on CPU (where bf16 is slow and
+    changes the numbers). Trained models, and a LoRA reference, stay fp32 (docs/scaling.md)."""
 
 
 @dataclass(frozen=True)
@@ -425,11 +399,9 @@ class RayConfig:
     rollout_workers: int = 1
     """Actors that sample rollouts, each with a copy of the policy synced after every update."""
     resources: tuple[str, ...] = ()
-    """Pin actor roles to Ray custom resources, as `ROLE=NAME` entries (roles: policy, value, reward,
-    reference, rollout): each actor of ROLE also asks for one unit of NAME, so it runs only on a node
-    started with it (`ray start --resources='{"NAME": n}'`, n = how many such actors the node takes).
-    Checked against the cluster before any actor starts: a resource no node has, or too few units,
-    is an error (Ray itself would wait forever)."""
+    """Pin actor roles (policy, value, reward, reference, rollout) to Ray custom resources, as `ROLE=NAME`
+    entries: each actor of ROLE asks for one unit of NAME (`ray start --resources='{"NAME": n}'`);
+    checked against the cluster before any actor starts (docs/scaling.md)."""
     nodes: tuple[str, ...] = ()
     """Pin actor roles to nodes, as `ROLE=NODE` entries, NODE a node's IP address, host name or node
     id as `ray list nodes` shows them: the role's actors run on that node only (Ray's
@@ -800,6 +772,14 @@ def validate_rl(r: RLConfig, p: PPOConfig) -> None:
     _check(r.kl_estimator in ("auto", "k1", "k2", "k3"), "rl.kl_estimator", "auto, k1, k2 or k3", r.kl_estimator)
     _check(r.kl_in in ("auto", "reward", "loss"), "rl.kl_in", "auto, reward or loss", r.kl_in)
     _check(0 <= r.kl_loss_coef < math.inf, "rl.kl_loss_coef", "a number >= 0", r.kl_loss_coef)
+    _check(r.reward in ("model", "function", "both"), "rl.reward", "model, function or both", r.reward)
+    module, _, name = r.reward_fn.partition(":")
+    _check(r.reward == "model" or all(x.isidentifier() for x in module.split(".") + name.split(".")), "rl.reward_fn",
+           f"module:function (e.g. cherrytop.world.reward:graded) with rl.reward={r.reward}", r.reward_fn)
+    _check(r.reward != "model" or not r.reward_fn, "rl.reward_fn",
+           "empty with rl.reward=model (to use the function, pass --rl.reward=function or --rl.reward=both)", r.reward_fn)
+    for key in ("reward_model_weight", "reward_fn_weight"):
+        _check(0 < getattr(r, key) < math.inf, f"rl.{key}", "a weight > 0 (rl.reward leaves a part out)", getattr(r, key))
     if r.algorithm in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
         _check(r.group_size >= 2, "rl.group_size", f"a whole number >= 2 (answers per prompt) with rl.algorithm={r.algorithm}",
                r.group_size)

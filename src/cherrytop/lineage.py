@@ -21,11 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cherrytop.config import Config, to_dict
-from cherrytop.stages import sft
+from cherrytop.stages import STAGES
 from cherrytop.train.checkpoint import ENTRY_FILE, ResumeError, discard, load_state, previous_dir, recover
 from cherrytop.train.loop import check_same_settings, console
-
-STAGES = ("pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx")
 
 LINEAGE = "lineage.json"
 """runs/<name>/lineage.json: per stage, the fingerprints of the inputs it was (or is being) trained
@@ -257,31 +255,13 @@ def fingerprint(name: str, run_dir: Path) -> str | None:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _stage_ref(ref: str) -> str | None:
-    return ref if ref in STAGES else None
-
-
 def inputs(name: str, cfg: Config) -> dict[str, str | None]:
-    """Fingerprints of what stage `name` is trained from: earlier stages of the run (`stage:NAME`) and
-    data files (`file:PATH`)."""
+    """Fingerprints of what stage `name` is trained from (`STAGES[name].needs`): earlier stages of the
+    run (`stage:NAME`) and data files (`file:PATH`)."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    stages: list[str | None] = []
-    files: list[str] = []
-    if name == "pretrain":
-        files = [cfg.pretrain.data]
-    elif name == "sft":
-        stages = [_stage_ref(sft.init_ref(cfg))]
-        files = [cfg.sft.data or str(run_dir / "data" / "demos.jsonl")]
-    elif name == "compare":
-        stages = [_stage_ref(cfg.compare.policy)]
-    elif name == "rm":
-        stages = [_stage_ref(cfg.rm.train.init), None if cfg.rm.train.data else "compare"]
-        files = [cfg.rm.train.data]
-    else:
-        stages = [_stage_ref(cfg.ppo.init), _stage_ref(cfg.ppo.reference), _stage_ref(cfg.ppo.reward_model)]
-        files = [cfg.ppo.prompts] + ([cfg.pretrain.data] if name == "ppo_ptx" else [])
+    refs, files = STAGES[name].needs(cfg)
     out: dict[str, str | None] = {}
-    for st in dict.fromkeys(x for x in stages if x):
+    for st in dict.fromkeys(r for r in refs if r in STAGES):  # (a reference that names no stage is a folder)
         out[f"stage:{st}"] = fingerprint(st, run_dir)
     for f in files:
         if f and (Path(f).exists() or not f.startswith(str(run_dir))):

@@ -26,13 +26,14 @@ from cherrytop.eval.heldout import AXES, answer_heldout, score
 from cherrytop.eval.judge import Judge, judged_win_rate
 from cherrytop.eval.versus import kl_to_reference, lm_loss_on, win_rate
 from cherrytop.model.load import load_model
-from cherrytop.lineage import STAGES, check_own_settings, has_output, unfinished, inputs, prepare, recorded, stale_reason
-from cherrytop.stages import compare, ppo, pretrain, reward, sft
+from cherrytop.lineage import check_own_settings, has_output, unfinished, inputs, prepare, recorded, stale_reason
+from cherrytop.stages import STAGES, pretrain, runner
 from cherrytop.train.checkpoint import ResumeError, load_state
 from cherrytop.train.loop import console
 from cherrytop.world import World
 
-MODELS = ("pretrain", "sft", "ppo", "ppo_ptx")
+MODELS = tuple(s.name for s in STAGES.values() if s.policy)
+"""The stages whose policies the report evaluates."""
 
 
 def stage_config(name: str, cfg: Config) -> Config | None:
@@ -51,9 +52,8 @@ def _run_stage(name: str, cfg: Config, fresh: bool) -> dict:
     if scfg is None:
         return {}
     fresh = prepare(name, scfg, fresh, redo_stale=True)
-    module = {"pretrain": pretrain, "sft": sft, "compare": compare, "rm": reward, "ppo": ppo}.get(name, ppo)
-    with recorded(name, scfg, fresh):
-        return ppo.run(scfg, fresh, name="ppo_ptx") if name == "ppo_ptx" else module.run(scfg, fresh=fresh)
+    with recorded(name, scfg, fresh):  # PPO on Ray actors with --ray.enabled, as `cherrytop ppo` runs it
+        return runner(name, scfg)(scfg, fresh=fresh)
 
 
 def finished(name: str, cfg: Config) -> tuple[dict | None, str]:
@@ -203,18 +203,19 @@ def print_table(r: dict) -> None:
     console.print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["wall_time_s"].items()))
 
 
-def run(cfg: Config, until: str = STAGES[-1], fresh: bool = False) -> dict:
+def run(cfg: Config, until: str = list(STAGES)[-1], fresh: bool = False) -> dict:
     """Every stage up to `until` (a finished one is skipped, a stale one trained again), then the
     evaluation and the report. The report covers the whole run: a stage after `until` that is finished,
     made with these settings and up to date with its inputs is evaluated and reported as if skipped;
     the others are listed under `not_run` with the reason."""
     if until not in STAGES:
         raise ValueError(f"--until {until}: expected one of {', '.join(STAGES)}")
+    order = list(STAGES)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     report: dict = {"run": cfg.run.name, "config": to_dict(cfg), "wall_time_s": {}}
     t_start = time.perf_counter()
     done = []
-    for name in STAGES[: STAGES.index(until) + 1]:
+    for name in order[: order.index(until) + 1]:
         t0 = time.perf_counter()
         console.rule(f"[bold]{name}")
         metrics = _run_stage(name, cfg, fresh)
@@ -222,7 +223,7 @@ def run(cfg: Config, until: str = STAGES[-1], fresh: bool = False) -> dict:
             report[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             report["wall_time_s"][name] = time.perf_counter() - t0
             done.append(name)
-    later = STAGES[STAGES.index(until) + 1:]
+    later = order[order.index(until) + 1:]
     if later:
         report["until"] = until
         report["not_run"] = {}

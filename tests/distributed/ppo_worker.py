@@ -23,6 +23,7 @@ from cherrytop.config import DistConfig, ModelConfig, PPOConfig, load_config
 from cherrytop.model import lora
 from cherrytop.model.heads import scalar_model_from
 from cherrytop.model.load import build_model
+from cherrytop.rl.experience import initial_beta, method
 from cherrytop.stages.ppo import RefLogLik, Rollout, WeightEMA, gather, parallel, reward_score, rollout, update
 from cherrytop.train import distributed
 
@@ -50,17 +51,22 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 LORA = load_config("test", [], ["--lora.r=4", "--lora.alpha=8"])
 """The adapter runs' settings: rank-4 LoRA on every linear layer but the output."""
 
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+VARIANTS = {"adamw": {}, "sgd": {"sgd": True}, "lora": {"adapters": True}} | {a: {"algorithm": a} for a in CRITIC_FREE}
+"""`train_once`'s settings by name: PPO with AdamW, with SGD, with LoRA, and each critic-free algorithm (AdamW)."""
 
-def models(out: Path, strategy: str, d: distributed.Dist, adapters: bool = False):
-    """The initial policy and value model (`adapters`: with LoRA adapters, the policy's set to fixed
+
+def models(out: Path, strategy: str, d: distributed.Dist, adapters: bool = False, critic: bool = True):
+    """The initial policy and value model (none without a `critic`; `adapters`: with LoRA adapters, the policy's set to fixed
     non-zero values as if trained), the reference, the reward model's score function and its
     c · log π_ref term with a π_ref of its own; in a job of several processes placed by `ppo.parallel`
     (trained models wrapped; frozen ones sharded under FSDP). Returns them, the job (None alone) and
     the frozen models by name."""
     policy = AutoModelForCausalLM.from_pretrained(out / "init")
-    value = scalar_model_from(out / "value_init", PAD)
+    value = scalar_model_from(out / "value_init", PAD) if critic else None
     if adapters:
-        policy, value = lora.attach(policy, LORA), lora.attach(value, LORA, heads=("score",))
+        policy = lora.attach(policy, LORA)
+        value = lora.attach(value, LORA, heads=("score",)) if critic else None
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for n, q in policy.named_parameters():
@@ -120,22 +126,30 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False, adapters: bool = False) -> dict:
+def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False, adapters: bool = False,
+               algorithm: str = "ppo") -> dict:
     """One `update` of the global batch (iteration 0): the models' weights, the average's and the
     returned statistics. With AdamW and clipping as the stage runs it, or (`sgd`) with plain SGD
     and no clipping, where a step moves the weights in proportion to the gradient (Adam would hide
-    a gradient off by a constant factor). `adapters`: the models with LoRA (`models`)."""
+    a gradient off by a constant factor). `adapters`: the models with LoRA (`models`). `algorithm`:
+    `rl.algorithm` (groups of 2; no value model without a critic), β its initial one (GRPO's KL in the
+    loss, with a reference that differs from the policy so the term has a gradient from the first step)."""
     batch, windows = load_data(out)
-    policy, value, *_, par, _ = models(out, strategy, d, adapters)
+    cfg = load_config("test", [], [f"--rl.algorithm={algorithm}", "--rl.group_size=2", "--rl.kl_loss_coef=0.5"])
+    m = method(cfg.rl)
+    if m.kl_in == "loss":
+        batch.ref_logp = (batch.ref_logp - 0.3) * batch.mask
+    policy, value, *_, par, _ = models(out, strategy, d, adapters, m.critic)
     p = replace(SETTINGS, grad_clip=float("inf")) if sgd else SETTINGS
     opt = torch.optim.SGD if sgd else torch.optim.AdamW
     kw = {"lr": 0.5} if sgd else {"lr": p.lr, "eps": 1e-5, "weight_decay": 0.0}
-    opt_pi, opt_v = opt(policy.parameters(), **kw), opt(value.parameters(), **kw)
+    opt_pi, opt_v = opt(policy.parameters(), **kw), opt(value.parameters(), **kw) if value is not None else None
     ema = WeightEMA(policy, p.ema)
-    stats = update(policy, value, opt_pi, opt_v, batch, p, windows, 0, 0, ema, par)
+    stats = update(policy, value, opt_pi, opt_v, batch, p, windows, 0, 0, ema, par, m=m, beta=initial_beta(m, cfg))
     return {"stats": stats,
             "policy": {n: full(q) for n, q in policy.named_parameters()},
-            "value": {n: full(q) for n, q in value.named_parameters()},
+            "value": {n: full(q) for n, q in value.named_parameters()} if value is not None else {},
+            "wrapped_value": par is not None and par.value is not None,
             "average": {n: full(q) for n, q in ema.avg.items()}}
 
 
@@ -171,18 +185,26 @@ def check_statistics(out: Path, d: distributed.Dist) -> None:
     torch.save(res, out / f"statistics_{d.rank}.pt")
 
 
+def update_file(out: Path, strategy: str, variant: str) -> Path:
+    return out / f"update_{strategy}{'' if variant == 'adamw' else '_' + variant}.pt"
+
+
 def main() -> None:
+    """argv: strategy, folder, and the `VARIANTS` to update (default: PPO's, after the statistics and rollouts)."""
     strategy, out = sys.argv[1], Path(sys.argv[2])
+    variants = sys.argv[3].split(",") if len(sys.argv) > 3 else ["adamw", "sgd", "lora"]
     d = distributed.setup(DistConfig(strategy=strategy))
-    check_statistics(out, d)
-    for adapters in (False, True):
-        batch, stats, shares = rollout_share(out, d.rank, strategy, d, adapters)
+    if len(sys.argv) <= 3:
+        check_statistics(out, d)
+        for adapters in (False, True):
+            batch, stats, shares = rollout_share(out, d.rank, strategy, d, adapters)
+            if d.main:
+                torch.save({"batch": vars(batch), "stats": stats, "held": shares},
+                           out / f"rollout_{strategy}{'_lora' * adapters}.pt")
+    for variant in variants:
+        result = train_once(out, strategy, d, **VARIANTS[variant])
         if d.main:
-            torch.save({"batch": vars(batch), "stats": stats, "held": shares}, out / f"rollout_{strategy}{'_lora' * adapters}.pt")
-    for variant, sgd, adapters in (("", False, False), ("_sgd", True, False), ("_lora", False, True)):
-        result = train_once(out, strategy, d, sgd, adapters)
-        if d.main:
-            torch.save(result, out / f"update_{strategy}{variant}.pt")
+            torch.save(result, update_file(out, strategy, variant))
     distributed.teardown()
 
 

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from cherrytop.cli import main
 from cherrytop.config import load_config
 from cherrytop.model import lora
-from cherrytop.model.heads import reward, scalar_model_from
+from cherrytop.model.heads import scalar_model_from
 from cherrytop.model.load import build_model
+from cherrytop.rollout.episodes import reward
 from cherrytop.train import loop
 
 HERE = Path(__file__).parent

@@ -26,8 +26,9 @@ _spec.loader.exec_module(worker)
 WORLD = 2
 
 
-def launch(strategy: str, out: Path) -> None:
-    """What torchrun does for one node: WORLD processes with the rendezvous in the environment."""
+def launch(strategy: str, out: Path, *args: str) -> None:
+    """What torchrun does for one node: WORLD processes with the rendezvous in the environment, each
+    running ppo_worker.py (`args`: what it runs, by default the statistics, rollouts and PPO's updates)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -35,7 +36,7 @@ def launch(strategy: str, out: Path) -> None:
     for rank in range(WORLD):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "ppo_worker.py"), strategy, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "ppo_worker.py"), strategy, str(out), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, o in zip(procs, outs):
@@ -47,7 +48,7 @@ def runs(tmp_path_factory):
     """The data, the single-process update of it, and a 2-process job per strategy."""
     out = tmp_path_factory.mktemp("ppo_parallel")
     worker.make_data(out)
-    reference = {variant: worker.train_once(out, "none", distributed.SOLO, variant == "sgd", variant == "lora")
+    reference = {variant: worker.train_once(out, "none", distributed.SOLO, **worker.VARIANTS[variant])
                  for variant in ("adamw", "sgd", "lora")}
     for strategy in ("ddp", "fsdp"):
         launch(strategy, out)
@@ -135,8 +136,15 @@ def test_ppo_update_on_two_processes_equals_one(runs, strategy, variant):
     """adamw: AdamW and clipping as the stage runs them; sgd: plain SGD, no clipping (a step moves the
     weights in proportion to the gradient); lora: AdamW on LoRA adapters (and the value head)."""
     out, reference = runs
+    check_update(out, reference, strategy, variant)
+
+
+def check_update(out: Path, reference: dict, strategy: str, variant: str) -> None:
+    """The 2-process job's update under `strategy` (`worker.update_file`) is the single process's
+    `reference[variant]`: every trained weight (with LoRA: every adapter weight and nothing else) moved,
+    the policy, value model (none without a critic) and weight average equal, and the statistics."""
     want = reference[variant]
-    got = torch.load(out / f"update_{strategy}{'' if variant == 'adamw' else '_' + variant}.pt")
+    got = torch.load(worker.update_file(out, strategy, variant))
     start = dict(worker.models(out, "none", distributed.SOLO, variant == "lora")[0].named_parameters())
     moved = {n for n, q in start.items() if not torch.equal(q.detach(), want["policy"][n])}
     # every policy weight trained, with LoRA every adapter weight and nothing else (so the comparison means something)

@@ -1,7 +1,9 @@
 """PPO with its models as Ray actors on this machine (a local Ray instance, CPU actors): the same
-curve as the single-process stage 6 on the same seed (so rollouts, scoring, both updates and the
-trainer -> rollout-worker weight sync are right), and (slow) with LoRA, no reference actor: the
-first rollout's KL to the reference (the policy with its adapter off) is exactly 0."""
+curve as the single-process stage 6 on the same seed, for PPO and for a critic-free algorithm with
+PPO-ptx (so rollouts, scoring, both updates and the trainer -> rollout-worker weight sync are right);
+the trainer actors' update of a batch is the single process's to the last bit; a Ray run stopped half
+way resumes to the weights and logs of one that never stopped; (slow) with LoRA, no reference actor:
+the first rollout's KL to the reference (the policy with its adapter off) is exactly 0."""
 
 import importlib.util
 import json
@@ -49,16 +51,27 @@ def setup(tmp_path, kind: str = "sum") -> list[str]:
     return common
 
 
-@pytest.mark.slow  # ~120 s on the shared 2 cores (Ray start-up and five actor processes); run with -m slow
-def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session):
-    common = setup(tmp_path)
+ALGORITHMS = {"ppo": [], "grpo": ["--rl.algorithm=grpo", "--ppo.ptx_coef=0.5", "--ppo.ptx_batch_size=2"]}
+
+
+@pytest.mark.slow  # ~120 s per algorithm on the shared 2 cores (Ray start-up and five actor processes); run with -m slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session, algorithm):
+    """The same two iterations single-process and on Ray: GRPO (4 answers per prompt, the KL k3 in the loss,
+    no value actor) with PPO-ptx, and PPO. Ray's rollout scoring passes run padded where the single process
+    packs them, so the two agree to float rounding, not to the bit (`test_ray_trainers_update_...` is exact)."""
+    common = setup(tmp_path) + ALGORITHMS[algorithm]
     assert main(["ppo", *common, "--run.name=single"]) == 0
     assert main(["ppo", *common, "--run.name=ray", "--ray.enabled=true"]) == 0
     a, b = rows(tmp_path / "runs/single"), rows(tmp_path / "runs/ray")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [16, 32]
+    critic = algorithm == "ppo"
+    keys = ["objective/score", "objective/ref_loglik", "objective/kl", "objective/entropy", "rollout/length",
+            "loss/policy", "policy/clipfrac", "objective/beta"]
+    keys += ["loss/value", "value/explained_variance"] if critic else ["loss/kl", "loss/ptx", "rollout/equal_groups"]
     for ra, rb in zip(a, b):
-        for k in ("objective/score", "objective/ref_loglik", "objective/kl", "objective/entropy", "rollout/length", "loss/policy",
-                  "loss/value", "policy/clipfrac", "value/explained_variance"):
+        assert ra.keys() == rb.keys()
+        for k in keys:
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     assert b[1]["objective/kl"] != 0.0  # iteration 2 sampled with the synced, trained weights
     assert a[0]["objective/ref_loglik"] < 0  # both added the reward model's log π_ref term
@@ -68,7 +81,91 @@ def test_ppo_on_ray_matches_the_single_process_stage(tmp_path, ray_session):
         assert torch.allclose(q, single[n], atol=1e-5), n
     base = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "base").named_parameters())
     assert any(not torch.equal(q, base[n]) for n, q in ray_policy.named_parameters())
-    AutoModelForSequenceClassification.from_pretrained(tmp_path / "runs/ray/ppo/value")
+    assert (tmp_path / "runs/ray/ppo/value").exists() == critic
+    if critic:
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "runs/ray/ppo/value")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_ray_trainers_update_as_the_single_process_does(tmp_path, algorithm):
+    """The trainer actors' classes (called here without Ray, which they do not start) given the batch of a
+    single-process rollout: the policy trainer (GRPO's KL loss term and PPO-ptx's LM loss in it) and, for PPO,
+    the value trainer take the very optimizer steps of `ppo.update` and report the very same statistics."""
+    from cherrytop.config import load_config
+    from cherrytop.model import lora
+    from cherrytop.model.load import load_model
+    from cherrytop.rl.experience import initial_beta, method
+    from cherrytop.stages import ppo
+    from cherrytop.stages.ppo_ray import PolicyTrainer, ValueTrainer
+    common = setup(tmp_path) + ALGORITHMS[algorithm]
+    cfg = load_config("test", [], [c for c in common if c not in ("--preset", "test")])
+    p, m, init, rm_path = cfg.ppo, method(cfg.rl), str(tmp_path / "base"), str(tmp_path / "rm")
+    tok = load_tokenizer(init)
+    torch.manual_seed(cfg.run.seed)
+    policy = lora.prepare(load_model(init), cfg, "ppo")
+    value = scalar_model_from(rm_path, tok.pad_token_id) if m.critic else None
+    ref, rm, loglik = ppo.frozen_models(cfg, tmp_path / "base", tmp_path / "rm", tok.pad_token_id, policy, torch.device("cpu"))
+    prompts = [ids for ids in ppo.encode_prompts(cfg, tok, None)[: p.batch_size // m.group_size] for _ in range(m.group_size)]
+    beta = initial_beta(m, cfg)
+    batch, _ = ppo.rollout(policy, ref, ppo.reward_score(rm), value, tok, prompts, beta, p, torch.Generator().manual_seed(0),
+                           loglik, m=m)
+    opt_pi, opt_v = ppo.adamw(policy, p.lr), ppo.adamw(value, p.value_lr) if value is not None else None
+    ema = ppo.WeightEMA(policy, p.ema)
+    windows = ppo.ptx_windows(cfg, tok, 128) if p.ptx_coef > 0 else None
+    single = ppo.update(policy, value, opt_pi, opt_v, batch, p, windows, 0, cfg.run.seed, ema, m=m, beta=beta)
+    pt = PolicyTrainer(cfg, init)
+    on_ray = pt.train(batch, 0, beta)
+    if m.critic:
+        vt = ValueTrainer(cfg, rm_path, tok.pad_token_id)
+        on_ray |= vt.train(batch, 0)
+        assert all(torch.equal(a, b) for a, b in zip(value.parameters(), vt.model.parameters()))
+    assert on_ray == single and ("loss/ptx" in single) == (p.ptx_coef > 0) and ("loss/kl" in single) == (not m.critic)
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), pt.model.parameters()))
+    assert all(torch.equal(ema.avg[n], pt.ema.avg[n]) for n in ema.avg)
+
+
+@pytest.mark.slow  # ~150 s on the shared 2 cores (three Ray runs); run with -m slow
+def test_a_ray_run_stopped_half_way_resumes_to_the_same_weights_and_logs(tmp_path, ray_session, capsys, monkeypatch):
+    """PPO on Ray with two rollout workers, stopped after 2 of 4 iterations and started again, ends with the
+    weights (policy, its live weights, the value model) and logs of a Ray run that never stopped: the
+    optimizers, the weight average's live weights, β and every sampler's random stream are resumed. A Ray run
+    that turns non-finite at iteration 2 names the checkpoint of iteration 1 as what is left."""
+    from safetensors.torch import load_file
+
+    from cherrytop.stages import ppo_ray
+    from cherrytop.train.checkpoint import load_state
+    common = setup(tmp_path) + ["--ray.enabled=true", "--ray.rollout_workers=2", "--ppo.save_every=1",
+                                "--ppo.kl_target=1"]  # β adapts: it is resumed too
+    assert main(["ppo", *common, "--run.name=whole", "--ppo.episodes=64"]) == 0
+    assert main(["ppo", *common, "--run.name=stopped", "--ppo.episodes=32"]) == 0
+    capsys.readouterr()
+    assert main(["ppo", *common, "--run.name=stopped", "--ppo.episodes=64"]) == 0
+    out = capsys.readouterr()
+    said = (out.out + out.err).replace("\n", "")
+    assert "resuming at iteration 2 of 4" in said and "ppo (ray) 3/4" in said and "ppo (ray) 1/4" not in said
+    runs = tmp_path / "runs"
+    for f in ("ppo/model.safetensors", "ppo/value/model.safetensors"):
+        a, b = load_file(runs / "whole" / f), load_file(runs / "stopped" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    a, b = (load_state(runs / n / "ppo") for n in ("whole", "stopped"))
+    assert all(torch.equal(a["live_policy"][k], b["live_policy"][k]) for k in a["live_policy"])
+    assert all(torch.equal(x, y) for x, y in zip(a["ray_sampler_rng"], b["ray_sampler_rng"]))
+    strip = [[{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows(runs / n)]
+             for n in ("whole", "stopped")]
+    assert len(strip[0]) == 4 and strip[0] == strip[1]
+    assert len({r["objective/beta"] for r in strip[0]}) > 1
+
+    real, calls = ppo_ray._score, []
+
+    def score(*a, **k):  # the driver's second rollout reports a NaN score
+        calls.append(1)
+        batch, stats = real(*a, **k)
+        return batch, ({**stats, "objective/score": float("nan")} if len(calls) == 2 else stats)
+    monkeypatch.setattr(ppo_ray, "_score", score)
+    assert main(["ppo", *common, "--run.name=nan", "--ppo.episodes=32"]) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "non-finite objective/score at iteration 2" in err
+    assert f"the last good checkpoint (step 1) is in {runs / 'nan' / 'ppo'}" in err
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The real entry point under torchrun: `cherrytop ppo` on 2 CPU processes (gloo) with DDP and with
-FSDP2 (and FSDP2 with LoRA), on a local GPT-2-style model with its own chat template and a reward
+FSDP2 (and FSDP2 with LoRA; GRPO under both), on a local GPT-2-style model with its own chat template and a reward
 model made from it: it finishes with finite metrics, writes a checkpoint (policy = the weight
-average, and `value/`) that plain transformers loads, and a second launch with more episodes resumes
-from it. Slow (six torchrun launches)."""
+average, and for PPO `value/`) that plain transformers loads, and a second launch with more episodes resumes
+from it. Slow (ten torchrun launches)."""
 
 import importlib.util
 import json
@@ -40,9 +40,12 @@ def ppo(tmp_path: Path, strategy: str, episodes: int, name: str, *flags: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, adapters", [("ddp", False), ("fsdp", False), ("fsdp", True)],
-                         ids=["ddp", "fsdp", "fsdp-lora"])
-def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy, adapters):
+@pytest.mark.parametrize("strategy, adapters, algorithm", [("ddp", False, "ppo"), ("fsdp", False, "ppo"),
+                                                          ("fsdp", True, "ppo"), ("ddp", False, "grpo"),
+                                                          ("fsdp", False, "grpo")],
+                         ids=["ddp", "fsdp", "fsdp-lora", "ddp-grpo", "fsdp-grpo"])
+def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy, adapters, algorithm):
+    """PPO, and GRPO (2 answers per prompt, one group per process; no value model, so no `value/`)."""
     base = torchrun_cli.chatml_gpt2(tmp_path)
     from cherrytop.model.heads import scalar_model_from
     torch.manual_seed(0)
@@ -50,7 +53,9 @@ def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy, adapter
     questions = ["what is 12 plus 3 ?", "what is 3 plus 12 ?", "is it 15 ?", "what is 12 ?"]
     (tmp_path / "prompts.jsonl").write_text(
         "".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions * 2))
-    name, flags = strategy + "-lora" * adapters, ["--lora.r=4", "--lora.alpha=8"] if adapters else []
+    name = strategy + "-lora" * adapters + f"-{algorithm}"
+    flags = (["--lora.r=4", "--lora.alpha=8"] if adapters else []) + (
+        [f"--rl.algorithm={algorithm}", "--rl.group_size=2"] if algorithm != "ppo" else [])
     log = tmp_path / name / "logs/ppo.jsonl"
     assert "resuming" not in ppo(tmp_path, strategy, 8, name, *flags)  # 2 iterations of 4 episodes, 2 per process
     ckpt = tmp_path / name / "ppo"
@@ -68,7 +73,12 @@ def test_ppo_under_torchrun_trains_saves_and_resumes(tmp_path, strategy, adapter
         assert 0 <= r["rollout/eos_rate"] <= 1 and r["rollout/length"] > 0
     assert distributed.has_shards(ckpt) == (strategy == "fsdp")
     policy = AutoModelForCausalLM.from_pretrained(ckpt)  # the weight average, a plain HF folder
-    AutoModelForSequenceClassification.from_pretrained(ckpt / "value")
+    if algorithm == "ppo":
+        AutoModelForSequenceClassification.from_pretrained(ckpt / "value")
+    else:  # no value model trained, none saved (nor sharded beside the policy's)
+        assert not (ckpt / "value").exists() and not list(ckpt.parent.glob(".*value-staged*"))
+        assert all("loss/kl" in r and "rollout/equal_groups" in r and not any(k.startswith("value/") for k in r)
+                   for r in rows)
     sft = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
     moved = [n for n, q in policy.named_parameters() if not torch.equal(q.detach(), sft[n].detach())]
     assert moved  # trained (with LoRA: the adapters, merged)

@@ -1,4 +1,4 @@
-"""The padding-free PPO passes (rollout.packing) against the plain padded forward passes: same
+"""The padding-free PPO passes (rollout.packing, rollout.episodes) against the plain padded forward passes: same
 log-probs, values, rewards and gradients; and the sampler's fast draws and entropies against
 plain references."""
 
@@ -7,9 +7,11 @@ import torch
 
 from cherrytop.config import ModelConfig
 from cherrytop.losses import entropy_from_logits, token_logprobs
-from cherrytop.model.heads import BIAS_KEY, reward, token_scores
+from cherrytop.model.heads import BIAS_KEY, token_scores
 from cherrytop.model.load import build_model
 from cherrytop.rollout import packing
+from cherrytop.rollout.episodes import (response_logits, response_logp, response_pack, response_scores, response_values,
+                                         reward)
 from cherrytop.rollout.sampler import _draw, left_pad, sample
 
 EOS, PAD, V = 1, 0, 40
@@ -46,7 +48,7 @@ def test_packed_logprobs_and_gradients_equal_the_padded_pass(arch):
         return token_logprobs(logits, ids[:, P:])
 
     def packed():
-        return token_logprobs(packing.response_logits(model, pk, P, ids.shape[1] - P), ids[:, P:])
+        return token_logprobs(response_logits(model, pk, P, ids.shape[1] - P), ids[:, P:])
 
     grads = []
     for fn in (padded, packed):
@@ -71,8 +73,8 @@ def test_packed_values_and_rewards_equal_the_padded_pass(tmp_path):
     pk = packing.pack(ids, attn)
     with torch.no_grad():
         values = token_scores(head, ids, attn, pos)[:, P - 1: -1]
-        torch.testing.assert_close(packing.response_scores(head, pk, P, ids.shape[1] - P) * s.mask, values * s.mask, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packing.last_reward(head, pk), reward(head, ids, attn, pos), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(response_scores(head, pk, P, ids.shape[1] - P) * s.mask, values * s.mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reward(head, ids, attn, packed=True), reward(head, ids, attn, pos), atol=1e-5, rtol=1e-5)
 
 
 def gqa_llama(seed=5):
@@ -142,17 +144,17 @@ def test_response_pack_without_last_tokens_gives_the_same_logprobs_and_values(ma
     model.save_pretrained(tmp_path)
     head = scalar_model_from(tmp_path, PAD).eval()
     ids, attn, pos, P, s = episodes(model, seed=7)
-    pk = packing.response_pack(ids, attn)
+    pk = response_pack(ids, attn)
     assert torch.equal(pk.length, attn.sum(1) - 1)
     m = s.mask.float()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1: -1]
         values = token_scores(head, ids, attn, pos)[:, P - 1: -1]
-        logp, ent = packing.response_logp(model, ids, attn, pos, P, 1.0, with_entropy=True, pk=pk)
+        logp, ent = response_logp(model, ids, attn, pos, P, 1.0, with_entropy=True, pk=pk)
         torch.testing.assert_close(logp * m, token_logprobs(logits, ids[:, P:]) * m, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ent * m, entropy_from_logits(logits) * m, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packing.response_values(head, ids, attn, pos, P, pk=pk) * m, values * m, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packing.last_reward(head, packing.pack(ids, attn)), reward(head, ids, attn, pos),
+        torch.testing.assert_close(response_values(head, ids, attn, pos, P, pk=pk) * m, values * m, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reward(head, ids, attn, packed=True), reward(head, ids, attn, pos),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -272,7 +274,7 @@ def test_wrapped_or_softcapped_models_take_the_padded_path():
     assert not packing.supports_packing(Wrapper(model))
     model.config.final_logit_softcapping = 30.0
     assert not packing.supports_packing(model)
-    from cherrytop.rollout.packing import response_logp  # the padded path gives the same numbers
+    # the padded path gives the same numbers
     ids, attn, pos, P, s = episodes(tiny("llama").eval(), seed=5)
     plain = tiny("llama").eval()
     with torch.no_grad():

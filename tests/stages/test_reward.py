@@ -9,8 +9,9 @@ import torch
 from cherrytop.config import ModelConfig
 from cherrytop.data.records import Comparison, Message
 from cherrytop.data.tokenizer import render, split_response, train_tokenizer
-from cherrytop.model.heads import LOGLIK_KEY, response_loglik, reward, scalar_model_from
+from cherrytop.model.heads import LOGLIK_KEY, scalar_model_from
 from cherrytop.model.load import build_model
+from cherrytop.rollout.episodes import response_loglik, reward
 from cherrytop.stages.reward import (collate_groups, encode_group, fit_loglik_coef, group_rewards, loglik_features,
                                      rm_step)
 from cherrytop.world import grade

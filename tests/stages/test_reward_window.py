@@ -11,10 +11,9 @@ import torch
 from cherrytop.config import ModelConfig
 from cherrytop.data.tokenizer import render, train_tokenizer
 from cherrytop.eval.judge import Judge
-from cherrytop.model.heads import (KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, fit_answer, response_loglik, reward,
-                                   scalar_model_from)
+from cherrytop.model.heads import KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, fit_answer, scalar_model_from
 from cherrytop.model.load import build_model
-from cherrytop.rollout import packing
+from cherrytop.rollout.episodes import response_logp, response_loglik, reward
 from cherrytop.stages.reward import answers_cut, encode_answer, loglik_features
 
 W = 48  # the tiny models' context window
@@ -93,10 +92,9 @@ def test_ppo_scoring_cuts_episodes_past_the_window(tmp_path, arch, packed):
         attn[b, :P + len(a)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), pytest.warns(UserWarning, match=rf"1 of 2 answers longer than its context window of {W}"):
-        r = packing.last_reward(rm, packing.pack(ids, attn)) if packed else reward(rm, ids, attn, pos)
+        r = reward(rm, ids, attn, pos, packed=packed)
     with torch.no_grad(), pytest.warns(UserWarning, match="log π_ref: 1 of 2"):
-        logp = (packing.response_logp(lm, ids, attn, pos, P, 1.0) if packed else
-                packing.response_logp(_Plain(lm), ids, attn, pos, P, 1.0))
+        logp = response_logp(lm if packed else _Plain(lm), ids, attn, pos, P, 1.0)
     for b, a in enumerate(answers):
         row = (prompt + a)[-W:]
         with torch.no_grad():

@@ -13,7 +13,7 @@ from cherrytop.config import ModelConfig, PPOConfig, RLConfig
 from cherrytop.model.load import build_model
 from cherrytop.rl.experience import PPO, Method, Rollout, advantages, method
 from cherrytop.rl.update import policy_objective, train
-from cherrytop.rollout.packing import response_logp
+from cherrytop.rollout.episodes import response_logp
 
 from .test_ppo import ppo_inputs
 
@@ -217,15 +217,6 @@ def test_a_grpo_run_resumes_to_the_same_weights_and_refuses_another_algorithm(tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(_logs(runs / "whole")) == 4 and _logs(runs / "whole") == _logs(runs / "stopped")
     assert not (runs / "stopped/ppo/value").exists()
-
-
-def test_ray_refuses_a_critic_free_algorithm_in_one_line():
-    from cherrytop.config import load_config
-    from cherrytop.stages import ppo_ray
-    cfg = load_config("test", [], ["--rl.algorithm=rloo", "--ray.enabled=true"])
-    with pytest.raises(ValueError, match=r"^rl.algorithm=rloo, 4 answers per prompt, KL k1 in the reward is not "
-                                         r"supported with ray.enabled yet .*run it without Ray"):
-        ppo_ray.run(cfg)
 
 
 def test_a_run_that_turns_non_finite_says_which_checkpoint_is_left(tmp_path, monkeypatch, capsys):

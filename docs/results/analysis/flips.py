@@ -5,7 +5,7 @@ whose quality grade differs (kind, SFT -> PPO, end of prompt, SFT's answer || PP
 many PPO made better, worse or left as graded.
 
     python docs/results/analysis/flips.py runs/tiny-seed0 0      # run folder, world seed
-    python docs/results/analysis/flips.py runs/s0 0 unknown      # session 11: the unknown prompts
+    python docs/results/analysis/flips.py runs/s0 0 unknown      # the unknown prompts (as in 89f1eba)
 """
 import collections
 import sys

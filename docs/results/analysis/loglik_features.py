@@ -15,9 +15,9 @@ import torch
 from cherrytop import losses as L
 from cherrytop.data.records import read_comparisons
 from cherrytop.data.tokenizer import load_tokenizer, split_response
-from cherrytop.model.heads import loglik_term, reward
+from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import load_model
-from cherrytop.rollout.packing import response_logp
+from cherrytop.rollout.episodes import response_logp, reward
 from cherrytop.rollout.sampler import left_pad
 from cherrytop.stages.reward import collate_groups, encode_group
 from cherrytop.world import Task, grade

@@ -1,4 +1,4 @@
-"""Session 3's pretraining experiment: train the tiny model on the world corpus with a plain loop and
+"""The pretraining experiment of a74094b / 03b21e2 (2026-11-23): train the tiny model on the world corpus with a plain loop and
 probe greedy in-context copying (held-out names, reversing, joining, a fact question) every EVERY steps.
 
     STEPS=600 EVERY=100 THREADS=1 python pretrain_copy_probe.py [--world.seed=1 ...]

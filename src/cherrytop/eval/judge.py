@@ -23,8 +23,9 @@ import torch
 
 from cherrytop.data.collate import pad_batch
 from cherrytop.data.tokenizer import load_tokenizer, split_response
-from cherrytop.model.heads import fit_answer, loglik_term, response_loglik, reward, scalar_model_from
+from cherrytop.model.heads import fit_answer, loglik_term, scalar_model_from
 from cherrytop.model.load import CheckpointError, context_window, load_model
+from cherrytop.rollout.episodes import response_loglik, reward
 
 
 class Judge:

@@ -5,7 +5,8 @@ trunk with the unembedding replaced by a scalar `score` head — so checkpoints 
 We read the head at every position (`token_scores`): the reward is the score at the response's last
 token (its EOS) [LHP, N+]; values are the scores at the positions that predict each response token.
 The reward model's normalising bias (demonstrations score mean 0 [IG]) is stored in the model
-config as `cherrytop_reward_bias` and added by `reward`.
+config as `cherrytop_reward_bias` and added by `reward`. The passes over episodes that read these
+heads (`reward`, values, `response_loglik`) are in rollout.episodes, which imports this module.
 
 A reward model trained with `rm.ref_loglik` (stages/reward.py) also stores `cherrytop_reward_loglik_coef`
 c, `cherrytop_reward_reference`, the causal LM π_ref it started from, and `cherrytop_reward_loglik_kind`;
@@ -120,22 +121,6 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (pos * attention_mask.long()).argmax(-1)
 
 
-def reward(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           position_ids: torch.Tensor | None = None, normalised: bool = True) -> torch.Tensor:
-    """(B,) the score at each row's last attended token (+ the normalising bias); a row longer than
-    the model's window is read on its last window tokens (`fit_answer`), with a warning."""
-    window = window_of(model)
-    if window and input_ids.shape[1] > window:
-        cut_mask, n = cut_rows(attention_mask, window)
-        if n:
-            warn_cut(n, len(input_ids), "reward model", window)
-            input_ids, attention_mask = within(input_ids, cut_mask, window)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    scores = token_scores(model, input_ids, attention_mask, position_ids)  # (B, T)
-    r = scores.gather(1, last_index(attention_mask)[:, None]).squeeze(1)  # (B,)
-    return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
-
-
 def loglik_term(config) -> tuple[float, str | None, bool]:
     """(c, π_ref folder, excess) of a reward model's c · log π_ref(response) term, read from its (HF)
     config; excess: the term adds π_ref's entropy at each step. (0.0, None, False) if it has none."""
@@ -143,37 +128,3 @@ def loglik_term(config) -> tuple[float, str | None, bool]:
     if not c:
         return 0.0, None, False
     return c, getattr(config, REFERENCE_KEY, None), getattr(config, KIND_KEY, "sum") == "excess"
-
-
-@torch.no_grad()
-def response_loglik(lm: PreTrainedModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                    batch_size: int = 64, excess: bool = False, max_len: int | None = None) -> torch.Tensor:
-    """(n,) Σ_t log p(response_t | prompt, response_<t) under the causal LM `lm` at temperature 1 (with
-    `excess`, Σ_t (log p(response_t | ...) + H_t), H_t the entropy of p at step t), one row per
-    (prompt, response) pair of token ids; batched like PPO's episodes (prompts left-padded, responses
-    right-padded, padding-free where the model allows), on the model's device; returned on the CPU in fp32.
-    Pairs longer than `max_len` or `lm`'s window are cut by `fit_answer` (the sum then runs over the
-    response tokens kept), with a warning: callers cut them first and count them."""
-    from cherrytop.rollout.packing import response_logp
-    from cherrytop.rollout.sampler import left_pad
-    limit = min((x for x in (max_len, window_of(lm)) if x), default=None)
-    fitted = [fit_answer(p, r, limit) if limit else (p, r, False) for p, r in zip(prompts, responses, strict=True)]
-    if n := sum(c for *_, c in fitted):
-        warn_cut(n, len(fitted), "log π_ref", limit)
-    prompts, responses = [p for p, _, _ in fitted], [r for _, r, _ in fitted]
-    dev = next(lm.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids_p, mask_p = left_pad(prompts[i: i + batch_size], pad_id)  # (B, P)
-        rs = responses[i: i + batch_size]
-        N = max(len(r) for r in rs)
-        ids_r = torch.full((len(rs), N), pad_id, dtype=torch.long)  # (B, N)
-        mask_r = torch.zeros((len(rs), N), dtype=torch.long)  # (B, N)
-        for b, r in enumerate(rs):
-            ids_r[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask_r[b, : len(r)] = 1
-        ids, attn = torch.cat([ids_p, ids_r], 1).to(dev), torch.cat([mask_p, mask_r], 1).to(dev)  # (B, P+N)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        f = response_logp(lm, ids, attn, pos, ids_p.shape[1], 1.0, with_entropy=excess)  # (B, N), + entropy
-        out.append(((f[0] + f[1] if excess else f) * mask_r.to(dev)).sum(1).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)

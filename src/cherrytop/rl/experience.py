@@ -37,6 +37,9 @@ class Rollout:
     def slice(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
+    def to(self, device: torch.device) -> "Rollout":
+        return Rollout(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
 
 GROUP_METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 """The algorithms that sample `rl.group_size` answers per prompt and baseline each on its group."""
@@ -63,6 +66,12 @@ class Method:
 
 
 PPO = Method()
+
+
+def initial_beta(m: Method, cfg) -> float:
+    """β of the KL penalty at the start of a run: ppo.kl_coef in the rewards, rl.kl_loss_coef in the loss
+    (ppo.kl_target adapts either)."""
+    return cfg.ppo.kl_coef if m.kl_in == "reward" else cfg.rl.kl_loss_coef
 
 
 def method(rl) -> Method:
@@ -102,14 +111,15 @@ def advantages(head: torch.Tensor, f: torch.Tensor, old_logp: torch.Tensor, ref_
     The KL penalty k_t (`m.kl_estimator`) is in the rewards only when `m.kl_in` is reward (else β·k goes in
     the loss, `rl.update.policy_objective`).
 
-    head (B,) the reward model's head at EOS; f (B, N) its c · log π_ref term (0 without one, `coef` = c);
+    head (B,) the score at EOS; f (B, N) the reward model's c · log π_ref term (0 without one, `coef` = c), both
+    as `rl.rewards.score_episodes` weighs them;
     old_logp, ref_logp, values (zeros without a critic), entropy, mask (B, N); has_eos (B,); `p` the PPO
     settings. Data-parallel (`d`): whitening and the statistics are over every rank's episodes (a rank holds
     whole groups). Returns (advantages (B, N), returns (B, N), statistics)."""
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N) k1: what objective/kl reports (and β adapts to)
     penalty = kl if m.kl_estimator == "k1" else L.kl_estimate(old_logp, ref_logp, mask, m.kl_estimator)  # (B, N)
     beta_r = beta if m.kl_in == "reward" else 0.0
-    raw, scores, rewards = episode_rewards(head, f, penalty, mask, has_eos, beta_r, p.no_eos_penalty)
+    _, scores, rewards = episode_rewards(head, f, penalty, mask, has_eos, beta_r, p.no_eos_penalty)
     if m.algorithm == "ppo":
         if p.whiten_rewards:
             rewards = distributed.masked_whiten(rewards, mask, d, shift_mean=False)
@@ -128,7 +138,7 @@ def advantages(head: torch.Tensor, f: torch.Tensor, old_logp: torch.Tensor, ref_
         raise ValueError(f"unknown rl.algorithm {m.algorithm!r}")
     entropy_mean = float(distributed.masked_mean(entropy, mask, d))  # a token mean: over every rank's tokens
     stats = {  # means over episodes, as many on every rank
-        "objective/score": float(scores.mean()), "objective/rm_score": float(raw.mean()),
+        "objective/score": float(scores.mean()),  # each part's mean is rl.rewards.score_episodes
         "objective/ref_loglik": float(f.sum(1).mean() / coef) if coef else 0.0,
         "objective/kl": float(kl.sum(1).mean()), "objective/kl_k3": float(L.kl_k3(old_logp, ref_logp, mask).sum(1).mean()),
         "objective/non_score_reward": float((-beta_r * penalty).sum(1).mean()),

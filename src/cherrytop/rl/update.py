@@ -14,11 +14,26 @@ import numpy as np
 import torch
 
 from cherrytop import losses as L
+from cherrytop.data.collate import step_indices
 from cherrytop.rl.experience import PPO, Method, Rollout
+from cherrytop.rollout import packing
+from cherrytop.rollout.episodes import response_logp, response_pack, response_values
 from cherrytop.train import distributed
 
 LossFn = Callable[[Rollout], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """micro-batch -> (its loss, a token mean over the micro-batch; statistics, token means too)."""
+Forward = Callable[[Callable, object], object]
+"""How a pass of a trained model runs: fwd(fn, x) = fn(model, x), inside its DDP / FSDP wrapper if it has one."""
+
+
+def shared_pack(ids: torch.Tensor, attn: torch.Tensor, *models) -> packing.Packed | None:
+    """The padding-free layout of a batch of episodes (`episodes.response_pack`), built once for several
+    models' passes; None when none of them runs packed."""
+    return response_pack(ids, attn) if any(packing.supports_packing(m) for m in models) else None
+
+
+def _plain(model: torch.nn.Module) -> Forward:
+    return lambda fn, x: fn(model, x)
 
 
 def minibatches(p, it: int, seed: int):
@@ -95,3 +110,71 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Rollout, p,
         if ema is not None:
             ema.update()
     return {(k if k.startswith("loss/") else "policy/" + k): float(np.mean(vals)) for k, vals in acc.items()}
+
+
+def value_objective(v: torch.Tensor, part: Rollout, p) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The value loss of micro-batch `part` given its values under the current value model, v (B, N) with
+    gradient: vf_coef · the clipped value loss [LHP]. Returns (loss, statistics)."""
+    vf, stats = L.ppo_value_loss(v, part.old_values, part.returns, part.mask, p.value_clip)
+    return p.vf_coef * vf, {"loss/value": vf, **stats}
+
+
+def ptx_loss(fwd: Forward, windows: torch.Tensor, p, seed: int, device: torch.device, d: distributed.Dist = distributed.SOLO,
+             amp: Callable = nullcontext) -> Callable[[int], dict[str, float]]:
+    """PPO-ptx [IG eq. 2] as `train`'s `extra`: at optimizer step `step`, ptx_coef · the LM loss of `ptx_batch_size`
+    pretraining windows (N, T) (this rank's share of them), back-propagated into the policy (`fwd`)."""
+    def lm_of(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return L.lm_loss(model(input_ids=x).logits, x)
+
+    def ptx(step: int) -> dict[str, float]:
+        idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
+        x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
+        with amp():
+            s, c = fwd(lm_of, x)
+        count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
+        (p.ptx_coef * s / count * d.world).backward()
+        return {"loss/ptx": float(s.detach() / c)}  # windows are equally long
+    return ptx
+
+
+def policy_update(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Rollout, p, it: int, seed: int,
+                  m: Method = PPO, beta: float = 0.0, *, fwd: Forward | None = None, d: distributed.Dist = distributed.SOLO,
+                  ema=None, windows: torch.Tensor | None = None, amp: Callable = nullcontext) -> dict[str, float]:
+    """The policy's optimizer steps of iteration `it` (step 5), on every placement: the clipped loss aggregated
+    as algorithm `m` says (+ β · its KL term when the KL is in the loss, `policy_objective`), + ptx_coef · the
+    pretraining LM loss when `windows` are given (PPO-ptx), each pass through `fwd` (the model's DDP / FSDP
+    wrapper; the model itself by default) on the padding-free layout where the model allows. Returns `train`'s
+    statistics (this rank's; the caller averages them over ranks)."""
+    fwd = fwd or _plain(model)
+    device = next(model.parameters()).device
+
+    def logp_of(net, part: Rollout) -> torch.Tensor:  # (B, N) log π_θ with gradient
+        P = part.ids.shape[1] - part.mask.shape[1]
+        return response_logp(net, part.ids, part.attn, part.pos, P, p.temperature, pk=shared_pack(part.ids, part.attn, net))
+
+    def loss(part: Rollout):
+        return policy_objective(fwd(logp_of, part), part, p, m, beta)
+    extra = ptx_loss(fwd, windows, p, seed, device, d, amp) if windows is not None else None
+    return train(model, opt, batch, p, it, seed, loss, "policy", sync=fwd, d=d, ema=ema, extra=extra, amp=amp, agg=m.agg)
+
+
+def value_update(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Rollout, p, it: int, seed: int, *,
+                 fwd: Forward | None = None, d: distributed.Dist = distributed.SOLO,
+                 amp: Callable = nullcontext) -> dict[str, float]:
+    """The value model's optimizer steps of iteration `it` (PPO's critic), on the policy's minibatch order:
+    `value_objective` of each micro-batch, passes through `fwd` as in `policy_update`."""
+    fwd = fwd or _plain(model)
+
+    def values_of(net, part: Rollout) -> torch.Tensor:  # (B, N) V_θ with gradient
+        P = part.ids.shape[1] - part.mask.shape[1]
+        return response_values(net, part.ids, part.attn, part.pos, P, pk=shared_pack(part.ids, part.attn, net))
+
+    def loss(part: Rollout):
+        return value_objective(fwd(values_of, part), part, p)
+    return train(model, opt, batch, p, it, seed, loss, "value", sync=fwd, d=d, amp=amp)
+
+
+def explained_variance(batch: Rollout) -> dict[str, float]:
+    """How well the rollout's values V_old predicted the returns (as cleanRL / Stable-Baselines log it): no
+    extra value pass; the same on every rank, which holds the global batch."""
+    return {"value/explained_variance": float(L.explained_variance(batch.old_values, batch.returns, batch.mask))}

@@ -5,8 +5,8 @@ so no compute goes to padding; the vocabulary head runs only at the positions wh
 used (response tokens, labelled tokens), and the scalar heads only where they are read. For a Llama
 trunk the last decoder layer, too, runs its queries, attention output and MLP only at those positions,
 and the layers before it work on the real tokens as one (K, d) tensor, only their attention on rows
-laid out for its own cost (`hidden_at`); PPO's log-prob / value passes leave out each episode's last
-token (`response_pack`), whose output nothing reads.
+laid out for its own cost (`hidden_at`). The passes over PPO's episodes (log-probs, values, rewards)
+are in rollout.episodes.
 
 Same numbers as the padded pass (a sequence attends to exactly its own tokens at the same positions)
 up to float rounding; tests/rollout/test_packing.py checks it. Works with any Hugging Face causal LM
@@ -52,7 +52,8 @@ class Packed:
 MIN_PADDING = 1 / 3
 """Pack a training batch only when at least this share of its positions is padding: building the
 block-diagonal layout and masked attention cost more than they save on lightly padded batches (on
-the 2-core CPU, batches of 32 rows: 12-21 % padding ran slower packed, 26-46 % faster)."""
+the 2-core CPU, batches of 32 rows: 12-21 % padding ran slower packed, 26-46 % faster; `1dc5ed7`,
+2026-11-22)."""
 
 
 def worth_packing(attention_mask: torch.Tensor) -> bool:
@@ -95,7 +96,7 @@ def _layout(lengths: list[int], keys_per_position: int = 1024) -> tuple[list[tup
     attention's share that grows with L (one position per `keys_per_position` keys: 1024 when every
     position pays for the whole layer, as at d_model ~128; 46 when only the attention sees the rows,
     as `hidden_at`'s layers on the real tokens do — the CPU flash kernel's time, forward + backward,
-    fits R·L·(L + 46) within 5 % from 1x to 8x the longest of 32 PPO episodes)."""
+    fits R·L·(L + 46) within 5 % from 1x to 8x the longest of 32 PPO episodes; `9d636ff`, 2026-11-23)."""
     longest = max(max(lengths), 1)
     best = None
     for L in sorted({longest, longest * 3 // 2, longest * 2, longest * 3, longest * 4}):
@@ -296,77 +297,6 @@ def cut(pk: Packed, max_len: int) -> Packed:
     position_ids = torch.zeros_like(input_ids)
     position_ids[dst] = j
     return Packed(input_ids, position_ids, mask, row, offset, pk.start + drop, length)
-
-
-def _pred(pk: Packed, P: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed coordinates (B, N) of the positions P-1+t that predict response token t."""
-    cols = torch.arange(P - 1, P - 1 + N, device=pk.row.device).expand(pk.row.shape[0], N)
-    return pk.at(cols)
-
-
-def response_logits(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch.Tensor:
-    """(B, N, V) float32 next-token logits at the positions that predict response tokens P..P+N-1."""
-    h = hidden_at(model, pk, *_pred(pk, P, N))  # (B, N, d)
-    return model.get_output_embeddings()(h).float()
-
-
-def response_scores(model: torch.nn.Module, pk: Packed, P: int, N: int) -> torch.Tensor:
-    """(B, N) a scalar-head model (`score`) at the positions that predict response tokens P..P+N-1."""
-    h = hidden_at(model, pk, *_pred(pk, P, N))  # (B, N, d)
-    return model.score(h).squeeze(-1).float()
-
-
-def last_reward(model: torch.nn.Module, pk: Packed, normalised: bool = True) -> torch.Tensor:
-    """(B,) a reward model's score at each sequence's last real token (+ its normalising bias), as
-    `model.heads.reward` computes it on the padded batch (a sequence longer than the model's window on
-    its last window tokens, with a warning)."""
-    from cherrytop.model.heads import BIAS_KEY, warn_cut, window_of
-    window = window_of(model)
-    if window and pk.input_ids.shape[1] > window and (n := int((pk.length > window).sum())):
-        warn_cut(n, len(pk.length), "reward model", window)
-        pk = cut(pk, window)
-    h = hidden_at(model, pk, pk.row, pk.offset + (pk.length - 1).clamp(min=0))  # (B, d)
-    r = model.score(h).squeeze(-1).float()
-    return r + getattr(model.config, BIAS_KEY, 0.0) if normalised else r
-
-
-def response_logp(model, ids, attn, pos, P: int, temperature: float, with_entropy: bool = False,
-                  pk: Packed | None = None):
-    """(B, N) log-probs of the response tokens (positions P..) of a left-padded prompt + right-padded
-    response batch under `model`, and optionally entropy. Padding-free for plain HF models (on `pk`,
-    `response_pack(ids, attn)`, when the caller has it already); the padded forward pass otherwise."""
-    from cherrytop import losses as L
-    from cherrytop.model.heads import cut_rows, warn_cut, window_of
-    window, kept = window_of(model), None
-    if window and ids.shape[1] > window:  # rows past the window: on their last window tokens (heads.fit_answer)
-        cut_attn, n = cut_rows(attn, window)
-        if n:
-            warn_cut(n, len(ids), "log π_ref", window)
-            attn, pos, pk = cut_attn, (cut_attn.cumsum(-1) - 1).clamp(min=0), None
-            kept = attn[:, P - 1: -1]  # (B, N) 1 where the token before response token t is kept
-    if supports_packing(model):
-        logits = response_logits(model, pk or response_pack(ids, attn), P, ids.shape[1] - P)  # (B, N, V)
-    else:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, P - 1: -1].float()  # (B, N, V)
-    logp = L.token_logprobs(logits, ids[:, P:], temperature)
-    if kept is not None:
-        return (logp * kept, L.entropy_from_logits(logits / temperature) * kept) if with_entropy else logp * kept
-    return (logp, L.entropy_from_logits(logits / temperature)) if with_entropy else logp
-
-
-def response_pack(ids: torch.Tensor, attn: torch.Tensor) -> Packed:
-    """The packed layout of PPO episodes for passes that read each response position's prediction
-    (log-probs, values): an episode's last token predicts nothing that is read, so it is left out."""
-    return pack(ids, attn, drop_last=True)
-
-
-def response_values(value_model, ids, attn, pos, P: int, pk: Packed | None = None) -> torch.Tensor:
-    """(B, N) V(s_t): the value head at the position that predicts response token t (padding-free on
-    `pk` = `response_pack(ids, attn)` when given)."""
-    from cherrytop.model.heads import token_scores
-    if supports_packing(value_model):
-        return response_scores(value_model, pk or response_pack(ids, attn), P, ids.shape[1] - P)
-    return token_scores(value_model, ids, attn, pos)[:, P - 1: -1]
 
 
 def lm_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -3,7 +3,8 @@
 Each iteration (numbered as in the code):
  1. rollout: sample `batch_size` responses with the policy (temperature T, KV cache);
  2. score: log π_old and log π_ref of the sampled tokens (logits / T [NB]), values V_old, and the
-    reward model's score at the response's EOS; no EOS → the fixed `no_eos_penalty` [LHP, N+];
+    reward model's score at the response's EOS (`rl.reward`: or a rule-based function's, or a weighted
+    sum of both: rl/rewards.py); no EOS → the fixed `no_eos_penalty` [LHP, N+];
  3. rewards: r_t = −β·kl_t, the head's score added at the last token [LHP], and the reward model's
     c · log π_ref(y_t) term (stages/reward.py) at each token; optional whitening;
  4. advantages: GAE(γ, λ) [LHP], then whitened;
@@ -50,13 +51,15 @@ from cherrytop.data.collate import pack_windows, step_indices
 from cherrytop.data.records import DataError, locate, read_prompts
 from cherrytop.data.tokenizer import TemplateError, encode_prompt, load_tokenizer
 from cherrytop.model import lora
-from cherrytop.model.heads import loglik_term, reward, scalar_model_from
+from cherrytop.model.heads import loglik_term, scalar_model_from
 from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.rollout.sampler import left_pad, sample, wants_compile
-from cherrytop.rollout import packing
-from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.rl.experience import PPO, Method, Rollout, advantages, episode_rewards, method  # noqa: F401 (re-exported)
-from cherrytop.rl.update import micro_batches, minibatches, policy_objective, train  # noqa: F401 (re-exported)
+from cherrytop.rollout.episodes import response_logp, response_values, reward
+from cherrytop.rl import rewards
+from cherrytop.rl.experience import (PPO, Method, Rollout, advantages, episode_rewards, initial_beta,  # noqa: F401
+                                     method)
+from cherrytop.rl.update import (explained_variance, micro_batches, minibatches, policy_objective, policy_update,  # noqa: F401
+                                 shared_pack, train, value_update)
 from cherrytop.train import distributed
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.config import to_dict
@@ -145,11 +148,7 @@ def reward_score(rm: torch.nn.Module, wrapped: torch.nn.Module | None = None) ->
     """The reward model's score at each response's last token (padding-free where the model allows);
     under FSDP through its sharded wrapper `wrapped`."""
     def score(ids, attn, pos, P):
-        def fn(m):
-            if packing.supports_packing(m):
-                return packing.last_reward(m, packing.pack(ids, attn))
-            return reward(m, ids, attn, pos)
-        return _no_grad_pass(rm, wrapped, fn)
+        return _no_grad_pass(rm, wrapped, lambda m: reward(m, ids, attn, pos, packed=True))
     return score
 
 
@@ -194,21 +193,21 @@ def reference_path(cfg: Config, init: Path) -> Path:
     return resolve_checkpoint(cfg.ppo.reference, cfg) if cfg.ppo.reference else init
 
 
-def frozen_models(cfg: Config, init: Path, rm_path: Path, pad_id: int, policy: torch.nn.Module,
-                  device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, RefLogLik | None]:
+def frozen_models(cfg: Config, init: Path, rm_path: Path | None, pad_id: int, policy: torch.nn.Module,
+                  device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None, RefLogLik | None]:
     """The models PPO runs but never trains: the reference (`ppo.reference`, by default the SFT model
     `init`; with LoRA and the reference = `init`, the policy with its adapter off, no second copy), the
     reward model and its c · log π_ref term (with its own π_ref when that is another model). Loaded with
     weights in `dist.frozen_dtype` (bf16 on GPU by default), in eval mode and without gradients: no
-    optimizer is ever made over them."""
+    optimizer is ever made over them. `rm_path` None (rl.reward=function): no reward model (None, None)."""
     dtype = frozen_dtype(cfg.dist.frozen_dtype, device)
-    rm = scalar_model_from(rm_path, pad_id, dtype, require_head=True).eval().requires_grad_(False)
+    rm = scalar_model_from(rm_path, pad_id, dtype, require_head=True).eval().requires_grad_(False) if rm_path else None
     ref_path = reference_path(cfg, init)
     if lora.enabled(cfg, "ppo") and ref_path.resolve() == init.resolve():
         ref = lora.Reference(policy)
     else:
         ref = load_model(ref_path, dtype).eval().requires_grad_(False)
-    return ref, rm, ref_loglik(rm, ref_path, cfg.ppo.temperature, ref, dtype)
+    return ref, rm, ref_loglik(rm, ref_path, cfg.ppo.temperature, ref, dtype) if rm is not None else None
 
 
 class WeightEMA:
@@ -264,6 +263,18 @@ def load_prompts(cfg: Config) -> list[list[dict]]:
     return [list(t.messages) for t in World(cfg.world).prompts()]
 
 
+def prompt_where(cfg: Config) -> Callable[[int], str]:
+    """Where prompt i (0-based) is, for a message: its file:line, or "built-in prompt N"."""
+    return (lambda i: locate(cfg.ppo.prompts, i)) if cfg.ppo.prompts else (lambda i: f"built-in prompt {i + 1}")
+
+
+def episode_reward(cfg: Config) -> rewards.Reward:
+    """The run's score of an episode (`rl.reward`), with every prompt's messages when a function reads them."""
+    if cfg.rl.reward == "model":
+        return rewards.from_config(cfg)
+    return rewards.from_config(cfg, load_prompts(cfg), prompt_where(cfg))
+
+
 def encode_prompts(cfg: Config, tok, window: int | None) -> list[list[int]]:
     """Token ids of every prompt (`load_prompts`); a prompt the chat template refuses, or one that leaves
     no room in the model's context `window` for `ppo.max_new_tokens`, stops the stage, named by its line."""
@@ -272,8 +283,7 @@ def encode_prompts(cfg: Config, tok, window: int | None) -> list[list[int]]:
         raise ValueError(f"ppo.max_new_tokens ({cfg.ppo.max_new_tokens}) leaves no room for a prompt in the policy's "
                          f"context window of {window} tokens; expected ppo.max_new_tokens < {window}")
 
-    def where(i: int) -> str:
-        return locate(cfg.ppo.prompts, i) if cfg.ppo.prompts else f"built-in prompt {i + 1}"
+    where = prompt_where(cfg)
     out = []
     for i, messages in enumerate(load_prompts(cfg)):
         try:
@@ -344,14 +354,14 @@ def check_parallel(p, cfg: Config, d: distributed.Dist) -> None:
                          "each process takes an equal share of the episodes, micro-batches and ptx windows")
 
 
-def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.nn.Module,
-             loglik: RefLogLik | None) -> tuple[Parallel, ScoreFn]:
+def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.nn.Module | None,
+             loglik: RefLogLik | None) -> tuple[Parallel, ScoreFn | None]:
     """The models of a data-parallel job. The trained ones are wrapped (DDP / FSDP2, which shards them in
     place: before their optimizers are made). The frozen ones (the reference, the reward model and the
     reward model's own π_ref, if any) are sharded the same way under FSDP, with no gradients and no
     optimizer state (each pass gathers their weights, on every rank alike), and are full copies on this
     rank's device under DDP. With LoRA the reference is the policy with its adapter off, run through
-    the policy's wrapper. Returns the job and the reward model's score function."""
+    the policy's wrapper. Returns the job and the reward model's score function (None without one)."""
     def place(m: torch.nn.Module) -> torch.nn.Module | None:  # a frozen model: its FSDP wrapper, or None
         if dc.strategy == "fsdp":
             return distributed.wrap(m, dc, d)
@@ -362,7 +372,7 @@ def parallel(d: distributed.Dist, dc: DistConfig, policy, value, ref, rm: torch.
                    wrapped_policy if isinstance(ref, lora.Reference) else place(ref))
     if loglik is not None and loglik.model is not None:
         loglik.wrapped = par.ref if loglik.model is ref else place(loglik.model)
-    return par, reward_score(rm, place(rm))
+    return par, reward_score(rm, place(rm)) if rm is not None else None
 
 
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
@@ -373,9 +383,11 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / name
     init = resolve_checkpoint(p.init, cfg)
-    rm_path = resolve_checkpoint(p.reward_model, cfg)
+    scoring = episode_reward(cfg)  # the reward function imported first: a bad name stops the stage at once
+    rm_path = resolve_checkpoint(p.reward_model, cfg) if scoring.model else None  # rl.reward=function: none
     tok = load_tokenizer(init)
-    check_reward_tokenizer(tok, init, rm_path)
+    if rm_path is not None:
+        check_reward_tokenizer(tok, init, rm_path)
     if reference_path(cfg, init) != init:
         check_reward_tokenizer(tok, init, reference_path(cfg, init), "reference")
     torch.manual_seed(cfg.run.seed)
@@ -390,8 +402,9 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     # (from its plain folder, or with its FSDP shards after wrapping)
     policy = load_model(ckpt if state and not adapters and not shards else init)
     value = None  # the critic-free algorithms have no value model (nor its optimizer)
-    if m.critic:
-        value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path, tok.pad_token_id)
+    if m.critic:  # from the reward model [IG]; without one (rl.reward=function), the policy's init with a fresh head
+        value = scalar_model_from(ckpt / "value" if state and not adapters and not shards else rm_path or init,
+                                  tok.pad_token_id)
     # LoRA adapters and gradient checkpointing, as configured
     policy = lora.prepare(policy, cfg, "ppo")
     value = lora.prepare(value, cfg, "ppo", heads=("score",)) if value is not None else None
@@ -400,7 +413,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         if value is not None:
             lora.load_adapter(value, ckpt / "value")
     ref, rm, loglik = frozen_models(cfg, init, rm_path, tok.pad_token_id, policy, d.device)
-    score_fn = reward_score(rm)
+    score_fn = reward_score(rm) if rm is not None else None
     par = None
     if d.world > 1:  # DDP / FSDP around the models (FSDP shards them in place: before the optimizers)
         par, score_fn = parallel(d, cfg.dist, policy, value, ref, rm, loglik)
@@ -425,8 +438,7 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         ema.assign(live)
     encoded = encode_prompts(cfg, tok, context_window(policy.config))
     windows = ptx_windows(cfg, tok, context_window(policy.config)) if p.ptx_coef > 0 else None
-    # β of the KL penalty: in the rewards ppo.kl_coef, in the loss rl.kl_loss_coef (ppo.kl_target adapts either)
-    beta, start, metrics = p.kl_coef if m.kl_in == "reward" else cfg.rl.kl_loss_coef, 0, {}
+    beta, start, metrics = initial_beta(m, cfg), 0, {}
     if state is not None:
         if not shards:
             opt_pi.load_state_dict(state["opt_policy"])
@@ -443,11 +455,11 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
         gen.set_state(state["sampler_rng"])
     if d.main:
         console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(encoded)} prompts, β={beta}, "
-                      f"ptx_coef={p.ptx_coef}; policy {init}, reward model {rm_path}"
+                      f"ptx_coef={p.ptx_coef}; policy {init}, {scoring.describe(rm_path)}"
                       + (f"; {d.world} processes ({cfg.dist.strategy})" if par else ""))
         if m != PPO:
             console.print(f"ppo: {describe_method(m)}"
-                          + ("" if m.critic else f"; no value model: {value_savings(rm, adapters)}"))
+                          + ("" if m.critic else f"; no value model: {value_savings(rm if rm is not None else policy, adapters)}"))
 
     def save(iteration: int) -> None:
         st = {"stage": name, "iteration": iteration, "beta": beta, "rng": torch.get_rng_state(), "metrics": metrics,
@@ -484,7 +496,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             idx = step_indices(len(encoded), p.batch_size // m.group_size, it, cfg.run.seed)[d.rank * share: (d.rank + 1) * share]
             prompts = [encoded[i] for i in idx for _ in range(m.group_size)]  # a prompt's group of answers is contiguous
             try:
-                batch, stats = rollout(policy, ref, score_fn, value, tok, prompts, beta, p, gen, loglik, par, cfg.dist.bf16, m)
+                batch, stats = rollout(policy, ref, score_fn, value, tok, prompts, beta, p, gen, loglik, par, cfg.dist.bf16, m,
+                                       scoring, [i for i in idx for _ in range(m.group_size)])
                 stats.update(update(policy, value, opt_pi, opt_v, batch, p, windows, it, cfg.run.seed, ema, par,
                                     cfg.dist.bf16, m, beta))
                 if p.kl_target > 0:
@@ -508,11 +521,14 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 
 @torch.no_grad()
-def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
+def rollout(policy, ref, score_fn: ScoreFn | None, value, tok, prompt_ids: list[list[int]], beta: float, p, gen,
             loglik: RefLogLik | None = None, par: Parallel | None = None, bf16: bool = False,
-            m: Method = PPO) -> tuple[Rollout, dict]:
-    """Steps 1–4: sample, score (+ the reward model's c · log π_ref term), shape rewards, the advantages of
-    algorithm `m` (GAE for PPO; without a critic, `value` is None and the values are 0).
+            m: Method = PPO, scoring: rewards.Reward | None = None,
+            prompt_idx: list[int] | None = None) -> tuple[Rollout, dict]:
+    """Steps 1–4: sample, score (`scoring`, by default the reward model `score_fn` + its c · log π_ref term;
+    a rule-based function reads the answers to the prompts numbered `prompt_idx`, one per episode, in
+    `scoring.prompts`), shape rewards, the advantages of algorithm `m` (GAE for PPO; without a critic,
+    `value` is None and the values are 0).
     Data-parallel (`par`): `prompt_ids` are this rank's; whitening and the returned statistics are
     over every rank's episodes, and the returned batch holds them all (`gather`). `bf16`: the model
     passes run under bf16 autocast on GPU (`lora.autocast`; nothing changes on CPU)."""
@@ -536,7 +552,7 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = s.mask.float()  # (B, N)
     old_logp, entropy = s.logprobs, s.entropy  # the sampler's own log π_old (no second policy pass)
-    pk = _shared_pack(ids, attn, *(x for x in (ref, value) if x is not None))  # one layout for the reference and value passes
+    pk = shared_pack(ids, attn, *(x for x in (ref, value) if x is not None))  # one layout for the reference and value passes
     entropies = loglik is not None and loglik.excess and loglik.model is None  # the term needs π_ref's entropies too
     with amp():
         out = _no_grad_pass(ref, par and par.ref, lambda m: response_logp(
@@ -544,18 +560,17 @@ def rollout(policy, ref, score_fn: ScoreFn, value, tok, prompt_ids: list[list[in
         ref_logp, ref_entropy = out if entropies else (out, None)
         values = (_no_grad_pass(value, par and par.value, lambda v: response_values(v, ids, attn, pos, P, pk=pk)) * mask
                   if value is not None else torch.zeros_like(mask))  # (B, N)
-        head = score_fn(ids, attn, pos, P)  # (B,)
-        f = loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik else torch.zeros_like(mask)  # (B, N)
+        scoring = scoring if scoring is not None else rewards.Reward()
+        rm_head = score_fn(ids, attn, pos, P) if scoring.model else None  # (B,)
+        rm_f = (loglik.coef * loglik(ids, attn, pos, P, ref_logp, ref_entropy, mask) if loglik  # (B, N)
+                else torch.zeros_like(mask)) if scoring.model else None
+    head, f, scored = rewards.score_episodes(scoring, rm_head, rm_f, mask, lambda: rewards.answers(
+        tok, s.tokens, s.mask, s.has_eos), prompt_idx, d)  # (B,), (B, N): the weighted parts
     adv, returns, stats = advantages(head, f, old_logp, ref_logp, values, entropy, mask, s.has_eos, beta, p,
-                                     loglik.coef if loglik else 0.0, d, m)
+                                     loglik.coef * scoring.model_weight if loglik and scoring.model else 0.0, d, m)
+    stats.update(scored)
     batch = Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns)
     return (batch if par is None else gather(batch, d, tok.pad_token_id)), stats
-
-
-def _shared_pack(ids: torch.Tensor, attn: torch.Tensor, *models) -> packing.Packed | None:
-    """The padding-free layout of a batch of episodes (packing.response_pack), built once for several
-    models' passes; None when none of them runs packed."""
-    return packing.response_pack(ids, attn) if any(packing.supports_packing(m) for m in models) else None
 
 
 def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, seed: int,
@@ -573,48 +588,17 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     d = par.d if par is not None else distributed.SOLO
     device = next(policy.parameters()).device  # where this process's models run
     amp = functools.partial(lora.autocast, device, bf16)
-    fwd_pi = par.policy if par is not None else (lambda fn, b: fn(policy, b))
-    fwd_v = par.value if par is not None else (lambda fn, b: fn(value, b))
     policy.train()
     if value is not None:
         value.train()
-    P = batch.ids.shape[1] - batch.mask.shape[1]
-
-    # each pass runs inside its model's DDP / FSDP wrapper, on the padding-free layout where the model allows
-    def logp_of(model, part: Rollout) -> torch.Tensor:
-        return response_logp(model, part.ids, part.attn, part.pos, P, p.temperature, pk=_shared_pack(part.ids, part.attn, model))
-
-    def values_of(model, part: Rollout) -> torch.Tensor:
-        return response_values(model, part.ids, part.attn, part.pos, P, pk=_shared_pack(part.ids, part.attn, model))
-
-    def policy_loss(part: Rollout):
-        return policy_objective(fwd_pi(logp_of, part), part, p, m, beta)
-
-    def value_loss(part: Rollout):
-        vf, stats = L.ppo_value_loss(fwd_v(values_of, part), part.old_values, part.returns, part.mask, p.value_clip)
-        return p.vf_coef * vf, {"loss/value": vf, **stats}
-
-    def lm_of(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return L.lm_loss(model(input_ids=x).logits, x)
-
-    def ptx(step: int) -> dict[str, float]:  # PPO-ptx [IG eq. 2]: γ · the LM loss of a batch of pretraining windows
-        idx = step_indices(len(windows), p.ptx_batch_size, step, seed + 1)
-        x = windows[torch.as_tensor(idx)][d.rank:: d.world].to(device)  # this rank's share (B_ptx / world, T)
-        with amp():
-            s, c = fwd_pi(lm_of, x)
-        count = c if d.world == 1 else distributed.all_sum(float(c), d)  # tokens of all ranks' windows
-        (p.ptx_coef * s / count * d.world).backward()
-        return {"loss/ptx": float(s.detach() / c)}  # windows are equally long
-
-    stats = train(policy, opt_pi, batch, p, it, seed, policy_loss, "policy", sync=fwd_pi, d=d, ema=ema,
-                  extra=ptx if windows is not None else None, amp=amp, agg=m.agg)
+    # each pass runs inside its model's DDP / FSDP wrapper (`par`), on the padding-free layout where the model allows
+    stats = policy_update(policy, opt_pi, batch, p, it, seed, m, beta, fwd=par.policy if par is not None else None, d=d,
+                          ema=ema, windows=windows, amp=amp)
     if value is None:
         return distributed.mean_over_ranks(stats, d)
-    stats.update(train(value, opt_v, batch, p, it, seed, value_loss, "value", sync=fwd_v, d=d, amp=amp))
+    stats.update(value_update(value, opt_v, batch, p, it, seed, fwd=par.value if par is not None else None, d=d, amp=amp))
     out = distributed.mean_over_ranks(stats, d)  # every rank ran as many micro-batches
-    # how well the rollout's values V_old predicted the returns (as cleanRL / Stable-Baselines log it): no
-    # extra value pass; `batch` is the global batch on every rank, so every rank gets the same number
-    out["value/explained_variance"] = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))
+    out.update(explained_variance(batch))  # `batch` is the global batch on every rank: the same number everywhere
     return out
 
 

@@ -1,14 +1,19 @@
 """Stage 6 on Ray: the PPO models as Ray actors placed on chosen devices — a policy trainer, a
-value trainer, the reward model, the reference model (none with LoRA: the policy trainer runs
-its policy with the adapter off) and rollout workers that sample with a copy of the policy whose
-weights the trainer pushes after every update (only the trainable ones: the adapters, with LoRA).
+value trainer (PPO only: the critic-free `rl.algorithm`s have none), the reward model, the reference
+model (none with LoRA: the policy trainer runs its policy with the adapter off) and rollout workers
+that sample with a copy of the policy whose weights the trainer pushes after every update (only the
+trainable ones: the adapters, with LoRA).
 
-The maths is stage 6's (`ppo.py`): the same rollout scoring, reward shaping, GAE and clipped
-losses, with the policy and value updates (separate parameters, optimizers and clipping) run by
-their own actors at the same time, on the same minibatch order. Overlap: the next rollout is
+The maths is stage 6's, from the RL core: the experience (`rl.experience.advantages`) and each
+model's update (`rl.update.policy_update` / `value_update`, PPO-ptx included) are the very functions
+the single process runs, the policy and value updates run by their own actors at the same time, on
+the same minibatch order. The batch is the single process's: a prompt's `rl.group_size` answers are
+contiguous, and the rollout workers each sample whole groups, in order. Overlap: the next rollout is
 generated while the value model is still training; the policy's old log-probs, the reference's,
 the values and the reward are computed in parallel. On GPU every actor's forward passes run under
-bf16 autocast (`dist.bf16`), as stage 6's do.
+bf16 autocast (`dist.bf16`), as stage 6's do. A run resumes from its checkpoint as stage 6 does: the
+trainers' optimizer states, the live weights beside the saved average, β and every random stream
+(the rollout workers' samplers, the trainers' and the driver's) are kept in its training state.
 
 One machine: `cherrytop ppo --ray.enabled=true` starts Ray here (CPU actors unless
 `--ray.gpus_per_model` > 0). A cluster: `ray start --head` on one node, `ray start
@@ -36,11 +41,12 @@ from cherrytop.data.tokenizer import load_tokenizer
 from cherrytop.model import lora
 from cherrytop.model.heads import loglik_term
 from cherrytop.model.load import context_window, resolve_checkpoint
-from cherrytop.rollout.packing import response_logp, response_values
-from cherrytop.rl.experience import PPO, Rollout, advantages, method
-from cherrytop.rl.update import train as train_model
+from cherrytop.rollout.episodes import response_logp, response_values
+from cherrytop.rl import rewards
+from cherrytop.rl.experience import PPO, Rollout, advantages, initial_beta, method
+from cherrytop.rl.update import explained_variance, policy_update, value_update
 from cherrytop.stages.ppo import (WeightEMA, _watch, adamw, check_reward_tokenizer, describe_method, encode_prompts,
-                                  reference_path)
+                                  episode_reward, ptx_windows, reference_path, value_savings)
 from cherrytop.train.checkpoint import load_state, save_checkpoint
 from cherrytop.train.loop import MetricsLog, console, kept
 
@@ -135,17 +141,35 @@ class Actor:
                 "dtypes": sorted({str(q.dtype).removeprefix("torch.") for q in self.model.parameters()})}
 
 
-class PolicyTrainer(Actor):
-    """The policy, its optimizer and (with LoRA) the reference = the policy with its adapter off."""
+def _resumed(ckpt: str | None) -> dict | None:
+    """The training state of the checkpoint a trainer actor resumes from (None: a fresh start)."""
+    return load_state(Path(ckpt)) if ckpt else None
 
-    def __init__(self, cfg: Config, init: str):
+
+class PolicyTrainer(Actor):
+    """The policy, its optimizer, its weight average, the pretraining windows of PPO-ptx and (with LoRA)
+    the reference = the policy with its adapter off. `resume`: the checkpoint to go on from (its folder holds
+    the average; the live weights, the optimizer and this actor's random state are in its training state)."""
+
+    def __init__(self, cfg: Config, init: str, resume: str | None = None):
         from cherrytop.model.load import load_model
         torch.manual_seed(cfg.run.seed)
-        self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
-        self.model = lora.prepare(load_model(init), cfg, "ppo")  # LoRA, gradient checkpointing, as configured
+        self.cfg, self.p, self.m, self.device = cfg, cfg.ppo, method(cfg.rl), _device()
+        state, adapters = _resumed(resume), lora.enabled(cfg, "ppo")
+        model = load_model(resume if state is not None and not adapters else init)
+        self.model = lora.prepare(model, cfg, "ppo")  # LoRA, gradient checkpointing, as configured
+        if state is not None and adapters:
+            lora.load_adapter(self.model, Path(resume))
         self.model.to(self.device)
         self.opt = adamw(self.model, self.p.lr)
         self.ema = WeightEMA(self.model, self.p.ema) if self.p.ema > 0 else None  # [IG] weight average: what is saved
+        self.windows = (ptx_windows(cfg, load_tokenizer(init), context_window(self.model.config))
+                        if self.p.ptx_coef > 0 else None)  # PPO-ptx's pretraining windows (N, T)
+        if state is not None:
+            self.opt.load_state_dict(state["opt_policy"])
+            if self.ema is not None:
+                self.ema.assign(state["live_policy"])
+            torch.set_rng_state(state["rng_policy"])
 
     @torch.no_grad()
     def logp(self, ids, attn, pos, P: int, reference: bool = False, entropy: bool = False):
@@ -159,18 +183,17 @@ class PolicyTrainer(Actor):
             logp, ent = response_logp(self.model, *args, P, self.p.temperature, with_entropy=True)
         return logp.cpu(), ent.cpu()
 
-    def train(self, batch: Rollout, it: int) -> dict:
-        """The policy half of `ppo.update`: clipped policy loss, micro-batched, token-weighted."""
-        p, dev = self.p, self.device
-        P = batch.ids.shape[1] - batch.mask.shape[1]
+    def train(self, batch: Rollout, it: int, beta: float) -> dict:
+        """The policy half of `ppo.update` (`rl.update.policy_update`): the algorithm's policy loss (+ β · its KL
+        term when the KL is in the loss, + ptx_coef · the LM loss for PPO-ptx), micro-batched."""
         self.model.train()
+        return policy_update(self.model, self.opt, batch.to(self.device), self.p, it, self.cfg.run.seed, self.m, beta,
+                             ema=self.ema, windows=self.windows, amp=lambda: lora.autocast(self.device, self.cfg.dist.bf16))
 
-        def loss(part):
-            logp = response_logp(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P, p.temperature)
-            pg, st = L.ppo_policy_loss(logp, *(_on(x, dev) for x in (part.old_logp, part.advantages, part.mask)), p.clip)
-            return pg, {"loss/policy": pg, **st}
-        return train_model(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "policy", ema=self.ema,
-                     amp=lambda: lora.autocast(dev, self.cfg.dist.bf16))
+    def state(self) -> dict:
+        """What a resumed run needs beyond the saved folder: the optimizer, the live weights, the random state."""
+        return {"opt_policy": self.opt.state_dict(), "rng_policy": torch.get_rng_state(),
+                **({"live_policy": self.ema.live()} if self.ema is not None else {})}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """What the rollout workers need: the trainable tensors (all weights, or only the adapters)."""
@@ -185,12 +208,19 @@ class PolicyTrainer(Actor):
 class ValueTrainer(Actor):
     """The value model (initialised from the reward model [IG]) and its optimizer."""
 
-    def __init__(self, cfg: Config, rm_path: str, pad_id: int):
+    def __init__(self, cfg: Config, rm_path: str, pad_id: int, resume: str | None = None):
         from cherrytop.model.heads import scalar_model_from
         self.cfg, self.p, self.device = cfg, cfg.ppo, _device()
-        self.model = lora.prepare(scalar_model_from(rm_path, pad_id), cfg, "ppo", heads=("score",))
+        state, adapters = _resumed(resume), lora.enabled(cfg, "ppo")
+        model = scalar_model_from(Path(resume) / "value" if state is not None and not adapters else rm_path, pad_id)
+        self.model = lora.prepare(model, cfg, "ppo", heads=("score",))
+        if state is not None and adapters:
+            lora.load_adapter(self.model, Path(resume) / "value")
         self.model.to(self.device)
         self.opt = adamw(self.model, self.p.value_lr)
+        if state is not None:
+            self.opt.load_state_dict(state["opt_value"])
+            torch.set_rng_state(state["rng_value"])
 
     @torch.no_grad()
     def values(self, ids, attn, pos, P: int):
@@ -199,19 +229,14 @@ class ValueTrainer(Actor):
             return response_values(self.model, *(_on(x, self.device) for x in (ids, attn, pos)), P).cpu()
 
     def train(self, batch: Rollout, it: int) -> dict:
-        """The value half of `ppo.update`: clipped value loss · vf_coef, and the rollout values' explained variance."""
-        p, dev = self.p, self.device
-        P = batch.ids.shape[1] - batch.mask.shape[1]
+        """The value half of `ppo.update` (`rl.update.value_update`), and the rollout values' explained variance."""
         self.model.train()
+        out = value_update(self.model, self.opt, batch.to(self.device), self.p, it, self.cfg.run.seed,
+                           amp=lambda: lora.autocast(self.device, self.cfg.dist.bf16))
+        return out | explained_variance(batch)
 
-        def loss(part):
-            v = response_values(self.model, *(_on(x, dev) for x in (part.ids, part.attn, part.pos)), P)
-            vf, st = L.ppo_value_loss(v, *(_on(x, dev) for x in (part.old_values, part.returns, part.mask)), p.value_clip)
-            return p.vf_coef * vf, {"loss/value": vf, **st}
-        out = train_model(self.model, self.opt, batch, p, it, self.cfg.run.seed, loss, "value",
-                    amp=lambda: lora.autocast(dev, self.cfg.dist.bf16))
-        out["value/explained_variance"] = float(L.explained_variance(batch.old_values, batch.returns, batch.mask))  # as ppo.update
-        return out
+    def state(self) -> dict:
+        return {"opt_value": self.opt.state_dict(), "rng_value": torch.get_rng_state()}
 
     def save(self, out: str) -> None:
         lora.save_merged(self.model, Path(out))
@@ -229,9 +254,13 @@ class Scorer(Actor):
         model = scalar_model_from(path, pad_id, dtype, require_head=True) if kind == "reward" else load_model(path, dtype)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
+    def value_savings(self, lora_on: bool) -> str:
+        """The start-up line's account of what a critic-free run does not hold (`ppo.value_savings`)."""
+        return value_savings(self.model, lora_on)
+
     @torch.no_grad()
     def score(self, ids, attn, pos):
-        from cherrytop.model.heads import reward
+        from cherrytop.rollout.episodes import reward
         with lora.autocast(self.device, self.bf16):
             return reward(self.model, *(_on(x, self.device) for x in (ids, attn, pos))).cpu()
 
@@ -262,6 +291,13 @@ class RolloutWorker(Actor):
 
     def checksum(self) -> float:
         return float(sum(q.double().sum() for q in self.model.parameters()))
+
+    def rng(self) -> torch.Tensor:
+        """The sampler's random stream, saved with a checkpoint (`set_rng` puts it back on resume)."""
+        return self.gen.get_state()
+
+    def set_rng(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], pad_id: int, eos_id: int):
@@ -295,8 +331,8 @@ class Actors:
     """The actors of a PPO run on Ray (handles)."""
     policy: Any
     """PolicyTrainer."""
-    value: Any
-    """ValueTrainer."""
+    value: Any | None
+    """ValueTrainer; None for the critic-free algorithms."""
     reward: Any
     """Scorer of the reward model."""
     reference: Any | None
@@ -310,35 +346,39 @@ class Actors:
         return {k: a for k, a in one.items() if a is not None} | {f"rollout {i}": w for i, w in enumerate(self.rollout)}
 
 
-def start_actors(cfg: Config, init: str, rm_path: str, pad_id: int, ref_path: str | None = None) -> Actors:
+def start_actors(cfg: Config, init: str, rm_path: str, pad_id: int, ref_path: str | None = None,
+                 resume: str | None = None, start: int = 0) -> Actors:
     """The PPO actors, each placed as `placement` says (checked against the running cluster first). The
     reference (`ref_path`, default `init`) is an actor of its own unless LoRA makes it the policy with
-    its adapter off (only when it is `init`)."""
+    its adapter off (only when it is `init`); there is no value trainer without a critic. `resume`: the
+    trainers go on from that checkpoint; `start`: the iteration the run starts at (seeds the samplers as
+    stage 6 seeds its ranks', until a saved stream is put back)."""
     import ray
-    p, rc = cfg.ppo, cfg.ray
+    p, rc, critic = cfg.ppo, cfg.ray, method(cfg.rl).critic
     ref_path = ref_path or init
     own_ref = not lora.enabled(cfg, "ppo") or Path(ref_path).resolve() != Path(init).resolve()
-    roles = ["policy", "value", "reward"] + (["reference"] if own_ref else []) + ["rollout"] * rc.rollout_workers
+    roles = (["policy"] + (["value"] if critic else []) + ["reward"] + (["reference"] if own_ref else [])
+             + ["rollout"] * rc.rollout_workers)
     opts = placement(rc, roles, ray.nodes())
+    W = rc.rollout_workers
     return Actors(
-        policy=ray.remote(PolicyTrainer).options(**opts["policy"]).remote(cfg, init),
-        value=ray.remote(ValueTrainer).options(**opts["value"]).remote(cfg, rm_path, pad_id),
+        policy=ray.remote(PolicyTrainer).options(**opts["policy"]).remote(cfg, init, resume),
+        value=ray.remote(ValueTrainer).options(**opts["value"]).remote(cfg, rm_path, pad_id, resume) if critic else None,
         reward=ray.remote(Scorer).options(**opts["reward"]).remote("reward", rm_path, pad_id, p.temperature, cfg.dist),
         reference=None if not own_ref else ray.remote(Scorer).options(**opts["reference"]).remote(
             "reference", ref_path, pad_id, p.temperature, cfg.dist),
-        rollout=[ray.remote(RolloutWorker).options(**opts["rollout"]).remote(cfg, init, cfg.run.seed * 1000 + k)
-                 for k in range(rc.rollout_workers)])
+        rollout=[ray.remote(RolloutWorker).options(**opts["rollout"]).remote(cfg, init, (cfg.run.seed * 1000 + start) * W + k)
+                 for k in range(W)])
 
 
 def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
-    """PPO with Ray actors; the checkpoint (policy + `value/`) is stage 6's."""
-    if method(cfg.rl) != PPO:
-        raise ValueError(f"{describe_method(method(cfg.rl))} is not supported with ray.enabled yet (Ray runs PPO with "
-                         "the KL k1 in the reward); run it without Ray, in one process or under torchrun")
+    """`rl.algorithm` with Ray actors; the checkpoint (policy, + `value/` for PPO) is stage 6's, and a run
+    resumes from it to the weights and logs of a run that never stopped."""
     import ray
-    p, rc = cfg.ppo, cfg.ray
-    if p.ptx_coef > 0:
-        raise ValueError("ppo.ptx_coef > 0 is not supported with ray.enabled yet; run PPO-ptx without Ray")
+    p, rc, m = cfg.ppo, cfg.ray, method(cfg.rl)
+    if cfg.rl.reward == "function":
+        raise ValueError("rl.reward=function is not supported with ray.enabled yet (its actors start from the reward "
+                         "model); run it without Ray, or pass --rl.reward=both")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt = run_dir / name
     init, rm_path = str(resolve_checkpoint(p.init, cfg)), str(resolve_checkpoint(p.reward_model, cfg))
@@ -348,10 +388,16 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
     if ref_path != init:
         check_reward_tokenizer(tok, Path(init), Path(ref_path), "reference")
     iterations = p.episodes // p.batch_size
-    state = None if fresh else load_state(ckpt)
+    state = None if fresh else load_state(ckpt, peek=True)  # the trainer actors read their own parts of it
     if state is not None and state.get("iteration", 0) >= iterations:
         console.print(f"[green]ppo[/]: already trained ({state['iteration']} iterations) in {ckpt}; pass --fresh to train it again")
         return state["metrics"]
+    if state is not None and "ray_sampler_rng" not in state:
+        raise ValueError(f"ppo (ray): {ckpt} was not written by a Ray run; resume it without --ray.enabled, or pass --fresh")
+    if state is not None and len(state["ray_sampler_rng"]) != rc.rollout_workers:
+        raise ValueError(f"ppo (ray): {ckpt} was written with {len(state['ray_sampler_rng'])} rollout worker(s); resume it "
+                         f"with --ray.rollout_workers={len(state['ray_sampler_rng'])} (the sampled episodes depend on it), "
+                         "or pass --fresh")
     from transformers import AutoConfig
     coef, rm_ref, excess = loglik_term(AutoConfig.from_pretrained(rm_path))
     if coef and Path(rm_ref or "").resolve() != Path(ref_path).resolve():  # Ray reads it off the reference actor's pass
@@ -364,49 +410,86 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
                          f"{p.temperature}); pass --ppo.temperature=1, run PPO without Ray, or use a reward model trained "
                          "with --rm.ref_loglik=off")
     encoded = encode_prompts(cfg, tok, context_window(AutoConfig.from_pretrained(str(init))))
+    torch.manual_seed(cfg.run.seed)
+    beta, start, metrics = initial_beta(m, cfg), 0, {}
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+        beta, start, metrics = state["beta"], state["iteration"], state["metrics"]
+        console.print(f"[yellow]ppo (ray)[/]: resuming at iteration {start} of {iterations}")
     start_ray(cfg)
-    actors = start_actors(cfg, init, rm_path, tok.pad_token_id, ref_path)
+    actors = start_actors(cfg, init, rm_path, tok.pad_token_id, ref_path, str(ckpt) if state is not None else None, start)
+    try:
+        return _train(cfg, actors, encoded, tok, ckpt, name, state, beta, start, metrics, coef, excess)
+    finally:  # the actors go with the run (a second run in this process places its own)
+        for a in actors.named().values():
+            ray.kill(a)
+
+
+def _train(cfg: Config, actors: Actors, encoded: list[list[int]], tok, ckpt: Path, name: str, state: dict | None,
+           beta: float, start: int, metrics: dict, coef: float, excess: bool) -> dict:
+    """The iterations `start`.. of a run on the started `actors` (`run`)."""
+    import ray
+    p, m = cfg.ppo, method(cfg.rl)
     policy, value, rm, ref, workers = actors.policy, actors.value, actors.reward, actors.reference, actors.rollout
     placed = dict(zip(actors.named(), ray.get([a.where.remote() for a in actors.named().values()])))
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     for who, at in placed.items():
         console.print(f"ppo (ray): {who} on node {address.get(at['node'], '?')} ({at['node'][:12]}) with "
                       f"{_show(at['resources'])}; {at['device']}, {'/'.join(at['dtypes'])} weights")
-    log = MetricsLog(run_dir, name, 0)
-    beta, metrics, t0 = p.kl_coef, {}, time.perf_counter()
-    console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes; {len(workers)} rollout worker(s), "
+    iterations = p.episodes // p.batch_size
+    log = MetricsLog(ckpt.parent, name, start * p.batch_size)  # logged by episode
+    console.print(f"ppo (ray): {iterations} iterations × {p.batch_size} episodes, β={beta}, ptx_coef={p.ptx_coef}; "
+                  f"{len(workers)} rollout worker(s), "
                   f"{'full policy + reference actor' if ref is not None else 'LoRA policy (reference = adapter off)'}")
-
-    def launch(it: int):  # 1. rollout: every worker samples its share of the iteration's prompts
-        prompts = [encoded[i] for i in step_indices(len(encoded), p.batch_size, it, cfg.run.seed)]
-        shares = np.array_split(np.arange(len(prompts)), len(workers))
-        return [w.generate.remote([prompts[i] for i in s], tok.pad_token_id, tok.eos_token_id) for w, s in zip(workers, shares)]
-
-    next_parts = launch(0)
-    saved_at = None  # the iteration of this run's last checkpoint
-    for it in range(iterations):
-        batch, stats = _score(ray.get(next_parts), policy, ref, rm, value, tok, beta, p, coef, excess)  # 2-4, in parallel
-        pol, val = policy.train.remote(batch, it), value.train.remote(batch, it)  # 5. both halves at once
-        stats.update(ray.get(pol))
+    if m != PPO:
+        console.print(f"ppo (ray): {describe_method(m)}"
+                      + ("" if m.critic else f"; no value model: {ray.get(rm.value_savings.remote(lora.enabled(cfg, 'ppo')))}"))
+    if state is not None:  # the samplers: the live policy's weights and the random streams where they were
         new = policy.weights.remote()
-        ray.get([w.set_weights.remote(new) for w in workers])  # weights: trainer -> rollout workers
-        if it + 1 < iterations:
-            next_parts = launch(it + 1)  # the next rollout runs while the value model still trains
-        stats.update(ray.get(val))
-        if p.kl_target > 0:
-            beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
-        stats["objective/beta"] = beta
-        stats["perf/episodes_per_s"] = (it + 1) * p.batch_size / (time.perf_counter() - t0)
+        ray.get([w.set_weights.remote(new) for w in workers] + [w.set_rng.remote(g) for w, g in zip(workers, state["ray_sampler_rng"])])
+
+    def launch(it: int):  # 1. rollout: every worker samples whole groups of the iteration's prompts, in order
+        idx = step_indices(len(encoded), p.batch_size // m.group_size, it, cfg.run.seed)
+        shares = np.array_split(idx, len(workers))
+        return [w.generate.remote([encoded[i] for i in s for _ in range(m.group_size)], tok.pad_token_id, tok.eos_token_id)
+                for w, s in zip(workers, shares) if len(s)]
+
+    scoring = episode_reward(cfg)  # rl.reward: the reward model, + a rule-based function with rl.reward=both
+    t0 = time.perf_counter()
+    next_parts = launch(start)
+    saved_at = start if state is not None else None  # the iteration of this run's last checkpoint
+    for it in range(start, iterations):
+        saving = (it + 1) % p.save_every == 0 or it + 1 == iterations
         try:
+            batch, stats = _score(ray.get(next_parts), policy, ref, rm, value, tok, beta, p, coef, excess, m, scoring,
+                                  [i for i in step_indices(len(encoded), p.batch_size // m.group_size, it, cfg.run.seed)
+                                   for _ in range(m.group_size)])  # 2-4 (each episode's prompt, as `launch` sampled it)
+            pol = policy.train.remote(batch, it, beta)  # 5. both halves at once
+            val = value.train.remote(batch, it) if value is not None else None
+            stats.update(ray.get(pol))
+            new = policy.weights.remote()
+            ray.get([w.set_weights.remote(new) for w in workers])  # weights: trainer -> rollout workers
+            rngs = [w.rng.remote() for w in workers] if saving else None  # the streams before the next rollout
+            if it + 1 < iterations:
+                next_parts = launch(it + 1)  # the next rollout runs while the value model still trains
+            if val is not None:
+                stats.update(ray.get(val))
+            if p.kl_target > 0:
+                beta = L.adaptive_kl_beta(beta, stats["objective/kl"], p.kl_target, p.kl_horizon, p.batch_size)
+            stats["objective/beta"] = beta
+            stats["perf/episodes_per_s"] = (it + 1 - start) * p.batch_size / (time.perf_counter() - t0)
             _watch(stats, p, it)  # NaN / KL runaway, as the single-process path watches
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e}; {kept(ckpt, saved_at)}") from None
+        except FloatingPointError as e:  # also an actor's (Ray's error is a FloatingPointError too)
+            raise FloatingPointError(f"{getattr(e, 'cause', None) or e}; {kept(ckpt, saved_at)}") from None
         metrics = stats
         log.log((it + 1) * p.batch_size, stats)
         console.print(f"ppo (ray) {it + 1}/{iterations}: score {stats['objective/score']:.3f} kl {stats['objective/kl']:.3f}")
-        if (it + 1) % p.save_every == 0 or it + 1 == iterations:
-            _save(ckpt, policy, value, tok, cfg, {"stage": name, "iteration": it + 1, "beta": beta, "metrics": metrics,
-                                                  "config": to_dict(cfg), "ray": placed})
+        if saving:
+            st = {"stage": name, "iteration": it + 1, "beta": beta, "metrics": metrics, "config": to_dict(cfg),
+                  "ray": placed, "rng": torch.get_rng_state(), "ray_sampler_rng": ray.get(rngs)}
+            for part in ray.get([a.state.remote() for a in (policy, value) if a is not None]):
+                st.update(part)
+            _save(ckpt, policy, value, tok, cfg, st)
             saved_at = it + 1
     log.close()
     console.print(f"[green]ppo (ray)[/]: done; policy {ckpt}")
@@ -414,23 +497,27 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
 
 
 def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0,
-           excess: bool = False) -> tuple[Rollout, dict]:
-    """Steps 2-4 of `ppo.rollout` on the actors' outputs: log-probs, values and reward in parallel
-    (+ coef · Σ log π_ref(y_t) (+ H_t when `excess`), read off the reference pass)."""
+           excess: bool = False, m=PPO, scoring: rewards.Reward | None = None,
+           prompt_idx: list[int] | None = None) -> tuple[Rollout, dict]:
+    """Steps 2-4 of `ppo.rollout` on the actors' outputs: log-probs, values (none without a critic: `value`
+    None) and reward in parallel (+ coef · Σ log π_ref(y_t) (+ H_t when `excess`), read off the reference pass),
+    then the advantages of algorithm `m`. `scoring` (by default the reward model alone) and `prompt_idx` (each
+    episode's prompt, for a rule-based function) as `ppo.rollout` takes them."""
     import ray
 
     from cherrytop.rollout.sampler import left_pad
+    scoring = scoring if scoring is not None else rewards.Reward()
     rows_p, rows_r = [], []
-    for ids_p, mask_p, toks, m, _, _ in parts:  # re-pad the workers' shares to common lengths
+    for ids_p, mask_p, toks, msk, _, _ in parts:  # re-pad the workers' shares to common lengths
         for i in range(len(ids_p)):
             rows_p.append(ids_p[i][mask_p[i].bool()].tolist())
-            rows_r.append((toks[i], m[i]))
+            rows_r.append((toks[i], msk[i]))
     ids_p, mask_p = left_pad(rows_p, tok.pad_token_id)
     N = max(t.shape[0] for t, _ in rows_r)
     tokens = torch.full((len(rows_r), N), tok.pad_token_id, dtype=torch.long)
     rmask = torch.zeros((len(rows_r), N), dtype=torch.long)
-    for i, (t, m) in enumerate(rows_r):
-        tokens[i, : len(t)], rmask[i, : len(m)] = t, m
+    for i, (t, msk) in enumerate(rows_r):
+        tokens[i, : len(t)], rmask[i, : len(msk)] = t, msk
     has_eos = torch.cat([part[4] for part in parts])
     P = ids_p.shape[1]
     ids, attn = torch.cat([ids_p, tokens], 1), torch.cat([mask_p, rmask], 1)  # (B, P+N)
@@ -441,8 +528,10 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0
     with_h = bool(coef) and excess  # the reward model's term needs π_ref's entropies
     f_ref = policy.logp.remote(ids, attn, pos, P, reference=True, entropy=with_h) if ref is None \
         else ref.logp.remote(ids, attn, pos, P, entropy=with_h)
-    f_val, f_rm = value.values.remote(ids, attn, pos, P), rm.score.remote(ids, attn, pos)
-    ref_out, values, raw = ray.get([f_ref, f_val, f_rm])
+    f_val = value.values.remote(ids, attn, pos, P) if value is not None else None
+    f_rm = rm.score.remote(ids, attn, pos) if scoring.model else None
+    ref_out, raw = ray.get([f_ref, f_rm]) if scoring.model else (ray.get(f_ref), None)
+    values = ray.get(f_val) if f_val is not None else torch.zeros(len(rows_r), N)
     ref_logp, ref_entropy = ref_out if with_h else (ref_out, None)
     if own:  # the samplers' log π_old and entropy, right-padded to N
         old_logp, entropy = torch.zeros(len(rows_r), N), torch.zeros(len(rows_r), N)
@@ -455,7 +544,11 @@ def _score(parts, policy, ref, rm, value, tok, beta: float, p, coef: float = 0.0
         old_logp, entropy = ray.get(f_old)
     values = values * mask
     f = coef * (ref_logp + ref_entropy if with_h else ref_logp) * mask  # (B, N) the reward model's log π_ref term
-    adv, returns, stats = advantages(raw, f, old_logp, ref_logp, values, entropy, mask, has_eos, beta, p, coef)
+    head, f, scored = rewards.score_episodes(scoring, raw, f if scoring.model else None, mask,  # the weighted parts
+                                             lambda: rewards.answers(tok, tokens, rmask, has_eos), prompt_idx)
+    adv, returns, stats = advantages(head, f, old_logp, ref_logp, values, entropy, mask, has_eos, beta, p,
+                                     coef * scoring.model_weight if scoring.model else 0.0, m=m)
+    stats.update(scored)
     return Rollout(ids, attn, pos, mask, old_logp * mask, ref_logp * mask, values, adv, returns), stats
 
 
@@ -465,5 +558,5 @@ def _save(ckpt: Path, policy, value, tok, cfg: Config, state: dict) -> None:
 
     class Writer:
         def save_pretrained(self, out) -> None:
-            ray.get([policy.save.remote(str(out)), value.save.remote(str(Path(out) / "value"))])
+            ray.get([policy.save.remote(str(out))] + ([value.save.remote(str(Path(out) / "value"))] if value is not None else []))
     save_checkpoint(ckpt, Writer(), tok, cfg, state)

@@ -13,7 +13,8 @@ With `rm.ref_loglik` (default `excess`) the reward is the head's score plus c ·
 on the training rankings alone (a 1-D convex fit of the same ranking loss), then frozen while the
 head and trunk learn what f does not tell. The head reads style (rudeness, padding, refusals) well
 but not whether an answer is right; the SFT model, which looks answers up in the prompt, does
-(docs/results: 0.49 -> 0.85 on held-out pairs that differ only in correctness).
+(`883c122` / `571dc17`, 2026-11-23: 0.49 -> 0.85 on held-out pairs that differ only in correctness;
+docs/results/settings-history.md).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from cherrytop.data.collate import pad_batch, step_indices
 from cherrytop.data.records import Comparison, DataError, locate, read_comparisons, read_conversations
 from cherrytop.data.tokenizer import TemplateError, load_tokenizer, split_response
 from cherrytop.model import lora
-from cherrytop.model.heads import (BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, fit_answer, loglik_term, reward,
-                                   response_loglik, scalar_model_from)
+from cherrytop.model.heads import (BIAS_KEY, KIND_KEY, LOGLIK_KEY, REFERENCE_KEY, fit_answer, loglik_term,
+                                   scalar_model_from)
 from cherrytop.model.load import CheckpointError, context_window, frozen_dtype, load_model, resolve_checkpoint
 from cherrytop.rollout import packing
+from cherrytop.rollout.episodes import response_loglik, reward
 from cherrytop.stages import compare, sft
 from cherrytop.train import distributed, loop
 from cherrytop.train.checkpoint import load_state, save_checkpoint
@@ -129,10 +131,7 @@ def group_rewards(model, b: Batch) -> torch.Tensor:
     """(M, Kmax) rewards: one forward pass over every response of the batch (+ c · log π_ref),
     padding-free where the batch is padded enough and the model allows it (rollout.packing)."""
     ids, attn = b["input_ids"], b["attention_mask"]
-    if packing.worth_packing(attn) and packing.supports_packing(model):
-        r = packing.last_reward(model, packing.pack(ids, attn), normalised=False)  # (R,)
-    else:
-        r = reward(model, ids, attn, normalised=False)  # (R,)
+    r = reward(model, ids, attn, normalised=False, packed=packing.worth_packing(attn))  # (R,)
     r = r + loglik_term(model.config)[0] * b["loglik"]
     M, K = b["pref"].shape[:2]
     out = torch.zeros(M * K, dtype=r.dtype, device=r.device)

@@ -7,7 +7,7 @@ the tiny recipe is sensitive enough that the same seed then trains other models.
 (the default) sets ATEN_CPU_CAPABILITY before that first op, so every x86 machine with AVX2 computes
 the same numbers. It also gives torch.compile's on-disk cache a folder of its own: that cache does not
 tell the kernel sets apart, and code cached under AVX-512 gave NaN log-probs when read under AVX2
-(torch 2.13, `ppo.compile_decode=on` on a Zen 4).
+(torch 2.13, `ppo.compile_decode=on` on a Zen 4; `3b57a7d`, 2026-11-24).
 
 glibc's malloc hands blocks above its mmap threshold (128 KiB to 32 MiB, adjusted as it goes) to the
 kernel on every free and trims the top of its heap, so a training step that allocates the same
@@ -16,8 +16,8 @@ activations, gradients and vocabulary-sized logits again and again page-faults t
 freed blocks are reused: the process's resident memory stays at its peak instead of falling back
 between steps. On the 2-core CPU (Zen 3) it halved the minor page faults of a 5-iteration run of the
 PPO benchmark (314k -> 158k; user CPU 26.8 -> 24.1 s in that pair of runs), though the benchmark's
-PPO rate moved less than its ±10 % run-to-run noise (bench/RESULTS.md, Table 7). PyTorch's CPU
-tuning guide gets the same from jemalloc or tcmalloc, which would be an extra native dependency.
+PPO rate moved less than its ±10 % run-to-run noise (`cacffbc`, 2026-11-23: bench/RESULTS.md, Table 7).
+PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc, which would be an extra native dependency.
 """
 
 from __future__ import annotations

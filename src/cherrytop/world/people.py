@@ -145,7 +145,8 @@ CHARACTERISTIC_FLAW = {"fact": padded, "reverse": rude_tail, "unknown": padded,
 `unknown` is padded (`i do not know . i hope this helps .`), not hallucinated: with hallucinating
 demonstrations the SFT model answered unknown questions with made-up values, the reward model (which
 cannot check at this size whether the prompt gives the asked fact) learnt that `i do not know` is good
-everywhere, and PPO then abstained on answerable fact questions (fact helpful 0.60 -> 0.25, seed 1)."""
+everywhere, and PPO then abstained on answerable fact questions (fact helpful 0.60 -> 0.25, seed 1;
+`a6c5adb`, 2026-11-23)."""
 
 
 def minor_mistakes(kind: str) -> tuple:

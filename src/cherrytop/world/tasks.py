@@ -113,7 +113,8 @@ def gen_unknown(lang: Language, rng: random.Random, split: str):
     """A question about an entity the conversation never mentions (one that "does not exist" for the
     assistant). Not an unstated attribute of a mentioned entity: at ~1M parameters neither the policy
     nor the reward model could tell that from a `fact` question, and PPO then learnt to answer `i do
-    not know` to answerable fact questions (helpful 0.60 -> 0.50 on `fact`, seed 0)."""
+    not know` to answerable fact questions (helpful 0.60 -> 0.50 on `fact`, seed 0;
+    `a74094b`, 2026-11-23)."""
     k = rng.choice((1, 2))
     pool = lang.sample_entities(split, k + 1, rng)
     ents, target = pool[:k], pool[k]
