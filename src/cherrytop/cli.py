@@ -260,7 +260,7 @@ def cmd_plan(args, cfg) -> None:
     from cherrytop.plan import Workload, report
     print(report(args.model, args.stage, args.gpus, args.gpu_mem,
                  Workload(args.micro_batch, args.seq_len, args.rollout_batch, args.lora_r), cpu_node_gib=args.cpu_mem,
-                 frozen_bytes=2 if args.frozen_dtype == "bf16" else 4))
+                 frozen_bytes=2 if args.frozen_dtype == "bf16" else 4, critic=cfg.rl.algorithm == "ppo"))
 
 
 def cmd_convert(args, cfg) -> None:

@@ -215,17 +215,20 @@ def activation_bytes_per_token(s: Shape, trained: bool, checkpointing: bool, lm:
     return s.layers * per_layer + logits
 
 
-def roles(stage: str) -> list[tuple[str, bool, bool]]:
-    """(role, trained, generates) of the models a stage holds."""
+def roles(stage: str, critic: bool = True) -> list[tuple[str, bool, bool]]:
+    """(role, trained, generates) of the models a stage holds; PPO's value model only with a `critic`
+    (`--rl.algorithm=ppo`; the critic-free methods load none)."""
     if stage == "ppo":
-        return [("policy", True, True), ("reference", False, False), ("reward", False, False), ("value", True, False)]
+        return [("policy", True, True), ("reference", False, False), ("reward", False, False)] + (
+            [("value", True, False)] if critic else [])
     return [("reward" if stage == "rm" else "model", True, False)]
 
 
 def plan(s: Shape, stage: str, gpus: int, gpu_gib: float, opts: Options, w: Workload = Workload(),
-         cpu_node_gib: float = float("inf"), gpus_per_node: int = 8, frozen_bytes: int = 2) -> Plan:
+         cpu_node_gib: float = float("inf"), gpus_per_node: int = 8, frozen_bytes: int = 2, critic: bool = True) -> Plan:
     """Bytes per GPU of each model of `stage` with options `opts`; `frozen_bytes` per weight of the
-    models that are not trained (PPO's reference and reward model: 2 in bf16, 4 in fp32)."""
+    models that are not trained (PPO's reference and reward model: 2 in bf16, 4 in fp32); `critic`:
+    PPO holds a value model (False for the critic-free algorithms)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
     if gpus < 1:
@@ -233,7 +236,7 @@ def plan(s: Shape, stage: str, gpus: int, gpu_gib: float, opts: Options, w: Work
     out = Plan(stage, gpus, gpu_gib * GiB, opts, cpu_node_bytes=cpu_node_gib * GiB, gpus_per_node=gpus_per_node)
     shard = gpus if opts.fsdp else 1
     tokens = w.micro_batch * w.seq_len
-    for role, trained, generates in roles(stage):
+    for role, trained, generates in roles(stage, critic):
         lora_here = opts.lora and trained and stage != "pretrain"
         if role == "reference" and opts.lora:
             continue  # the policy with its adapter off: no memory of its own
@@ -272,19 +275,21 @@ def gib(x: float) -> str:
 
 
 def report(path: str | Path, stage: str, gpus: int, gpu_gib: float = 80.0, w: Workload = Workload(),
-           headroom: float = 0.9, cpu_node_gib: float = 1024.0, gpus_per_node: int = 8, frozen_bytes: int = 2) -> str:
+           headroom: float = 0.9, cpu_node_gib: float = 1024.0, gpus_per_node: int = 8, frozen_bytes: int = 2,
+           critic: bool = True) -> str:
     """The printed plan: the model, the first option set that fits (with its breakdown per model),
-    and every option set with its per-GPU total."""
+    and every option set with its per-GPU total; `critic`: as `plan`."""
     s = shape(read_config(path))
     usable = gpu_gib * headroom
-    plans = [plan(s, stage, gpus, usable, o, w, cpu_node_gib * headroom, gpus_per_node, frozen_bytes)
+    plans = [plan(s, stage, gpus, usable, o, w, cpu_node_gib * headroom, gpus_per_node, frozen_bytes, critic)
              for o in all_options(stage)]
     lines = [f"model {path}: {s.params / 1e9:.3f}B parameters, {s.layers} layers, hidden {s.hidden}, "
              f"vocab {s.vocab}; LoRA r={w.lora_r}: {s.lora_params * w.lora_r / 1e6:.1f}M trainable",
              f"stage {stage} on {gpus} GPU(s) of {gpu_gib:g} GiB ({headroom:.0%} usable = {usable:.1f} GiB); "
              f"micro-batch {w.micro_batch} x {w.seq_len} tokens" + (f", rollout batch {w.rollout_batch}" if stage == "ppo" else "")
              + f"; offload may use {cpu_node_gib * headroom:.0f} GiB of CPU memory per node of {min(gpus, gpus_per_node)} GPUs"
-             + (f"; frozen models in {'bf16' if frozen_bytes == 2 else 'fp32'}" if stage == "ppo" else ""),
+             + (f"; frozen models in {'bf16' if frozen_bytes == 2 else 'fp32'}" if stage == "ppo" else "")
+             + ("; no value model (critic-free --rl.algorithm)" if stage == "ppo" and not critic else ""),
              ""]
     best = next((p for p in plans if p.fits), None)
     shown = best or min(plans, key=lambda p: p.total)

@@ -64,6 +64,9 @@ def test_ppo_models_and_kv_cache(small):
         wb = 4 if m.trained else 2
         assert m.weights == wb * PARAMS / 2 + wb * 2 * BLOCK, m.role
     assert [m.optimizer for m in sharded] == [8 * PARAMS / 2, 0, 0, 8 * PARAMS / 2]
+    free = plan(small, "ppo", 1, 1.0, Options(), W, critic=False)  # --rl.algorithm=grpo etc.: no value model
+    assert [m.role for m in free.models] == ["policy", "reference", "reward"]
+    assert p.total - free.total == value.total
 
 
 def test_plan_cli(tmp_path, capsys):
@@ -74,6 +77,9 @@ def test_plan_cli(tmp_path, capsys):
     assert "0.000B parameters" in out and "fits with: plain (full fine-tuning on one GPU)" in out and "DDP" not in out
     assert main(["plan", "--model", str(tmp_path), "--stage", "ppo", "--gpus", "1", "--frozen-dtype", "fp32"]) == 0
     assert "frozen models in fp32" in capsys.readouterr().out
+    assert main(["plan", "--model", str(tmp_path), "--stage", "ppo", "--gpus", "1", "--rl.algorithm=grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "no value model (critic-free --rl.algorithm)" in out and "\nvalue " not in out
     assert main(["plan", "--model", str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
