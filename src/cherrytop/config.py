@@ -462,6 +462,8 @@ class ServeConfig:
     """Answers remembered so they can be rated (the newest); rating a forgotten one is a 404."""
     served_max_age_s: int = 3600
     """Seconds after it was served that an answer can still be rated."""
+    served_max_chars: int = 64 * 2**20
+    """Characters of text (prompts and answers) the remembered answers may hold; past it the oldest are forgotten."""
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 curve as the single-process stage 6 on the same seed, for PPO and for a critic-free algorithm with
 PPO-ptx (so rollouts, scoring, both updates and the trainer -> rollout-worker weight sync are right);
 the trainer actors' update of a batch is the single process's to the last bit; a Ray run stopped half
-way resumes to the weights and logs of one that never stopped; (slow) with LoRA, no reference actor:
-the first rollout's KL to the reference (the policy with its adapter off) is exactly 0."""
+way (cleanly, or GRPO's killed with SIGKILL) resumes to the weights and logs of one that never stopped; (slow)
+with LoRA, PPO and GRPO, no reference actor: the first rollout's KL to the reference (the policy with its
+adapter off) is exactly 0, and only the adapters train."""
 
 import importlib.util
 import json
@@ -21,6 +22,9 @@ HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("lora_tests", HERE / "test_lora.py")
 lora_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lora_tests)
+_spec = importlib.util.spec_from_file_location("killed_run", HERE / "killed_run.py")
+killed_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(killed_run)
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +172,55 @@ def test_a_ray_run_stopped_half_way_resumes_to_the_same_weights_and_logs(tmp_pat
     assert f"the last good checkpoint (step 1) is in {runs / 'nan' / 'ppo'}" in err
 
 
-@pytest.mark.slow
-def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session):
+@pytest.mark.slow  # ~15 s per algorithm on the shared 2 cores (a Ray run); run with -m slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_lora_ppo_on_ray_has_no_reference_actor(tmp_path, ray_session, algorithm):
+    """With LoRA the first rollout's KL to the reference (the policy with its adapter off) is exactly 0;
+    the adapters train and nothing else of the policy: the saved folder is the start's weights but for the
+    adapted layers. GRPO: no value actor, no `value/`."""
+    from safetensors.torch import load_file
     common = setup(tmp_path, kind="excess")  # the term's entropies come from the policy with its adapter off
-    assert main(["ppo", *common, "--run.name=ray_lora", "--ray.enabled=true", "--lora.r=4"]) == 0
+    flags = ["--rl.algorithm=grpo"] if algorithm == "grpo" else []
+    assert main(["ppo", *common, "--run.name=ray_lora", "--ray.enabled=true", "--lora.r=4", *flags]) == 0
     c = rows(tmp_path / "runs/ray_lora")
     assert c[0]["objective/ref_loglik"] != 0
     assert abs(c[0]["objective/kl"]) < 1e-4 < abs(c[1]["objective/kl"])
-    assert (tmp_path / "runs/ray_lora/ppo/adapter/adapter_model.safetensors").is_file()
+    out = tmp_path / "runs/ray_lora/ppo"
+    adapter = load_file(out / "adapter/adapter_model.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] + ".weight" for k in adapter}
+    start, saved = load_file(tmp_path / "base/model.safetensors"), load_file(out / "model.safetensors")
+    assert start.keys() == saved.keys() and adapted <= start.keys()
+    assert {k for k in start if not torch.equal(start[k], saved[k])} == adapted  # the base itself unchanged
+    assert (out / "value").exists() == (algorithm == "ppo")
+
+
+@pytest.mark.slow  # ~50 s on the shared 2 cores (three Ray runs, one killed); run with -m slow
+def test_a_ray_grpo_run_killed_mid_run_resumes_to_the_same_weights_and_logs(tmp_path, ray_session):
+    """GRPO on Ray with two rollout workers: the driver's process (and the Ray instance it started) killed
+    with SIGKILL after the checkpoint of iteration 2 of 4, then started again, ends with the weights (the
+    saved average, its live weights) and logs of a Ray run that never stopped."""
+    from safetensors.torch import load_file
+
+    from cherrytop.train.checkpoint import load_state
+    common = setup(tmp_path) + ["--rl.algorithm=grpo", "--ray.enabled=true", "--ray.rollout_workers=2",
+                                "--ppo.save_every=1", "--ppo.episodes=64", "--ppo.kl_target=1"]
+    runs = tmp_path / "runs"
+    assert main(["ppo", *common, "--run.name=whole"]) == 0
+    killed_run.kill_after_checkpoint(["ppo", *common, "--run.name=killed"], runs / "killed/ppo", new_session=True)
+    assert load_state(runs / "killed/ppo")["iteration"] < 4  # killed mid-run
+    assert main(["ppo", *common, "--run.name=killed"]) == 0
+    a, b = load_file(runs / "whole/ppo/model.safetensors"), load_file(runs / "killed/ppo/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_state(runs / "whole/ppo"), load_state(runs / "killed/ppo")
+    assert sa["iteration"] == sb["iteration"] == 4
+    assert all(torch.equal(sa["live_policy"][k], sb["live_policy"][k]) for k in sa["live_policy"])
+    assert all(torch.equal(x, y) for x, y in zip(sa["ray_sampler_rng"], sb["ray_sampler_rng"]))
+    strip = [[{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows(runs / n)]
+             for n in ("whole", "killed")]
+    assert len(strip[0]) == 4 and strip[0] == strip[1]
+    assert not (runs / "killed/ppo/value").exists()
+    assert [p.name for p in (runs / "killed").iterdir() if p.name.startswith(".")] == []  # the killed write's leftovers
 
 
 def test_ray_scorers_hold_the_frozen_models_in_frozen_dtype(tmp_path):

@@ -39,7 +39,7 @@ def ppo(tmp_path: Path, strategy: str, episodes: int, name: str, *flags: str) ->
     return r.stderr
 
 
-def likely_eos(base: Path, shift: float = 5.0) -> None:
+def likely_eos(base: Path, shift: float = 3.0) -> None:
     """Raise the model's EOS logit by about `shift` at every position (through the final layer norm's bias,
     the output layer being the tied embeddings), so that some sampled answers end within a few tokens: an
     answer without EOS scores `ppo.no_eos_penalty` whatever it says, and groups of such answers teach GRPO

@@ -121,10 +121,17 @@ def test_an_answer_can_be_rated_only_while_the_server_remembers_it(tmp_path, tin
     assert record.get("chatcmpl-a") is not None
     time.sleep(0.1)
     assert record.get("chatcmpl-a") is None and len(record) == 0
+    record = ServedAnswers(max_records=10, max_age_s=60, max_chars=100)  # text, not count, bounds the memory
+    for i in range(3):
+        record.add(f"chatcmpl-{i}", Served(({"role": "user", "content": "q" * 30},), ("a" * 10,), (False,), {}, None, "x"))
+    assert len(record) == 2 and record.get("chatcmpl-0") is None and record.get("chatcmpl-2") is not None
+    record.add("chatcmpl-big", Served(({"role": "user", "content": "q" * 101},), ("",), (False,), {}, None, "x"))
+    assert len(record) == 0  # one record over the budget is not kept either
 
 
 @pytest.mark.parametrize("cfg", [ServeConfig(client_share=0), ServeConfig(feedback_per_minute=0),
-                                 ServeConfig(served_records=0), ServeConfig(max_body_bytes=10)])
+                                 ServeConfig(served_records=0), ServeConfig(max_body_bytes=10),
+                                 ServeConfig(served_max_chars=0)])
 def test_bad_limits_are_refused(tiny_model, serve, cfg):
     with pytest.raises(ValueError, match="serve\\."):
         serve(tiny_model, cfg=cfg)

@@ -1,9 +1,12 @@
 """`--rl.algorithm`: the critic-free methods (GRPO, Dr. GRPO, RLOO, REINFORCE++, REINFORCE++-baseline) and
 the KL penalty in the reward or in the loss. Advantages and losses against hand computations; micro-batching
-exact for every aggregation; end-to-end runs on the test preset that hold no value model; resume."""
+exact for every aggregation; end-to-end runs on the test preset that hold no value model, with LoRA train only
+the adapters, and resume (after a clean stop, and after kill -9) to the weights of a run that never stopped."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,10 @@ from cherrytop.rl.update import policy_objective, train
 from cherrytop.rollout.episodes import response_logp
 
 from .test_ppo import ppo_inputs
+
+_spec = importlib.util.spec_from_file_location("killed_run", Path(__file__).parents[1] / "distributed" / "killed_run.py")
+killed_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(killed_run)
 
 CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
@@ -165,11 +172,16 @@ def test_one_micro_batch_of_8_takes_the_step_of_8_micro_batches_of_1(agg):
         assert any(not torch.allclose(wrong[n], whole[n], rtol=1e-4, atol=1e-5) for n in whole)
 
 
+def _args(tmp_path, name: str, *over: str) -> list[str]:
+    """`cherrytop ppo`'s arguments for run `name` on the test preset with `ppo_inputs`."""
+    return ["ppo", "--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--run.name={name}",
+            f"--ppo.init={tmp_path / 'init'}", f"--ppo.reward_model={tmp_path / 'rm'}",
+            f"--ppo.prompts={tmp_path / 'prompts.jsonl'}", "--ppo.temperature=1", *over]
+
+
 def _ppo(tmp_path, name: str, *over: str) -> int:
     from cherrytop.cli import main
-    return main(["ppo", "--preset", "test", f"--run.out_dir={tmp_path / 'runs'}", f"--run.name={name}",
-                 f"--ppo.init={tmp_path / 'init'}", f"--ppo.reward_model={tmp_path / 'rm'}",
-                 f"--ppo.prompts={tmp_path / 'prompts.jsonl'}", "--ppo.temperature=1", *over])
+    return main(_args(tmp_path, name, *over))
 
 
 def _logs(run) -> list[dict]:
@@ -217,6 +229,61 @@ def test_a_grpo_run_resumes_to_the_same_weights_and_refuses_another_algorithm(tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(_logs(runs / "whole")) == 4 and _logs(runs / "whole") == _logs(runs / "stopped")
     assert not (runs / "stopped/ppo/value").exists()
+
+
+@pytest.mark.parametrize("algorithm", CRITIC_FREE)
+def test_each_critic_free_algorithm_trains_only_lora_adapters(tmp_path, monkeypatch, algorithm):
+    """`--lora.r=4`: the policy's adapters train and nothing else (the saved folder is the start's weights
+    but for the adapted layers, merged; `adapter/` holds adapters only, trained off zero), and the only
+    scalar model loaded is the reward model: no value model, no value pass, no `value/`."""
+    from safetensors.torch import load_file
+
+    from cherrytop.stages import ppo
+    ppo_inputs(tmp_path, ["what is 12 plus 3 ?", "no idea ?", "what is 3 plus 3 ?", "12 plus 3 ?"] * 4, n_layers=1)
+    loaded = []
+    monkeypatch.setattr(ppo, "scalar_model_from", lambda path, *a, f=ppo.scalar_model_from, **k: loaded.append(path)
+                        or f(path, *a, **k))
+    monkeypatch.setattr(ppo, "response_values", lambda *a, **k: pytest.fail("a value pass without a critic"))
+    assert _ppo(tmp_path, algorithm, f"--rl.algorithm={algorithm}", "--lora.r=4", "--lora.alpha=8", "--ppo.lr=0.01") == 0
+    assert [str(x) for x in loaded] == [str(tmp_path / "rm")]
+    out = tmp_path / "runs" / algorithm / "ppo"
+    assert not (out / "value").exists()
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)  # no trained head or other weight
+    assert all(adapter[k].any() for k in adapter if ".lora_B." in k)  # every adapter trained (B starts at zero)
+    adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] + ".weight" for k in adapter}
+    start, saved = load_file(tmp_path / "init" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert start.keys() == saved.keys() and adapted <= start.keys()
+    assert {k for k in start if not torch.equal(start[k], saved[k])} == adapted  # the base itself unchanged
+    logs = _logs(tmp_path / "runs" / algorithm)
+    assert abs(logs[0]["objective/kl"]) < 1e-5 and logs[1]["objective/kl"] != 0  # policy = reference until trained
+
+
+@pytest.mark.slow  # ~10-20 s per algorithm on the shared 2 cores (a CLI process, two runs of 6 iterations); -m slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_a_critic_free_run_killed_mid_run_resumes_to_the_same_weights_and_logs(tmp_path, algorithm):
+    """kill -9 after the checkpoint of iteration 2 (of 6, one every iteration), then started again: the
+    weights (the saved average and its live weights) and logs of a run that never stopped; what the
+    killed process left half written is gone."""
+    from safetensors.torch import load_file
+
+    from cherrytop.train.checkpoint import load_state
+    ppo_inputs(tmp_path, ["what is 12 plus 3 ?", "no idea ?", "what is 3 plus 3 ?", "12 plus 3 ?"] * 4, n_layers=1)
+    flags = (f"--rl.algorithm={algorithm}", "--ppo.save_every=1", "--ppo.episodes=96", "--ppo.kl_target=1")
+    runs = tmp_path / "runs"
+    assert _ppo(tmp_path, "whole", *flags) == 0
+    killed_run.kill_after_checkpoint(_args(tmp_path, "killed", *flags), runs / "killed" / "ppo")
+    assert load_state(runs / "killed" / "ppo")["iteration"] < 6  # killed mid-run
+    assert _ppo(tmp_path, "killed", *flags) == 0
+    a, b = load_file(runs / "whole/ppo/model.safetensors"), load_file(runs / "killed/ppo/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_state(runs / "whole/ppo"), load_state(runs / "killed/ppo")
+    assert sa["iteration"] == sb["iteration"] == 6
+    assert all(torch.equal(sa["live_policy"][k], sb["live_policy"][k]) for k in sa["live_policy"])
+    assert len(_logs(runs / "whole")) == 6 and _logs(runs / "whole") == _logs(runs / "killed")
+    assert len({r["objective/beta"] for r in _logs(runs / "whole")}) > 1  # β adapts: resumed too
+    assert sorted(p.name for p in (runs / "killed").iterdir() if p.name.startswith(".")) == []
+    assert not (runs / "killed/ppo/value").exists()
 
 
 def test_a_run_that_turns_non_finite_says_which_checkpoint_is_left(tmp_path, monkeypatch, capsys):

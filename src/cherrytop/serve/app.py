@@ -144,7 +144,8 @@ def _check(cfg: ServeConfig) -> None:
                               ("max_body_bytes", cfg.max_body_bytes >= 1024, ">= 1024"),
                               ("feedback_per_minute", cfg.feedback_per_minute >= 1, ">= 1"),
                               ("served_records", cfg.served_records >= 1, ">= 1"),
-                              ("served_max_age_s", cfg.served_max_age_s >= 1, ">= 1")):
+                              ("served_max_age_s", cfg.served_max_age_s >= 1, ">= 1"),
+                              ("served_max_chars", cfg.served_max_chars >= 1, ">= 1")):
         if not ok:
             raise ValueError(f"serve.{key} must be {expected}, got {getattr(cfg, key)}")
 
@@ -163,7 +164,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mo
                     max_per_client=max(1, int(cfg.client_share * slots)))
     moderator = moderator or Moderator(None)
     feedback = FeedbackSink(feedback_url)
-    served = ServedAnswers(cfg.served_records, cfg.served_max_age_s)
+    served = ServedAnswers(cfg.served_records, cfg.served_max_age_s, cfg.served_max_chars)
     ratings = RateLimit(cfg.feedback_per_minute)
     keys = api_keys(cfg)
     max_chars = engine.context * longest_token(tokenizer)  # more prompt text than this cannot fit the window

@@ -10,7 +10,7 @@ the client sends only an id, not the whole conversation again; there is no key t
 rotate; and the record also knows what no client could prove (that a choice was the moderation
 policy's safe message). The cost: an answer can be rated only while the server remembers it (the
 last `max_records` answers, for `max_age_s` seconds, and not across a restart); its memory is
-bounded by `max_records` times the largest request the server accepts (serve.max_body_bytes).
+bounded by `max_chars` characters of text (serve.served_max_chars), whatever the requests' sizes.
 """
 
 from __future__ import annotations
@@ -43,14 +43,22 @@ class Served:
 class ServedAnswers:
     """The last `max_records` completions served, each for `max_age_s` seconds (thread-safe)."""
 
-    def __init__(self, max_records: int, max_age_s: float):
-        self.max_records, self.max_age_s = max_records, max_age_s
+    def __init__(self, max_records: int, max_age_s: float, max_chars: int = 64 * 2**20):
+        self.max_records, self.max_age_s, self.max_chars = max_records, max_age_s, max_chars
         self._records: OrderedDict[str, tuple[float, Served]] = OrderedDict()  # (time.monotonic(), record), oldest first
+        self._chars = 0  # text held by the records: a flood of large requests pushes the oldest out
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(served: Served) -> int:
+        return sum(len(m["content"]) for m in served.messages) + sum(len(a) for a in served.answers)
 
     def add(self, cid: str, served: Served) -> None:
         with self._lock:
+            if cid in self._records:
+                self._chars -= self._size(self._records.pop(cid)[1])
             self._records[cid] = (time.monotonic(), served)
+            self._chars += self._size(served)
             self._expire()
 
     def get(self, cid: str) -> Served | None:
@@ -65,8 +73,9 @@ class ServedAnswers:
 
     def _expire(self) -> None:
         limit = time.monotonic() - self.max_age_s
-        while self._records and (len(self._records) > self.max_records or next(iter(self._records.values()))[0] < limit):
-            self._records.popitem(last=False)
+        while self._records and (len(self._records) > self.max_records or self._chars > self.max_chars
+                                 or next(iter(self._records.values()))[0] < limit):
+            self._chars -= self._size(self._records.popitem(last=False)[1][1])
 
 
 class RateLimit:
