@@ -88,15 +88,26 @@ def held(model: torch.nn.Module) -> float:
     return local / sum(q.numel() for q in model.parameters())
 
 
+def algorithm_config(algorithm: str):
+    """The settings of `rl.algorithm` in these tests: groups of 2 answers, GRPO's KL loss weighted 0.5."""
+    return load_config("test", [], [f"--rl.algorithm={algorithm}", "--rl.group_size=2", "--rl.kl_loss_coef=0.5"])
+
+
 def rollout_share(out: Path, rank: int, strategy: str = "none", d: distributed.Dist = distributed.SOLO,
-                  adapters: bool = False) -> tuple[Rollout, dict, dict[str, float]]:
+                  adapters: bool = False, algorithm: str = "ppo") -> tuple[Rollout, dict, dict[str, float]]:
     """Rank `rank`'s rollout of its half of PROMPTS with its own generator: in a job under `strategy`
     (the batch is then every rank's, gathered), or alone in one process (the reference). Also the
-    share of each frozen model's weights this process held."""
-    policy, value, ref, score, loglik, par, frozen_models = models(out, strategy, d, adapters)
+    share of each frozen model's weights this process held. `algorithm`: `rl.algorithm`, each of the
+    half's first prompts sampled group_size times (whole groups on each rank) and no value model
+    without a critic."""
+    cfg = algorithm_config(algorithm)
+    m = method(cfg.rl)
+    policy, value, ref, score, loglik, par, frozen_models = models(out, strategy, d, adapters, m.critic)
     share = len(PROMPTS) // 2
-    batch, stats = rollout(policy, ref, score, value, Tok, PROMPTS[rank * share: (rank + 1) * share], SETTINGS.kl_coef,
-                           SETTINGS, torch.Generator().manual_seed(100 + rank), loglik, par)
+    prompts = [q for q in PROMPTS[rank * share: rank * share + share // m.group_size] for _ in range(m.group_size)]
+    beta = SETTINGS.kl_coef if m.kl_in == "reward" else initial_beta(m, cfg)
+    batch, stats = rollout(policy, ref, score, value, Tok, prompts, beta, SETTINGS,
+                           torch.Generator().manual_seed(100 + rank), loglik, par, m=m)
     return batch, stats, {k: held(m) for k, m in frozen_models.items()}
 
 
@@ -135,7 +146,7 @@ def train_once(out: Path, strategy: str, d: distributed.Dist, sgd: bool = False,
     `rl.algorithm` (groups of 2; no value model without a critic), β its initial one (GRPO's KL in the
     loss, with a reference that differs from the policy so the term has a gradient from the first step)."""
     batch, windows = load_data(out)
-    cfg = load_config("test", [], [f"--rl.algorithm={algorithm}", "--rl.group_size=2", "--rl.kl_loss_coef=0.5"])
+    cfg = algorithm_config(algorithm)
     m = method(cfg.rl)
     if m.kl_in == "loss":
         batch.ref_logp = (batch.ref_logp - 0.3) * batch.mask
@@ -202,6 +213,10 @@ def main() -> None:
                 torch.save({"batch": vars(batch), "stats": stats, "held": shares},
                            out / f"rollout_{strategy}{'_lora' * adapters}.pt")
     for variant in variants:
+        if "algorithm" in VARIANTS[variant]:  # the algorithm's rollout, then its update
+            batch, stats, _ = rollout_share(out, d.rank, strategy, d, algorithm=variant)
+            if d.main:
+                torch.save({"batch": vars(batch), "stats": stats}, out / f"rollout_{strategy}_{variant}.pt")
         result = train_once(out, strategy, d, **VARIANTS[variant])
         if d.main:
             torch.save(result, update_file(out, strategy, variant))

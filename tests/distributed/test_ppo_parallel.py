@@ -103,28 +103,37 @@ def test_ppo_rollout_on_two_processes_is_each_ranks_single_process_rollout(runs,
     With LoRA the reference is the policy with its adapter off (FSDP: through the sharded policy)."""
     out, _ = runs
     got = torch.load(out / f"rollout_{strategy}{'_lora' * adapters}.pt")
-    batch = got["batch"]
     halves = [worker.rollout_share(out, r, adapters=adapters) for r in range(WORLD)]
     assert set(got["held"]) == {"reward", "loglik"} | ({"reference"} if not adapters else set())
     for name, share in got["held"].items():  # the frozen models: half of each on rank 0 under FSDP
         assert share == (pytest.approx(1 / WORLD, abs=0.05) if strategy == "fsdp" else 1.0), name
-    P = batch["ids"].shape[1] - batch["mask"].shape[1]
-    for r, (half, _, _) in enumerate(halves):
-        rows = slice(4 * r, 4 * r + 4)
-        n = half.mask.shape[1]
-        p = half.ids.shape[1] - n
-        for f in ("ids", "attn", "pos"):  # extra prompt columns on the left, response columns on the right: padding
-            torch.testing.assert_close(batch[f][rows, P - p: P + n], getattr(half, f), rtol=0, atol=0, msg=f)
-        assert not batch["attn"][rows, : P - p].any() and not batch["attn"][rows, P + n:].any()
-        for f in ("mask", "old_logp", "ref_logp", "old_values", "returns"):
-            torch.testing.assert_close(batch[f][rows, :n], getattr(half, f), rtol=1e-5, atol=1e-5, msg=f)
-            assert not batch[f][rows, n:].any(), f
-    assert halves[0][0].ids.shape != halves[1][0].ids.shape  # padded differently on the two ranks
+    check_gathered(got, halves)
+    batch = got["batch"]
     raw = (batch["returns"] - batch["old_values"]) * batch["mask"]  # GAE's advantages before whitening
     torch.testing.assert_close(batch["advantages"], L.masked_whiten(raw, batch["mask"]), rtol=1e-4, atol=1e-5)
     assert got["stats"]["objective/ref_loglik"] != 0 and got["stats"]["objective/rm_score"] != 0  # scored by both
     if adapters:  # the reference is the policy with its adapter off, not the policy
         assert got["stats"]["objective/kl"] != 0
+
+
+def check_gathered(got: dict, halves: list, fields=("mask", "old_logp", "ref_logp", "old_values", "returns")) -> None:
+    """The 2-process rollout `got` (rank 0's gathered batch and statistics) holds each rank's single-process
+    rollout `halves[r]` in its rows, padded on the left (prompt) and the right (response) to the longest
+    of both, the `fields` equal, and its per-episode statistics are the mean of the halves'."""
+    batch = got["batch"]
+    P = batch["ids"].shape[1] - batch["mask"].shape[1]
+    B = len(halves[0][0].ids)
+    for r, (half, _, _) in enumerate(halves):
+        rows = slice(B * r, B * r + B)
+        n = half.mask.shape[1]
+        p = half.ids.shape[1] - n
+        for f in ("ids", "attn", "pos"):  # extra prompt columns on the left, response columns on the right: padding
+            torch.testing.assert_close(batch[f][rows, P - p: P + n], getattr(half, f), rtol=0, atol=0, msg=f)
+        assert not batch["attn"][rows, : P - p].any() and not batch["attn"][rows, P + n:].any()
+        for f in fields:
+            torch.testing.assert_close(batch[f][rows, :n], getattr(half, f), rtol=1e-5, atol=1e-5, msg=f)
+            assert not batch[f][rows, n:].any(), f
+    assert halves[0][0].ids.shape != halves[1][0].ids.shape  # padded differently on the two ranks
     for k in ("objective/score", "objective/rm_score", "objective/ref_loglik", "objective/kl", "rollout/length",
               "rollout/eos_rate"):  # per-episode means
         assert got["stats"][k] == pytest.approx((halves[0][1][k] + halves[1][1][k]) / 2, rel=1e-5, abs=1e-6), k
