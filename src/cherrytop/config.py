@@ -435,6 +435,9 @@ class ServeConfig:
     """Model id clients send and `/v1/models` lists; empty = the checkpoint folder's name."""
     api_keys: tuple[str, ...] = ()
     """Accepted Bearer API keys (also read from $CHERRYTOP_API_KEYS, comma-separated); none = no auth."""
+    forwarded_allow_ips: str = ""
+    """Reverse proxies (comma-separated addresses, or $FORWARDED_ALLOW_IPS) whose X-Forwarded-For / -Proto are
+    trusted for the client's address; empty = none, so no client can claim another address to dodge the limits."""
     max_batch: int = 16
     """Most sequences generated together in one step (dynamic batching); 1 = one request at a time."""
     max_queue: int = 64

@@ -343,3 +343,15 @@ def test_a_server_open_to_the_network_without_api_keys_warns_at_start(tmp_path, 
     assert main(["serve", "--checkpoint", str(tmp_path / "none"), "--serve.host=0.0.0.0", "--serve.port=0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("warning: listening on 0.0.0.0 with no API keys") and err.count("\n") == 2
+
+
+def test_forwarded_headers_are_read_only_from_a_trusted_proxy(monkeypatch):
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: a local client could claim any address and
+    dodge the per-client limits. cherrytop serve reads the headers only from the proxies it is told of."""
+    from cherrytop.serve.app import proxy_settings
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    assert proxy_settings(ServeConfig()) == {"proxy_headers": False}
+    assert proxy_settings(ServeConfig(forwarded_allow_ips="10.0.0.5")) == {"proxy_headers": True,
+                                                                           "forwarded_allow_ips": "10.0.0.5"}
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.6")
+    assert proxy_settings(ServeConfig())["forwarded_allow_ips"] == "10.0.0.6"

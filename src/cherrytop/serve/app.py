@@ -450,4 +450,11 @@ def run(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> None:
     auth = "Bearer keys required" if api_keys(s) else "no API keys"
     print(f"serving '{app.state.model_name}' on http://{s.host}:{s.port}/ (chat page) and /v1 (OpenAI API); {auth}; "
           f"batch {s.max_batch}, queue {s.max_queue}")
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", **proxy_settings(s))).run(sockets=[sock])
+
+
+def proxy_settings(s: ServeConfig) -> dict:
+    """uvicorn's proxy settings: forwarded headers only from the trusted proxies (serve.forwarded_allow_ips, else
+    $FORWARDED_ALLOW_IPS); with none, no header is read (uvicorn would otherwise trust 127.0.0.1's)."""
+    trusted = s.forwarded_allow_ips or os.environ.get("FORWARDED_ALLOW_IPS", "")
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted} if trusted.strip() else {"proxy_headers": False}
