@@ -117,7 +117,7 @@ def advantages(head: torch.Tensor, f: torch.Tensor, old_logp: torch.Tensor, ref_
     settings. Data-parallel (`d`): whitening and the statistics are over every rank's episodes (a rank holds
     whole groups). Returns (advantages (B, N), returns (B, N), statistics)."""
     kl = L.per_token_kl(old_logp, ref_logp, mask)  # (B, N) k1: what objective/kl reports (and β adapts to)
-    penalty = kl if m.kl_estimator == "k1" else L.kl_estimate(old_logp, ref_logp, mask, m.kl_estimator)  # (B, N)
+    penalty = L.kl_estimate(old_logp, ref_logp, mask, m.kl_estimator)  # (B, N) the estimate the penalty uses
     beta_r = beta if m.kl_in == "reward" else 0.0
     _, scores, rewards = episode_rewards(head, f, penalty, mask, has_eos, beta_r, p.no_eos_penalty)
     if m.algorithm == "ppo":

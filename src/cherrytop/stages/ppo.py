@@ -555,8 +555,8 @@ def rollout(policy, ref, score_fn: ScoreFn | None, value, tok, prompt_ids: list[
     pk = shared_pack(ids, attn, *(x for x in (ref, value) if x is not None))  # one layout for the reference and value passes
     entropies = loglik is not None and loglik.excess and loglik.model is None  # the term needs π_ref's entropies too
     with amp():
-        out = _no_grad_pass(ref, par and par.ref, lambda m: response_logp(
-            m, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk))
+        out = _no_grad_pass(ref, par and par.ref, lambda net: response_logp(
+            net, ids, attn, pos, P, p.temperature, with_entropy=entropies, pk=pk))
         ref_logp, ref_entropy = out if entropies else (out, None)
         values = (_no_grad_pass(value, par and par.value, lambda v: response_values(v, ids, attn, pos, P, pk=pk)) * mask
                   if value is not None else torch.zeros_like(mask))  # (B, N)
@@ -594,11 +594,11 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     # each pass runs inside its model's DDP / FSDP wrapper (`par`), on the padding-free layout where the model allows
     stats = policy_update(policy, opt_pi, batch, p, it, seed, m, beta, fwd=par.policy if par is not None else None, d=d,
                           ema=ema, windows=windows, amp=amp)
-    if value is None:
-        return distributed.mean_over_ranks(stats, d)
-    stats.update(value_update(value, opt_v, batch, p, it, seed, fwd=par.value if par is not None else None, d=d, amp=amp))
+    if value is not None:
+        stats.update(value_update(value, opt_v, batch, p, it, seed, fwd=par.value if par is not None else None, d=d, amp=amp))
     out = distributed.mean_over_ranks(stats, d)  # every rank ran as many micro-batches
-    out.update(explained_variance(batch))  # `batch` is the global batch on every rank: the same number everywhere
+    if value is not None:
+        out.update(explained_variance(batch))  # `batch` is the global batch on every rank: the same number everywhere
     return out
 
 
