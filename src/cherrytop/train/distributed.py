@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,15 +81,34 @@ def setup(cfg: DistConfig) -> Dist:
 
 
 
-def teardown(clean: bool = True) -> None:
-    """Leave the process group, if one is running: after a clean run (`clean`) every rank first waits
-    for the others, so none closes its gloo / NCCL connections under a rank still at work; then the
-    group is destroyed while the interpreter is whole. A process that reaches interpreter shutdown
-    still holding a gloo group can abort there ("terminate called without an active exception")."""
-    if dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
+def teardown(clean: bool = True, wait_s: float = 10.0) -> None:
+    """Leave the process group, if one is running, while the interpreter is whole: every rank first
+    meets the others, so none closes its gloo / NCCL connections under a rank still using them (a rank
+    that does, or that reaches interpreter shutdown holding a group, can abort with "terminate called
+    without an active exception"). After a clean run (`clean`) the meeting is a barrier; after an
+    error, which the other ranks may not share, it is a count in the job's store that waits at most
+    `wait_s` seconds for them."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    else:
+        _meet(wait_s)
+    dist.destroy_process_group()
+
+
+def _meet(wait_s: float) -> None:
+    """Wait up to `wait_s` seconds until every rank has arrived here (no collective: a rank stuck in
+    one, or gone, only costs the wait)."""
+    try:
+        store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+        arrived, end = store.add("cherrytop/teardown", 1), time.monotonic() + wait_s
+        while arrived < world and time.monotonic() < end:
+            time.sleep(0.05)
+            arrived = store.add("cherrytop/teardown", 0)
+    except (RuntimeError, OSError):  # the store's host (rank 0) already left: nobody to wait for
+        pass
+
 
 def shard(items: list, d: Dist) -> list:
     """This rank's share of a step's micro-batches (every rank gets as many; rank r takes r, r+W, ...)."""
