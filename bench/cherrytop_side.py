@@ -1,9 +1,10 @@
 """The cherrytop side of the benchmark: runs one task through cherrytop's real entry points
 (`stages.sft.run`, `stages.reward.run`, `stages.ppo.run` with `rl.algorithm` ppo / grpo / rloo,
-`rollout.sampler.sample`) on the shared inputs of `make_data.py`, and prints one `RESULT {json}` line.
+`stages.dpo.run`, `rollout.sampler.sample`) on the shared inputs of `make_data.py`, and prints one `RESULT {json}` line.
 Started by compare.py in a fresh process per task (so peak memory is per task), with cherrytop's venv:
 
-    .venv/bin/python bench/cherrytop_side.py --task {sft,rm_pairs,rm_rankings,ppo,grpo,rloo,gen} [--spec JSON]
+    .venv/bin/python bench/cherrytop_side.py --task {sft,rm_pairs,rm_rankings,ppo,grpo,rloo,dpo_pairs,dpo_rankings,gen} \
+        [--spec JSON]
 
 The step clock is read by wrapping the function each loop calls at the start of a step (the
 micro-batch builder, or the PPO rollout): nothing inside cherrytop is changed for the benchmark.
@@ -67,8 +68,9 @@ def bench_rm(spec: Spec, run_dir: str, rankings: bool) -> None:
     report("rm_rankings" if rankings else "rm_pairs", "cherrytop", meter, "pairs")
 
 
-def _time_loop(loop, meter: Meter, work) -> None:
-    """Wrap `loop.run` so that each step's micro-batch builder marks the step start and its work."""
+def _time_loop(loop, meter: Meter, work, rows: list[int] | None = None) -> None:
+    """Wrap `loop.run` so that each step's micro-batch builder marks the step start and its work
+    (and, given `rows`, appends the step's sequences to it)."""
     inner = loop.run
 
     def run(stage, cfg, fresh=False):
@@ -78,10 +80,57 @@ def _time_loop(loop, meter: Meter, work) -> None:
             t0 = time.perf_counter()
             batches = build(step)
             meter.step(sum(work(b) for b in batches), at=t0)
+            if rows is not None:
+                rows.append(sum(int(b["input_ids"].shape[0]) for b in batches))
             return batches
         stage.micro_batches = timed
         return inner(stage, cfg, fresh)
     loop.run = run
+
+
+def bench_dpo(spec: Spec, run_dir: str, rankings: bool) -> None:
+    """`cherrytop dpo` (`stages.dpo.run`, sigmoid loss, β = spec.dpo_beta) on K = 8 rankings (each prompt's 8
+    answers scored once, all 28 pairs in the loss) or on pairwise data (K = 2). Work = strict pairs.
+
+    π_ref's log-probs: cherrytop computes them once, for the whole file, before its first step
+    (`dpo.reference_logps`, outside the step window); TRL's DPOTrainer (precompute_ref_log_probs=False, its
+    default) runs π_ref on every pair inside each step. So that cherrytop's number includes its π_ref
+    work, the time of that pass (wall and CPU) is charged pro rata: ref seconds × (answers trained on in
+    the window / answers π_ref scored), added to the window's seconds. The uncharged rate and the whole
+    pass's time are in the result too (`per_s_without_ref`, `ref_pass_s`, `ref_pass_answers`)."""
+    from cherrytop.stages import dpo
+    from cherrytop.train import loop
+    data = OUT / (f"rankings-k{spec.dpo_k}.jsonl" if rankings else "pairs.jsonl")
+    batch = spec.dpo_rankings_batch if rankings else spec.dpo_pairs_batch
+    cfg = load_config("tiny", overrides=_common(spec, run_dir) + [
+        f"--dpo.train.data={data}", f"--dpo.train.init={_model(spec)}", "--dpo.epochs=0", "--dpo.loss=dpo",
+        f"--dpo.beta={spec.dpo_beta}", f"--dpo.train.max_steps={spec.dpo_steps}", f"--dpo.train.batch_size={batch}",
+        f"--dpo.train.micro_batch_size={batch}", f"--dpo.train.seq_len={spec.dpo_seq_len}",
+        f"--dpo.train.lr={spec.dpo_lr}", "--dpo.train.warmup_steps=2", "--dpo.train.eval_every=100000",
+        "--dpo.train.save_every=100000", "--dpo.train.eval_batches=1"])
+    meter, rows = Meter(spec.warmup), []
+    _time_loop(loop, meter, lambda b: int(b["pref"].sum()), rows)  # strict pairs (the data has no ties)
+    ref = {"s": 0.0, "cpu_s": 0.0, "answers": 0}
+    inner = dpo.reference_logps
+
+    def reference_logps(lm, encoded, pad_id, seq_len):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = inner(lm, encoded, pad_id, seq_len)
+        ref["s"] += time.perf_counter() - t0
+        ref["cpu_s"] += time.process_time() - c0
+        ref["answers"] += sum(len(e) for e in encoded)
+        return out
+    dpo.reference_logps = reference_logps
+    dpo.run(cfg, fresh=True)
+    if not ref["answers"]:
+        raise RuntimeError("dpo.reference_logps was not called: the π_ref pass was not timed")
+    r = meter.result("pairs")
+    share = sum(rows[spec.warmup:-1]) / ref["answers"]  # the window's answers / the answers π_ref scored
+    seconds, cpu = r["seconds"] + share * ref["s"], r["cpu_seconds"] + share * ref["cpu_s"]
+    report("dpo_rankings" if rankings else "dpo_pairs", "cherrytop", meter, "pairs",
+           per_s=r["work"] / seconds, seconds=seconds, per_cpu_s=r["work"] / cpu, cpu_seconds=cpu,
+           per_s_without_ref=r["per_s"], ref_pass_s=ref["s"], ref_pass_answers=ref["answers"],
+           ref_charged_s=share * ref["s"], window_answers=sum(rows[spec.warmup:-1]))
 
 
 def bench_ppo(spec: Spec, run_dir: str, algorithm: str = "ppo") -> None:
@@ -148,7 +197,8 @@ def bench_gen(spec: Spec) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="cherrytop side of the TRL comparison")
-    ap.add_argument("--task", required=True, choices=["sft", "rm_pairs", "rm_rankings", "ppo", "grpo", "rloo", "gen"])
+    ap.add_argument("--task", required=True, choices=["sft", "rm_pairs", "rm_rankings", "ppo", "grpo", "rloo",
+                                                    "dpo_pairs", "dpo_rankings", "gen"])
     ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
     args = ap.parse_args(argv)
     spec = Spec.from_json(args.spec)
@@ -158,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_sft(spec, run_dir)
         elif args.task.startswith("rm_"):
             bench_rm(spec, run_dir, rankings=args.task == "rm_rankings")
+        elif args.task.startswith("dpo_"):
+            bench_dpo(spec, run_dir, rankings=args.task == "dpo_rankings")
         elif args.task in ("ppo", "grpo", "rloo"):
             bench_ppo(spec, run_dir, args.task)
         else:

@@ -6,6 +6,7 @@ and the median). Results also go to `bench/out/results.json`.
     .venv/bin/python bench/compare.py                       # all tasks, 2 repeats
     .venv/bin/python bench/compare.py --tasks ppo gen --repeats 3
     .venv/bin/python bench/compare.py --tasks grpo rloo --repeats 2   # issue 23: GRPOTrainer / RLOOTrainer
+    .venv/bin/python bench/compare.py --tasks dpo_rankings dpo_pairs --repeats 2   # cherrytop dpo vs DPOTrainer
     .venv/bin/python bench/compare.py --gpu 125m            # issue 7's GPU settings (make_data.SCALES)
     .venv/bin/python bench/compare.py --gpu 1b --smoke --device cpu   # the GPU run's code paths, small, on CPU
 
@@ -43,6 +44,8 @@ TASKS = {
     "ppo": ("PPO episodes/s", "ppo", TRL_PPO_PY, "ppo"),
     "grpo": ("GRPO episodes/s", "grpo", TRL_PY, "grpo"),
     "rloo": ("RLOO episodes/s", "rloo", TRL_PY, "rloo"),
+    "dpo_pairs": ("DPO pairs/s, pairwise data", "dpo_pairs", TRL_PY, "dpo_pairs"),
+    "dpo_rankings": ("DPO pairs/s, K=8 rankings", "dpo_rankings", TRL_PY, "dpo_rankings"),
     "gen": ("generation tokens/s", "gen", TRL_PY, "gen"),
     "gen_static": ("generation tokens/s vs static-cache generate", "gen", TRL_PY, "gen_static"),
 }

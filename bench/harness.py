@@ -61,6 +61,26 @@ class Spec:
     per rollout batch, each sampled group_size times."""
     grpo_kl_coef: float = 0.04
     """GRPO's β of the k3 KL term in the loss (tiny: rl.kl_loss_coef, the GRPO paper's; TRL `GRPOConfig.beta`)."""
+    dpo_steps: int = 24
+    """DPO optimizer steps (warm-up included)."""
+    dpo_k: int = 8
+    """Answers per ranking of the DPO rankings row (make_data's rankings-k<dpo_k>.jsonl, strict orders:
+    C(dpo_k, 2) = 28 pairs per prompt, no ties)."""
+    dpo_rankings_batch: int = 4
+    """K = 8 rankings (prompts) per DPO optimizer step: cherrytop one pass of 32 answers (dpo.train.batch_size
+    = micro_batch_size = 4); TRL the same 4 × 28 = 112 pairs as dpo_trl_micro pairs per pass, with gradient
+    accumulation (4 passes of 28 pairs, 56 sequences each)."""
+    dpo_trl_micro: int = 28
+    """TRL's pairs per forward/backward pass in the DPO rankings row (`per_device_train_batch_size`; one
+    prompt's pairs); dpo_rankings_batch · C(dpo_k, 2) must be a multiple of it."""
+    dpo_pairs_batch: int = 32
+    """Pairwise DPO data: chosen/rejected pairs per step on both sides, one pass of 64 sequences each."""
+    dpo_seq_len: int = 160
+    """DPO maximum tokens per prompt + answer (tiny: dpo.train.seq_len; TRL `max_length`)."""
+    dpo_lr: float = 1e-4
+    """DPO learning rate (tiny: dpo.train.lr)."""
+    dpo_beta: float = 0.1
+    """DPO's β (tiny: dpo.beta; TRL `DPOConfig.beta`), sigmoid loss on both sides."""
     gen_batches: int = 6
     """Generation benchmark: batches of `ppo_batch` prompts (warm-up included)."""
     scale: str = "tiny"
@@ -87,6 +107,7 @@ class Spec:
     def smoke(self) -> "Spec":
         """The same code paths at a size a CPU runs in minutes (to check a GPU run will work, not to time)."""
         return replace(self, sft_steps=4, sft_batch=4, rm_steps=4, rm_pairs_batch=4, rm_rankings_batch=2, ppo_iterations=3,
+                       dpo_steps=4, dpo_rankings_batch=2, dpo_pairs_batch=4,
                        ppo_batch=8, ppo_minibatch=4, response_len=8, gen_batches=3, warmup=1)
 
     @property

@@ -8,6 +8,11 @@
     pairs.jsonl     the same rankings as TRL-style pairwise rows `{"prompt", "chosen", "rejected"}`
                     (the C(4,2) = 6 pairs of each ranking, ties left out)
     prompts.jsonl   PPO prompts `{"messages": [...]}` ending with a user turn
+    rankings-k8.jsonl  256 K = 8 rankings for the DPO rows: 8 different answers per prompt (4 simulated
+                    trainers' answers, filled up with one-edit variants of them, `stages.compare.edit`), in a
+                    simulated labeler's order taken as strict (its ties broken by that order), so every
+                    prompt gives exactly C(8,2) = 28 pairs
+    pairs-k8.jsonl  the same rankings as their 28 TRL-style pairwise rows each (7,168 rows)
     <scale>/model   with `--scale 125m|1b`: a random-weight Llama of issue 7's GPU table (SCALES),
                     vocabulary 32,000, the same tokenizer (its 1,536 ids are a subset; nothing the
                     benchmark samples is decoded)
@@ -23,7 +28,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import shutil
+import sys
 from pathlib import Path
 
 from cherrytop.config import load_config
@@ -31,7 +38,12 @@ from cherrytop.data.tokenizer import train_tokenizer
 from cherrytop.model.load import build_model
 from cherrytop.world import SimulatedLabeler, SimulatedTrainer, World
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Spec  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
+DPO_RANKINGS = 256
+"""K-way rankings written for the DPO rows (cherrytop holds out 10 % of them; TRL trains on all their pairs)."""
 GPU_VOCAB = 32000
 """The vocabulary of the GPU-scale models (issue 7: vocab 32k)."""
 SCALES = {
@@ -127,6 +139,45 @@ def reward_folder(model: Path) -> Path:
     return folder
 
 
+def dpo_rankings(out: Path, k: int) -> Path:
+    """rankings-k<k>.jsonl and pairs-k<k>.jsonl: DPO_RANKINGS prompts, each with k different answers ranked
+    strictly, and the same rankings as their C(k,2) chosen/rejected rows. The answers: the 4 simulated
+    trainers' (build's), then one small edit of one of them (`stages.compare.edit`: repeat / drop a word, a number
+    ±1, a typo, as `cherrytop compare` makes its edited answers) until k differ. The labeler's order
+    is kept and its ties dropped (broken by that order): no tied pairs on either side, and every prompt
+    has exactly C(k,2) strict pairs, so a batch of P prompts is P · C(k,2) pairs on both sides."""
+    from cherrytop.stages.compare import edit
+    path = out / f"rankings-k{k}.jsonl"
+    if path.is_file():
+        return path
+    cfg = load_config("tiny")
+    world = World(cfg.world)
+    trainers = [SimulatedTrainer(cfg.world, seed=s) for s in range(4)]
+    labeler = SimulatedLabeler(cfg.world, "bench", seed=0)
+    rankings, pairs = [], []
+    for n, task in enumerate(world.prompts(1024)[:DPO_RANKINGS]):
+        answers = list(dict.fromkeys(t.reply(task) for t in trainers))  # distinct, in trainer order
+        base, rng = list(answers), random.Random(f"bench-dpo|{n}")
+        for _ in range(1000):
+            if len(answers) == k:
+                break
+            new = edit(rng.choice(base), rng.choice(("repeat", "drop", "number", "typo")), [], "", rng)
+            if new and new not in answers:
+                answers.append(new)
+        else:
+            raise SystemExit(f"error: could not make {k} different answers for prompt {n}")
+        order = labeler.rank(task, answers).ranking
+        prompt = [dict(m) for m in task.messages]
+        rankings.append({"prompt": {"messages": prompt}, "responses": answers, "ranking": order, "ties": []})
+        for a, b in itertools.combinations(order, 2):  # a ranked above b
+            pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answers[a]}],
+                          "rejected": [{"role": "assistant", "content": answers[b]}]})
+    write_jsonl(out / f"pairs-k{k}.jsonl", pairs)
+    write_jsonl(path, rankings)  # last: its presence means both files are complete
+    print(f"{path}: {len(rankings)} K={k} rankings, {len(pairs)} pairs")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fresh", action="store_true", help="rebuild everything")
@@ -139,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out)
     build(out)
     reward_folder(out / "model")
+    dpo_rankings(out, Spec().dpo_k)
     if args.scale != "tiny":
         reward_folder(scaled_model(out, args.scale))
     if args.prompt_len:

@@ -2,7 +2,7 @@
 the same model folder and data (`make_data.py`), printing one `RESULT {json}` line. It imports
 nothing from cherrytop and runs in TRL's own venv (TRL is a benchmark-only dependency):
 
-    bench/.venv-trl/bin/python     bench/trl_side.py --task {sft,rm,grpo,rloo,gen}   # trl 1.16.0
+    bench/.venv-trl/bin/python     bench/trl_side.py --task {sft,rm,grpo,rloo,dpo_pairs,dpo_rankings,gen}   # trl 1.16.0
     bench/.venv-trl-ppo/bin/python bench/trl_side.py --task ppo           # trl 1.12.0 (trl.experimental.ppo)
 
 Settings that differ from TRL's defaults, all to match cherrytop's run (see bench/README.md):
@@ -44,14 +44,16 @@ def common_args(out_dir: str, spec: Spec) -> dict:
 
 
 class StepClock(TrainerCallback):
-    """Marks each optimizer step's start (after its batch was collated) with the work counted by
-    the wrapped collator for that step."""
+    """Marks each optimizer step's start (after its batch was collated: the Trainer fetches a step's
+    `accumulation` micro-batches before on_step_begin) with the work counted by the wrapped collator
+    for that step's micro-batches."""
 
-    def __init__(self, meter: Meter, counts: list[float]):
-        self.meter, self.counts = meter, counts
+    def __init__(self, meter: Meter, counts: list[float], accumulation: int = 1):
+        self.meter, self.counts, self.accumulation = meter, counts, accumulation
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.meter.step(self.counts[len(self.meter.marks)])
+        n = len(self.meter.marks) * self.accumulation
+        self.meter.step(sum(self.counts[n: n + self.accumulation]))
 
 
 def counting(collator, counts: list[float], work):
@@ -92,6 +94,38 @@ def bench_rm(spec: Spec, out_dir: str) -> None:
     trainer.data_collator = counting(trainer.data_collator, counts, lambda b: int(b["input_ids"].shape[0]) // 2)
     trainer.train()
     report("rm", "trl", meter, "pairs", trl_version=_version())
+
+
+def bench_dpo(spec: Spec, out_dir: str, rankings: bool) -> None:
+    """`DPOTrainer` (trl 1.16.0), sigmoid loss, β = spec.dpo_beta, on chosen/rejected rows: the C(8,2) = 28 pairs
+    of each K = 8 ranking (pairs-k8.jsonl, the rankings cherrytop trains on) or the pairwise data (pairs.jsonl).
+    A step is the pairs of spec.dpo_rankings_batch prompts (4 × 28 = 112: spec.dpo_trl_micro pairs per pass,
+    gradient accumulation for the rest) or spec.dpo_pairs_batch pairs (one pass). π_ref: TRL's default,
+    `precompute_ref_log_probs=False`: a second copy of the model (loaded in __init__, outside the window)
+    runs a no-grad forward over each micro-batch's chosen and rejected sequences inside the step, so its
+    time is in TRL's window."""
+    from trl import DPOConfig, DPOTrainer
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    rows = read_jsonl(f"pairs-k{spec.dpo_k}.jsonl" if rankings else "pairs.jsonl")
+    pairs = spec.dpo_rankings_batch * spec.dpo_k * (spec.dpo_k - 1) // 2 if rankings else spec.dpo_pairs_batch
+    micro = spec.dpo_trl_micro if rankings else spec.dpo_pairs_batch
+    if pairs % micro:
+        raise SystemExit(f"error: {pairs} pairs per step is not a multiple of dpo_trl_micro={micro}")
+    accumulation = pairs // micro
+    if pairs * spec.dpo_steps > len(rows):  # one epoch: every step a full one
+        raise SystemExit(f"error: {spec.dpo_steps} steps of {pairs} pairs need more than the {len(rows)} rows")
+    args = DPOConfig(**common_args(out_dir, spec), max_steps=spec.dpo_steps, per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=accumulation, learning_rate=spec.dpo_lr, warmup_steps=2,
+                     max_length=spec.dpo_seq_len, beta=spec.dpo_beta, loss_type=["sigmoid"],
+                     precompute_ref_log_probs=False, disable_dropout=True)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    meter, counts = Meter(spec.warmup), []
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[StepClock(meter, counts, accumulation)])
+    trainer.data_collator = counting(trainer.data_collator, counts, lambda b: int(b["input_ids"].shape[0]) // 2)
+    trainer.train()
+    report("dpo_rankings" if rankings else "dpo_pairs", "trl", meter, "pairs", trl_version=_version(),
+           micro_pairs=micro, accumulation=accumulation)
 
 
 def prompt_ids(tok) -> list[list[int]]:
@@ -229,7 +263,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="TRL side of the cherrytop comparison")
-    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "gen", "gen_static"])
+    ap.add_argument("--task", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "dpo_pairs", "dpo_rankings",
+                                                    "gen", "gen_static"])
     ap.add_argument("--spec", default="{}", help="Spec as JSON (harness.Spec); defaults = the tiny preset")
     args = ap.parse_args(argv)
     spec = Spec.from_json(args.spec)
@@ -240,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         {"sft": lambda: bench_sft(spec, out_dir), "rm": lambda: bench_rm(spec, out_dir),
          "ppo": lambda: bench_ppo(spec, out_dir), "grpo": lambda: bench_group(spec, out_dir, "grpo"),
          "rloo": lambda: bench_group(spec, out_dir, "rloo"), "gen": lambda: bench_gen(spec),
+         "dpo_pairs": lambda: bench_dpo(spec, out_dir, rankings=False),
+         "dpo_rankings": lambda: bench_dpo(spec, out_dir, rankings=True),
          "gen_static": lambda: bench_gen(spec, static=True)}[args.task]()
 
 
