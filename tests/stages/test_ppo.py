@@ -354,3 +354,39 @@ def test_ppo_stopped_half_way_resumes_to_the_same_weights(tmp_path):
     logs = [[{k: v for k, v in json.loads(r).items() if not k.startswith("perf/") and k != "time"}
              for r in (runs / n / "logs" / "ppo.jsonl").read_text().splitlines()] for n in ("whole", "stopped")]
     assert len(logs[0]) == 4 and logs[0] == logs[1]
+
+
+def test_each_rank_resumes_its_own_random_streams_and_another_world_size_starts_afresh(capsys):
+    """`restore_rng` on a checkpoint's per-rank lists: rank 1 of 2 takes rank 1's global state and
+    sampler stream; a checkpoint from before the lists (one tensor of each) still resumes one process
+    where it was; on another number of processes the sampler keeps its fresh seed and rank 0 says the
+    resume is not bit-exact."""
+    from cherrytop.stages.ppo import restore_rng, rng_states
+    from cherrytop.train.distributed import SOLO, Dist
+
+    def stream(seed: int, skip: int) -> torch.Generator:  # a generator `skip` draws into its stream
+        g = torch.Generator().manual_seed(seed)
+        torch.rand(skip, generator=g)
+        return g
+    torch.manual_seed(1)
+    rank0 = rng_states(stream(10, 3), SOLO)
+    torch.manual_seed(2)
+    rank1 = rng_states(stream(11, 5), SOLO)
+    saved = {k: rank0[k] + rank1[k] for k in rank0}  # as two processes write it
+    gen = torch.Generator().manual_seed(99)
+    restore_rng(saved, gen, Dist(1, 2, 1, torch.device("cpu")), 2)
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=stream(11, 5)))
+    assert torch.equal(torch.get_rng_state(), rank1["rng"][0])
+
+    old = {"rng": rank0["rng"][0], "sampler_rng": rank0["sampler_rng"][0]}  # one tensor each
+    gen = torch.Generator().manual_seed(99)
+    restore_rng(old, gen, SOLO, 2)
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=stream(10, 3)))
+    assert "not bit-exact" not in capsys.readouterr().err
+
+    gen = torch.Generator().manual_seed(99)
+    restore_rng(saved, gen, SOLO, 2)
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=torch.Generator().manual_seed(99)))
+    assert torch.equal(torch.get_rng_state(), rank0["rng"][0])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not bit-exact" in err and "2 process(es) and this job has 1" in err

@@ -28,7 +28,8 @@ gathered so every rank holds the global batch, and each minibatch's micro-batche
 is the single-process step. The policy and value models are wrapped (DDP / FSDP2); under FSDP the
 frozen reference and reward models are sharded too (`parallel`), under DDP they are full copies.
 Every forward pass runs under bf16 autocast on GPU (`dist.bf16`). Rank 0 logs and writes; with FSDP
-checkpoints are sharded.
+checkpoints are sharded. The checkpoint holds every rank's random streams (`rng_states`), so a job
+resumed on as many processes ends with the weights of one never stopped.
 Launch: torchrun --nproc_per_node 8 -m cherrytop.cli ppo --dist.strategy=ddp
 """
 
@@ -444,15 +445,14 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
             opt_pi.load_state_dict(state["opt_policy"])
             if opt_v is not None:
                 opt_v.load_state_dict(state["opt_value"])
-        torch.set_rng_state(state["rng"])
         beta, start, metrics = state["beta"], state["iteration"], state["metrics"]
         if d.main:
             console.print(f"[yellow]ppo[/]: resuming at iteration {start} of {iterations}")
     log = MetricsLog(run_dir, name, start * p.batch_size) if d.main else distributed.NoLog()  # logged by episode
     # each rank samples its own episodes: its own stream (rank 0's is the single process's)
     gen = torch.Generator(device=d.device).manual_seed((cfg.run.seed * 1000 + start) * d.world + d.rank)
-    if state is not None and "sampler_rng" in state and d.world == 1:  # one process: resume its stream where it was
-        gen.set_state(state["sampler_rng"])
+    if state is not None:
+        restore_rng(state, gen, d, start)
     if d.main:
         console.print(f"ppo: {iterations} iterations × {p.batch_size} episodes, {len(encoded)} prompts, β={beta}, "
                       f"ptx_coef={p.ptx_coef}; policy {init}, {scoring.describe(rm_path)}"
@@ -462,8 +462,8 @@ def run(cfg: Config, fresh: bool = False, name: str = "ppo") -> dict:
                           + ("" if m.critic else f"; no value model: {value_savings(rm if rm is not None else policy, adapters)}"))
 
     def save(iteration: int) -> None:
-        st = {"stage": name, "iteration": iteration, "beta": beta, "rng": torch.get_rng_state(), "metrics": metrics,
-              "config": to_dict(cfg), "sampler_rng": gen.get_state()}
+        st = {"stage": name, "iteration": iteration, "beta": beta, "metrics": metrics, "config": to_dict(cfg),
+              **rng_states(gen, d)}  # every rank's (a collective: before rank 0 alone writes)
         if par is not None and par.sharded:  # every rank writes its shards; the value folder goes in with the policy's
             staged = ckpt.with_name(f".{ckpt.name}.value-staged")
             full = iteration == iterations  # the final checkpoint is also a plain HF folder (both models)
@@ -600,6 +600,34 @@ def update(policy, value, opt_pi, opt_v, batch: Rollout, p, windows, it: int, se
     if value is not None:
         out.update(explained_variance(batch))  # `batch` is the global batch on every rank: the same number everywhere
     return out
+
+
+def rng_states(gen: torch.Generator, d: distributed.Dist) -> dict[str, list[torch.Tensor]]:
+    """Every rank's random state in rank order (one entry in one process), as the checkpoint keeps it:
+    torch's global generator (`rng`) and the rank's sampler stream (`sampler_rng`). Every rank calls it."""
+    mine = (torch.get_rng_state(), gen.get_state())
+    ranks = [mine]
+    if d.world > 1:
+        ranks = [None] * d.world
+        torch.distributed.all_gather_object(ranks, mine)
+    return {"rng": [r[0] for r in ranks], "sampler_rng": [r[1] for r in ranks]}
+
+
+def restore_rng(state: dict, gen: torch.Generator, d: distributed.Dist, start: int) -> None:
+    """This rank's random state from the checkpoint `state` (`rng_states`; a checkpoint from before they
+    were kept per rank holds one tensor of each, rank 0's). Written by as many processes as this job has:
+    each rank takes its own, and the run goes on exactly as if it had never stopped. Otherwise every rank
+    takes rank 0's global state and its sampler keeps the fresh seed `gen` has for iteration `start`."""
+    rng, sampler = ([x] if isinstance(x, torch.Tensor) else x for x in (state["rng"], state.get("sampler_rng", [])))
+    if len(sampler) == d.world:
+        torch.set_rng_state(rng[d.rank])
+        gen.set_state(sampler[d.rank])
+        return
+    torch.set_rng_state(rng[0])
+    if d.main:
+        console.print(f"[yellow]ppo[/]: the resume is not bit-exact: the checkpoint holds the sampling streams of "
+                      f"{len(sampler)} process(es) and this job has {d.world} (the number of processes changed); "
+                      f"each process samples from a fresh stream from iteration {start}")
 
 
 def describe_method(m: Method) -> str:
