@@ -1,27 +1,34 @@
-"""Every policy-gradient algorithm of stage 6 side by side on the built-in world (tiny preset).
+"""Every policy-gradient algorithm of stage 6, and every DPO variant, side by side on the built-in world
+(tiny preset).
 
 For each seed: one run trains pretrain → sft → compare → rm (`cherrytop pipeline --until rm`); then,
 from the same SFT model and reward model, `cherrytop ppo --rl.algorithm=X` trains one policy per
 algorithm (each in its own run folder, same episode budget), plus one GRPO run whose reward is the
-world's graders (`--rl.reward=function`, a verifiable reward) for contrast. Each policy is scored as the
+world's graders (`--rl.reward=function`, a verifiable reward) for contrast, and `cherrytop dpo` trains
+one policy per DPO variant from the same SFT model on the same comparisons. Each policy is scored as the
 pipeline scores PPO: helpful / truthful / harmless on the held-out tasks (greedy answers), win rate
 against SFT by the graders, KL to SFT (nats per sampled response), wall time of the training command
 and its episodes/s. Writes a Markdown table (default docs/results/algorithms.md) and the raw JSON.
 
     .venv/bin/python bench/algorithms.py --seeds 0 1                 # ~25 min per seed on 2 cores
     .venv/bin/python bench/algorithms.py --seeds 0 --algorithms ppo grpo --out /tmp/a.md
+    .venv/bin/python bench/algorithms.py --seeds 0 1 --algorithms dpo ipo simpo online_dpo --out docs/results/dpo.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+DPO = {"dpo": [], "ipo": ["--dpo.loss=ipo"], "simpo": ["--dpo.loss=simpo"], "dpo_pl": ["--dpo.pairs=plackett_luce"],
+       "online_dpo": ["--dpo.rounds=2"]}
+"""`cherrytop dpo` variants, from the same SFT model on the same comparisons (their run gets a copy of them)."""
 VERIFIABLE = ("grpo_graders", ["--rl.algorithm=grpo", "--rl.reward=function",
                                "--rl.reward_fn=cherrytop.world.reward:graded"])
 """The contrast run: GRPO against the world's graders instead of the reward model."""
@@ -34,8 +41,8 @@ def cli(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def score(run_dir: Path, base: Path, seed: int) -> dict:
-    """The pipeline's evaluation of `run_dir/ppo` against `base/sft` (cherrytop.pipeline.evaluate_all's)."""
+def score(run_dir: Path, base: Path, seed: int, stage: str = "ppo") -> dict:
+    """The pipeline's evaluation of `run_dir/<stage>` against `base/sft` (cherrytop.pipeline.evaluate_all's)."""
     from cherrytop.config import load_config
     from cherrytop.data.tokenizer import load_tokenizer
     from cherrytop.eval.heldout import answer_heldout
@@ -47,23 +54,24 @@ def score(run_dir: Path, base: Path, seed: int) -> dict:
     world, e = World(cfg.world), cfg.eval
     out = {}
     answers = {}
-    for name, folder in (("sft", base / "sft"), ("policy", run_dir / "ppo")):
+    for name, folder in (("sft", base / "sft"), ("policy", run_dir / stage)):
         model, tok = load_model(folder), load_tokenizer(folder)
         tasks, answers[name] = answer_heldout(model, tok, world, e.n_tasks, e.max_new_tokens, e.batch_size, progress=False)
         out[name] = graded(tasks, answers[name])
     prompts = [list(t.messages) for t in tasks]
     out["versus_sft"] = win_rate(tasks, answers["policy"], answers["sft"])
-    out["kl_to_sft"] = kl_to_reference(load_model(run_dir / "ppo"), load_model(base / "sft"), load_tokenizer(base / "sft"),
+    out["kl_to_sft"] = kl_to_reference(load_model(run_dir / stage), load_model(base / "sft"), load_tokenizer(base / "sft"),
                                        prompts, cfg.ppo.max_new_tokens, cfg.ppo.temperature, e.batch_size, seed)
-    logs = [json.loads(r) for r in (run_dir / "logs" / "ppo.jsonl").read_text().splitlines()]
-    out["episodes_per_s"] = logs[-1]["perf/episodes_per_s"]
+    if stage == "ppo":
+        logs = [json.loads(r) for r in (run_dir / "logs" / "ppo.jsonl").read_text().splitlines()]
+        out["episodes_per_s"] = logs[-1]["perf/episodes_per_s"]
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--algorithms", nargs="+", default=ALGORITHMS + [VERIFIABLE[0]])
+    ap.add_argument("--algorithms", nargs="+", default=ALGORITHMS + [VERIFIABLE[0]] + list(DPO))
     ap.add_argument("--runs", default="runs", help="run folder (--run.out_dir)")
     ap.add_argument("--base-name", default="algos-s{seed}", help="the run holding each seed's sft and rm")
     ap.add_argument("--out", default="docs/results/algorithms.md")
@@ -75,8 +83,17 @@ def main(argv: list[str] | None = None) -> None:
         base = runs / base_name
         cli("pipeline", *common, f"--run.name={base_name}", "--until", "rm")  # skipped where already trained
         for alg in a.algorithms:
-            extra = VERIFIABLE[1] if alg == VERIFIABLE[0] else [f"--rl.algorithm={alg}"]
             name = f"{base_name}-{alg}"
+            if alg in DPO:
+                extra = DPO[alg]
+                (runs / name / "data").mkdir(parents=True, exist_ok=True)
+                for f in (base / "data").glob("comparisons*"):
+                    shutil.copy(f, runs / name / "data" / f.name)
+                wall = cli("dpo", *common, f"--run.name={name}", f"--dpo.train.init={base / 'sft'}", *extra)
+                results[f"{seed}/{alg}"] = {**score(runs / name, base, seed, "dpo"), "wall_s": wall, "args": extra}
+                print(json.dumps({f"{seed}/{alg}": results[f"{seed}/{alg}"]}), flush=True)
+                continue
+            extra = VERIFIABLE[1] if alg == VERIFIABLE[0] else [f"--rl.algorithm={alg}"]
             wall = cli("ppo", *common, f"--run.name={name}", f"--ppo.init={base / 'sft'}",
                        f"--ppo.reward_model={base / 'rm'}", *extra)
             results[f"{seed}/{alg}"] = {**score(runs / name, base, seed), "wall_s": wall, "args": extra}
@@ -90,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def render(results: dict, seeds: list[int], algorithms: list[str]) -> str:
     lines = ["# Algorithms side by side (tiny preset)", "",
-             "Same SFT model and reward model per seed; `cherrytop ppo --rl.algorithm=X`, 2,048 episodes each. "
+             "Same SFT model, comparisons and reward model per seed; `cherrytop ppo --rl.algorithm=X`, 2,048 episodes "
+             "each; `cherrytop dpo` variants (dpo, ipo, simpo, dpo_pl = Plackett–Luce, online_dpo = 2 rounds) on the "
+             "same comparisons, no reward model. "
              "Helpful / truthful / harmless: greedy answers to the held-out tasks; win rate vs SFT by the graders "
              "(ties half); KL to SFT in nats per sampled response; wall time of the `cherrytop ppo` command "
              "(loading included). Command: `.venv/bin/python bench/algorithms.py --seeds "
@@ -106,9 +125,9 @@ def render(results: dict, seeds: list[int], algorithms: list[str]) -> str:
             r = results.get(f"{seed}/{alg}")
             if r:
                 p = r["policy"]
+                eps = f"{r['episodes_per_s']:.1f}" if "episodes_per_s" in r else "–"
                 lines.append(f"| {alg} | {p['helpful']:.3f} | {p['truthful']:.3f} | {p['harmless']:.3f} | "
-                             f"{r['versus_sft']['win_rate']:.3f} | {r['kl_to_sft']:.2f} | {r['wall_s']:.0f} | "
-                             f"{r['episodes_per_s']:.1f} |")
+                             f"{r['versus_sft']['win_rate']:.3f} | {r['kl_to_sft']:.2f} | {r['wall_s']:.0f} | {eps} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -51,6 +51,22 @@ def test_pipeline_writes_every_stage_and_the_report(run_dir):
 
 
 
+def test_pipeline_aligned_with_dpo_trains_no_reward_model_and_reports_dpo_against_sft(run_dir, tmp_path, capsys):
+    """`--pipeline.align=dpo`: pretrain → SFT → compare → DPO → evaluation (a copy of the finished run:
+    its pretrain, SFT and comparisons are reused); DPO is scored against SFT as PPO is."""
+    import shutil
+    run = tmp_path / "test"
+    for part in ("pretrain", "sft", "data", "lineage.json"):
+        (shutil.copytree if (run_dir / part).is_dir() else shutil.copy)(run_dir / part, run / part)
+    assert main(["pipeline", "--preset", "test", f"--run.out_dir={tmp_path}", "--pipeline.align=dpo"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["eval"]) == {"pretrain", "sft", "dpo"} and not (run / "rm").exists() and not (run / "ppo").exists()
+    v = report["versus_sft"]["dpo"]
+    assert 0 <= v["win_rate"] <= 1 and v["kl_to_sft"] > 0 and "judge" not in v  # no reward model to judge
+    assert report["dpo"]["eval/reward_accuracy"] >= 0 and {"pretrain", "sft", "compare", "dpo", "eval"} <= set(report["wall_time_s"])
+    assert "dpo vs SFT" in (run / "report.md").read_text()
+
+
 def test_until_keeps_the_later_stages_that_are_still_up_to_date(run_dir, tmp_path, capsys):
     """`pipeline --until sft` on a finished run reports every stage that is still finished and up to date
     (it used to drop rm, PPO and their evaluation from report.json); once SFT is trained again, the

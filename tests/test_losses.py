@@ -188,6 +188,77 @@ def test_ranking_loss_tie_pulls_rewards_together_and_empty_batch_is_zero():
     assert L.ranking_loss(torch.randn(2, 3), empty).item() == 0.0
 
 
+@pytest.mark.parametrize("kind, eps", [("dpo", 0.0), ("dpo", 0.1), ("ipo", 0.0), ("simpo", 0.0)])
+def test_preference_loss_is_mean_over_every_pair_of_each_prompt(kind, eps):
+    x, pref, tie, rankings, ties = _ranking_batch(True)
+    beta, gamma, tie_weight = 0.7, 0.3, 0.5
+    per_prompt = []
+    for b, (rank, tp) in enumerate(zip(rankings, ties)):
+        tied = {frozenset(p) for p in tp or []}
+        r, terms = x[b].tolist(), []
+        for a in range(len(rank)):
+            for c in range(a + 1, len(rank)):
+                i, j = rank[a], rank[c]
+                d = r[i] - r[j]
+                if frozenset((i, j)) in tied:
+                    terms.append(tie_weight * (d * d if kind == "ipo" else -0.5 * (logsig(beta * d) + logsig(-beta * d))))
+                elif kind == "ipo":
+                    terms.append((d - 1 / (2 * beta)) ** 2)
+                elif kind == "simpo":
+                    terms.append(-logsig(beta * d - gamma))
+                else:
+                    terms.append(-(1 - eps) * logsig(beta * d) - eps * logsig(-beta * d))
+        if terms:
+            per_prompt.append(sum(terms) / len(terms))
+    got = L.preference_loss(x, pref, tie, kind, beta=beta, label_smoothing=eps, margin=gamma, tie_weight=tie_weight)
+    assert_close(got, torch.tensor(sum(per_prompt) / len(per_prompt)))
+
+
+def test_dpo_loss_is_the_ranking_loss_of_beta_times_the_log_ratios():
+    x, pref, tie, _, _ = _ranking_batch(True)
+    assert_close(L.preference_loss(x, pref, tie, "dpo", beta=0.3, tie_weight=0.5),
+                 L.ranking_loss(0.3 * x, pref, tie, tie_weight=0.5))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo", "plackett_luce"])
+def test_preference_gradients_reach_every_real_answer_and_no_padding(kind):
+    x, pref, tie, rankings, _ = _ranking_batch(True)
+    x = torch.nan_to_num(x, nan=0.0).requires_grad_()
+    loss = L.plackett_luce_loss(x, pref, tie, 0.5) if kind == "plackett_luce" else L.preference_loss(x, pref, tie, kind)
+    loss.backward()
+    for b, r in enumerate(rankings):
+        k = len(r) if len(r) > 1 else 0
+        assert (x.grad[b, :k] != 0).all() and (x.grad[b, k:] == 0).all()
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        L.preference_loss(x, pref, tie, "kto")
+
+
+@pytest.mark.parametrize("with_ties", [False, True])
+def test_plackett_luce_against_a_loop_over_places(with_ties):
+    x, pref, tie, rankings, ties = _ranking_batch(with_ties)
+    beta = 0.8
+    per_prompt = []
+    for b, (rank, tp) in enumerate(zip(rankings, ties)):
+        tied = {frozenset(p) for p in tp or []}
+        s = [beta * v for v in x[b].tolist()]
+        terms = []
+        for place, k in enumerate(rank):
+            above = {rank[a] for a in range(place) if frozenset((rank[a], k)) not in tied}
+            risk = [j for j in rank if j not in above]  # k, the answers below it, and those tied with it
+            if len(risk) > 1:
+                terms.append(s[k] - math.log(sum(math.exp(s[j]) for j in risk)))
+        if terms:
+            per_prompt.append(-sum(terms) / len(terms))
+    got = L.plackett_luce_loss(x, pref, tie if with_ties else None, beta)
+    assert_close(got, torch.tensor(sum(per_prompt) / len(per_prompt)))
+
+
+def test_plackett_luce_of_a_pair_is_dpo():
+    x = torch.tensor([[0.4, -1.3], [2.0, 0.5]])
+    pref = torch.stack([L.ranking_pairs([0, 1], None, 2)[0], L.ranking_pairs([1, 0], None, 2)[0]])
+    assert_close(L.plackett_luce_loss(x, pref, None, 0.2), L.preference_loss(x, pref, None, "dpo", beta=0.2))
+
+
 def test_ranking_accuracy():
     rewards, pref, tie, rankings, _ = _ranking_batch(True)
     rewards = torch.nan_to_num(rewards, nan=0.0)

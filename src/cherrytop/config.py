@@ -241,6 +241,49 @@ class RewardConfig:
     right answer from a wrong one (stages/reward.py)."""
 
 
+def _dpo_defaults() -> TrainConfig:
+    return TrainConfig(init="sft", max_steps=100, batch_size=16, micro_batch_size=16, seq_len=160, lr=1e-4,
+                       warmup_steps=5, eval_every=20, save_every=50, log_every=5)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    train: TrainConfig = field(default_factory=_dpo_defaults)
+    """Optimisation of the policy: batch_size counts prompts (a prompt's K answers, all their pairs, are one
+    batch element); init = the policy it starts from (the SFT model); data = a comparisons file (empty:
+    this run's sampled comparisons)."""
+    reference: str = ""
+    """π_ref, the model the log-ratios are taken against; empty = `train.init`. With LoRA and no
+    reference of its own, π_ref is the policy with its adapter off (no second copy)."""
+    loss: str = "dpo"
+    """`dpo` (sigmoid, Rafailov et al. 2023), `ipo` (squared, Azar et al. 2023: `beta` is its τ) or `simpo`
+    (reference-free, length-normalised, Meng et al. 2024: `simpo_beta`, `simpo_gamma`)."""
+    pairs: str = "all"
+    """How a K-way ranking enters the loss: `all` its C(K, 2) pairs as one element (each answer scored once),
+    or `plackett_luce` (the ranking's likelihood; `dpo` loss only)."""
+    beta: float = 0.1
+    """β of DPO (the KL strength: smaller moves further from π_ref), τ of IPO."""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO: the share of rankings taken to be flipped by noise (DPO loss only)."""
+    simpo_beta: float = 2.0
+    """β of SimPO, on the mean log-prob per answer token (SimPO's paper: 2 to 2.5)."""
+    simpo_gamma: float = 1.0
+    """γ of SimPO: the margin by which the better answer's β-scaled mean log-prob must win."""
+    tie_weight: float = 1.0
+    """Weight of tied pairs (a tie is half a win each way: the two log-ratios are pulled together); 0 ignores them."""
+    epochs: float = 2.0
+    """Passes over the comparisons per round; sets train.max_steps when > 0."""
+    rounds: int = 1
+    """Online (iterative) DPO: after round 1 on the comparisons, each further round samples compare.k answers
+    per prompt from the current policy, has them ranked (`ranker`) and trains again from the current
+    policy against the same π_ref. 1 = offline DPO."""
+    ranker: str = "labelers"
+    """Who ranks an online round's answers: `labelers` (the built-in world's simulated labelers) or
+    `reward_model` (`reward_model`'s scores, for prompts of your own)."""
+    reward_model: str = "rm"
+    """The reward model that ranks online rounds with ranker=reward_model (a folder or a stage name)."""
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     init: str = "sft"
@@ -379,8 +422,8 @@ class LoraConfig:
     """Dropout on the LoRA branch."""
     targets: tuple[str, ...] = ("all-linear",)
     """Module names to adapt (e.g. q_proj, v_proj); `all-linear` = every linear layer but the output."""
-    stages: tuple[str, ...] = ("sft", "rm", "ppo")
-    """Stages that train with LoRA when r > 0 (of sft, rm, ppo; pretraining is always full)."""
+    stages: tuple[str, ...] = ("sft", "rm", "ppo", "dpo")
+    """Stages that train with LoRA when r > 0 (of sft, rm, ppo, dpo; pretraining is always full)."""
 
 
 @dataclass(frozen=True)
@@ -410,6 +453,9 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    align: str = "ppo"
+    """How the pipeline aligns the SFT model: `ppo` (compare → reward model → the RL stage, `rl.algorithm`,
+    and PPO-ptx) or `dpo` (compare → DPO on the rankings: no reward model, no sampling loop)."""
     ptx_coef: float = 1.0
     """γ of the extra PPO-ptx run the pipeline makes to compare the alignment tax with plain PPO
     (used when ppo.ptx_coef is 0); 0 skips that run."""
@@ -493,6 +539,8 @@ class Config:
     """Stage 6: PPO against the reward model with a KL penalty."""
     rl: RLConfig = field(default_factory=RLConfig)
     """Stage 6's algorithm (PPO, GRPO, RLOO, REINFORCE++) and where its KL penalty goes."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Direct preference optimisation on the comparisons (DPO, IPO, SimPO; offline or online rounds)."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Scale-out: data parallelism, gradient checkpointing, bf16."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -564,6 +612,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                          "log_every": 1, "warmup_steps": 1}},
         "ppo": {"episodes": 32, "batch_size": 16, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 2,
                 "max_new_tokens": 10, "save_every": 1},
+        "dpo": {"train": {"batch_size": 4, "micro_batch_size": 2, "eval_every": 2, "save_every": 2, "log_every": 1,
+                          "warmup_steps": 1}},
     },
 }
 
@@ -792,6 +842,20 @@ def validate_rl(r: RLConfig, p: PPOConfig) -> None:
                f"a multiple of rl.group_size ({r.group_size}): each prompt's {r.group_size} answers are one group", p.batch_size)
 
 
+def validate_dpo(c: DPOConfig) -> None:
+    """The `dpo` settings: each out-of-range value is one line naming the setting."""
+    _check(c.loss in ("dpo", "ipo", "simpo"), "dpo.loss", "dpo, ipo or simpo", c.loss)
+    _check(c.pairs in ("all", "plackett_luce"), "dpo.pairs", "all or plackett_luce", c.pairs)
+    _check(c.pairs == "all" or c.loss == "dpo", "dpo.pairs", f"all with dpo.loss={c.loss} (Plackett–Luce is DPO's)", c.pairs)
+    for key in ("beta", "simpo_beta"):
+        _check(0 < getattr(c, key) < math.inf, f"dpo.{key}", "a number > 0", getattr(c, key))
+    _check(0 <= c.label_smoothing < 0.5, "dpo.label_smoothing", "a number in [0, 0.5)", c.label_smoothing)
+    for key in ("simpo_gamma", "tie_weight", "epochs"):
+        _check(0 <= getattr(c, key) < math.inf, f"dpo.{key}", "a number >= 0", getattr(c, key))
+    _check(c.rounds >= 1, "dpo.rounds", "a whole number >= 1 (1 = offline DPO)", c.rounds)
+    _check(c.ranker in ("labelers", "reward_model"), "dpo.ranker", "labelers or reward_model", c.ranker)
+
+
 def validate_decoding(cfg: Config) -> None:
     """Ranges of the `generate` / `chat` (sample.*) and `eval` decoding settings."""
     s, e = cfg.sample, cfg.eval
@@ -804,7 +868,7 @@ def validate_decoding(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field invariants, checked once at load."""
-    for stage, t in (("pretrain", cfg.pretrain), ("sft", cfg.sft), ("rm.train", cfg.rm.train)):
+    for stage, t in (("pretrain", cfg.pretrain), ("sft", cfg.sft), ("rm.train", cfg.rm.train), ("dpo.train", cfg.dpo.train)):
         if t.batch_size <= 0 or t.micro_batch_size <= 0:
             raise ConfigError(f"{stage}.batch_size and {stage}.micro_batch_size must be positive")
         if t.batch_size % t.micro_batch_size:
@@ -823,6 +887,8 @@ def validate(cfg: Config) -> None:
     if p.episodes < p.batch_size:
         raise ConfigError(f"ppo.episodes ({p.episodes}) must be at least ppo.batch_size ({p.batch_size})")
     validate_rl(cfg.rl, p)
+    validate_dpo(cfg.dpo)
+    _check(cfg.pipeline.align in ("ppo", "dpo"), "pipeline.align", "ppo or dpo", cfg.pipeline.align)
     if not 2 <= cfg.compare.k <= 9:
         raise ConfigError(f"compare.k must be in 2..9 (InstructGPT ranks 4..9 answers), got {cfg.compare.k}")
     if not 0 <= cfg.compare.edits < cfg.compare.k:
@@ -853,8 +919,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.frozen_dtype: expected 'auto', 'bf16' or 'fp32', got '{cfg.dist.frozen_dtype}'")
     if cfg.dist.strategy not in ("none", "ddp", "fsdp"):
         raise ConfigError(f"dist.strategy: expected 'none', 'ddp' or 'fsdp', got '{cfg.dist.strategy}'")
-    if cfg.lora.r < 0 or set(cfg.lora.stages) - {"sft", "rm", "ppo"}:
-        raise ConfigError(f"lora: expected r >= 0 and stages among sft, rm, ppo; got r={cfg.lora.r}, stages={cfg.lora.stages}")
+    if cfg.lora.r < 0 or set(cfg.lora.stages) - {"sft", "rm", "ppo", "dpo"}:
+        raise ConfigError(f"lora: expected r >= 0 and stages among sft, rm, ppo, dpo; got r={cfg.lora.r}, stages={cfg.lora.stages}")
     if not 0 < cfg.sample.top_p <= 1:
         raise ConfigError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
 

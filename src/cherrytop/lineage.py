@@ -368,16 +368,16 @@ def stale_reason(name: str, cfg: Config, lineage: dict | None = None, now: dict 
 
 
 def check_own_settings(name: str, state: dict, cfg: Config) -> None:
-    """The stage's checkpoint was made with `cfg`'s settings (the reward model's effective max_steps and
-    seq_len, which rm.epochs and the model's window set, as saved)."""
-    if name == "rm":
-        saved = state["config"].get("rm", {}).get("train", {})
-        if cfg.rm.epochs > 0 and "max_steps" in saved:
-            cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train=dataclasses.replace(
-                cfg.rm.train, max_steps=saved["max_steps"])))
-        if saved.get("seq_len", cfg.rm.train.seq_len) < cfg.rm.train.seq_len:
-            cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, train=dataclasses.replace(
-                cfg.rm.train, seq_len=saved["seq_len"])))
+    """The stage's checkpoint was made with `cfg`'s settings (the reward model's and DPO's effective
+    max_steps and seq_len, which their `epochs` and the model's window set, as saved)."""
+    if name in ("rm", "dpo"):
+        section = getattr(cfg, name)
+        saved, t = state["config"].get(name, {}).get("train", {}), section.train
+        if section.epochs > 0 and "max_steps" in saved:
+            t = dataclasses.replace(t, max_steps=saved["max_steps"])
+        if saved.get("seq_len", t.seq_len) < t.seq_len:
+            t = dataclasses.replace(t, seq_len=saved["seq_len"])
+        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(section, train=t)})
     check_same_settings(state["config"], cfg, name)
 
 
@@ -394,7 +394,7 @@ def unfinished(up: str, run_dir: Path) -> str | None:
         total = p.get("episodes", 0) // max(1, p.get("batch_size", 1))
         done = state["iteration"]
     else:
-        section = saved.get("rm", {}).get("train", {}) if up == "rm" else saved.get(up, {})
+        section = saved.get(up, {}).get("train", {}) if up in ("rm", "dpo") else saved.get(up, {})
         total, done = section.get("max_steps", 0), state["step"]
     return f"its checkpoint is at step {done} of {total}" if done < total else None
 

@@ -162,6 +162,76 @@ def ranking_accuracy(rewards: Tensor, pref: Tensor) -> tuple[Tensor, Tensor]:
     return ((diff > 0) & pref).sum(), pref.sum()
 
 
+# ---------------------------------------------------------------- direct preference optimisation
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
+
+
+def preference_loss(x: Tensor, pref: Tensor, tie: Tensor | None = None, kind: str = "dpo", beta: float = 0.1,
+                    label_smoothing: float = 0.0, margin: float = 0.0, tie_weight: float = 1.0) -> Tensor:
+    """Direct preference loss over all C(K, 2) pairs of each prompt's ranking, one prompt = one batch
+    element, each answer's score computed once  [DPO, IPO, SimPO].
+
+    x (B, K): DPO / IPO: h = Σ_t log π(y_t) − Σ_t log π_ref(y_t) per answer; SimPO: (1/|y|) Σ_t log π(y_t).
+    With Δ = x_i − x_j, a strict pair i≻j costs
+        dpo:   −(1 − ε) log σ(βΔ) − ε log σ(−βΔ)     (ε = label_smoothing: conservative DPO)
+        ipo:   (Δ − 1/(2β))²                         (β is IPO's τ)
+        simpo: −log σ(βΔ − γ)                         (γ = margin)
+    and a tied pair (a tie is half a win each way, as in `ranking_loss`), times tie_weight,
+        dpo / simpo: −½ (log σ(βΔ) + log σ(−βΔ));   ipo: Δ².
+    Per prompt the mean over its strict + tie pairs; the mean over prompts with a pair is returned (0,
+    still attached to the graph, if none has one). With ε = 0, dpo = `ranking_loss(β x, ...)`.
+    pref (B, K, K) bool (pref[b, i, j] iff i is ranked above j), tie (B, K, K) bool symmetric or None,
+    disjoint (`ranking_pairs`); padded slots are in no pair and never read.
+    """
+    if kind not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {kind!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+    x = x.float()  # (B, K)
+    pref = pref.bool()  # (B, K, K)
+    tie = torch.zeros_like(pref) if tie is None else tie.bool()  # (B, K, K)
+    used = pref | tie  # (B, K, K)
+    diff = torch.where(used, x.unsqueeze(2) - x.unsqueeze(1), 0.0)  # (B, K, K) Δ = x_i − x_j on pairs only
+    if kind == "ipo":
+        strict_cost = (diff - 1.0 / (2.0 * beta)) ** 2  # (B, K, K)
+        tie_cost = diff ** 2  # (B, K, K)
+    else:
+        z = beta * diff - (margin if kind == "simpo" else 0.0)  # (B, K, K)
+        eps = label_smoothing if kind == "dpo" else 0.0
+        strict_cost = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)  # (B, K, K)
+        tie_cost = -0.5 * (F.logsigmoid(beta * diff) + F.logsigmoid(-beta * diff))  # (B, K, K)
+    strict = torch.where(pref, strict_cost, 0.0).sum((1, 2))  # (B,)
+    tied = 0.5 * torch.where(tie, tie_cost, 0.0).sum((1, 2))  # (B,) each unordered tie appears twice
+    n_pairs = pref.sum((1, 2)) + tie.sum((1, 2)) / 2  # (B,)
+    has = n_pairs > 0  # (B,)
+    per_prompt = (strict + tie_weight * tied) / torch.where(has, n_pairs, 1.0)  # (B,)
+    return torch.where(has, per_prompt, 0.0).sum() / has.sum().clamp_min(1)
+
+
+def plackett_luce_loss(x: Tensor, pref: Tensor, tie: Tensor | None = None, beta: float = 0.1) -> Tensor:
+    """Plackett–Luce negative log-likelihood of each prompt's ranking under scores β·x  [DPO App. A.3]:
+        loss_b = −1/n_b · Σ_k ( β x_k − log Σ_{j ∈ R_k} exp(β x_j) ),
+    R_k = the prompt's answers not ranked strictly above k (k itself and answers tied with it: Breslow's
+    risk set, so a tie block shares its denominator; without ties, the answers at or below k's place),
+    n_b = the answers whose R_k holds another answer (the last place adds nothing). Mean over prompts
+    with a pair. x (B, K) as in `preference_loss`; pref / tie (B, K, K) as there; padded slots (in no
+    pair) are never read.
+    """
+    x = x.float()  # (B, K)
+    pref = pref.bool()  # (B, K, K)
+    tie = torch.zeros_like(pref) if tie is None else tie.bool()  # (B, K, K)
+    used = pref | tie  # (B, K, K)
+    valid = used.any(2) | used.any(1)  # (B, K) an answer is in some pair
+    s = torch.where(valid, beta * x, float("-inf"))  # (B, K)
+    risk = valid.unsqueeze(1) & ~pref.transpose(1, 2)  # (B, K, K) risk[b, k, j]: valid j not ranked above k
+    denom = torch.logsumexp(torch.where(risk, s.unsqueeze(1), float("-inf")), dim=2)  # (B, K)
+    counts = (risk.sum(2) > 1) & valid  # (B, K) places that carry a choice
+    terms = torch.where(counts, s - denom, 0.0)  # (B, K)
+    n = counts.sum(1)  # (B,)
+    has = n > 0  # (B,)
+    per_prompt = -terms.sum(1) / n.clamp_min(1)  # (B,)
+    return torch.where(has, per_prompt, 0.0).sum() / has.sum().clamp_min(1)
+
+
 # ---------------------------------------------------------------- masked statistics
 
 

@@ -1,5 +1,6 @@
 """Every stage in order — the embedded default:
-pretrain → SFT → compare (sample K + rank) → RM → PPO (and PPO-ptx) → evaluation and report.
+pretrain → SFT → compare (sample K + rank) → RM → PPO (and PPO-ptx) → evaluation and report;
+with `--pipeline.align=dpo`: pretrain → SFT → compare → DPO → evaluation and report.
 
 `cherrytop pipeline --preset tiny` writes `runs/<name>/report.json` and `report.md`: each stage's
 wall time; helpful / truthful / harmless rates of each model on held-out tasks; labeler agreement;
@@ -36,9 +37,15 @@ MODELS = tuple(s.name for s in STAGES.values() if s.policy)
 """The stages whose policies the report evaluates."""
 
 
+ALIGN = {"ppo": ("rm", "ppo", "ppo_ptx"), "dpo": ("dpo",)}
+"""The stages after compare that each `pipeline.align` runs."""
+
+
 def stage_config(name: str, cfg: Config) -> Config | None:
     """The config a stage runs with (PPO-ptx: PPO's with the pipeline's ptx_coef), None for a stage
-    that does not run (PPO-ptx without a ptx coefficient)."""
+    that does not run (one of the other `pipeline.align`, PPO-ptx without a ptx coefficient)."""
+    if any(name in stages for align, stages in ALIGN.items() if align != cfg.pipeline.align):
+        return None
     if name != "ppo_ptx":
         return cfg
     if cfg.ppo.ptx_coef == 0 and cfg.pipeline.ptx_coef == 0:
@@ -131,7 +138,7 @@ def evaluate_all(cfg: Config, run_dir: Path, models: list[str], judge_ok: bool =
         rewards = {name: judge.scores(prompts, answers[name]) for name in answers} if judge else {}
         out["mean_reward"] = {name: sum(r) / len(r) for name, r in rewards.items()}
         for name in models:
-            if name.startswith("ppo"):
+            if name not in ("pretrain", "sft"):  # the aligned policies: PPO, PPO-ptx, DPO
                 policy = load_model(run_dir / name)
                 out["versus_sft"][name] = {
                     **win_rate(tasks, answers[name], answers["sft"]),

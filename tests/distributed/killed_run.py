@@ -19,7 +19,8 @@ def _poll_state(ckpt, least: int, proc, timeout: float = 300) -> int:
     while time.monotonic() - t0 < timeout:
         assert proc.poll() is None, "the run ended before it was killed"
         try:
-            it = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)["iteration"]
+            state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            it = state["iteration"] if "iteration" in state else state["step"]  # PPO's iterations, a loop stage's steps
         except Exception:  # noqa: BLE001 (not there yet, or being replaced)
             it = 0
         if it >= least:

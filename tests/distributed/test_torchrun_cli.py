@@ -99,3 +99,29 @@ def test_rm_with_lora_under_torchrun_keeps_its_adapter(tmp_path):
         torch.testing.assert_close(served(input_ids=ids).logits,
                                    AutoModelForSequenceClassification.from_pretrained(rm)(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_under_torchrun_gives_the_single_process_loss_curve(tmp_path, strategy):
+    """`cherrytop dpo` on 2 gloo processes: each rank scores its share of the prompts' K answers; the
+    global loss per step equals one process's, and the final checkpoint loads in plain transformers."""
+    base = chatml_gpt2(tmp_path)
+    q = [{"role": "user", "content": "what is 12 plus 3 ?"}]
+    answers = ["12 plus 3 is 15 .", "it is 15 .", "no idea .", "12 plus 3 is 12 ."]
+    comps = tmp_path / "comps.jsonl"
+    comps.write_text("".join(json.dumps({"prompt": {"messages": q}, "responses": answers, "ranking": r, "ties": t}) + "\n"
+                             for r, t in (([0, 1, 3, 2], []), ([1, 0, 2, 3], [[2, 3]])) * 8))
+    for name, launcher in (("single", [sys.executable]),
+                           ("multi", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        cmd = [*launcher, "-m", "cherrytop.cli", "dpo", "--preset", "test", f"--run.out_dir={tmp_path}", f"--run.name={name}",
+               f"--dpo.train.init={base}", f"--dpo.train.data={comps}", "--dpo.epochs=0", "--dpo.train.max_steps=4",
+               "--dpo.train.lr=0.01", *([f"--dist.strategy={strategy}"] if name == "multi" else [])]
+        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(tmp_path / "single", "dpo"), losses(tmp_path / "multi", "dpo")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert a[4] < a[1]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "multi/dpo")

@@ -15,11 +15,11 @@ def _cfg(tmp_path, *extra):
 
 
 def test_every_reader_has_the_table_s_stages():
-    assert list(STAGES) == ["pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx"]
-    assert [c for c in cli.COMMANDS if c in STAGES] == ["pretrain", "sft", "compare", "rm", "ppo"]  # ppo_ptx: none
-    assert cli.TRAINING == ("pipeline", "pretrain", "sft", "compare", "rm", "ppo")
-    assert pipeline.MODELS == ("pretrain", "sft", "ppo", "ppo_ptx")
-    assert cli._parser().parse_known_args(["pipeline"])[0].until == "ppo_ptx"  # --until: any stage, the last by default
+    assert list(STAGES) == ["pretrain", "sft", "compare", "rm", "ppo", "ppo_ptx", "dpo"]
+    assert [c for c in cli.COMMANDS if c in STAGES] == ["pretrain", "sft", "compare", "rm", "ppo", "dpo"]  # ppo_ptx: none
+    assert cli.TRAINING == ("pipeline", "pretrain", "sft", "compare", "rm", "ppo", "dpo")
+    assert pipeline.MODELS == ("pretrain", "sft", "ppo", "ppo_ptx", "dpo")
+    assert cli._parser().parse_known_args(["pipeline"])[0].until == "dpo"  # --until: any stage, the last by default
 
 
 @pytest.mark.parametrize("ray", [False, True])
@@ -39,6 +39,7 @@ def test_the_lineage_reads_each_stage_s_inputs_from_the_table(tmp_path):
     assert keys("rm") == ["stage:compare", "stage:sft"]
     assert keys("ppo") == ["stage:pretrain", "stage:rm", "stage:sft"]
     assert keys("compare") == ["stage:sft"]
+    assert keys("dpo") == ["stage:compare", "stage:sft"]
 
 
 def test_pipeline_and_cli_train_ppo_on_ray_with_ray_enabled(tmp_path, monkeypatch):

@@ -118,16 +118,24 @@ def response_loglik(lm: PreTrainedModel, prompts: list[list[int]], responses: li
     dev = next(lm.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids_p, mask_p = left_pad(prompts[i: i + batch_size], pad_id)  # (B, P)
-        rs = responses[i: i + batch_size]
-        N = max(len(r) for r in rs)
-        ids_r = torch.full((len(rs), N), pad_id, dtype=torch.long)  # (B, N)
-        mask_r = torch.zeros((len(rs), N), dtype=torch.long)  # (B, N)
-        for b, r in enumerate(rs):
-            ids_r[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask_r[b, : len(r)] = 1
-        ids, attn = torch.cat([ids_p, ids_r], 1).to(dev), torch.cat([mask_p, mask_r], 1).to(dev)  # (B, P+N)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        f = response_logp(lm, ids, attn, pos, ids_p.shape[1], 1.0, with_entropy=excess)  # (B, N), + entropy
-        out.append(((f[0] + f[1] if excess else f) * mask_r.to(dev)).sum(1).float().cpu())
+        b = episode_batch(prompts[i: i + batch_size], responses[i: i + batch_size], pad_id)
+        b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        f = response_logp(lm, b["input_ids"], b["attention_mask"], b["position_ids"], b["prompt_len"], 1.0,
+                          with_entropy=excess)  # (B, N), + entropy
+        out.append(((f[0] + f[1] if excess else f) * b["response_mask"]).sum(1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def episode_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """(prompt, response) token-id pairs as one batch of episodes, prompts left-padded to P, responses
+    right-padded to N: input_ids / attention_mask / position_ids (B, P+N), response_mask (B, N), prompt_len P."""
+    ids_p, mask_p = left_pad(prompts, pad_id)  # (B, P)
+    N = max(len(r) for r in responses)
+    ids_r = torch.full((len(responses), N), pad_id, dtype=torch.long)  # (B, N)
+    mask_r = torch.zeros((len(responses), N), dtype=torch.long)  # (B, N)
+    for b, r in enumerate(responses):
+        ids_r[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask_r[b, : len(r)] = 1
+    ids, attn = torch.cat([ids_p, ids_r], 1), torch.cat([mask_p, mask_r], 1)  # (B, P+N)
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "response_mask": mask_r, "prompt_len": ids_p.shape[1]}

@@ -47,6 +47,12 @@ def _ppo_ptx_needs(cfg: Config) -> tuple[list[str | None], list[str | None]]:
     return refs, files + [cfg.pretrain.data]  # + the pretraining corpus its LM loss reads
 
 
+def _dpo_needs(cfg: Config) -> tuple[list[str | None], list[str | None]]:
+    c = cfg.dpo
+    ranker = c.reward_model if c.rounds > 1 and c.ranker == "reward_model" else None
+    return [c.train.init, c.reference, None if c.train.data else "compare", ranker], [c.train.data]
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", "pretrain", lambda cfg: ([], [cfg.pretrain.data]), torchrun=True, policy=True,
           help="stage 1: next-token prediction on the corpus"),
@@ -61,6 +67,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           help="stage 6: PPO against the reward model with a KL penalty to the SFT model"),
     Stage("ppo_ptx", "ppo", _ppo_ptx_needs, ray_module="ppo_ray", torchrun=True,  # PPO + pipeline.ptx_coef's LM loss
           policy=True),
+    Stage("dpo", "dpo", _dpo_needs, torchrun=True, policy=True,
+          help="direct preference optimisation on the rankings (DPO, IPO, SimPO; --dpo.rounds for online DPO)"),
 )}
 """Every stage, in the order the pipeline runs them."""
 

@@ -116,10 +116,15 @@ class MetricsLog:
         self.tb.close()
 
 
+def stage_section(stage: str) -> str:
+    """The config section of a stage's checkpoint: `ppo_ptx` is PPO's, an online DPO round (`dpo_round2`) DPO's."""
+    return "ppo" if stage == "ppo_ptx" else "dpo" if stage.startswith("dpo_round") else stage
+
+
 def settings_sections(cfg: Config, stage: str) -> list[str]:
     """The config sections a stage's checkpoint depends on: its own (`ppo_ptx` is PPO's), the model's,
     LoRA's, and the built-in world's and the tokenizer's where the stage's data comes from them."""
-    section = "ppo" if stage == "ppo_ptx" else stage
+    section = stage_section(stage)
     out = [section, "model", "lora"]
     if stage == "pretrain":
         out += ["tokenizer"] + (["world"] if not cfg.pretrain.data else [])
@@ -131,12 +136,15 @@ def settings_sections(cfg: Config, stage: str) -> list[str]:
         out.append("rl")
     if stage in ("ppo", "ppo_ptx") and not cfg.ppo.prompts:
         out.append("world")
+    if section == "dpo" and not cfg.dpo.train.data:
+        out.append("world")
     return out
 
 
-_FREE = {"ppo": ("episodes",)}
+_FREE = {"ppo": ("episodes",), "dpo": ("rounds",)}
 """Settings a checkpoint resumes under whatever their value (besides how often it saves and logs):
-PPO's episodes, which no schedule depends on (more of them trains on)."""
+PPO's episodes, which no schedule depends on (more of them trains on), and DPO's online rounds (a
+round's checkpoint does not depend on how many follow it)."""
 
 
 def check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
@@ -151,6 +159,8 @@ def check_same_settings(saved: dict, cfg: Config, stage: str) -> None:
             if k not in saved.get(section, {}) and (section == "lora" or section not in saved or v == default[section][k]):
                 continue  # a setting newer than the checkpoint (at its default: what the older code did)
             old = saved.get(section, {}).get(k)
+            if section == "lora" and k == "stages":  # only whether LoRA trains this stage matters
+                old, v = stage_section(stage) in (old or ()), stage_section(stage) in v
             if old != v:
                 diffs.append(f"{section}.{k}: {old!r} -> {v!r}")
     if "seed" in saved.get("run", {}) and saved["run"]["seed"] != cfg.run.seed:
