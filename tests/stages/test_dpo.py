@@ -65,8 +65,9 @@ def trained(tmp_path_factory):
     """One run of `cherrytop dpo` (the DPO loss), counting the answers each pass scores."""
     tmp = tmp_path_factory.mktemp("dpo")
     dpo_inputs(tmp)
-    calls = {"policy_rows": [], "ref_rows": []}
+    calls = {"policy_rows": [], "ref_rows": [], "loaded": []}
     mp = pytest.MonkeyPatch()
+    mp.setattr(dpo, "load_model", lambda *a, f=dpo.load_model, **k: calls["loaded"].append(a[0]) or f(*a, **k))
     real_logp, real_loglik = dpo.response_logp, dpo.response_loglik
     mp.setattr(dpo, "response_logp", lambda m, ids, *a, **k: calls["policy_rows"].append(len(ids)) or real_logp(m, ids, *a, **k))
     mp.setattr(dpo, "response_loglik", lambda lm, p, r, *a, **k: calls["ref_rows"].append(len(p)) or real_loglik(lm, p, r, *a, **k))
@@ -93,6 +94,7 @@ def test_dpo_learns_the_rankings_and_saves_a_hugging_face_model(trained):
 def test_each_answer_is_scored_once_per_step_and_the_reference_once_per_run(trained):
     _, calls = trained
     assert calls["ref_rows"] == [36 * 4, 4 * 4]  # every training and held-out answer, once
+    assert len(calls["loaded"]) == 1  # π_ref = the policy before its first step: no second copy
     steps, per_step = 24, 4 * 4  # 4 prompts of K = 4 per step: 16 rows, never 2 · C(4, 2) = 12 pairs · 2
     evals = 3 * 2 * 4 * 4  # 3 evaluations of the 4 held-out prompts: their loss, then their pair metrics
     assert sum(calls["policy_rows"]) == steps * per_step + evals

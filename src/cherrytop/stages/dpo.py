@@ -3,8 +3,9 @@ reward model and no sampling loop [DPO, IPO, SimPO] (`losses.preference_loss`, `
 
 A K-way ranking is one batch element: each of its K answers is scored once per step, and the K scores
 give all C(K, 2) pairs (a pairwise trainer runs 2 · C(K, 2) answers for them). π_ref's log-probs never
-change, so they are computed once, before training, and kept with the data; with LoRA and π_ref = the
-starting policy, π_ref is the policy with its adapter off (no second copy).
+change, so they are computed once, before training, and kept with the data; when π_ref is the starting
+policy (the default), the policy computes them before its first step (with LoRA, with its adapter off): no
+second copy is loaded.
 
 Online DPO (`dpo.rounds` = N > 1) [ODPO]: round 1 trains on the comparisons; round r > 1 samples
 compare.k answers per training prompt from round r−1's policy, has them ranked (`dpo.ranker`: the
@@ -15,6 +16,7 @@ to `dpo/`. Raising `dpo.rounds` later trains the new rounds only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -147,12 +149,14 @@ def train_round(cfg: Config, name: str, init: Path, ref_path: Path, comps: list[
         ref, ref_held = [[0.0] * len(e) for e in enc], [[0.0] * len(e) for e in held_enc]
     else:
         d = distributed.setup(cfg.dist)
-        if lora.enabled(cfg, "dpo") and ref_path.resolve() == init.resolve():
-            with lora.adapter_disabled(model):  # the frozen base is π_ref
-                ref, ref_held = (reference_logps(model.to(d.device), e, tok.pad_token_id, t.seq_len) for e in (enc, held_enc))
+        if ref_path.resolve() == init.resolve():  # the policy before any step (loop.run loads a checkpoint later) is π_ref
+            off = lora.adapter_disabled(model) if lora.is_lora(model) else contextlib.nullcontext()
+            with off:  # with LoRA the base alone, bit-exact
+                lm = model.to(d.device).eval()
+                ref, ref_held = [reference_logps(lm, e, tok.pad_token_id, t.seq_len) for e in (enc, held_enc)]
         else:
             lm = load_model(ref_path, frozen_dtype(cfg.dist.frozen_dtype, d.device)).to(d.device).eval()
-            ref, ref_held = (reference_logps(lm, e, tok.pad_token_id, t.seq_len) for e in (enc, held_enc))
+            ref, ref_held = [reference_logps(lm, e, tok.pad_token_id, t.seq_len) for e in (enc, held_enc)]
             del lm
     data = list(zip(enc, comps, ref))
     held_data = list(zip(held_enc, held, ref_held))
