@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
-DPO = {"dpo": [], "ipo": ["--dpo.loss=ipo"], "simpo": ["--dpo.loss=simpo"], "dpo_pl": ["--dpo.pairs=plackett_luce"],
-       "online_dpo": ["--dpo.rounds=2"]}
+DPO = {"dpo": [], "ipo": ["--dpo.loss=ipo"], "simpo": ["--dpo.loss=simpo"], "online_dpo": ["--dpo.rounds=2"],
+       "dpo_pl": ["--dpo.pairs=plackett_luce"]}
 """`cherrytop dpo` variants, from the same SFT model on the same comparisons (their run gets a copy of them)."""
 VERIFIABLE = ("grpo_graders", ["--rl.algorithm=grpo", "--rl.reward=function",
                                "--rl.reward_fn=cherrytop.world.reward:graded"])
@@ -39,6 +39,10 @@ def cli(*args: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cherrytop.cli", *args], check=True)
     return time.perf_counter() - t0
+
+
+_ANSWERS: dict = {}
+"""(checkpoint folder, seed) -> its held-out tasks and greedy answers."""
 
 
 def score(run_dir: Path, base: Path, seed: int, stage: str = "ppo") -> dict:
@@ -55,8 +59,10 @@ def score(run_dir: Path, base: Path, seed: int, stage: str = "ppo") -> dict:
     out = {}
     answers = {}
     for name, folder in (("sft", base / "sft"), ("policy", run_dir / stage)):
-        model, tok = load_model(folder), load_tokenizer(folder)
-        tasks, answers[name] = answer_heldout(model, tok, world, e.n_tasks, e.max_new_tokens, e.batch_size, progress=False)
+        if (folder, seed) not in _ANSWERS:  # greedy answers: SFT's are the same for every row of a seed
+            model, tok = load_model(folder), load_tokenizer(folder)
+            _ANSWERS[folder, seed] = answer_heldout(model, tok, world, e.n_tasks, e.max_new_tokens, e.batch_size, progress=False)
+        tasks, answers[name] = _ANSWERS[folder, seed]
         out[name] = graded(tasks, answers[name])
     prompts = [list(t.messages) for t in tasks]
     out["versus_sft"] = win_rate(tasks, answers["policy"], answers["sft"])
@@ -71,7 +77,7 @@ def score(run_dir: Path, base: Path, seed: int, stage: str = "ppo") -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--algorithms", nargs="+", default=ALGORITHMS + [VERIFIABLE[0]] + list(DPO))
+    ap.add_argument("--algorithms", nargs="+", default=ALGORITHMS + [VERIFIABLE[0]] + list(DPO)[:4])
     ap.add_argument("--runs", default="runs", help="run folder (--run.out_dir)")
     ap.add_argument("--base-name", default="algos-s{seed}", help="the run holding each seed's sft and rm")
     ap.add_argument("--out", default="docs/results/algorithms.md")
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 def render(results: dict, seeds: list[int], algorithms: list[str]) -> str:
     lines = ["# Algorithms side by side (tiny preset)", "",
              "Same SFT model, comparisons and reward model per seed; `cherrytop ppo --rl.algorithm=X`, 2,048 episodes "
-             "each; `cherrytop dpo` variants (dpo, ipo, simpo, dpo_pl = Plackett–Luce, online_dpo = 2 rounds) on the "
+             "each; `cherrytop dpo` variants (dpo, ipo, simpo, online_dpo = 2 rounds; dpo_pl = Plackett–Luce) on the "
              "same comparisons, no reward model. "
              "Helpful / truthful / harmless: greedy answers to the held-out tasks; win rate vs SFT by the graders "
              "(ties half); KL to SFT in nats per sampled response; wall time of the `cherrytop ppo` command "

@@ -1,0 +1,85 @@
+"""Arena ratings of model versions from pairwise battles [CA]: a Bradley–Terry fit, P(i beats j) =
+σ(θ_i − θ_j), by maximum likelihood over every battle (a tie or "both bad" is half a win each way), on
+the Elo scale (θ · 400 / ln 10 + 1000, one model fixed at 1000), with 95 % intervals from a bootstrap
+over the battles (resampled with replacement, refitted, 2.5 / 97.5 percentiles).
+
+A battle is (model a, model b, outcome): 1 = a won, 0 = b won, 0.5 = tie."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SCALE = 400.0 / math.log(10.0)
+"""Elo points per unit of θ."""
+
+Battle = tuple[str, str, float]
+
+
+@dataclass(frozen=True)
+class Rating:
+    model: str
+    elo: float
+    """The fitted rating (the anchor model: 1000)."""
+    low: float
+    """2.5th percentile of the bootstrap ratings."""
+    high: float
+    """97.5th percentile of the bootstrap ratings."""
+    battles: int
+    """Battles the model was in."""
+
+    def beats(self, other: "Rating") -> bool:
+        """Better with non-overlapping 95 % intervals."""
+        return self.low > other.high
+
+
+def fit(battles: Sequence[Battle], models: Sequence[str], anchor: str, l2: float = 1e-6, iters: int = 100) -> np.ndarray:
+    """(len(models),) Elo ratings maximising the Bradley–Terry likelihood of `battles` with `anchor` at 1000
+    (Newton's method on the concave log-likelihood, θ_anchor held at 0; `l2`, a tiny ridge, keeps a model
+    that won or lost every battle, or is in none, finite)."""
+    index = {m: i for i, m in enumerate(models)}
+    a = np.array([index[x] for x, _, _ in battles])  # (N,)
+    b = np.array([index[y] for _, y, _ in battles])  # (N,)
+    y = np.array([o for _, _, o in battles], dtype=np.float64)  # (N,) share of the battle a won
+    n = len(models)
+    theta = np.zeros(n)
+    free = np.arange(n) != index[anchor]  # (n,)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(theta[a] - theta[b])))  # (N,) P(a beats b)
+        grad = np.bincount(a, y - p, n) - np.bincount(b, y - p, n) - l2 * theta  # (n,)
+        w = p * (1.0 - p)  # (N,)
+        hess = np.zeros((n, n))
+        np.add.at(hess, (a, a), -w)
+        np.add.at(hess, (b, b), -w)
+        np.add.at(hess, (a, b), w)
+        np.add.at(hess, (b, a), w)
+        hess -= l2 * np.eye(n)
+        step = np.zeros(n)
+        step[free] = np.linalg.solve(hess[np.ix_(free, free)], grad[free])  # θ_anchor stays 0: the shift is fixed
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return theta * SCALE + 1000.0
+
+
+def ratings(battles: Sequence[Battle], anchor: str, rounds: int = 1000, seed: int = 0) -> list[Rating]:
+    """Every model's rating and bootstrap 95 % interval, best first."""
+    if not battles:
+        raise ValueError("no battles to rate")
+    models = sorted({x for x, _, _ in battles} | {y for _, y, _ in battles})
+    if anchor not in models:
+        raise ValueError(f"anchor model {anchor!r} is in no battle; models: {', '.join(models)}")
+    for x, y, o in battles:
+        if o not in (0.0, 0.5, 1.0) or x == y:
+            raise ValueError(f"battle ({x!r}, {y!r}, {o!r}): expected two models and an outcome of 1, 0 or 0.5")
+    elo = fit(battles, models, anchor)
+    rng = np.random.default_rng(seed)
+    boot = np.stack([fit([battles[i] for i in rng.integers(0, len(battles), len(battles))], models, anchor)
+                     for _ in range(rounds)])  # (rounds, n)
+    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
+    count = {m: sum(m in (x, y) for x, y, _ in battles) for m in models}
+    out = [Rating(m, float(elo[i]), float(low[i]), float(high[i]), count[m]) for i, m in enumerate(models)]
+    return sorted(out, key=lambda r: -r.elo)
