@@ -27,7 +27,7 @@ from pathlib import Path
 
 ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 DPO = {"dpo": [], "ipo": ["--dpo.loss=ipo"], "simpo": ["--dpo.loss=simpo"], "online_dpo": ["--dpo.rounds=2"],
-       "dpo_pl": ["--dpo.pairs=plackett_luce"]}
+       "dpo_pl": ["--dpo.pairs=plackett_luce"], "simpo_lr1e-5": ["--dpo.loss=simpo", "--dpo.train.lr=1e-5"], "dpo_beta0.25": ["--dpo.beta=0.25"]}
 """`cherrytop dpo` variants, from the same SFT model on the same comparisons (their run gets a copy of them)."""
 VERIFIABLE = ("grpo_graders", ["--rl.algorithm=grpo", "--rl.reward=function",
                                "--rl.reward_fn=cherrytop.world.reward:graded"])

@@ -2,9 +2,11 @@
 errors for bad input (file and line, what was expected) with nothing half-written."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cherrytop.cli import main
@@ -62,7 +64,10 @@ def test_pipeline_aligned_with_dpo_trains_no_reward_model_and_reports_dpo_agains
     report = json.loads((run / "report.json").read_text())
     assert set(report["eval"]) == {"pretrain", "sft", "dpo"} and not (run / "rm").exists() and not (run / "ppo").exists()
     v = report["versus_sft"]["dpo"]
-    assert 0 <= v["win_rate"] <= 1 and v["kl_to_sft"] > 0 and "judge" not in v  # no reward model to judge
+    assert 0 <= v["win_rate"] <= 1 and math.isfinite(v["kl_to_sft"]) and "judge" not in v  # no reward model to judge
+    dpo_w, sft_w = AutoModelForCausalLM.from_pretrained(run / "dpo"), AutoModelForCausalLM.from_pretrained(run / "sft")
+    assert any(not torch.equal(a, b) for a, b in zip(dpo_w.parameters(), sft_w.parameters()))  # DPO trained
+    assert "── rm ──" not in capsys.readouterr().err  # the other alignment's stages are not announced
     assert report["dpo"]["eval/reward_accuracy"] >= 0 and {"pretrain", "sft", "compare", "dpo", "eval"} <= set(report["wall_time_s"])
     assert "dpo vs SFT" in (run / "report.md").read_text()
 

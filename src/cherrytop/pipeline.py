@@ -223,6 +223,8 @@ def run(cfg: Config, until: str = list(STAGES)[-1], fresh: bool = False) -> dict
     t_start = time.perf_counter()
     done = []
     for name in order[: order.index(until) + 1]:
+        if stage_config(name, cfg) is None:  # the other alignment's stages, PPO-ptx when not asked for
+            continue
         t0 = time.perf_counter()
         console.rule(f"[bold]{name}")
         metrics = _run_stage(name, cfg, fresh)
