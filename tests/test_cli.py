@@ -72,6 +72,20 @@ def test_pipeline_aligned_with_dpo_trains_no_reward_model_and_reports_dpo_agains
     assert "dpo vs SFT" in (run / "report.md").read_text()
 
 
+def test_arena_rates_every_version_against_the_others(run_dir, tmp_path, capsys):
+    out = tmp_path / "arena"
+    assert main(["arena", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoints", "sft", "ppo", "pretrain",
+                 "--bootstrap", "50", "--out", str(out)]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["battles"] == 3 * 22  # every pair of models on every held-out task
+    rated = {r["model"]: r for r in board["ratings"]}
+    assert set(rated) == {"sft", "ppo", "pretrain"} and rated["sft"]["elo"] == 1000.0  # the first is the anchor
+    assert all(r["low"] <= r["elo"] <= r["high"] for r in rated.values())
+    assert (out / "leaderboard.png").stat().st_size > 1000 and "| 1 |" in (out / "leaderboard.md").read_text()
+    assert main(["arena", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoints", "sft"]) == 2
+    assert "at least 2 models" in capsys.readouterr().err
+
+
 def test_until_keeps_the_later_stages_that_are_still_up_to_date(run_dir, tmp_path, capsys):
     """`pipeline --until sft` on a finished run reports every stage that is still finished and up to date
     (it used to drop rm, PPO and their evaluation from report.json); once SFT is trained again, the

@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "answer prompts from a checkpoint (batched sampling)",
     "chat": "talk to a checkpoint in the terminal (multi-turn)",
     "eval": "score a checkpoint: helpful / truthful / harmless on held-out tasks, win rate against a baseline, reward-model judge",
+    "arena": "rate model versions against each other: pairwise battles on held-out tasks, Bradley–Terry ratings with 95 % intervals",
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
     "plan": "memory plan of a stage on N GPUs: what fits, with which options (LoRA, FSDP, offload, grad-ckpt)",
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                                              "(no grader: give --judge and/or --pairs)")
             s.add_argument("--judge", help="a reward model (folder or `rm`) that scores every answer and judges the win rate")
             s.add_argument("--pairs", help="write both models' answers, in random order, for `cherrytop label import-prompts`")
+        if name == "arena":
+            s.add_argument("--checkpoints", nargs="+", required=True, help="model folders or stage names of the run (2 or more)")
+            s.add_argument("--anchor", help="the model rated 1000 (default: the first)")
+            s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the intervals")
+            s.add_argument("--out", help="folder for leaderboard.md / .json / .png (default: runs/<name>/arena)")
         if name == "label":
             from cherrytop.feedback.commands import add_arguments
             add_arguments(s)
@@ -183,6 +189,37 @@ def cmd_eval(args, cfg) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print("\n".join(summary(result)) + f"\nwritten to {out}")
+
+
+def cmd_arena(args, cfg) -> None:
+    from cherrytop.data.tokenizer import load_tokenizer
+    from cherrytop.eval import arena
+    from cherrytop.eval.heldout import answer_heldout
+    from cherrytop.model.load import load_model, resolve_checkpoint
+    from cherrytop.world import SimulatedLabeler, World
+    folders = {}
+    for c in args.checkpoints:
+        path = resolve_checkpoint(c, cfg)
+        name = c if not Path(c).exists() else path.name
+        if name in folders:
+            raise ValueError(f"--checkpoints: two models named {name!r}; give distinct folders or stage names")
+        folders[name] = path
+    if len(folders) < 2:
+        raise ValueError("--checkpoints: expected at least 2 models to rate against each other")
+    world, e, answers, tasks = World(cfg.world), cfg.eval, {}, []
+    for name, path in folders.items():
+        tasks, answers[name] = answer_heldout(load_model(path), load_tokenizer(path), world, e.n_tasks, e.max_new_tokens,
+                                              e.batch_size, progress=True)
+    rater = SimulatedLabeler(cfg.world, "arena", seed=cfg.run.seed)
+    battles = arena.judged_battles(tasks, answers, rater.rank, cfg.run.seed)
+    rated = arena.ratings(battles, args.anchor or next(iter(folders)), args.bootstrap, cfg.run.seed)
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run.name / "arena"
+    out.mkdir(parents=True, exist_ok=True)
+    table = arena.leaderboard(rated)
+    (out / "leaderboard.md").write_text(table)
+    (out / "leaderboard.json").write_text(json.dumps({"battles": len(battles), "ratings": [vars(r) for r in rated]}, indent=2))
+    arena.plot(rated, out / "leaderboard.png")
+    print(table + f"{len(battles)} battles on {len(tasks)} held-out tasks; written to {out}")
 
 
 def cmd_world(args, cfg) -> None:

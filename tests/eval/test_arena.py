@@ -57,3 +57,23 @@ def test_intervals_separate_a_better_model_and_overlap_for_equal_ones():
 def test_bad_battles_stop_with_one_line(battles, anchor, match):
     with pytest.raises(ValueError, match=match):
         arena.ratings(battles, anchor)
+
+
+def test_judged_battles_show_answers_in_random_order_and_count_ties_half():
+    class R:
+        def __init__(self, ranking, ties):
+            self.ranking, self.ties = ranking, ties
+
+    def rank(task, shown):  # prefers the longer answer; equal lengths tie
+        if len(shown[0]) == len(shown[1]):
+            return R([0, 1], [(0, 1)])
+        return R([0, 1] if len(shown[0]) > len(shown[1]) else [1, 0], [])
+    answers = {"long": ["aaaa"] * 40, "short": ["a"] * 40, "same": ["bbbb"] * 40}
+    battles = arena.judged_battles(list(range(40)), answers, rank, seed=3)
+    assert len(battles) == 3 * 40
+    firsts = [x for x, y, _ in battles if {x, y} == {"long", "short"}]
+    assert 5 < firsts.count("long") < 35  # both orders shown
+    for x, y, o in battles:
+        want = 0.5 if {x, y} == {"long", "same"} else float(len(answers[x][0]) > len(answers[y][0]))
+        assert o == want, (x, y, o)
+    assert "| 1 |" in arena.leaderboard(arena.ratings(battles, "short", rounds=20))

@@ -83,3 +83,45 @@ def ratings(battles: Sequence[Battle], anchor: str, rounds: int = 1000, seed: in
     count = {m: sum(m in (x, y) for x, y, _ in battles) for m in models}
     out = [Rating(m, float(elo[i]), float(low[i]), float(high[i]), count[m]) for i, m in enumerate(models)]
     return sorted(out, key=lambda r: -r.elo)
+
+
+def judged_battles(tasks: Sequence, answers: dict[str, Sequence[str]], rank, seed: int = 0) -> list[Battle]:
+    """Every pair of models on every task: their two answers shown in random order to `rank(task,
+    [first, second])` (a `SimulatedLabeler.rank`: a ranking with ties), the outcome for the model named first."""
+    rng = np.random.default_rng(seed)
+    names = sorted(answers)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for n, task in enumerate(tasks):
+                x, y = (a, b) if rng.random() < 0.5 else (b, a)  # which answer the rater sees first
+                r = rank(task, [answers[x][n], answers[y][n]])
+                outcome = 0.5 if r.ties else float(r.ranking[0] == 0)
+                out.append((x, y, outcome))
+    return out
+
+
+def leaderboard(rated: Sequence[Rating]) -> str:
+    """A Markdown table, best first; a model whose interval lies wholly above the next one's is marked."""
+    lines = ["| rank | model | rating | 95 % interval | battles |", "|---|---|---|---|---|"]
+    for n, r in enumerate(rated):
+        sep = " (above the next, intervals apart)" if n + 1 < len(rated) and r.beats(rated[n + 1]) else ""
+        lines.append(f"| {n + 1} | {r.model} | {r.elo:.0f}{sep} | {r.low:.0f} – {r.high:.0f} | {r.battles} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rated: Sequence[Rating], out) -> None:
+    """The ratings with their 95 % intervals, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rated), 3.2))
+    xs = range(len(rated))
+    ax.errorbar(xs, [r.elo for r in rated], yerr=[[r.elo - r.low for r in rated], [r.high - r.elo for r in rated]],
+                fmt="o", capsize=4)
+    ax.set_xticks(list(xs), [r.model for r in rated], rotation=20)
+    ax.set_ylabel("rating (Elo scale)")
+    ax.set_title("arena: Bradley–Terry with bootstrap 95 % intervals")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
