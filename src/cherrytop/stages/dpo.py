@@ -82,15 +82,25 @@ def collate(items: list[tuple[Encoded, Comparison, list[float]]], pad_id: int) -
     return b
 
 
+def by_prompt(v: torch.Tensor, b: Batch) -> torch.Tensor:
+    """(R,) one value per answer row -> (M, Kmax) by prompt and answer slot (padded slots 0)."""
+    M, K = b["pref"].shape[:2]
+    return torch.zeros(M * K, dtype=v.dtype, device=v.device).index_put((b["slot"],), v).view(M, K)
+
+
 def answer_scores(model, b: Batch, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """((M, Kmax) the score each answer enters the loss with, (R,) its Σ_t log π(y_t)): h = Σ log π − Σ log π_ref
+    """((M, Kmax) the score each answer enters the loss with, (M, Kmax) its Σ_t log π(y_t)): h = Σ log π − Σ log π_ref
     (DPO, IPO), or the mean log π per answer token (SimPO). One forward pass over all answers."""
     logp = response_logp(model, b["input_ids"], b["attention_mask"], b["position_ids"], b["prompt_len"], 1.0)  # (R, N)
     mask = b["response_mask"]  # (R, N)
     total = (logp * mask).sum(1)  # (R,)
     x = total / mask.sum(1).clamp_min(1) if loss == "simpo" else total - b["ref_logp"].to(total)  # (R,)
-    M, K = b["pref"].shape[:2]
-    return torch.zeros(M * K, dtype=x.dtype, device=x.device).index_put((b["slot"],), x).view(M, K), total
+    return by_prompt(x, b), by_prompt(total, b)
+
+
+def loss_beta(c) -> float:
+    """The β the scores are scaled by: SimPO's own, else DPO's (IPO's τ)."""
+    return c.simpo_beta if c.loss == "simpo" else c.beta
 
 
 def objective(model, b: Batch, c) -> torch.Tensor:
@@ -98,8 +108,7 @@ def objective(model, b: Batch, c) -> torch.Tensor:
     x, _ = answer_scores(model, b, c.loss)
     if c.pairs == "plackett_luce":
         return L.plackett_luce_loss(x, b["pref"], b["tie"], c.beta)
-    beta = c.simpo_beta if c.loss == "simpo" else c.beta
-    return L.preference_loss(x, b["pref"], b["tie"], c.loss, beta, c.label_smoothing, c.simpo_gamma, c.tie_weight)
+    return L.preference_loss(x, b["pref"], b["tie"], c.loss, loss_beta(c), c.label_smoothing, c.simpo_gamma, c.tie_weight)
 
 
 @torch.no_grad()
@@ -107,17 +116,14 @@ def pair_metrics(model, b: Batch, c) -> dict[str, float]:
     """On a held-out batch, over its strict pairs (winner w, loser l): the implicit reward's accuracy
     (x_w > x_l) and margin β (x_w − x_l), and the mean Σ log π of winners and losers, now and under π_ref
     (both falling is DPO's known failure: the preferred answers lose likelihood too)."""
-    x, total = answer_scores(model, b, c.loss)
-    M, K = x.shape
+    x, logp = answer_scores(model, b, c.loss)  # (M, K) each
+    ref = by_prompt(b["ref_logp"].to(logp), b)  # (M, K)
     pref = b["pref"].bool()  # (M, K, K)
-    flat = lambda v: torch.zeros(M * K, dtype=v.dtype, device=v.device).index_put((b["slot"],), v).view(M, K)  # noqa: E731
-    logp, ref = flat(total), flat(b["ref_logp"].to(total))  # (M, K) each
     n = pref.sum().clamp_min(1)
     w = lambda v: float((v.unsqueeze(2) * pref).sum() / n)  # noqa: E731  mean over pairs of the winner's value
     lose = lambda v: float((v.unsqueeze(1) * pref).sum() / n)  # noqa: E731  ... and of the loser's
-    beta = c.simpo_beta if c.loss == "simpo" else c.beta
     correct, total_pairs = L.ranking_accuracy(x, pref)
-    return {"eval/reward_accuracy": float(correct) / max(int(total_pairs), 1), "eval/margin": beta * (w(x) - lose(x)),
+    return {"eval/reward_accuracy": float(correct) / max(int(total_pairs), 1), "eval/margin": loss_beta(c) * (w(x) - lose(x)),
             "eval/logp_chosen": w(logp), "eval/logp_rejected": lose(logp),
             "eval/ref_logp_chosen": w(ref), "eval/ref_logp_rejected": lose(ref)}
 
