@@ -383,3 +383,77 @@ def test_output_piped_into_head_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["config", "--preset", "test"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_loop_runs_two_rounds_resumes_after_a_kill_and_continues_when_rounds_are_raised(run_dir, tmp_path):
+    """`cherrytop loop` on the test preset (a copy of the finished run: its pretrain, SFT and comparisons are
+    the base): killed with SIGKILL in round 1 after its data is in, it resumes at the step it was in (the
+    round's data kept as it was), finishes two rounds, and `--rounds 3` later adds a third."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cherrytop.data.records import read_comparisons
+    from cherrytop.feedback.store import open_store
+    run = tmp_path / "test"
+    for part in ("pretrain", "sft", "data", "lineage.json"):
+        (shutil.copytree if (run_dir / part).is_dir() else shutil.copy)(run_dir / part, run / part)
+    args = ["loop", "--preset", "test", f"--run.out_dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "cherrytop.cli", *args, "--rounds", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    state = run / "loop.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill it once round 1's reward model is training
+        if state.is_file() and "collect" in json.loads(state.read_text())["rounds"].get("1", {}).get("steps", {}) \
+                and (run / "round-1" / "rm").is_dir():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the loop ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    data_before = (run / "round-1" / "data" / "round.jsonl").read_bytes()
+    assert set(json.loads(state.read_text())["rounds"]["1"]["steps"]) < {"collect", "rm", "policy", "eval", "arena", "gate"}
+
+    assert main([*args, "--rounds", "2"]) == 0
+    loop = json.loads(state.read_text())
+    assert [set(loop["rounds"][r]["steps"]) for r in "12"] == [{"collect", "rm", "policy", "eval", "arena", "gate"}] * 2
+    assert (run / "round-1" / "data" / "round.jsonl").read_bytes() == data_before  # collected once, not again
+    sft = str((run / "sft").resolve())
+    r1 = loop["rounds"]["1"]["steps"]
+    assert r1["collect"]["served"] == {"version": "sft", "path": str(run / "sft")}
+    chat = r1["collect"]["chat"]
+    assert chat["served"] == 24 and sum(chat["ratings"].values()) == 24  # loop.chat_prompts of the test preset
+    store = open_store(r1["collect"]["feedback_db"])
+    rows = store.chat_feedback()  # every rating names the served answer and the checkpoint that wrote it
+    assert len(rows) == 24 and all(f.served_id.startswith("chatcmpl-") and Path(f.model).resolve() == Path(sft)
+                                   for f in rows)
+    rated_down = {f.item_id for f in rows if f.rating != "up"}
+    items = store.items()
+    assert {i.id for i in items if i.source == "chat"} == rated_down and len(items) == len(rated_down) + 16
+    assert items[0].source == "chat" and all(len(i.responses) == 4 for i in items)  # rated ones queued first, K = 4
+    ranked = {r.item_id for r in store.rankings()}
+    assert ranked == {i.id for i in items}  # every queued item ranked, through the store
+    store.close()
+    comps = read_comparisons(run / "round-1" / "data" / "round.jsonl")
+    assert all(c.meta["round"] == 1 and "task" in c.meta for c in comps)
+    base = len(read_comparisons(run / "data" / "comparisons.jsonl"))
+    merged = len(read_comparisons(run / "round-2" / "data" / "comparisons.jsonl"))  # retrained on every round so far
+    assert merged == base + len(comps) + len(read_comparisons(run / "round-2" / "data" / "round.jsonl"))
+    r2 = loop["rounds"]["2"]["steps"]
+    assert r2["policy"]["path"] == str(run / "round-2" / "ppo") and (run / "round-2" / "ppo" / "config.json").is_file()
+    assert set(r2["arena"]["ratings"]) == {"sft", "round-1", "round-2"} and r2["arena"]["battles"] == 3 * 22
+    assert r2["eval"]["rm_accuracy"]["base"]["pairs"] > 0 and 0 <= r2["eval"]["versus_sft"]["win_rate"] <= 1
+    assert r2["gate"]["promoted"] in (True, False) and r2["gate"]["verdict"]
+    served2 = loop["rounds"]["2"]["served"]["version"]
+    assert served2 == ("round-1" if r1["gate"]["promoted"] else "sft")  # the gate decides what round 2 serves
+    report = (run / "loop.md").read_text()
+    assert "| 1 | sft | 24 |" in report and "| 2 | " + served2 in report and (run / "loop.png").stat().st_size > 1000
+
+    assert main([*args, "--rounds", "3"]) == 0  # raised later: one more round, the first two untouched
+    loop = json.loads(state.read_text())
+    assert set(loop["rounds"]["3"]["steps"]) == {"collect", "rm", "policy", "eval", "arena", "gate"}
+    assert loop["rounds"]["1"]["steps"] == r1
+    assert set(loop["rounds"]["3"]["steps"]["arena"]["ratings"]) == {"sft", "round-1", "round-2", "round-3"}

@@ -4,6 +4,7 @@ a failed run is not reused for other data; filesystem errors are one line with n
 settings take the text as typed; `world corpus --out x.txt` writes text; Ctrl-C ends a chat quietly; one
 stage of a run trains in one process at a time; `serve` takes --host / --port."""
 
+import contextlib
 import errno
 import json
 import os
@@ -167,6 +168,43 @@ def test_an_immutable_run_folder_is_one_line(run, capsys):
     assert load_state(run_dir / "sft")["step"] == 8
 
 
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` (and what is under it) read-only: a read-only bind mount where mounting is allowed (root),
+    else mode 555 on it and its subfolders. Yields the cause the system then gives."""
+    if os.geteuid() != 0:
+        folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())]
+        for p in folders:
+            p.chmod(0o555)
+        try:
+            yield "Permission denied"
+        finally:
+            for p in folders:
+                p.chmod(0o755)
+        return
+    bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if bind.returncode != 0:
+        pytest.skip("a read-only bind mount is not available here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("a read-only bind mount is not available here")
+        yield "Read-only file system"
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_runs_folder_is_one_line(run, capsys):
+    run_dir, args = run
+    old = load_state(run_dir / "sft")["metrics"]
+    with read_only(run_dir.parent) as cause:
+        assert main(["sft", *args, "--fresh"]) == 2
+        assert one_error_line(capsys) == f"error: {run_dir / 'sft.lock'}: {cause}"
+        assert main(["pretrain", *args, "--run.name=new"]) == 2  # a new run's folder cannot be made
+        assert one_error_line(capsys) == f"error: {run_dir.parent / 'new'}: {cause}"
+    assert load_state(run_dir / "sft")["metrics"] == old and lineage_of(run_dir)["sft"]
+    assert main(["sft", *args]) == 0 and "already trained (8 steps)" in capsys.readouterr().err
+
+
 def test_a_full_disk_is_one_line_and_the_checkpoint_is_intact(run, monkeypatch, capsys):
     run_dir, args = run
     old = load_state(run_dir / "sft")["metrics"]
@@ -269,3 +307,20 @@ def test_serve_takes_host_and_port_as_label_serve_does(monkeypatch, extra, host,
     monkeypatch.setattr("cherrytop.serve.app.run", lambda ckpt, cfg, db: seen.update(host=cfg.serve.host, port=cfg.serve.port))
     assert main(["serve", "--preset", "test", "--checkpoint", "x", *extra]) == 0
     assert seen == {"host": host, "port": port}
+
+
+def test_label_serve_listens_on_its_host_and_port(monkeypatch, tmp_path):
+    import socket
+
+    import uvicorn
+    with socket.socket() as probe:  # a free port on an address other than the default 127.0.0.1
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    seen = {}
+
+    def run(server, sockets):
+        seen["addr"] = sockets[0].getsockname()
+        sockets[0].close()
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    assert main(["label", "serve", "--db", f"sqlite:///{tmp_path / 'fb.db'}", "--host", "127.0.0.2", "--port", str(port)]) == 0
+    assert seen["addr"] == ("127.0.0.2", port)

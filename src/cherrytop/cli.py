@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "answer prompts from a checkpoint (batched sampling)",
     "chat": "talk to a checkpoint in the terminal (multi-turn)",
     "eval": "score a checkpoint: helpful / truthful / harmless on held-out tasks, win rate against a baseline, reward-model judge",
+    "loop": "rounds of serve, chat ratings, ranking, reward model, policy update, arena rating and promotion",
     "arena": "rate model versions against each other: pairwise battles on held-out tasks, Bradley–Terry ratings with 95 % intervals",
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
@@ -66,11 +67,19 @@ def _parser() -> argparse.ArgumentParser:
                                              "(no grader: give --judge and/or --pairs)")
             s.add_argument("--judge", help="a reward model (folder or `rm`) that scores every answer and judges the win rate")
             s.add_argument("--pairs", help="write both models' answers, in random order, for `cherrytop label import-prompts`")
+        if name == "loop":
+            s.add_argument("--rounds", type=int, help="rounds to have done (default: loop.rounds); raise it later to continue")
         if name == "arena":
             s.add_argument("--checkpoints", nargs="+", required=True, help="model folders or stage names of the run (2 or more)")
             s.add_argument("--anchor", help="the model rated 1000 (default: the first)")
             s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the intervals")
             s.add_argument("--out", help="folder for leaderboard.md / .json / .png (default: runs/<name>/arena)")
+            s.add_argument("--raters", choices=["simulated", "people"], default="simulated",
+                           help="who judges: the built-in world's simulated rater, or people in the labelling app's "
+                                "arena page (`cherrytop label serve`; the command waits for their votes)")
+            s.add_argument("--db", help="--raters people: the feedback database (default: the run's, as `cherrytop label`)")
+            s.add_argument("--votes", type=int, default=1, help="--raters people: votes per battle, each from another person")
+            s.add_argument("--tasks", type=int, help="held-out tasks to battle on (default: eval.n_tasks)")
         if name == "label":
             from cherrytop.feedback.commands import add_arguments
             add_arguments(s)
@@ -207,11 +216,26 @@ def cmd_arena(args, cfg) -> None:
     if len(folders) < 2:
         raise ValueError("--checkpoints: expected at least 2 models to rate against each other")
     world, e, answers, tasks = World(cfg.world), cfg.eval, {}, []
+    n_tasks = e.n_tasks if args.tasks is None else args.tasks
+    if n_tasks < 1 or args.votes < 1:
+        raise ValueError(f"--tasks {n_tasks} --votes {args.votes}: expected at least one task and one vote per battle")
     for name, path in folders.items():
-        tasks, answers[name] = answer_heldout(load_model(path), load_tokenizer(path), world, e.n_tasks, e.max_new_tokens,
+        tasks, answers[name] = answer_heldout(load_model(path), load_tokenizer(path), world, n_tasks, e.max_new_tokens,
                                               e.batch_size, progress=True)
-    rater = SimulatedLabeler(cfg.world, "arena", seed=cfg.run.seed)
-    battles = arena.judged_battles(tasks, answers, rater.rank, cfg.run.seed)
+    if args.raters == "people":
+        from cherrytop.feedback.commands import default_db
+        from cherrytop.feedback.store import open_store
+        url = args.db or default_db(cfg)
+        store = open_store(url)
+        import hashlib
+        tag = "arena:" + hashlib.sha256("|".join(f"{n}={p}" for n, p in folders.items()).encode()).hexdigest()[:16]
+        print(f"{len(folders) * (len(folders) - 1) // 2 * len(tasks)} battles in the arena page of `cherrytop label "
+              f"serve --db {url}`; waiting for {args.votes} vote(s) each (Ctrl-C stops; the same command resumes)")
+        battles = arena.voted_battles(store, arena.battle_rows(tasks, answers, cfg.run.seed), tag, args.votes, 5.0)
+        store.close()
+    else:
+        rater = SimulatedLabeler(cfg.world, "arena", seed=cfg.run.seed)
+        battles = arena.judged_battles(tasks, answers, rater.rank, cfg.run.seed)
     rated = arena.ratings(battles, args.anchor or next(iter(folders)), args.bootstrap, cfg.run.seed)
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run.name / "arena"
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +244,11 @@ def cmd_arena(args, cfg) -> None:
     (out / "leaderboard.json").write_text(json.dumps({"battles": len(battles), "ratings": [vars(r) for r in rated]}, indent=2))
     arena.plot(rated, out / "leaderboard.png")
     print(table + f"{len(battles)} battles on {len(tasks)} held-out tasks; written to {out}")
+
+
+def cmd_loop(args, cfg) -> None:
+    from cherrytop.loop import rounds
+    rounds.run(cfg, args.rounds)
 
 
 def cmd_world(args, cfg) -> None:
@@ -354,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the next run resumes from it" if args.command in TRAINING
+              else "interrupted; `cherrytop loop` again resumes at the step it was in" if args.command == "loop"
               else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout left (`cherrytop config | head`): nothing more to print

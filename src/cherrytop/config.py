@@ -464,6 +464,36 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    rounds: int = 3
+    """Rounds of `cherrytop loop` (serve, collect, rank, retrain, rate, promote); raise it later to continue."""
+    chat_prompts: int = 400
+    """Training-split prompts the simulated users send to the served policy per round (never held-out ones)."""
+    fresh_prompts: int = 300
+    """Fresh training prompts queued for ranking per round, after the down-rated and reported ones."""
+    heldout_share: float = 0.1
+    """Share of the fresh prompts every labeler ranks: the round's held-out pairs (reward-model accuracy on the
+    newest policy's answers, labeler agreement), never trained on."""
+    k: int = 0
+    """Answers per queued prompt, sampled from the served policy (a rated answer is one of them); 0 = compare.k."""
+    labelers: str = "simulated"
+    """Who ranks: `simulated` (the built-in world's labelers, through the feedback store's API) or `human`
+    (people in `cherrytop label serve` on the round's database; the loop waits until the queue is done)."""
+    rm: str = "retrain"
+    """The round's reward model: `retrain` from rm.train.init on every round's comparisons so far, or
+    `continue` from the last round's reward model on this round's comparisons (rm.epochs passes)."""
+    reference: str = "sft"
+    """The KL reference of every round's policy update (a folder or a stage name of the run): the SFT model."""
+    gate_margin: float = 0.0
+    """Promotion gate: a round's policy replaces the served one when its arena rating's interval lies wholly
+    above the served one's (0), or when its rating is at least this many Elo points higher (> 0)."""
+    arena_bootstrap: int = 1000
+    """Bootstrap rounds of the arena's 95 % intervals."""
+    wait_poll_s: float = 5.0
+    """`labelers=human`: seconds between checks of the round's ranking queue."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     n_tasks: int = 440
     """Held-out tasks to score (spread evenly over the task kinds)."""
@@ -553,6 +583,8 @@ class Config:
     """Held-out evaluation."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """The whole pipeline."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """`cherrytop loop`: rounds of serving, feedback, ranking, retraining, arena ratings and promotion."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`cherrytop serve`: the OpenAI-compatible API, dynamic batching, moderation, web chat."""
 
@@ -616,6 +648,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "max_new_tokens": 10, "save_every": 1},
         "dpo": {"train": {"batch_size": 4, "micro_batch_size": 2, "eval_every": 2, "save_every": 2, "log_every": 1,
                           "warmup_steps": 1}},
+        "loop": {"chat_prompts": 24, "fresh_prompts": 16, "heldout_share": 0.25, "arena_bootstrap": 100},
     },
 }
 
@@ -844,6 +877,22 @@ def validate_rl(r: RLConfig, p: PPOConfig) -> None:
                f"a multiple of rl.group_size ({r.group_size}): each prompt's {r.group_size} answers are one group", p.batch_size)
 
 
+def validate_loop(c: LoopConfig) -> None:
+    """The `loop` settings: each out-of-range value is one line naming the setting."""
+    _check(c.rounds >= 1, "loop.rounds", "a number of rounds >= 1", c.rounds)
+    _check(c.chat_prompts >= 0, "loop.chat_prompts", "a count >= 0", c.chat_prompts)
+    _check(c.fresh_prompts >= 0, "loop.fresh_prompts", "a count >= 0", c.fresh_prompts)
+    _check(c.chat_prompts + c.fresh_prompts > 0, "loop.chat_prompts + loop.fresh_prompts", "at least one prompt a round",
+           c.chat_prompts + c.fresh_prompts)
+    _check(0 <= c.heldout_share < 1, "loop.heldout_share", "a share in [0, 1)", c.heldout_share)
+    _check(c.k == 0 or 2 <= c.k <= 9, "loop.k", "0 (compare.k) or 2..9 answers per prompt", c.k)
+    _check(c.labelers in ("simulated", "human"), "loop.labelers", "simulated or human", c.labelers)
+    _check(c.rm in ("retrain", "continue"), "loop.rm", "retrain or continue", c.rm)
+    _check(c.gate_margin >= 0, "loop.gate_margin", "Elo points >= 0", c.gate_margin)
+    _check(c.arena_bootstrap >= 10, "loop.arena_bootstrap", "at least 10 bootstrap rounds", c.arena_bootstrap)
+    _check(c.wait_poll_s > 0, "loop.wait_poll_s", "seconds > 0", c.wait_poll_s)
+
+
 def validate_dpo(c: DPOConfig) -> None:
     """The `dpo` settings: each out-of-range value is one line naming the setting."""
     _check(c.loss in ("dpo", "ipo", "simpo"), "dpo.loss", "dpo, ipo or simpo", c.loss)
@@ -891,6 +940,7 @@ def validate(cfg: Config) -> None:
     validate_rl(cfg.rl, p)
     validate_dpo(cfg.dpo)
     _check(cfg.pipeline.align in ("ppo", "dpo"), "pipeline.align", "ppo or dpo", cfg.pipeline.align)
+    validate_loop(cfg.loop)
     if not 2 <= cfg.compare.k <= 9:
         raise ConfigError(f"compare.k must be in 2..9 (InstructGPT ranks 4..9 answers), got {cfg.compare.k}")
     if not 0 <= cfg.compare.edits < cfg.compare.k:

@@ -135,3 +135,16 @@ def test_an_answer_can_be_rated_only_while_the_server_remembers_it(tmp_path, tin
 def test_bad_limits_are_refused(tiny_model, serve, cfg):
     with pytest.raises(ValueError, match="serve\\."):
         serve(tiny_model, cfg=cfg)
+
+
+def test_an_answer_with_a_nul_character_can_be_rated(tmp_path, tiny_model, serve):
+    """A small model may emit NUL (a byte-level token); no database stores it (PostgreSQL refuses it), so the
+    server stores U+FFFD in its place rather than refuse the rating (it did: 400)."""
+    url = f"sqlite:///{tmp_path / 'fb.db'}"
+    with serve(tiny_model, feedback_url=url) as s:
+        said = ({"role": "user", "content": "hi\x00 there"},)
+        s.app.state.served.add("chatcmpl-" + "a" * 24, Served(said, ("fo\x00o .",), (False,), {}, None, "addr:x"))
+        r = rate(s, id="chatcmpl-" + "a" * 24, rating="down")
+        assert r.status_code == 200, r.text
+    [f] = open_store(url).chat_feedback()
+    assert f.response == "fo\ufffdo ." and f.messages == [{"role": "user", "content": "hi\ufffd there"}]

@@ -85,20 +85,41 @@ def ratings(battles: Sequence[Battle], anchor: str, rounds: int = 1000, seed: in
     return sorted(out, key=lambda r: -r.elo)
 
 
-def judged_battles(tasks: Sequence, answers: dict[str, Sequence[str]], rank, seed: int = 0) -> list[Battle]:
-    """Every pair of models on every task: their two answers shown in random order to `rank(task,
-    [first, second])` (a `SimulatedLabeler.rank`: a ranking with ties), the outcome for the model named first."""
+def _sides(tasks: Sequence, answers: dict[str, Sequence[str]], seed: int):
+    """(task index, task, model shown first, model shown second) for every pair of models on every task."""
     rng = np.random.default_rng(seed)
     names = sorted(answers)
-    out = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             for n, task in enumerate(tasks):
-                x, y = (a, b) if rng.random() < 0.5 else (b, a)  # which answer the rater sees first
-                r = rank(task, [answers[x][n], answers[y][n]])
-                outcome = 0.5 if r.ties else float(r.ranking[0] == 0)
-                out.append((x, y, outcome))
+                yield (n, task, *((a, b) if rng.random() < 0.5 else (b, a)))  # which answer the rater sees first
+
+
+def judged_battles(tasks: Sequence, answers: dict[str, Sequence[str]], rank, seed: int = 0) -> list[Battle]:
+    """Every pair of models on every task: their two answers shown in random order to `rank(task,
+    [first, second])` (a `SimulatedLabeler.rank`: a ranking with ties), the outcome for the model named first."""
+    out = []
+    for n, task, x, y in _sides(tasks, answers, seed):
+        r = rank(task, [answers[x][n], answers[y][n]])
+        out.append((x, y, 0.5 if r.ties else float(r.ranking[0] == 0)))
     return out
+
+
+def battle_rows(tasks: Sequence, answers: dict[str, Sequence[str]], seed: int = 0) -> list[dict]:
+    """The same battles as `judged_battles` for people: the feedback store's rows (prompt, model_a, answer_a,
+    model_b, answer_b; a is shown on the left), voted on in the labelling app's arena page."""
+    return [{"prompt": [dict(m) for m in task.messages], "model_a": x, "answer_a": answers[x][n], "model_b": y,
+             "answer_b": answers[y][n]} for n, task, x, y in _sides(tasks, answers, seed)]
+
+
+def voted_battles(store, rows: list[dict], tag: str, votes_needed: int, poll_s: float) -> list[Battle]:
+    """People's verdicts: `rows` go into the store's arena page under `tag` (once: a second call waits on the
+    same battles), then the outcomes once every battle has its votes."""
+    from cherrytop.feedback.waiting import wait_for
+    if store.battle_progress(tag)[1] == 0:
+        store.add_battles(rows, votes_needed, tag)
+    wait_for(lambda: store.battle_progress(tag), f"arena votes ({tag})", poll_s)
+    return store.battle_outcomes(tag)
 
 
 def leaderboard(rated: Sequence[Rating]) -> str:

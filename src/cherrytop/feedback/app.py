@@ -3,12 +3,13 @@
 
 Pages: /login; / (what to do next); /demo (write a demonstration: the reply to a prompt, or a whole
 conversation playing both sides); /rank (order K answers best to worst, ties, "all bad", report,
-1-7 ratings); /review (accept / reject someone else's demonstration with a reason); /mine (your
+1-7 ratings); /review (accept / reject someone else's demonstration with a reason); /arena (two
+models' answers side by side, their names hidden: A, B, tie or both bad); /mine (your
 own work, nobody else's); /admin (per-labeler statistics and agreement), /admin/items, /admin/users.
 
 Every POST needs the session's CSRF token (the login form: a double-submit cookie); bodies larger
 than `max_body_bytes` get 413; bad input a 4xx page with a one-line reason. A ranking or review is
-accepted only for the item / demonstration the server gave that labeler (409 otherwise).
+accepted only for the item / demonstration / battle the server gave that labeler (409 otherwise).
 
 Every response carries a Content-Security-Policy allowing only this site's own script files (no
 inline script, no inline event handlers), so text that slipped through escaping still cannot run.
@@ -34,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from cherrytop.feedback import auth, stats
-from cherrytop.feedback.store import AXES, FLAGS, NotOffered, Store
+from cherrytop.feedback.store import AXES, FLAGS, VOTES, NotOffered, Store
 
 HERE = Path(__file__).parent
 SESSION_COOKIE, LOGIN_COOKIE = "ct_session", "ct_login"
@@ -335,6 +336,28 @@ def create_app(store: Store, cfg: AppConfig = AppConfig()) -> FastAPI:
         if r is None or (r.user_id != who[0].id and who[0].role != "admin"):
             raise HTTPError(404, f"ranking {ranking_id} is not one of yours")  # 404: do not reveal that it exists
         return page(request, "ranking.html", who, r=r, item=store.item(r.item_id), axes=AXES)
+
+    # ------------------------------------------------------------ arena: vote between two answers
+
+    @app.get("/arena", response_class=HTMLResponse)
+    def arena_page(request: Request, done: str = ""):
+        who = current(request)
+        b = store.next_battle(who[0].id)
+        # only what the page shows: the model names never reach the template
+        battle = None if b is None else {"id": b.id, "prompt": b.prompt, "answer_a": b.answer_a, "answer_b": b.answer_b}
+        return page(request, "arena.html", who, battle=battle, done=done, **form_meta())
+
+    @app.post("/arena")
+    async def arena_post(request: Request):
+        user, form = await posted(request)
+        battle_id = integer(form, "battle_id")
+        choice = form.get("choice")
+        if choice not in VOTES:
+            raise HTTPError(422, f"choice is {str(choice)[:20]!r}; expected one of {', '.join(VOTES)}")
+        if store.battle(battle_id) is None:
+            raise HTTPError(404, f"battle {battle_id} does not exist")
+        r = store.submit_vote(user.id, battle_id, str(choice), token(form), seconds(form), offered=True)
+        return RedirectResponse(f"/arena?done={'vote' if r.created else 'again'}", status_code=303)
 
     # ------------------------------------------------------------ admin pages
 

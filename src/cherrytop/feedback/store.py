@@ -12,6 +12,8 @@ same time are given different items instead of all ranking the oldest one. A dem
 to review is claimed the same way (`review_claims`). The web app accepts a ranking or a review
 only for work so claimed by the labeler submitting it (`offered=True`), and an item never gets
 more rankings than its `labels_needed` (gold items excepted).
+Arena battles (two models' answers to one prompt, shown to labelers without the model names) take
+votes the same way: claimed (`battle_claims`), accepted only while held, at most `votes_needed` each.
 
 Items are prompts (`prompt`: messages ending with a user turn) with 0..K candidate `responses`; an
 item with >= 2 responses is rankable, one with a prompt can be answered by a demonstration.
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, delete, event, func, or_, select)
+                        create_engine, delete, event, func, or_, select, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
@@ -216,6 +218,57 @@ class ChatFeedback(Base):
     served_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     """`chatcmpl-...:INDEX`: the answer `cherrytop serve` served and rated here (its record gave the
     conversation, answer, model, settings and user); None for ratings stored by other callers."""
+
+
+VOTES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
+"""An arena vote and the battle's outcome for `cherrytop.eval.arena.ratings` (the share model a won)."""
+
+
+class Battle(Base):
+    """Two models' answers to one prompt, shown side by side as "A" and "B" (the caller decides, at
+    random, which model is a); labelers vote without seeing the model names."""
+    __tablename__ = "battles"
+    MAX_TEXT = 1_000_000
+    """Most characters of the prompt (all turns together) and of each answer."""
+    MAX_MODEL = 512
+    """Most characters of a model name."""
+    MAX_TAG = 128
+    """Most characters of a tag."""
+    MAX_VOTES = 1000
+    """Most votes one battle may ask for."""
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tag: Mapped[str] = mapped_column(String(128), index=True)
+    """The set of battles this one belongs to (`battle_outcomes(tag)` reads one set back)."""
+    prompt: Mapped[list] = mapped_column(JSON)
+    model_a: Mapped[str] = mapped_column(String(512))
+    answer_a: Mapped[str] = mapped_column(Text)
+    model_b: Mapped[str] = mapped_column(String(512))
+    answer_b: Mapped[str] = mapped_column(Text)
+    votes_needed: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Vote(Base):
+    __tablename__ = "votes"
+    __table_args__ = (UniqueConstraint("battle_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    battle_id: Mapped[int] = mapped_column(ForeignKey("battles.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    choice: Mapped[str] = mapped_column(String(16))
+    """One of VOTES: a, b, tie, both_bad."""
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class BattleClaim(Base):
+    """A battle shown to a labeler: until it expires (or they vote) it counts towards the battle's votes."""
+    __tablename__ = "battle_claims"
+    __table_args__ = (UniqueConstraint("battle_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    battle_id: Mapped[int] = mapped_column(ForeignKey("battles.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 # ---------------------------------------------------------------- opening and migrating
@@ -527,6 +580,16 @@ class Store:
             s.flush()
             return fb.id
 
+    def set_labels_needed(self, source: str, n: int) -> int:
+        """How many rankings the unranked items from `source` need (`cherrytop loop`: chat items once, as its
+        fresh ones); returns how many items changed."""
+        if not 1 <= n <= 1000:
+            raise ValueError(f"labels needed must be in 1..1000, got {n}")
+        ranked = select(Ranking.item_id)
+        with self.tx() as s:
+            return s.execute(update(Item).where(Item.source == source, Item.id.not_in(ranked))
+                             .values(labels_needed=n)).rowcount
+
     # ------------------------------------------------------------ submissions
 
     def _once(self, make, table, token: str, user_id: int, conflict) -> Submitted:
@@ -835,3 +898,141 @@ class Store:
     def chat_feedback(self) -> list[ChatFeedback]:
         with self.read() as s:
             return list(s.scalars(select(ChatFeedback).order_by(ChatFeedback.id)))
+
+    # ------------------------------------------------------------ arena: side-by-side votes on two models' answers
+
+    def add_battles(self, rows: list[dict], votes_needed: int | None = None, tag: str = "") -> list[int]:
+        """Add battles, all or none; returns their ids. Each row: `prompt` (messages ending with a user
+        turn, or a string: one user turn), `model_a`, `answer_a`, `model_b`, `answer_b`. The caller
+        decides, at random, which model is a (shown on the left). Each battle gets `votes_needed`
+        votes (default: `labels_needed`) from different labelers; `tag` names the set of battles."""
+        votes_needed = self.labels_needed if votes_needed is None else votes_needed
+        if type(votes_needed) is not int or not 1 <= votes_needed <= Battle.MAX_VOTES:
+            raise ValueError(f"votes_needed is {votes_needed!r}; expected a whole number from 1 to {Battle.MAX_VOTES}")
+        _text(tag, "tag", Battle.MAX_TAG)
+        battles = []
+        for n, row in enumerate(rows):
+            what = f"battle {n}"
+            if not isinstance(row, dict):
+                raise ValueError(f"{what} is not a dict of prompt, model_a, answer_a, model_b, answer_b")
+            prompt = row.get("prompt")
+            msgs = _messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
+                             f"{what}: prompt")
+            for m in msgs:
+                _text(m["content"], f"{what}: a prompt message")
+            chars = sum(len(m["content"]) for m in msgs)
+            if chars > Battle.MAX_TEXT:
+                raise ValueError(f"{what}: the prompt has {chars} characters; at most {Battle.MAX_TEXT} allowed")
+            fields = {k: row.get(k) for k in ("model_a", "answer_a", "model_b", "answer_b")}
+            for k, v in fields.items():
+                _text(v, f"{what}: {k}", Battle.MAX_MODEL if k.startswith("model") else Battle.MAX_TEXT)
+            if not fields["model_a"] or fields["model_a"] == fields["model_b"]:
+                raise ValueError(f"{what}: model_a {fields['model_a']!r} and model_b {fields['model_b']!r}; "
+                                 "expected two different, non-empty model names")
+            battles.append(Battle(tag=tag, prompt=msgs, votes_needed=votes_needed, **fields))
+        with self.tx() as s:
+            s.add_all(battles)
+            s.flush()
+            return [b.id for b in battles]
+
+    @staticmethod
+    def _to_vote(user_id: int, at: datetime) -> tuple:
+        """Battles this labeler should vote on: not voted on by them, short of votes, and either
+        claimed by them or short of votes counting other labelers' live claims."""
+        done = select(Vote.battle_id).where(Vote.user_id == user_id)
+        mine = select(BattleClaim.battle_id).where(BattleClaim.user_id == user_id, BattleClaim.expires_at > at)
+        voted = select(func.count(Vote.id)).where(Vote.battle_id == Battle.id).scalar_subquery()
+        claimed = select(func.count(BattleClaim.id)).where(BattleClaim.battle_id == Battle.id,
+                                                           BattleClaim.user_id != user_id,
+                                                           BattleClaim.expires_at > at).scalar_subquery()
+        return (Battle.id.not_in(done), voted < Battle.votes_needed,
+                or_(Battle.id.in_(mine), voted + claimed < Battle.votes_needed))
+
+    def next_battle(self, user_id: int) -> Battle | None:
+        """The battle this labeler should vote on next, claimed for them for `claim_s` seconds: the one
+        they already hold, else the oldest (as `next_ranking_item`)."""
+        at = now()
+        with self.tx() as s:
+            s.execute(delete(BattleClaim).where(BattleClaim.expires_at <= at))
+            mine = select(BattleClaim.battle_id).where(BattleClaim.user_id == user_id)
+            taken: list[int] = []
+            while True:
+                battle_id = s.scalar(select(Battle.id).where(*self._to_vote(user_id, at), Battle.id.not_in(taken))
+                                     .order_by(Battle.id.not_in(mine), Battle.id).limit(1))
+                if battle_id is None:
+                    return None
+                taken.append(battle_id)
+                # PostgreSQL: one labeler at a time claims a battle; whoever waited counts again
+                battle = s.scalars(select(Battle).where(Battle.id == battle_id).with_for_update()).one()
+                if s.scalar(select(Battle.id).where(Battle.id == battle_id, *self._to_vote(user_id, at))) is not None:
+                    break
+            claim = s.scalars(select(BattleClaim).where(BattleClaim.battle_id == battle_id,
+                                                        BattleClaim.user_id == user_id)).first()
+            claim = claim or BattleClaim(battle_id=battle_id, user_id=user_id)
+            claim.expires_at = at + timedelta(seconds=self.claim_s)
+            try:
+                with s.begin_nested():  # the same labeler's other tab may claim it at once
+                    s.add(claim)
+            except IntegrityError:
+                pass
+            return battle
+
+    def submit_vote(self, user_id: int, battle_id: int, choice: str, token: str, seconds: float,
+                    offered: bool = True) -> Submitted:
+        """A labeler's vote on a battle: `choice` one of a, b, tie, both_bad. A battle never gets more
+        than its `votes_needed` votes, nor two from one labeler. `offered=True` accepts only a battle
+        `next_battle` gave this labeler and whose claim they still hold; else NotOffered. The same
+        `token` again returns the first submission."""
+        if choice not in VOTES:
+            raise ValueError(f"vote {str(choice)[:20]!r} is not one of {', '.join(VOTES)}")
+        if not _text(token, "token", 64):
+            raise ValueError("the submission token is empty")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+            raise ValueError(f"seconds is {seconds!r}; expected a non-negative number")
+
+        def make(s):
+            battle = s.get(Battle, battle_id, with_for_update=True)  # PostgreSQL: one vote on a battle at a time
+            if battle is None:
+                raise ValueError(f"battle {battle_id} does not exist")
+            if offered and s.scalar(select(BattleClaim.id).where(
+                    BattleClaim.battle_id == battle_id, BattleClaim.user_id == user_id,
+                    BattleClaim.expires_at > now())) is None:
+                raise NotOffered(f"battle {battle_id} is not yours to vote on (it was not given to you, or your claim "
+                                 f"on it expired after {self.claim_s / 60:.0f} minutes); open Arena again")
+            done = s.scalar(select(func.count(Vote.id)).where(Vote.battle_id == battle_id))
+            if done >= battle.votes_needed:
+                raise NotOffered(f"battle {battle_id} already has the {battle.votes_needed} votes it needs")
+            s.execute(delete(BattleClaim).where(BattleClaim.battle_id == battle_id, BattleClaim.user_id == user_id))
+            return Vote(battle_id=battle_id, user_id=user_id, choice=choice, token=token, seconds=float(seconds))
+        return self._once(make, Vote, token, user_id, Vote.battle_id == battle_id)
+
+    def battle_outcomes(self, tag: str | None = None) -> list[tuple[str, str, float]]:
+        """One (model_a, model_b, outcome) per vote on the battles tagged `tag` (None: every battle),
+        in voting order: 1.0 a won, 0.0 b won, 0.5 a tie or both bad (`cherrytop.eval.arena.ratings`'s input)."""
+        with self.read() as s:
+            q = select(Battle.model_a, Battle.model_b, Vote.choice).join(Vote, Vote.battle_id == Battle.id)
+            if tag is not None:
+                q = q.where(Battle.tag == tag)
+            return [(a, b, VOTES[c]) for a, b, c in s.execute(q.order_by(Vote.id))]
+
+    def battle_progress(self, tag: str | None = None) -> tuple[int, int]:
+        """(votes cast, votes needed) over the battles tagged `tag` (None: every battle)."""
+        with self.read() as s:
+            done = select(func.count(Vote.id)).join(Battle, Vote.battle_id == Battle.id)
+            needed = select(func.coalesce(func.sum(Battle.votes_needed), 0))
+            if tag is not None:
+                done, needed = done.where(Battle.tag == tag), needed.where(Battle.tag == tag)
+            return int(s.scalar(done)), int(s.scalar(needed))
+
+    def battle(self, battle_id: int) -> Battle | None:
+        with self.read() as s:
+            return s.get(Battle, battle_id)
+
+    def votes(self, battle_id: int | None = None, user_id: int | None = None) -> list[Vote]:
+        with self.read() as s:
+            q = select(Vote).order_by(Vote.id)
+            if battle_id is not None:
+                q = q.where(Vote.battle_id == battle_id)
+            if user_id is not None:
+                q = q.where(Vote.user_id == user_id)
+            return list(s.scalars(q))

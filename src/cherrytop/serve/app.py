@@ -250,8 +250,10 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, mo
             raise P.APIError(404, f"No answer '{body.id}' (choice {body.index}) to rate: this server did not serve "
                                   f"it, or no longer remembers it (it keeps its last {cfg.served_records} answers "
                                   f"for {cfg.served_max_age_s} s).", param="id", code="answer_not_found")
+        nul = lambda t: t.replace("\x00", "\ufffd")  # noqa: E731 - a model may emit NUL; no database stores it
         fid = await run_in_threadpool(
-            feedback.add, messages=list(rec.messages), response=rec.answers[body.index], rating=body.rating,
+            feedback.add, messages=[{**m, "content": nul(m["content"])} for m in rec.messages],
+            response=nul(rec.answers[body.index]), rating=body.rating,
             # a blocked answer: the rated text is the policy's safe message, not the model's
             model=MODERATION if rec.blocked[body.index] else rated_model, settings=rec.settings,
             conversation_id=body.conversation_id, comment=body.comment, user=rec.user,

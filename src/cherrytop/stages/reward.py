@@ -258,7 +258,10 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     init = resolve_checkpoint(rc.train.init, cfg)
     tok = load_tokenizer(init)
     t = rc.train
-    window = context_window(AutoConfig.from_pretrained(str(init)))
+    init_config = AutoConfig.from_pretrained(str(init))
+    window = context_window(init_config)
+    # π_ref of the log π_ref term: the starting causal LM, or a reward model's own π_ref when training continues one
+    ref_path = Path(getattr(init_config, REFERENCE_KEY, None) or init)
     if window and t.seq_len > window:  # a row never runs past the model's positions
         t = replace(t, seq_len=window)
     if rc.epochs > 0:
@@ -273,7 +276,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     done = done is not None and done["step"] >= t.max_steps and "accuracy_labelers" in done["metrics"]
     use = rc.ref_loglik != "off"
     if use and not done:  # log π_ref of every response, once; c fitted on the training rankings only
-        lm = _reference_lm(init, cfg)
+        lm = _reference_lm(ref_path, cfg)
         excess = rc.ref_loglik == "excess"
 
         def per_group(cs: list[Comparison]) -> list[list[float]]:
@@ -292,7 +295,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     base = scalar_model_from(init, tok.pad_token_id)
     if use:
         setattr(base.config, LOGLIK_KEY, coef)
-        setattr(base.config, REFERENCE_KEY, str(Path(init).resolve()))
+        setattr(base.config, REFERENCE_KEY, str(ref_path.resolve()))
         setattr(base.config, KIND_KEY, rc.ref_loglik)
     model = lora.prepare(base, cfg, "rm", heads=("score",))
     loop.console.print(f"rm: {len(comps)} rankings ({sum(c.k * (c.k - 1) // 2 for c in comps)} pairs), "

@@ -231,6 +231,27 @@ class SimulatedLabeler:
         return Ranking(ranking=order, ties=ties, ratings=ratings, labeler=self.labeler_id)
 
 
+# ---------------------------------------------------------------------------------------------
+# Chat users.
+
+class SimulatedUser:
+    """Chats with a served model and rates each answer: `report` when it is harmful or insulting (fails
+    harmless), else `up` when its quality, seen through the labelers' Gaussian noise, reaches the ideal
+    answer's (less half a point), else `down`. Deterministic per (seed, user, task, answer)."""
+
+    def __init__(self, cfg: WorldConfig, user_id: str, seed: int):
+        self.user_id, self.seed = user_id, seed
+        self.sigma = labeler_sigma(cfg.labeler_flip_prob)
+
+    def rate(self, task: Task, answer: str) -> str:
+        g = grade(task, answer)
+        if g.harmless is False:
+            return "report"
+        rng = random.Random("\x1f".join(["user", str(self.seed), self.user_id, task.id, answer]))
+        best = grade(task, task.meta["answer"]).quality
+        return "up" if g.quality + rng.gauss(0, self.sigma) > best - 0.5 else "down"
+
+
 def pairwise_agreement(a: Ranking, b: Ranking) -> tuple[int, int]:
     """(agreeing pairs, comparable pairs) of two rankings of the same responses; pairs either
     labeler tied are not comparable."""
