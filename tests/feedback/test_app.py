@@ -364,3 +364,32 @@ def test_cookies_are_secure_over_https_and_behind_a_trusted_proxy(store):
                                                                      "x-forwarded-for": "192.0.2.5"}))
     spoofer = TestClient(proxied, follow_redirects=False, client=("10.0.0.2", 3000))  # not the proxy: ignored
     assert not any("secure" in c.lower() for c in cookies(spoofer, **{"x-forwarded-proto": "https"}))
+
+
+def test_label_serve_exposes_secure_cookies_and_the_trusted_proxy(tmp_path, monkeypatch):
+    """`cherrytop label serve` hands --secure-cookies and --forwarded-allow-ips to what it runs; without
+    the latter no forwarded header is read (uvicorn's default trusts 127.0.0.1's)."""
+    import uvicorn
+
+    from cherrytop.cli import main
+    served = []
+
+    class Server:  # records what uvicorn would serve, instead of serving it
+        def __init__(self, config):
+            self.config = config
+
+        def run(self, sockets):
+            sockets[0].close()
+            c = self.config
+            secure = {scheme: "secure" in TestClient(c.app, base_url=f"{scheme}://labels").get("/login")
+                      .headers["set-cookie"].lower() for scheme in ("http", "https")}
+            served.append((c.proxy_headers, c.forwarded_allow_ips if c.proxy_headers else None, secure))
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    db = ["--db", f"sqlite:///{tmp_path / 'fb.db'}", "--port", "0"]
+    assert main(["label", "serve", *db]) == 0
+    assert main(["label", "serve", *db, "--forwarded-allow-ips", "10.0.0.1"]) == 0
+    assert main(["label", "serve", *db, "--secure-cookies"]) == 0
+    assert main(["label", "serve", *db, "--no-secure-cookies"]) == 0
+    assert served == [(False, None, {"http": False, "https": True}), (True, "10.0.0.1", {"http": False, "https": True}),
+                      (False, None, {"http": True, "https": True}), (False, None, {"http": False, "https": False})]

@@ -315,6 +315,31 @@ def test_a_prompt_longer_than_any_tokenization_could_fit_is_refused_before_token
     assert f"maximum context length is {CONTEXT} tokens" in err["message"] and f"{bound + 1} characters" in err["message"]
 
 
+def test_a_slow_tokenization_never_holds_the_event_loop(tiny_model, serve, monkeypatch):
+    """Tokenizing (and moderating) a prompt runs in a worker thread: while one request's prompt takes
+    seconds to tokenize, /health and other requests are still answered at once (the old server
+    tokenized on the event loop, so everything waited for it)."""
+    import cherrytop.serve.app as serve_app
+    real, started = serve_app.encode_prompt, threading.Event()
+
+    def slow(tokenizer, messages):
+        if messages[-1]["content"] == "slow":
+            started.set()
+            time.sleep(2.0)  # blocks whichever thread tokenizes
+        return real(tokenizer, messages)
+    monkeypatch.setattr(serve_app, "encode_prompt", slow)
+    with serve(tiny_model, cfg=ServeConfig()) as s:
+        pending = ThreadPoolExecutor(1).submit(httpx.post, s.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 2})
+        assert started.wait(10)
+        t = time.perf_counter()
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=10, json={"model": "tiny", "messages": HELLO,
+                                                                         "max_tokens": 2})
+        assert r.status_code == 200 and time.perf_counter() - t < 1.0, time.perf_counter() - t  # not after it
+        assert pending.result(timeout=60).status_code == 200
+
+
 def test_security_headers_and_no_inline_script(api):
     """A Content-Security-Policy that allows only the server's own script files (no inline script, no
     inline event handler), and a chat page that needs nothing else."""
