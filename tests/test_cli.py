@@ -3,6 +3,7 @@ errors for bad input (file and line, what was expected) with nothing half-writte
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,57 @@ def test_arena_rates_every_version_against_the_others(run_dir, tmp_path, capsys)
     assert (out / "leaderboard.png").stat().st_size > 1000 and "| 1 |" in (out / "leaderboard.md").read_text()
     assert main(["arena", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoints", "sft"]) == 2
     assert "at least 2 models" in capsys.readouterr().err
+
+
+def test_arena_with_people_waits_for_their_votes_and_rates_from_them(run_dir, tmp_path):
+    """`--raters people`: the battles go into the labelling app's arena page and the command waits; two people
+    who always prefer the pretrained model's answer make it the best rated."""
+    import threading
+    import uuid
+
+    from cherrytop.feedback.auth import create_user
+    from cherrytop.feedback.store import open_store
+    url, out = f"sqlite:///{tmp_path / 'fb.db'}", tmp_path / "arena"
+    store = open_store(url)
+    people = [create_user(store, name, "correct-Horse-7") for name in ("ann", "bob")]
+    rc = []
+    command = threading.Thread(target=lambda: rc.append(main([
+        "arena", "--preset", "test", f"--run.out_dir={run_dir.parent}", "--checkpoints", "sft", "pretrain", "--raters",
+        "people", "--db", url, "--tasks", "4", "--votes", "2", "--bootstrap", "30", "--out", str(out),
+        "--loop.wait_poll_s=0.05"])))
+    command.start()
+    votes, deadline = 0, time.time() + 120
+    while command.is_alive() and time.time() < deadline:
+        for who in people:
+            b = store.next_battle(who)
+            if b is not None:
+                pick = "a" if b.model_a == "pretrain" else "b"
+                store.submit_vote(who, b.id, pick if b.answer_a != b.answer_b else "tie", uuid.uuid4().hex, 1.0)
+                votes += 1
+        time.sleep(0.01)
+    command.join(5)
+    assert rc == [0] and votes == 4 * 2  # one pair of models on 4 tasks, two votes each
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["battles"] == 8 and board["ratings"][0]["model"] in ("pretrain", "sft")
+    same = sum(b.answer_a == b.answer_b for b in [store.battle(i) for i in range(1, 5)])
+    if same < 4:  # some answers differ: the preferred model leads
+        assert board["ratings"][0]["model"] == "pretrain" and board["ratings"][0]["elo"] > 1000
+
+
+def test_a_reward_model_continues_from_another_keeping_its_reference(run_dir, tmp_path):
+    """`--rm.train.init` naming a reward model (`cherrytop loop --loop.rm=continue`): its head and trunk are the
+    start, and its log π_ref term keeps the SFT model as π_ref (it is not a causal LM to take one from)."""
+    import shutil
+    run = tmp_path / "test"
+    for part in ("pretrain", "sft", "data", "lineage.json"):
+        (shutil.copytree if (run_dir / part).is_dir() else shutil.copy)(run_dir / part, run / part)
+    assert main(["rm", "--preset", "test", f"--run.out_dir={tmp_path}", f"--rm.train.init={run_dir / 'rm'}"]) == 0
+    new, old = (AutoModelForSequenceClassification.from_pretrained(d) for d in (run / "rm", run_dir / "rm"))
+    coef, ref, _ = loglik_term(new.config)
+    assert coef != 0 and Path(ref) == (run_dir / "sft").resolve()
+    assert not torch.equal(new.score.weight, old.score.weight)  # trained on from the old head
+    fresh = torch.nn.functional.cosine_similarity(new.score.weight.flatten(), old.score.weight.flatten(), dim=0)
+    assert fresh > 0.5  # ... which it started from (a new head is a random draw, nearly orthogonal)
 
 
 def test_until_keeps_the_later_stages_that_are_still_up_to_date(run_dir, tmp_path, capsys):

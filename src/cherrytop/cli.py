@@ -231,7 +231,8 @@ def cmd_arena(args, cfg) -> None:
         tag = "arena:" + hashlib.sha256("|".join(f"{n}={p}" for n, p in folders.items()).encode()).hexdigest()[:16]
         print(f"{len(folders) * (len(folders) - 1) // 2 * len(tasks)} battles in the arena page of `cherrytop label "
               f"serve --db {url}`; waiting for {args.votes} vote(s) each (Ctrl-C stops; the same command resumes)")
-        battles = arena.voted_battles(store, arena.battle_rows(tasks, answers, cfg.run.seed), tag, args.votes, 5.0)
+        battles = arena.voted_battles(store, arena.battle_rows(tasks, answers, cfg.run.seed), tag, args.votes,
+                                      cfg.loop.wait_poll_s)
         store.close()
     else:
         rater = SimulatedLabeler(cfg.world, "arena", seed=cfg.run.seed)

@@ -404,3 +404,22 @@ def test_chosen_equal_to_rejected_is_refused_unless_tied(tmp_path):
     raises_at(read_comparisons, p, 2, "'chosen' and 'rejected' are the same answer", "two different answers")
     (c,) = read_comparisons(write_lines(tmp_path, [{**same, "ties": [[0, 1]]}], "tied.jsonl"))
     assert c.pairs() == ()
+
+
+def test_a_write_into_a_read_only_folder_names_the_file_asked_for(tmp_path, monkeypatch):
+    """The error names `out.jsonl`, not the hidden temporary file written first (the CLI prints it as one line)."""
+    import errno
+    import os
+
+    from cherrytop.data import records
+    real = os.open
+
+    def read_only(path, *a, **kw):
+        if str(path).endswith(".tmp"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(records.os, "open", read_only)
+    with pytest.raises(OSError) as e:
+        records.write_jsonl(tmp_path / "out.jsonl", [{"a": 1}])
+    assert e.value.filename == str(tmp_path / "out.jsonl") and e.value.strerror == "Read-only file system"
+    assert list(tmp_path.iterdir()) == []

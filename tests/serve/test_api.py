@@ -233,7 +233,7 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
         port = busy.getsockname()[1]
         assert main(["serve", "--checkpoint", str(tmp_path / "none"), f"--serve.port={port}"]) == 2
         out, err = capsys.readouterr()
-        assert out == "" and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --serve.port\n"
+        assert out == "" and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port\n"
         assert main(["label", "serve", "--db", f"sqlite:///{tmp_path / 'fb.db'}", "--port", str(port)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port\n"

@@ -797,7 +797,10 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
         raise DataError(f"{name}: is a folder", "a file path to write JSONL to")
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
+    except OSError as e:  # a read-only or full folder: name the file asked for, not the temporary one
+        raise type(e)(e.errno, e.strerror, name) from None
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:

@@ -736,32 +736,38 @@ class Store:
     def next_ranking_item(self, user_id: int) -> Item | None:
         """The item this labeler should rank next, claimed for them for `claim_s` seconds: the one
         they already hold, else the oldest (gold items first)."""
+        return self._claim_next(user_id, Item, Claim, "item_id", self._to_rank, (Item.gold.is_(None),))
+
+    def _claim_next(self, user_id: int, work: Any, claims: Any, key: str, to_do: Any, first: tuple = ()) -> Any:
+        """The row of `work` (an item, a demonstration, a battle) this labeler should do next, claimed for them in
+        `claims` for `claim_s` seconds: the one they hold, else the first by `first` then id among `to_do(user_id,
+        at)`. Under PostgreSQL one labeler at a time claims a row; whoever waited for its lock counts again,
+        now seeing the claim just committed (SQLite runs one writer at a time anyway)."""
         at = now()
+        held = getattr(claims, key)
         with self.tx() as s:
-            s.execute(delete(Claim).where(Claim.expires_at <= at))
-            mine = select(Claim.item_id).where(Claim.user_id == user_id)
-            order = (Item.id.not_in(mine), Item.gold.is_(None), Item.id)
-            taken: list[int] = []  # items others claimed while this labeler waited for them
+            s.execute(delete(claims).where(claims.expires_at <= at))
+            mine = select(held).where(claims.user_id == user_id)
+            order = (work.id.not_in(mine), *first, work.id)
+            taken: list[int] = []  # rows others claimed while this labeler waited for them
             while True:
-                item_id = s.scalar(select(Item.id).where(*self._to_rank(user_id, at), Item.id.not_in(taken))
-                                   .order_by(*order).limit(1))
-                if item_id is None:
+                row_id = s.scalar(select(work.id).where(*to_do(user_id, at), work.id.not_in(taken))
+                                  .order_by(*order).limit(1))
+                if row_id is None:
                     return None
-                taken.append(item_id)
-                # PostgreSQL: one labeler at a time claims an item; whoever waited for the lock counts
-                # again, now seeing the claim just committed (SQLite runs one writer at a time anyway)
-                item = s.scalars(select(Item).where(Item.id == item_id).with_for_update()).one()
-                if s.scalar(select(Item.id).where(Item.id == item_id, *self._to_rank(user_id, at))) is not None:
+                taken.append(row_id)
+                row = s.scalars(select(work).where(work.id == row_id).with_for_update()).one()
+                if s.scalar(select(work.id).where(work.id == row_id, *to_do(user_id, at))) is not None:
                     break
-            claim = s.scalars(select(Claim).where(Claim.item_id == item.id, Claim.user_id == user_id)).first()
-            claim = claim or Claim(item_id=item.id, user_id=user_id)
+            claim = s.scalars(select(claims).where(held == row_id, claims.user_id == user_id)).first()
+            claim = claim or claims(**{key: row_id, "user_id": user_id})
             claim.expires_at = at + timedelta(seconds=self.claim_s)
             try:
                 with s.begin_nested():  # a savepoint: the same labeler's other tab may claim it at once
                     s.add(claim)
             except IntegrityError:
                 pass
-            return item
+            return row
 
     def next_demo_item(self, user_id: int) -> Item | None:
         """The oldest prompt this labeler should answer with a demonstration, preferring prompts without
@@ -780,33 +786,7 @@ class Store:
     def next_review(self, user_id: int) -> Demonstration | None:
         """The demonstration this labeler should review next, claimed for them for `claim_s` seconds
         (only they may review it meanwhile): the one they hold, else the oldest unclaimed one."""
-        at = now()
-        with self.tx() as s:
-            s.execute(delete(ReviewClaim).where(ReviewClaim.expires_at <= at))
-            mine = select(ReviewClaim.demonstration_id).where(ReviewClaim.user_id == user_id)
-            taken: list[int] = []
-            while True:
-                demo_id = s.scalar(select(Demonstration.id).where(*self._to_review(user_id, at),
-                                                                  Demonstration.id.not_in(taken))
-                                   .order_by(Demonstration.id.not_in(mine), Demonstration.id).limit(1))
-                if demo_id is None:
-                    return None
-                taken.append(demo_id)
-                # PostgreSQL: one labeler at a time claims it; whoever waited looks again (as next_ranking_item)
-                demo = s.scalars(select(Demonstration).where(Demonstration.id == demo_id).with_for_update()).one()
-                if s.scalar(select(Demonstration.id).where(Demonstration.id == demo_id,
-                                                           *self._to_review(user_id, at))) is not None:
-                    break
-            claim = s.scalars(select(ReviewClaim).where(ReviewClaim.demonstration_id == demo_id,
-                                                        ReviewClaim.user_id == user_id)).first()
-            claim = claim or ReviewClaim(demonstration_id=demo_id, user_id=user_id)
-            claim.expires_at = at + timedelta(seconds=self.claim_s)
-            try:
-                with s.begin_nested():  # the same labeler's other tab may claim it at once
-                    s.add(claim)
-            except IntegrityError:
-                pass
-            return demo
+        return self._claim_next(user_id, Demonstration, ReviewClaim, "demonstration_id", self._to_review)
 
     def queue_counts(self, user_id: int) -> dict[str, int]:
         at = now()
@@ -951,31 +931,7 @@ class Store:
     def next_battle(self, user_id: int) -> Battle | None:
         """The battle this labeler should vote on next, claimed for them for `claim_s` seconds: the one
         they already hold, else the oldest (as `next_ranking_item`)."""
-        at = now()
-        with self.tx() as s:
-            s.execute(delete(BattleClaim).where(BattleClaim.expires_at <= at))
-            mine = select(BattleClaim.battle_id).where(BattleClaim.user_id == user_id)
-            taken: list[int] = []
-            while True:
-                battle_id = s.scalar(select(Battle.id).where(*self._to_vote(user_id, at), Battle.id.not_in(taken))
-                                     .order_by(Battle.id.not_in(mine), Battle.id).limit(1))
-                if battle_id is None:
-                    return None
-                taken.append(battle_id)
-                # PostgreSQL: one labeler at a time claims a battle; whoever waited counts again
-                battle = s.scalars(select(Battle).where(Battle.id == battle_id).with_for_update()).one()
-                if s.scalar(select(Battle.id).where(Battle.id == battle_id, *self._to_vote(user_id, at))) is not None:
-                    break
-            claim = s.scalars(select(BattleClaim).where(BattleClaim.battle_id == battle_id,
-                                                        BattleClaim.user_id == user_id)).first()
-            claim = claim or BattleClaim(battle_id=battle_id, user_id=user_id)
-            claim.expires_at = at + timedelta(seconds=self.claim_s)
-            try:
-                with s.begin_nested():  # the same labeler's other tab may claim it at once
-                    s.add(claim)
-            except IntegrityError:
-                pass
-            return battle
+        return self._claim_next(user_id, Battle, BattleClaim, "battle_id", self._to_vote)
 
     def submit_vote(self, user_id: int, battle_id: int, choice: str, token: str, seconds: float,
                     offered: bool = True) -> Submitted:

@@ -444,7 +444,7 @@ def run(checkpoint: str, cfg: Config, feedback_db: str | None = None) -> None:
         sock.bind((s.host, s.port))
     except OSError as e:
         sock.close()
-        raise ValueError(f"cannot listen on {s.host}:{s.port}: {e.strerror}; choose another --serve.port") from None
+        raise ValueError(f"cannot listen on {s.host}:{s.port}: {e.strerror}; choose another --port") from None
     warning = exposure_warning(s.host, api_keys(s))
     if warning:  # before the model loads, so it is the first thing the operator sees
         print(warning, file=sys.stderr)
