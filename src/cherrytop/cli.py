@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--judge", help="a reward model (folder or `rm`) that scores every answer and judges the win rate")
             s.add_argument("--pairs", help="write both models' answers, in random order, for `cherrytop label import-prompts`")
         if name == "loop":
-            s.add_argument("--rounds", type=int, help="rounds to have done (default: loop.rounds); raise it later to continue")
+            s.add_argument("--rounds", type=int, help="rounds to have done (the same as --loop.rounds); raise it later to continue")
+            s.add_argument("--labelers", choices=["simulated", "human"],
+                           help="who ranks and votes: simulated, or people in `cherrytop label serve` (--loop.labelers)")
         if name == "arena":
             s.add_argument("--checkpoints", nargs="+", required=True, help="model folders or stage names of the run (2 or more)")
             s.add_argument("--anchor", help="the model rated 1000 (default: the first)")
@@ -249,7 +251,7 @@ def cmd_arena(args, cfg) -> None:
 
 def cmd_loop(args, cfg) -> None:
     from cherrytop.loop import rounds
-    rounds.run(cfg, args.rounds)
+    rounds.run(cfg)
 
 
 def cmd_world(args, cfg) -> None:
@@ -290,11 +292,16 @@ def cmd_world(args, cfg) -> None:
     print(f"wrote {len(rows)} records to {args.out}")
 
 
-def _serve_options(args, extra: list[str]) -> list[str]:
-    """`cherrytop serve --host H --port P`, as `cherrytop label serve` takes them: --serve.host / --serve.port."""
-    if args.command != "serve":
+SHORT_OPTIONS = {"serve": ("serve", ("host", "port")), "loop": ("loop", ("rounds", "labelers"))}
+"""Options a command takes as `--key V` for its settings' `--section.key=V` (`serve --port`, as `label serve` takes it)."""
+
+
+def _short_options(args, extra: list[str]) -> list[str]:
+    """The command's short options (SHORT_OPTIONS) as the settings they stand for."""
+    if args.command not in SHORT_OPTIONS:
         return extra
-    return extra + [f"--serve.{k}={v}" for k in ("host", "port") if (v := getattr(args, k, None)) is not None]
+    section, keys = SHORT_OPTIONS[args.command]
+    return extra + [f"--{section}.{k}={v}" for k in keys if (v := getattr(args, k, None)) is not None]
 
 
 def _os_error(e: OSError) -> str:
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {unknown}", file=sys.stderr)
         return 2
     args.command = next((name for name, other in ALIASES.items() if args.command in other), args.command)
-    extra = _serve_options(args, extra)
+    extra = _short_options(args, extra)
     from cherrytop.train import distributed
     from cherrytop.train.loop import ResumeError
     clean = False

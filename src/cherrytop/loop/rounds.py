@@ -139,9 +139,9 @@ def step_collect(cfg: Config, rcfg: Config, r: int, served: dict) -> dict:
     tasks = {collect.key_of(t): t for t in chat_tasks + fresh}
     if cfg.loop.labelers == "human":
         collect.wait_for_people(store, url, cfg.loop.wait_poll_s)
-        rankings = len(store.rankings())
     else:
-        rankings = collect.rank_simulated(store, rcfg, tasks, seed)
+        collect.rank_simulated(store, rcfg, tasks, seed)
+    rankings = len(store.rankings())  # (a resumed round's earlier ones included)
     train, held = collect.comparisons(store, tasks, {collect.key_of(t) for t in fresh[:n_held]}, r)
     agree = comparable = 0
     by_item: dict[int, list] = {}
@@ -315,18 +315,32 @@ def step_gate(cfg: Config, r: int, served: dict, arena_out: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- driver
 
-def run(cfg: Config, rounds: int | None = None) -> dict:
-    """The base stages, then rounds 1..`rounds` (loop.rounds), each step once (loop.json), then the report."""
-    rounds = rounds or cfg.loop.rounds
-    if rounds < 1:
-        raise ValueError(f"--rounds {rounds}: expected at least 1 round")
+FREE = {"loop": ("rounds", "labelers", "wait_poll_s"), "run": ("threads", "keep_freed_memory")}
+"""Settings a resumed loop may change (how many rounds, who ranks from now on, process settings)."""
+
+
+def check_settings(saved: dict, cfg: Config) -> None:
+    """A loop resumes only with the settings it was started with (but FREE): its rounds' prompts, data and
+    models follow from them."""
+    now = json.loads(json.dumps(to_dict(cfg)))  # as loop.json holds it (tuples as lists)
+    diffs = [f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}" for sec in ("run", "world", "compare", "loop", "rm", "ppo",
+                                                                      "rl", "dpo", "pipeline", "eval")
+             for k, v in now[sec].items() if k not in FREE.get(sec, ()) and saved.get(sec, {}).get(k) != v]
+    if diffs:
+        raise ValueError(f"{run_dir(cfg) / 'loop.json'}: this loop was started with other settings ("
+                         + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+                         + "); give them as before, or start a loop under another --run.name")
+
+def run(cfg: Config) -> dict:
+    """The base stages, then rounds 1..loop.rounds, each step once (loop.json), then the report."""
+    rounds = cfg.loop.rounds
     if cfg.loop.labelers == "simulated" and cfg.compare.prompts:
         raise ValueError("loop.labelers=simulated ranks the built-in world's tasks only; with your own prompts "
                          "set --loop.labelers=human")
     t_start = time.perf_counter()
     base_stages(cfg)
     state = read_state(cfg)
-    state.setdefault("config", to_dict(cfg))
+    check_settings(state.setdefault("config", to_dict(cfg)), cfg)
     state["wall_time_s"] = state.get("wall_time_s", {})
     for r in range(1, rounds + 1):
         rs = state["rounds"].setdefault(str(r), {"steps": {}})
