@@ -322,7 +322,7 @@ FREE = {"loop": ("rounds", "labelers", "wait_poll_s"), "run": ("threads", "keep_
 def check_settings(saved: dict, cfg: Config) -> None:
     """A loop resumes only with the settings it was started with (but FREE): its rounds' prompts, data and
     models follow from them."""
-    now = json.loads(json.dumps(to_dict(cfg)))  # as loop.json holds it (tuples as lists)
+    now, saved = json.loads(json.dumps(to_dict(cfg))), json.loads(json.dumps(saved))  # as loop.json holds them
     diffs = [f"{sec}.{k}: {saved[sec].get(k)!r} -> {v!r}" for sec in ("run", "world", "compare", "loop", "rm", "ppo",
                                                                       "rl", "dpo", "pipeline", "eval")
              for k, v in now[sec].items() if k not in FREE.get(sec, ()) and saved.get(sec, {}).get(k) != v]
