@@ -483,7 +483,8 @@ class LoopConfig:
     """The round's reward model: `retrain` from rm.train.init on every round's comparisons so far, or
     `continue` from the last round's reward model on this round's comparisons (rm.epochs passes)."""
     reference: str = "sft"
-    """The KL reference of every round's policy update (a folder or a stage name of the run): the SFT model."""
+    """The KL reference of every round's policy update: a folder or a stage name of the run (the SFT model), or
+    `served`: the policy the round starts from, so each round may move its KL budget further."""
     gate_margin: float = 0.0
     """Promotion gate: a round's policy replaces the served one when its arena rating's interval lies wholly
     above the served one's (0), or when its rating is at least this many Elo points higher (> 0)."""

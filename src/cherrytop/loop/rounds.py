@@ -90,7 +90,7 @@ def round_config(cfg: Config, r: int, served: dict, state: dict) -> Config:
     rm_init = str(resolve_checkpoint(cfg.rm.train.init, cfg))
     if cfg.loop.rm == "continue" and r > 1:
         rm_init = str(round_dir(cfg, r - 1) / "rm")
-    reference = str(resolve_checkpoint(cfg.loop.reference, cfg))
+    reference = served["path"] if cfg.loop.reference == "served" else str(resolve_checkpoint(cfg.loop.reference, cfg))
     demos = cfg.sft.data or str(base / "data" / "demos.jsonl")  # the reward model's demonstration bias reads them
     return replace(
         cfg, run=replace(cfg.run, out_dir=str(base), name=f"round-{r}"), sft=replace(cfg.sft, data=demos),
