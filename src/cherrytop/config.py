@@ -488,6 +488,9 @@ class LoopConfig:
     gate_margin: float = 0.0
     """Promotion gate: a round's policy replaces the served one when its arena rating's interval lies wholly
     above the served one's (0), or when its rating is at least this many Elo points higher (> 0)."""
+    arena_tasks: int = 1320
+    """Held-out tasks every pair of versions battles on: more battles, narrower intervals (about ±10 Elo points
+    at 1,320 for versions 100 points apart); the evaluation reads the first eval.n_tasks of them."""
     arena_bootstrap: int = 1000
     """Bootstrap rounds of the arena's 95 % intervals."""
     wait_poll_s: float = 5.0
@@ -649,7 +652,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "max_new_tokens": 10, "save_every": 1},
         "dpo": {"train": {"batch_size": 4, "micro_batch_size": 2, "eval_every": 2, "save_every": 2, "log_every": 1,
                           "warmup_steps": 1}},
-        "loop": {"chat_prompts": 24, "fresh_prompts": 16, "heldout_share": 0.25, "arena_bootstrap": 100},
+        "loop": {"chat_prompts": 24, "fresh_prompts": 16, "heldout_share": 0.25, "arena_tasks": 22, "arena_bootstrap": 100},
     },
 }
 
@@ -890,6 +893,7 @@ def validate_loop(c: LoopConfig) -> None:
     _check(c.labelers in ("simulated", "human"), "loop.labelers", "simulated or human", c.labelers)
     _check(c.rm in ("retrain", "continue"), "loop.rm", "retrain or continue", c.rm)
     _check(c.gate_margin >= 0, "loop.gate_margin", "Elo points >= 0", c.gate_margin)
+    _check(c.arena_tasks >= 1, "loop.arena_tasks", "at least 1 held-out task", c.arena_tasks)
     _check(c.arena_bootstrap >= 10, "loop.arena_bootstrap", "at least 10 bootstrap rounds", c.arena_bootstrap)
     _check(c.wait_poll_s > 0, "loop.wait_poll_s", "seconds > 0", c.wait_poll_s)
 

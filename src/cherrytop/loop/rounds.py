@@ -193,21 +193,23 @@ def step_train(name: str, rcfg: Config) -> dict:
 
 
 def heldout_answers(cfg: Config, version: str, path: Path) -> tuple[list, list[str]]:
-    """The held-out tasks and a version's greedy answers, kept in runs/<name>/loop_answers/<version>.json."""
+    """The held-out tasks (max of eval.n_tasks and loop.arena_tasks: evaluation takes the first eval.n_tasks) and a
+    version's greedy answers, kept in runs/<name>/loop_answers/<version>.json."""
     from cherrytop.data.tokenizer import load_tokenizer
     from cherrytop.eval.heldout import answer_heldout
     from cherrytop.model.load import load_model
     from cherrytop.world import World
     world, e = World(cfg.world), cfg.eval
+    n = max(e.n_tasks, cfg.loop.arena_tasks)
     cache = run_dir(cfg) / "loop_answers" / f"{version}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved["path"] == str(path) and saved["n_tasks"] == e.n_tasks:
-            return world.tasks("heldout", e.n_tasks, "eval"), saved["answers"]
-    tasks, answers = answer_heldout(load_model(path), load_tokenizer(path), world, e.n_tasks, e.max_new_tokens,
+        if saved["path"] == str(path) and saved["n_tasks"] == n:
+            return world.tasks("heldout", n, "eval"), saved["answers"]
+    tasks, answers = answer_heldout(load_model(path), load_tokenizer(path), world, n, e.max_new_tokens,
                                     e.batch_size, progress=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(cache, json.dumps({"path": str(path), "n_tasks": e.n_tasks, "answers": answers}))
+    write_atomically(cache, json.dumps({"path": str(path), "n_tasks": n, "answers": answers}))
     return tasks, answers
 
 
@@ -241,8 +243,9 @@ def step_eval(cfg: Config, rcfg: Config, r: int, policy: Path) -> dict:
     from cherrytop.eval.versus import kl_to_reference, win_rate
     from cherrytop.model.load import load_model, resolve_checkpoint
     sft = resolve_checkpoint("sft", cfg)
-    tasks, mine = heldout_answers(cfg, f"round-{r}", policy)
-    _, base = heldout_answers(cfg, "sft", sft)
+    n = cfg.eval.n_tasks
+    tasks, mine = (x[:n] for x in heldout_answers(cfg, f"round-{r}", policy))
+    base = heldout_answers(cfg, "sft", sft)[1][:n]
     rates = score(tasks, mine)
     out = {"rates": {k: v for k, v in rates.items() if k not in ("samples",)},
            "versus_sft": win_rate(tasks, mine, base)}
