@@ -95,7 +95,8 @@ def round_config(cfg: Config, r: int, served: dict, state: dict) -> Config:
     return replace(
         cfg, run=replace(cfg.run, out_dir=str(base), name=f"round-{r}"), sft=replace(cfg.sft, data=demos),
         rm=replace(cfg.rm, train=replace(cfg.rm.train, init=rm_init, data="")),
-        ppo=replace(cfg.ppo, init=served["path"], reference=reference, reward_model="rm"),
+        ppo=replace(cfg.ppo, init=served["path"], reference=reference, reward_model="rm",
+                    episodes=cfg.loop.episodes or cfg.ppo.episodes),
         dpo=replace(cfg.dpo, train=replace(cfg.dpo.train, init=served["path"], data=""), reference=reference))
 
 
