@@ -79,10 +79,10 @@ def chat(cfg: Config, store: Store, store_url: str, policy: Path, version: str, 
                      feedback_url=store_url, checkpoint=str(policy))
     t0 = time.perf_counter()
 
-    async def one(client, n: int, task: Task) -> None:
+    async def ask(client, n: int, task: Task) -> tuple[str, str]:
+        """(completion id, answer) of one user's chat request."""
         u = n // RATINGS_PER_USER
-        head = {"Authorization": f"Bearer {keys[u]}"}
-        r = await client.post("/v1/chat/completions", headers=head, json={
+        r = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys[u]}"}, json={
             "model": version, "messages": [dict(m) for m in task.messages], "temperature": cfg.sample.temperature,
             "top_p": cfg.sample.top_p, "max_tokens": cfg.sample.max_new_tokens, "seed": seed * 1_000_003 + n,
             "user": users[u].user_id})
@@ -90,11 +90,14 @@ def chat(cfg: Config, store: Store, store_url: str, policy: Path, version: str, 
             raise RuntimeError(f"the served policy answered {r.status_code}: {r.text[:300]}")
         body = r.json()
         choice = body["choices"][0]
-        answer = choice["message"]["content"] or ""
         out.blocked += choice.get("finish_reason") == "content_filter"
+        return body["id"], choice["message"]["content"] or ""
+
+    async def rate(client, n: int, task: Task, cid: str, answer: str) -> None:
+        u = n // RATINGS_PER_USER
         rating = users[u].rate(task, answer)
-        f = await client.post("/v1/feedback", headers=head, json={"id": body["id"], "index": 0, "rating": rating,
-                                                                  "conversation_id": f"loop-{n}"})
+        f = await client.post("/v1/feedback", headers={"Authorization": f"Bearer {keys[u]}"},
+                              json={"id": cid, "index": 0, "rating": rating, "conversation_id": f"loop-{n}"})
         if f.status_code != 200:
             raise RuntimeError(f"the server refused a rating ({f.status_code}): {f.text[:300]}")
         out.served += 1
@@ -105,11 +108,13 @@ def chat(cfg: Config, store: Store, store_url: str, policy: Path, version: str, 
 
         async def bounded(client, n, task):
             async with gate:
-                await one(client, n, task)
+                return await ask(client, n, task)
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loop",
                                          timeout=600) as client:
-                await asyncio.gather(*(bounded(client, n, t) for n, t in todo))
+                answers = await asyncio.gather(*(bounded(client, n, t) for n, t in todo))
+                for (n, task), (cid, answer) in zip(todo, answers):  # in task order: the queue's order is the same every run
+                    await rate(client, n, task, cid, answer)
 
     asyncio.run(run_all())
     out.seconds = time.perf_counter() - t0
