@@ -103,3 +103,31 @@ def test_the_gate_promotes_only_with_intervals_apart_or_past_the_margin(cfg):
     margin = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, gate_margin=50.0))
     assert step_gate(margin, 2, served, overlap)["promoted"]  # 100 points up, intervals overlapping
     assert not step_gate(margin, 2, served, ratings((1040, 1030, 1050), (1000, 990, 1010)))["promoted"]
+
+
+def test_with_people_the_round_waits_until_they_have_ranked_its_queue(cfg, tmp_path):
+    """`--loop.labelers=human`: the loop polls the round's store until every queued item has its rankings
+    (a person ranking in the web app does what this thread does: next item, then a ranking of it)."""
+    import threading
+    import time
+    import uuid
+
+    from cherrytop.feedback.auth import create_user
+    store = open_store(f"sqlite:///{tmp_path / 'fb.db'}", labels_needed=1)
+    tasks = World(cfg.world).prompts(3)
+    collect.queue(store, tasks, heldout=1, labelers=2)
+    for item in store.items():
+        store.add_responses(item.id, ["a .", "b ."], [{"model": "x"}] * 2)
+    people = [create_user(store, name, "correct-Horse-7") for name in ("ann", "bob")]
+
+    def rank():
+        time.sleep(0.3)
+        for who in people * 3:
+            if (item := store.next_ranking_item(who)) is not None:
+                store.submit_ranking(who, item.id, [1, 0], [], uuid.uuid4().hex, 2.0, offered=True)
+    person = threading.Thread(target=rank)
+    person.start()
+    t = time.perf_counter()
+    collect.wait_for_people(store, "sqlite:///fb.db", poll_s=0.05)
+    assert time.perf_counter() - t >= 0.3 and collect.ranking_progress(store) == (4, 4)  # 2 items once, 1 twice
+    person.join()
