@@ -13,8 +13,8 @@ def _f(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def rows(state: dict, rounds: int) -> list[dict]:
-    """One flat record per finished round, for the table and the plot."""
+def rows(state: dict, rounds: int) -> tuple[list[dict], dict | None]:
+    """(one flat record per finished round, for the table and the plot; the last finished round's arena)."""
     out = []
     last_arena = None
     for r in range(1, rounds + 1):
@@ -59,7 +59,6 @@ def markdown(cfg: Config, state: dict, rounds: int) -> str:
             f"| {x['elo']:.0f} ({x['low']:.0f} – {x['high']:.0f}) | {'yes' if x['promoted'] else 'no'} "
             f"| {_f(x['wall_time_s'], 0)} |")
     if table:
-        last = state["rounds"][str(table[-1]["round"])]["steps"]
         lines += ["", "## Arena after the last round", "",
                   f"{arena['battles']} battles on held-out tasks, judged by a simulated rater (answers in random "
                   "order, ties half); SFT fixed at 1000.", ""]
@@ -68,7 +67,6 @@ def markdown(cfg: Config, state: dict, rounds: int) -> str:
         lines += [leaderboard(rated), "Gates:", ""]
         lines += [f"- round {x['round']}: " + state["rounds"][str(x["round"])]["steps"]["gate"]["verdict"] for x in table]
         lines += ["", "![rating and win rate by round](loop.png)"]
-        del last
     return "\n".join(lines) + "\n"
 
 
