@@ -509,3 +509,17 @@ def test_loop_runs_two_rounds_resumes_after_a_kill_and_continues_when_rounds_are
     assert set(loop["rounds"]["3"]["steps"]) == {"collect", "rm", "policy", "eval", "arena", "gate"}
     assert loop["rounds"]["1"]["steps"] == r1
     assert set(loop["rounds"]["3"]["steps"]["arena"]["ratings"]) == {"sft", "round-1", "round-2", "round-3"}
+
+
+def test_loop_with_dpo_trains_no_reward_model(run_dir, tmp_path):
+    """`cherrytop loop --pipeline.align=dpo`: each round's policy update is DPO from the served policy on every
+    round's rankings so far; no reward model is trained, and the round is rated and gated as with PPO."""
+    import shutil
+    run = tmp_path / "test"
+    for part in ("pretrain", "sft", "data", "lineage.json"):
+        (shutil.copytree if (run_dir / part).is_dir() else shutil.copy)(run_dir / part, run / part)
+    assert main(["loop", "--preset", "test", f"--run.out_dir={tmp_path}", "--rounds", "1", "--pipeline.align=dpo"]) == 0
+    steps = json.loads((run / "loop.json").read_text())["rounds"]["1"]["steps"]
+    assert steps["policy"]["stage"] == "dpo" and (run / "round-1" / "dpo" / "config.json").is_file()
+    assert not (run / "round-1" / "rm").exists() and "rm_accuracy" not in steps["eval"]
+    assert set(steps["arena"]["ratings"]) == {"sft", "round-1"} and "gate" in steps
