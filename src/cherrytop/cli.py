@@ -241,11 +241,7 @@ def cmd_arena(args, cfg) -> None:
         battles = arena.judged_battles(tasks, answers, rater.rank, cfg.run.seed)
     rated = arena.ratings(battles, args.anchor or next(iter(folders)), args.bootstrap, cfg.run.seed)
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run.name / "arena"
-    out.mkdir(parents=True, exist_ok=True)
-    table = arena.leaderboard(rated)
-    (out / "leaderboard.md").write_text(table)
-    (out / "leaderboard.json").write_text(json.dumps({"battles": len(battles), "ratings": [vars(r) for r in rated]}, indent=2))
-    arena.plot(rated, out / "leaderboard.png")
+    table = arena.write_leaderboard(rated, len(battles), out)
     print(table + f"{len(battles)} battles on {len(tasks)} held-out tasks; written to {out}")
 
 
@@ -255,7 +251,7 @@ def cmd_loop(args, cfg) -> None:
 
 
 def cmd_world(args, cfg) -> None:
-    from cherrytop.data.records import write_jsonl
+    from cherrytop.data.records import write_jsonl, write_text_atomically
     from cherrytop.world import World
     suffix = Path(args.out).suffix.lower()
     if suffix in (".parquet", ".csv", ".tsv", ".json") or suffix == ".txt" and args.what != "corpus":
@@ -274,9 +270,7 @@ def cmd_world(args, cfg) -> None:
                              "give --out a .jsonl file")
         text = "\n\n".join(d.strip() for d in docs) + "\n"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.out)
+        write_text_atomically(args.out, text)
         print(f"wrote {len(docs)} documents to {args.out}")
         return
     if args.what == "demos":

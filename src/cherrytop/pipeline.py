@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from cherrytop.config import Config, to_dict
 from cherrytop.data.collate import pack_windows
+from cherrytop.data.records import write_text_atomically
 from cherrytop.data.tokenizer import load_tokenizer
 from cherrytop.eval.heldout import AXES, answer_heldout, score
 from cherrytop.eval.judge import Judge, judged_win_rate
@@ -254,14 +254,8 @@ def run(cfg: Config, until: str = list(STAGES)[-1], fresh: bool = False) -> dict
         report["plot"] = "ppo_curves.png"
     else:
         (run_dir / "ppo_curves.png").unlink(missing_ok=True)
-    _write_atomically(run_dir / "report.json", json.dumps(report, indent=2))
-    _write_atomically(run_dir / "report.md", report_markdown(report))
+    write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomically(run_dir / "report.md", report_markdown(report))
     print_table(report)
     console.print(f"report: {run_dir / 'report.md'}")
     return report
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -42,10 +42,10 @@ def test_labelers_rank_every_queued_item_through_the_store_and_held_out_ones_twi
     world = World(cfg.world)
     tasks = world.prompts(10)
     store = open_store(f"sqlite:///{tmp_path / 'fb.db'}", labels_needed=1)
-    # a chat rating queued the first prompt (its store default: 2 labels), then come fresh ones, 3 held out
+    # a chat rating queued the first prompt (the loop's server queues it for one label), then come fresh ones,
+    # 3 held out
     store.add_chat_feedback(messages=[dict(m) for m in tasks[0].messages], response="no .", rating="down",
                             model="runs/x/sft", settings={})
-    store.set_labels_needed("chat", 1)
     collect.queue(store, tasks[1:], heldout=3, labelers=2)
     answers = ["i do not know .", "no .", tasks[0].meta["answer"]]
     for item in store.items():  # what `sample` does with the policy: up to K answers each

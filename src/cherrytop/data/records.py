@@ -786,6 +786,19 @@ def _to_json(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) into `path` through a temporary file in its folder and a rename: a reader never sees half
+    of it, and a failed write leaves the old file."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
     """Write records (anything with `to_json()`, or dicts) as JSONL, atomically; returns how many.
 

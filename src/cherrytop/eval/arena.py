@@ -131,6 +131,19 @@ def leaderboard(rated: Sequence[Rating]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_leaderboard(rated: Sequence[Rating], battles: int, out) -> str:
+    """leaderboard.md, .json and .png in the folder `out`; returns the Markdown table."""
+    import json
+    from pathlib import Path
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = leaderboard(rated)
+    (out / "leaderboard.md").write_text(table)
+    (out / "leaderboard.json").write_text(json.dumps({"battles": battles, "ratings": [vars(r) for r in rated]}, indent=2))
+    plot(rated, out / "leaderboard.png")
+    return table
+
+
 def plot(rated: Sequence[Rating], out) -> None:
     """The ratings with their 95 % intervals, as a PNG."""
     import matplotlib

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, delete, event, func, or_, select, update)
+                        create_engine, delete, event, func, or_, select)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
@@ -579,16 +579,6 @@ class Store:
             s.add(fb)
             s.flush()
             return fb.id
-
-    def set_labels_needed(self, source: str, n: int) -> int:
-        """How many rankings the unranked items from `source` need (`cherrytop loop`: chat items once, as its
-        fresh ones); returns how many items changed."""
-        if not 1 <= n <= 1000:
-            raise ValueError(f"labels needed must be in 1..1000, got {n}")
-        ranked = select(Ranking.item_id)
-        with self.tx() as s:
-            return s.execute(update(Item).where(Item.source == source, Item.id.not_in(ranked))
-                             .values(labels_needed=n)).rowcount
 
     # ------------------------------------------------------------ submissions
 

@@ -76,7 +76,7 @@ def chat(cfg: Config, store: Store, store_url: str, policy: Path, version: str, 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     moderator = Moderator(s.policy or None, s.moderation_log or run_dir / "serve" / "moderation.jsonl")
     app = create_app(load_model(policy), load_tokenizer(policy), model_name=version, cfg=s, moderator=moderator,
-                     feedback_url=store_url, checkpoint=str(policy))
+                     feedback_url=store_url, checkpoint=str(policy), labels_needed=1)
     t0 = time.perf_counter()
 
     async def ask(client, n: int, task: Task) -> tuple[str, str]:
@@ -123,9 +123,8 @@ def chat(cfg: Config, store: Store, store_url: str, policy: Path, version: str, 
 
 def queue(store: Store, fresh: list[Task], heldout: int, labelers: int) -> None:
     """Fresh prompts after the rated ones (the queue serves the oldest item first); the first `heldout` are
-    ranked by every labeler (the round's held-out pairs and labeler agreement), the others, and the rated
-    prompts, by one."""
-    store.set_labels_needed("chat", 1)
+    ranked by every labeler (the round's held-out pairs and labeler agreement), the others by one (as `chat`
+    queues the rated ones)."""
     for n, task in enumerate(fresh):
         store.add_item([dict(m) for m in task.messages], source="loop",
                        labels_needed=labelers if n < heldout else 1)

@@ -100,7 +100,8 @@ def plot(state: dict, rounds: int, out: Path) -> bool:
 
 
 def write_report(cfg: Config, state: dict, rounds: int) -> None:
-    from cherrytop.loop.rounds import run_dir, write_atomically
+    from cherrytop.data.records import write_text_atomically
+    from cherrytop.loop.rounds import run_dir
     d = run_dir(cfg)
     plot(state, rounds, d / "loop.png")
-    write_atomically(d / "loop.md", markdown(cfg, state, rounds))
+    write_text_atomically(d / "loop.md", markdown(cfg, state, rounds))

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cherrytop.config import Config, to_dict
-from cherrytop.data.records import read_comparisons, write_jsonl
+from cherrytop.data.records import read_comparisons, write_jsonl, write_text_atomically
 from cherrytop.train.loop import console
 
 STEPS = ("collect", "rm", "policy", "eval", "arena", "gate")
@@ -63,14 +63,8 @@ def read_state(cfg: Config) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"rounds": {}}
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_state(cfg: Config, state: dict) -> None:
-    write_atomically(run_dir(cfg) / "loop.json", json.dumps(state, indent=2))
+    write_text_atomically(run_dir(cfg) / "loop.json", json.dumps(state, indent=2))
 
 
 def served_now(cfg: Config, state: dict) -> dict:
@@ -83,7 +77,7 @@ def served_now(cfg: Config, state: dict) -> dict:
     return {"version": "sft", "path": str(resolve_checkpoint("sft", cfg))}
 
 
-def round_config(cfg: Config, r: int, served: dict, state: dict) -> Config:
+def round_config(cfg: Config, r: int, served: dict) -> Config:
     """The config a round's stages run with: its own run folder under the loop's, inputs named as folders."""
     from cherrytop.model.load import resolve_checkpoint
     base = run_dir(cfg)
@@ -163,7 +157,7 @@ def step_collect(cfg: Config, rcfg: Config, r: int, served: dict) -> dict:
              "heldout_comparisons": len(held), "labeler_agreement": agree / comparable if comparable else None,
              "agreement_pairs": comparable, "k": k, "seconds": time.perf_counter() - t0, "feedback_db": url}
     store.close()
-    write_atomically(data / "comparisons.stats.json", json.dumps(stats, indent=2))
+    write_text_atomically(data / "comparisons.stats.json", json.dumps(stats, indent=2))
     ups = chat.ratings
     console.print(f"round {r}: {chat.served} answers rated {ups['up']} up / {ups['down']} down / {ups['report']} "
                   f"reported; {rankings} rankings of K={k} ({len(train)} train, {len(held)} held out)")
@@ -174,10 +168,10 @@ def merge_data(cfg: Config, r: int) -> None:
     """The round's reward-model data, as compare writes a run's: `loop.rm=retrain` every round's comparisons so
     far and the base ones; `continue` this round's alone (round 1: and the base ones). Held-out: all of them."""
     base, rd = run_dir(cfg) / "data", round_dir(cfg, r) / "data"
-    rounds = range(1, r + 1) if cfg.loop.rm == "retrain" or r == 1 else [r]
-    train = ([base / "comparisons.jsonl"] if cfg.loop.rm == "retrain" or r == 1 else []) + \
-        [round_dir(cfg, i) / "data" / "round.jsonl" for i in rounds]
-    held = [base / "comparisons_heldout.jsonl"] + [round_dir(cfg, i) / "data" / "round_heldout.jsonl" for i in range(1, r + 1)]
+    rounds = [round_dir(cfg, i) / "data" for i in range(1, r + 1)]
+    everything = cfg.loop.rm == "retrain" or r == 1
+    train = [base / "comparisons.jsonl", *(d / "round.jsonl" for d in rounds)] if everything else [rd / "round.jsonl"]
+    held = [base / "comparisons_heldout.jsonl", *(d / "round_heldout.jsonl" for d in rounds)]
     for out, parts in ((rd / "comparisons.jsonl", train), (rd / "comparisons_heldout.jsonl", held)):
         tmp = out.with_name(f".{out.name}.tmp")
         with tmp.open("w") as f:
@@ -210,7 +204,7 @@ def heldout_answers(cfg: Config, version: str, path: Path) -> tuple[list, list[s
     tasks, answers = answer_heldout(load_model(path), load_tokenizer(path), world, n, e.max_new_tokens,
                                     e.batch_size, progress=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(cache, json.dumps({"path": str(path), "n_tasks": n, "answers": answers}))
+    write_text_atomically(cache, json.dumps({"path": str(path), "n_tasks": n, "answers": answers}))
     return tasks, answers
 
 
@@ -237,7 +231,7 @@ def pair_accuracy(judge, comps) -> dict:
     return {"labelers": share(lab), "grader": share(true), "pairs": lab[1], "grader_pairs": true[1]}
 
 
-def step_eval(cfg: Config, rcfg: Config, r: int, policy: Path) -> dict:
+def step_eval(cfg: Config, r: int, policy: Path) -> dict:
     from cherrytop.data.tokenizer import load_tokenizer
     from cherrytop.eval.heldout import score
     from cherrytop.eval.judge import Judge
@@ -290,14 +284,7 @@ def step_arena(cfg: Config, state: dict, r: int) -> dict:
         rater = SimulatedLabeler(cfg.world, "arena", seed=cfg.run.seed)
         battles = arena.judged_battles(tasks, answers, rater.rank, seed)
     rated = arena.ratings(battles, "sft", cfg.loop.arena_bootstrap, cfg.run.seed)
-    out = round_dir(cfg, r) / "arena"
-    out.mkdir(parents=True, exist_ok=True)
-    table = arena.leaderboard(rated)
-    (out / "leaderboard.md").write_text(table)
-    (out / "leaderboard.json").write_text(json.dumps({"battles": len(battles), "ratings": [vars(x) for x in rated]},
-                                                     indent=2))
-    arena.plot(rated, out / "leaderboard.png")
-    console.print(table)
+    console.print(arena.write_leaderboard(rated, len(battles), round_dir(cfg, r) / "arena"))
     return {"battles": len(battles), "ratings": {x.model: vars(x) for x in rated}}
 
 
@@ -353,7 +340,7 @@ def run(cfg: Config) -> dict:
         served = rs.setdefault("served", served_now(cfg, {"rounds": {k: v for k, v in state["rounds"].items()
                                                                      if int(k) < r}}))
         save_state(cfg, state)
-        rcfg = round_config(cfg, r, served, state)
+        rcfg = round_config(cfg, r, served)
         console.rule(f"[bold]round {r} (serving {served['version']})")
         t0 = time.perf_counter()
         for step in STEPS:
@@ -367,7 +354,7 @@ def run(cfg: Config) -> dict:
                 name = policy_stage(cfg)
                 result = {"stage": name, "path": str(round_dir(cfg, r) / name), **step_train(name, rcfg)}
             elif step == "eval":
-                result = step_eval(cfg, rcfg, r, Path(rs["steps"]["policy"]["path"]))
+                result = step_eval(cfg, r, Path(rs["steps"]["policy"]["path"]))
             elif step == "arena":
                 result = step_arena(cfg, state, r)
             else:

@@ -152,18 +152,19 @@ def _check(cfg: ServeConfig) -> None:
 
 def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, model_name: str,
                cfg: ServeConfig = ServeConfig(), moderator: Moderator | None = None,
-               feedback_url: str | None = None, checkpoint: str | None = None) -> FastAPI:
+               feedback_url: str | None = None, checkpoint: str | None = None, labels_needed: int = 2) -> FastAPI:
     """The app; the engine thread starts and stops with it (FastAPI lifespan).
 
     `checkpoint`: the served model's folder, recorded as the `model` of each chat rating (as `cherrytop
     label generate` and `cherrytop eval --pairs` record theirs), so ratings of two runs' `ppo` stay apart.
+    `labels_needed`: rankings a prompt queued by a 👎 / report gets (`cherrytop loop`: one, as its fresh prompts).
     """
     _check(cfg)
     slots = cfg.max_batch + cfg.max_queue
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     max_per_client=max(1, int(cfg.client_share * slots)))
     moderator = moderator or Moderator(None)
-    feedback = FeedbackSink(feedback_url)
+    feedback = FeedbackSink(feedback_url, labels_needed)
     served = ServedAnswers(cfg.served_records, cfg.served_max_age_s, cfg.served_max_chars)
     ratings = RateLimit(cfg.feedback_per_minute)
     keys = api_keys(cfg)

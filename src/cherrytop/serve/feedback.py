@@ -105,8 +105,8 @@ class RateLimit:
 class FeedbackSink:
     """The feedback app's store (cherrytop.feedback.store), opened on first use."""
 
-    def __init__(self, url: str | None):
-        self.url = url
+    def __init__(self, url: str | None, labels_needed: int = 2):
+        self.url, self.labels_needed = url, labels_needed
         self._store = None
         self._lock = threading.Lock()
 
@@ -117,7 +117,7 @@ class FeedbackSink:
                     raise P.APIError(503, "Feedback is not enabled on this server.", type="server_error")
                 try:
                     from cherrytop.feedback.store import open_store
-                    self._store = open_store(self.url)
+                    self._store = open_store(self.url, self.labels_needed)
                 except (ImportError, ValueError) as e:  # no driver, server down, not a database URL, ...
                     raise P.APIError(503, f"The feedback store is not available: {e}", type="server_error") from None
         try:
