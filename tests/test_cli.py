@@ -523,3 +523,13 @@ def test_loop_with_dpo_trains_no_reward_model(run_dir, tmp_path):
     assert steps["policy"]["stage"] == "dpo" and (run / "round-1" / "dpo" / "config.json").is_file()
     assert not (run / "round-1" / "rm").exists() and "rm_accuracy" not in steps["eval"]
     assert set(steps["arena"]["ratings"]) == {"sft", "round-1"} and "gate" in steps
+
+
+def test_help_of_every_command_prints(capsys):
+    """`cherrytop --help` and each command's --help render (a stray % in a help text broke argparse)."""
+    from cherrytop.cli import COMMANDS
+    for argv in (["--help"], *([c, "--help"] for c in COMMANDS)):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0, argv
+    assert "arena" in capsys.readouterr().out

@@ -19,7 +19,7 @@ COMMANDS = {
     "chat": "talk to a checkpoint in the terminal (multi-turn)",
     "eval": "score a checkpoint: helpful / truthful / harmless on held-out tasks, win rate against a baseline, reward-model judge",
     "loop": "rounds of serve, chat ratings, ranking, reward model, policy update, arena rating and promotion",
-    "arena": "rate model versions against each other: pairwise battles on held-out tasks, Bradley–Terry ratings with 95 % intervals",
+    "arena": "rate model versions against each other: pairwise battles on held-out tasks, Bradley–Terry ratings with bootstrap 95-percent intervals",
     "world": "write the built-in world's data to files (demos, prompts, corpus, heldout)",
     "config": "list every setting with its value and meaning",
     "plan": "memory plan of a stage on N GPUs: what fits, with which options (LoRA, FSDP, offload, grad-ckpt)",
