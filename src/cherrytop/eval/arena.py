@@ -41,16 +41,29 @@ def fit(battles: Sequence[Battle], models: Sequence[str], anchor: str, l2: float
     (Newton's method on the concave log-likelihood, θ_anchor held at 0; `l2`, a tiny ridge, keeps a model
     that won or lost every battle, or is in none, finite)."""
     index = {m: i for i, m in enumerate(models)}
-    a = np.array([index[x] for x, _, _ in battles])  # (N,)
-    b = np.array([index[y] for _, y, _ in battles])  # (N,)
-    y = np.array([o for _, _, o in battles], dtype=np.float64)  # (N,) share of the battle a won
-    n = len(models)
+    kinds, of = _kinds(battles, index)
+    return _fit(kinds, np.bincount(of, minlength=len(kinds)), len(models), index[anchor], l2, iters)
+
+
+def _kinds(battles: Sequence[Battle], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The likelihood depends on a battle only through (a, b, outcome): ((M, 3) the distinct ones, rows
+    (a index, b index, outcome); (N,) each battle's row)."""
+    codes = np.array([(index[x] * len(index) + index[y]) * 3 + int(o * 2) for x, y, o in battles])  # (N,)
+    distinct, of = np.unique(codes, return_inverse=True)
+    n = len(index)
+    return np.stack([distinct // 3 // n, distinct // 3 % n, distinct % 3 / 2.0], axis=1), of
+
+
+def _fit(kinds: np.ndarray, count: np.ndarray, n: int, anchor: int, l2: float, iters: int) -> np.ndarray:
+    """`fit` on battles counted by kind: (M, 3) kinds (a, b, outcome), (M,) how many battles of each."""
+    a, b, y = kinds[:, 0].astype(int), kinds[:, 1].astype(int), kinds[:, 2]  # (M,)
     theta = np.zeros(n)
-    free = np.arange(n) != index[anchor]  # (n,)
+    free = np.arange(n) != anchor  # (n,)
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(theta[a] - theta[b])))  # (N,) P(a beats b)
-        grad = np.bincount(a, y - p, n) - np.bincount(b, y - p, n) - l2 * theta  # (n,)
-        w = p * (1.0 - p)  # (N,)
+        p = 1.0 / (1.0 + np.exp(-(theta[a] - theta[b])))  # (M,) P(a beats b)
+        r = count * (y - p)  # (M,)
+        grad = np.bincount(a, r, n) - np.bincount(b, r, n) - l2 * theta  # (n,)
+        w = count * p * (1.0 - p)  # (M,)
         hess = np.zeros((n, n))
         np.add.at(hess, (a, a), -w)
         np.add.at(hess, (b, b), -w)
@@ -75,10 +88,13 @@ def ratings(battles: Sequence[Battle], anchor: str, rounds: int = 1000, seed: in
     for x, y, o in battles:
         if o not in (0.0, 0.5, 1.0) or x == y:
             raise ValueError(f"battle ({x!r}, {y!r}, {o!r}): expected two models and an outcome of 1, 0 or 0.5")
-    elo = fit(battles, models, anchor)
+    index = {m: i for i, m in enumerate(models)}
+    kinds, of = _kinds(battles, index)
+    n, at, m = len(models), index[anchor], len(kinds)
+    elo = _fit(kinds, np.bincount(of, minlength=m), n, at, 1e-6, 100)
     rng = np.random.default_rng(seed)
-    boot = np.stack([fit([battles[i] for i in rng.integers(0, len(battles), len(battles))], models, anchor)
-                     for _ in range(rounds)])  # (rounds, n)
+    boot = np.stack([_fit(kinds, np.bincount(of[rng.integers(0, len(battles), len(battles))], minlength=m), n, at,
+                          1e-6, 100) for _ in range(rounds)])  # (rounds, n): battles resampled with replacement
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     count = {m: sum(m in (x, y) for x, y, _ in battles) for m in models}
     out = [Rating(m, float(elo[i]), float(low[i]), float(high[i]), count[m]) for i, m in enumerate(models)]
