@@ -503,6 +503,9 @@ def test_loop_runs_two_rounds_resumes_after_a_kill_and_continues_when_rounds_are
     assert served2 == ("round-1" if r1["gate"]["promoted"] else "sft")  # the gate decides what round 2 serves
     report = (run / "loop.md").read_text()
     assert "| 1 | sft | 24 |" in report and "| 2 | " + served2 in report and (run / "loop.png").stat().st_size > 1000
+    from cherrytop.loop.report import _f
+    acc = r2["eval"]["rm_accuracy"]  # round 2's reward model and round 1's on round 2's held-out pairs, both measures
+    assert f"| {_f(acc['newest']['grader'])} ({_f(acc['newest_by_round_1_rm']['grader'])}) |" in report
 
     assert main([*args, "--rounds", "3"]) == 0  # raised later: one more round, the first two untouched
     loop = json.loads(state.read_text())

@@ -34,6 +34,7 @@ def rows(state: dict, rounds: int) -> tuple[list[dict], dict | None]:
             "rm_newest": (acc.get("newest") or {}).get("labelers"), "rm_newest_grader": (acc.get("newest") or {}).get("grader"),
             "rm_base": (acc.get("base") or {}).get("labelers"),
             "rm1_newest": (acc.get("newest_by_round_1_rm") or {}).get("labelers"),
+            "rm1_newest_grader": (acc.get("newest_by_round_1_rm") or {}).get("grader"),
             "win_rate": e["versus_sft"]["win_rate"], "kl_to_sft": e["kl_to_sft"],
             **{ax: e["rates"][ax] for ax in ("helpful", "truthful", "harmless")},
             "elo": me["elo"], "low": me["low"], "high": me["high"], "promoted": steps["gate"]["promoted"],
@@ -46,14 +47,15 @@ def markdown(cfg: Config, state: dict, rounds: int) -> str:
     lines = [f"# cherrytop loop `{cfg.run.name}`: {len(table)} of {rounds} round(s)", "",
              f"Policy update: `{'dpo' if cfg.pipeline.align == 'dpo' else cfg.rl.algorithm}`; KL reference "
              f"`{cfg.loop.reference}`; reward model `{cfg.loop.rm}`; labelers `{cfg.loop.labelers}`.", "",
-             "| round | served | answers rated | 👍 / 👎 / report | rankings | labeler agreement | RM acc. newest "
-             "(round 1's RM) | RM acc. base | win vs SFT | KL to SFT | helpful / truthful / harmless | arena rating "
+             "| round | served | answers rated | 👍 / 👎 / report | rankings | labeler agreement | RM acc. newest, "
+             "labelers (round 1's RM) | RM acc. newest, grader (round 1's RM) | RM acc. base | win vs SFT | KL to SFT | helpful / truthful / harmless | arena rating "
              "(95 %) | promoted | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in table:
         lines.append(
             f"| {x['round']} | {x['served']} | {x['answers_rated']} | {x['up']:.2f} / {x['down']:.2f} / {x['report']:.2f} "
             f"| {x['rankings']} | {_f(x['labeler_agreement'])} | {_f(x['rm_newest'])} ({_f(x['rm1_newest'])}) "
+            f"| {_f(x['rm_newest_grader'])} ({_f(x['rm1_newest_grader'])}) "
             f"| {_f(x['rm_base'])} | {x['win_rate']:.3f} | {x['kl_to_sft']:.2f} "
             f"| {_f(x['helpful'])} / {_f(x['truthful'])} / {_f(x['harmless'])} "
             f"| {x['elo']:.0f} ({x['low']:.0f} – {x['high']:.0f}) | {'yes' if x['promoted'] else 'no'} "
