@@ -473,7 +473,7 @@ class LoopConfig:
     """Fresh training prompts queued for ranking per round, after the down-rated and reported ones."""
     heldout_share: float = 0.3
     """Share of the fresh prompts every labeler ranks: the round's held-out pairs (reward-model accuracy on the
-    newest policy's answers, labeler agreement), never trained on. 0.3 = 90 prompts, about 1,100 pairs: at 0.1
+    newest policy's answers, labeler agreement), never trained on. 0.3 = 90 prompts, about 1,350 pairs: at 0.1
     (30 prompts) the retrained and the round-1 reward model's accuracies differed by noise."""
     k: int = 0
     """Answers per queued prompt, sampled from the served policy (a rated answer is one of them); 0 = compare.k."""
@@ -495,9 +495,9 @@ class LoopConfig:
     """Promotion gate: a round's policy replaces the served one when its arena rating's interval lies wholly
     above the served one's (0), or when its rating is at least this many Elo points higher (> 0)."""
     arena_tasks: int = 5280
-    """Held-out tasks every pair of versions battles on (the world has about 5,100 distinct ones): more battles,
-    narrower intervals, ±7 Elo points at 1,320, ±3–4 at 5,280, for versions 90 points above SFT; the evaluation
-    reads the first eval.n_tasks of them."""
+    """Held-out tasks every pair of versions battles on (the first 5,280 hold about 5,080 distinct ones): more
+    battles, narrower intervals, ±7 Elo points at 1,320, ±3–4 at 5,280, for versions 90 points above SFT; the
+    evaluation reads the first eval.n_tasks of them."""
     arena_bootstrap: int = 1000
     """Bootstrap rounds of the arena's 95 % intervals."""
     wait_poll_s: float = 5.0

@@ -90,10 +90,10 @@ def ratings(battles: Sequence[Battle], anchor: str, rounds: int = 1000, seed: in
             raise ValueError(f"battle ({x!r}, {y!r}, {o!r}): expected two models and an outcome of 1, 0 or 0.5")
     index = {m: i for i, m in enumerate(models)}
     kinds, of = _kinds(battles, index)
-    n, at, m = len(models), index[anchor], len(kinds)
-    elo = _fit(kinds, np.bincount(of, minlength=m), n, at, 1e-6, 100)
+    n, at, n_kinds = len(models), index[anchor], len(kinds)
+    elo = _fit(kinds, np.bincount(of, minlength=n_kinds), n, at, 1e-6, 100)
     rng = np.random.default_rng(seed)
-    boot = np.stack([_fit(kinds, np.bincount(of[rng.integers(0, len(battles), len(battles))], minlength=m), n, at,
+    boot = np.stack([_fit(kinds, np.bincount(of[rng.integers(0, len(battles), len(battles))], minlength=n_kinds), n, at,
                           1e-6, 100) for _ in range(rounds)])  # (rounds, n): battles resampled with replacement
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     count = {m: sum(m in (x, y) for x, y, _ in battles) for m in models}

@@ -48,8 +48,8 @@ def markdown(cfg: Config, state: dict, rounds: int) -> str:
              f"Policy update: `{'dpo' if cfg.pipeline.align == 'dpo' else cfg.rl.algorithm}`; KL reference "
              f"`{cfg.loop.reference}`; reward model `{cfg.loop.rm}`; labelers `{cfg.loop.labelers}`.", "",
              "| round | served | answers rated | 👍 / 👎 / report | rankings | labeler agreement | RM acc. newest, "
-             "labelers (round 1's RM) | RM acc. newest, grader (round 1's RM) | RM acc. base | win vs SFT | KL to SFT | helpful / truthful / harmless | arena rating "
-             "(95 %) | promoted | wall time (s) |",
+             "labelers (round 1's RM) | RM acc. newest, grader (round 1's RM) | RM acc. base | win vs SFT | KL to SFT "
+             "| helpful / truthful / harmless | arena rating (95 %) | promoted | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in table:
         lines.append(
