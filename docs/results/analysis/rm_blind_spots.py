@@ -3,9 +3,10 @@ greedy answer is below ideal quality, the share where the reward model scores th
 the policy's own, per task kind. Where that share is low, PPO has nothing left to climb: the reward model
 ranks the policy's mistake at least as high as the right answer.
 
-    .venv/bin/python docs/results/analysis/rm_blind_spots.py runs/loop-s0 round-1 [round-2 ...] [--world.seed=1 ...]
+    .venv/bin/python docs/results/analysis/rm_blind_spots.py runs/loop-s0 round-1 [round-2 ...] [--rm=DIR] [--world.seed=1 ...]
 
-Each version is judged by its own round's reward model (runs/<name>/<version>/rm); `sft` by round 1's.
+Each version is judged by its own round's reward model (runs/<name>/<version>/rm; `sft` by round 1's), or
+every one by the reward model in DIR with --rm=DIR.
 """
 
 import json
@@ -19,12 +20,13 @@ from cherrytop.world import World, grade
 
 run = Path(sys.argv[1])
 versions = [a for a in sys.argv[2:] if not a.startswith("--")]
-cfg = load_config("tiny", overrides=[a for a in sys.argv[2:] if a.startswith("--")])
+rm_dir = next((a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--rm=")), None)
+cfg = load_config("tiny", overrides=[a for a in sys.argv[2:] if a.startswith("--") and not a.startswith("--rm=")])
 tasks = World(cfg.world).tasks("heldout", cfg.eval.n_tasks, "eval")
 for version in versions:
     answers = json.loads((run / "loop_answers" / f"{version}.json").read_text())["answers"]
     flawed = [(t, a) for t, a in zip(tasks, answers) if grade(t, a).quality < grade(t, t.meta["answer"]).quality]
-    judge = Judge(run / ("round-1" if version == "sft" else version) / "rm", cfg.eval.batch_size)
+    judge = Judge(rm_dir or run / ("round-1" if version == "sft" else version) / "rm", cfg.eval.batch_size)
     prompts = [list(t.messages) for t, _ in flawed]
     own = judge.scores(prompts, [a for _, a in flawed])
     ideal = judge.scores(prompts, [t.meta["answer"] for t, _ in flawed])
