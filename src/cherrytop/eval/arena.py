@@ -54,7 +54,7 @@ def _kinds(battles: Sequence[Battle], index: dict[str, int]) -> tuple[np.ndarray
     return np.stack([distinct // 3 // n, distinct // 3 % n, distinct % 3 / 2.0], axis=1), of
 
 
-def _fit(kinds: np.ndarray, count: np.ndarray, n: int, anchor: int, l2: float, iters: int) -> np.ndarray:
+def _fit(kinds: np.ndarray, count: np.ndarray, n: int, anchor: int, l2: float = 1e-6, iters: int = 100) -> np.ndarray:
     """`fit` on battles counted by kind: (M, 3) kinds (a, b, outcome), (M,) how many battles of each."""
     a, b, y = kinds[:, 0].astype(int), kinds[:, 1].astype(int), kinds[:, 2]  # (M,)
     theta = np.zeros(n)
@@ -91,13 +91,14 @@ def ratings(battles: Sequence[Battle], anchor: str, rounds: int = 1000, seed: in
     index = {m: i for i, m in enumerate(models)}
     kinds, of = _kinds(battles, index)
     n, at, n_kinds = len(models), index[anchor], len(kinds)
-    elo = _fit(kinds, np.bincount(of, minlength=n_kinds), n, at, 1e-6, 100)
+    per_kind = np.bincount(of, minlength=n_kinds)  # (M,) battles of each kind
+    elo = _fit(kinds, per_kind, n, at)
     rng = np.random.default_rng(seed)
-    boot = np.stack([_fit(kinds, np.bincount(of[rng.integers(0, len(battles), len(battles))], minlength=n_kinds), n, at,
-                          1e-6, 100) for _ in range(rounds)])  # (rounds, n): battles resampled with replacement
+    boot = np.stack([_fit(kinds, np.bincount(of[rng.integers(0, len(battles), len(battles))], minlength=n_kinds), n, at)
+                     for _ in range(rounds)])  # (rounds, n): battles resampled with replacement
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
-    count = {m: sum(m in (x, y) for x, y, _ in battles) for m in models}
-    out = [Rating(m, float(elo[i]), float(low[i]), float(high[i]), count[m]) for i, m in enumerate(models)]
+    count = np.bincount(kinds[:, 0].astype(int), per_kind, n) + np.bincount(kinds[:, 1].astype(int), per_kind, n)  # (n,)
+    out = [Rating(m, float(elo[i]), float(low[i]), float(high[i]), int(count[i])) for i, m in enumerate(models)]
     return sorted(out, key=lambda r: -r.elo)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -173,11 +172,7 @@ def merge_data(cfg: Config, r: int) -> None:
     train = [base / "comparisons.jsonl", *(d / "round.jsonl" for d in rounds)] if everything else [rd / "round.jsonl"]
     held = [base / "comparisons_heldout.jsonl", *(d / "round_heldout.jsonl" for d in rounds)]
     for out, parts in ((rd / "comparisons.jsonl", train), (rd / "comparisons_heldout.jsonl", held)):
-        tmp = out.with_name(f".{out.name}.tmp")
-        with tmp.open("w") as f:
-            for p in parts:
-                f.write(p.read_text())
-        os.replace(tmp, out)
+        write_text_atomically(out, "".join(p.read_text(encoding="utf-8") for p in parts))
 
 
 def step_train(name: str, rcfg: Config) -> dict:
